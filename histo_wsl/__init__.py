@@ -1,0 +1,3 @@
+"""histo-wsl: weakly-supervised localization for histology whole-slide images."""
+
+__version__ = "0.1.0"
