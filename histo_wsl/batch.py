@@ -1,0 +1,374 @@
+"""The batch runner every slide command shares.
+
+It owns the behaviour users rely on in long runs: finished items are skipped on a rerun (unless
+``--overwrite``), each item's outputs are written in a staging folder and moved into place only when
+complete (a killed run never leaves a partial item that looks finished), ``--skip-errors`` records a
+failing item and goes on, ``--shard K/N`` is applied by the caller through :mod:`histo_wsl.inputs`, one
+progress bar shows the run with its ETA, and ``run.json`` records the command, parameters, versions,
+seed and each item's status and timings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+from histo_wsl import __version__, atomic
+from histo_wsl.errors import HistoWSLError, InputError
+from histo_wsl.inputs import InputItem
+
+#: Folder (inside the output folder) where items are assembled before they are moved into place.
+STAGING = ".histo-wsl-partial"
+
+_PACKAGES = (
+    "numpy",
+    "pillow",
+    "openslide-python",
+    "openslide-bin",
+    "tifffile",
+    "opencv-python-headless",
+    "torch",
+    "torchvision",
+    "typer",
+    "rich",
+)
+
+
+def environment() -> dict:
+    """Versions of Python, histo-wsl and its main dependencies (read from metadata, not imported)."""
+    versions = {"python": platform.python_version(), "histo-wsl": __version__}
+    for name in _PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {"versions": versions, "platform": platform.platform(), "host": platform.node()}
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class Progress:
+    """Progress of the item being processed; the runner draws it (or nothing when quiet)."""
+
+    def __init__(self, bar: object | None, task: object | None) -> None:
+        self._bar = bar
+        self._task = task
+
+    def start(self, total: int, description: str) -> None:
+        """Announce ``total`` units of work for the current item."""
+        if self._bar is not None:
+            self._bar.update(
+                self._task, total=total, completed=0, description=description, visible=True
+            )
+
+    def advance(self, n: int = 1) -> None:
+        """Mark ``n`` more units of the current item done."""
+        if self._bar is not None:
+            self._bar.update(self._task, advance=n)
+
+
+@dataclass
+class ItemResult:
+    """What happened to one input item."""
+
+    name: str
+    path: str
+    status: str  # done | skipped | failed
+    seconds: float = 0.0
+    error: str | None = None
+    details: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        """JSON-ready record (as stored in run.json)."""
+        out = {
+            "name": self.name,
+            "path": self.path,
+            "status": self.status,
+            "seconds": round(self.seconds, 3),
+        }
+        if self.error:
+            out["error"] = self.error
+        out.update(self.details)
+        return out
+
+
+@dataclass
+class RunSummary:
+    """The outcome of a batch run."""
+
+    out_dir: Path
+    run_file: Path
+    items: list[ItemResult]
+    exit_code: int
+    seconds: float
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Number of items per status."""
+        counts = {"done": 0, "skipped": 0, "failed": 0}
+        for item in self.items:
+            counts[item.status] = counts.get(item.status, 0) + 1
+        return counts
+
+    def as_dict(self) -> dict:
+        """JSON-ready summary (what ``--json`` prints)."""
+        return {
+            "out": str(self.out_dir),
+            "run_file": str(self.run_file),
+            "exit_code": self.exit_code,
+            "seconds": round(self.seconds, 3),
+            "counts": self.counts,
+            "items": [it.as_dict() for it in self.items],
+        }
+
+
+#: process(item, staging folder, progress) -> details recorded for the item.
+ProcessFn = Callable[[InputItem, Path, Progress], dict]
+
+
+class BatchRunner:
+    """Run one command over many items with resume, staging, error policy and run.json.
+
+    Args:
+        out_dir: the output folder (created if needed).
+        command: the subcommand name, e.g. ``extract-patches``.
+        params: the resolved parameters, recorded in run.json.
+        marker: maps an item name to the path (relative to ``out_dir``) of its completion record;
+            an item is finished when that JSON file exists with ``"status": "done"``.
+        overwrite: redo finished items (their old outputs stay until the new ones are complete).
+        skip_errors: record failures and go on (exit code 1) instead of stopping (exit code 2).
+        shard: (K, N) when this process runs one shard; recorded, and names the run file.
+        seed: the run's random seed, recorded.
+        quiet: no progress bar.
+    """
+
+    def __init__(
+        self,
+        out_dir: Path,
+        *,
+        command: str,
+        params: dict,
+        marker: Callable[[str], str],
+        overwrite: bool = False,
+        skip_errors: bool = False,
+        shard: tuple[int, int] | None = None,
+        seed: int | None = None,
+        quiet: bool = False,
+    ) -> None:
+        self.out_dir = Path(out_dir)
+        self.command = command
+        self.params = params
+        self.marker = marker
+        self.overwrite = overwrite
+        self.skip_errors = skip_errors
+        self.shard = shard
+        self.seed = seed
+        self.quiet = quiet
+        name = "run.json" if shard is None else f"run.shard-{shard[0]}-of-{shard[1]}.json"
+        self.run_file = self.out_dir / name
+
+    # -- output folder -----------------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Create the output folder and check that it is writable.
+
+        Raises:
+            InputError: the folder cannot be created or written.
+        """
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            probe = self.out_dir / f".write-test-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise InputError(
+                f"the output folder cannot be written ({exc.strerror or exc}); choose another --out "
+                "or fix its permissions",
+                self.out_dir,
+            ) from exc
+
+    def is_done(self, name: str) -> bool:
+        """Whether ``name`` finished in an earlier run."""
+        record = self.out_dir / self.marker(name)
+        try:
+            return json.loads(record.read_text(encoding="utf-8")).get("status") == "done"
+        except (OSError, ValueError, AttributeError):
+            return False
+
+    def _stage(self, name: str) -> Path:
+        stage = self.out_dir / STAGING / name
+        if stage.exists():  # left by a killed run
+            shutil.rmtree(stage)
+        stage.mkdir(parents=True)
+        return stage
+
+    def _commit(self, name: str, stage: Path, record: dict) -> None:
+        """Move staged outputs into place, then write the completion record last."""
+        marker = self.out_dir / self.marker(name)
+        trash = self.out_dir / STAGING / f"{name}.old"
+        if trash.exists():
+            shutil.rmtree(trash)
+        trash.mkdir(parents=True)
+        if marker.exists():  # an overwrite: the old item stops counting as done first
+            marker.unlink()
+        for entry in sorted(stage.iterdir()):
+            target = self.out_dir / entry.name
+            if target.exists() or target.is_symlink():
+                os.replace(target, trash / entry.name)
+            os.replace(entry, target)
+        atomic.write_json(marker, record)
+        shutil.rmtree(trash, ignore_errors=True)
+        shutil.rmtree(stage, ignore_errors=True)
+
+    # -- running ----------------------------------------------------------------------------------
+    def run(
+        self, items: Sequence[InputItem], process: ProcessFn, argv: Sequence[str] | None = None
+    ) -> RunSummary:
+        """Process ``items`` in order; returns the summary (its exit code is the command's)."""
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            TaskProgressColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+        from rich.progress import Progress as RichProgress
+
+        from histo_wsl.console import stderr_console
+
+        self.prepare()
+        started, t0 = _now(), time.perf_counter()
+        results: list[ItemResult] = []
+        header = {
+            "tool": "histo-wsl",
+            "command": self.command,
+            "argv": list(argv if argv is not None else sys.argv),
+            "cwd": os.getcwd(),
+            "params": self.params,
+            "seed": self.seed,
+            "shard": None if self.shard is None else f"{self.shard[0]}/{self.shard[1]}",
+            "device": "cpu",
+            "started": started,
+            **environment(),
+        }
+        exit_code = 0
+
+        def save(ended: str | None) -> None:
+            record = dict(
+                header,
+                ended=ended,
+                seconds=round(time.perf_counter() - t0, 3),
+                items=[r.as_dict() for r in results],
+                exit_code=exit_code,
+            )
+            atomic.write_json(self.run_file, record)
+
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TaskProgressColumn(),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+        )
+        bar = (
+            None
+            if self.quiet
+            else RichProgress(*columns, console=stderr_console(), transient=False)
+        )
+        overall = bar.add_task(f"{self.command}", total=len(items)) if bar else None
+        current = bar.add_task("", total=None, visible=False) if bar else None
+        progress = Progress(bar, current)
+        if bar:
+            bar.start()
+        try:
+            for item in items:
+                if not self.overwrite and self.is_done(item.name):
+                    results.append(
+                        ItemResult(
+                            item.name,
+                            str(item.path),
+                            "skipped",
+                            details={"reason": "finished in an earlier run"},
+                        )
+                    )
+                    if bar:
+                        bar.advance(overall)
+                    continue
+                t_item = time.perf_counter()
+                try:
+                    stage = self._stage(item.name)
+                    details = process(item, stage, progress)
+                    result = ItemResult(
+                        item.name,
+                        str(item.path),
+                        "done",
+                        time.perf_counter() - t_item,
+                        details=details,
+                    )
+                    self._commit(
+                        item.name,
+                        stage,
+                        dict(
+                            result.as_dict(), command=self.command, seed=self.seed, finished=_now()
+                        ),
+                    )
+                except Exception as exc:  # one item's failure is recorded, never silent
+                    shutil.rmtree(self.out_dir / STAGING / item.name, ignore_errors=True)
+                    expected = isinstance(exc, HistoWSLError)
+                    message = str(exc) if expected else f"{item.path}: {type(exc).__name__}: {exc}"
+                    details = {} if expected else {"traceback": traceback.format_exc()}
+                    results.append(
+                        ItemResult(
+                            item.name,
+                            str(item.path),
+                            "failed",
+                            time.perf_counter() - t_item,
+                            message,
+                            details,
+                        )
+                    )
+                    if bar:
+                        bar.console.print(
+                            f"[red]error:[/red] {message}",
+                            markup=True,
+                            highlight=False,
+                            soft_wrap=True,
+                        )
+                    else:
+                        stderr_console().print(
+                            f"error: {message}", markup=False, highlight=False, soft_wrap=True
+                        )
+                    if not self.skip_errors:
+                        exit_code = 2 if expected else 1
+                        save(_now())
+                        break
+                    exit_code = 1
+                else:
+                    results.append(result)
+                save(None)
+                if bar:
+                    bar.update(current, visible=False)
+                    bar.advance(overall)
+            else:
+                save(_now())
+        finally:
+            if bar:
+                bar.stop()
+            staging = self.out_dir / STAGING
+            if staging.exists() and not any(staging.iterdir()):
+                staging.rmdir()
+        return RunSummary(self.out_dir, self.run_file, results, exit_code, time.perf_counter() - t0)

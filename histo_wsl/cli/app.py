@@ -1,0 +1,51 @@
+"""The ``histo-wsl`` Typer application and its entry point."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from histo_wsl import __version__
+from histo_wsl.cli import demo, extract, planned, slide_info
+
+app = typer.Typer(
+    name="histo-wsl",
+    help="Weakly-supervised localization for histology: from image-level labels to pixel-accurate "
+    "regions of interest on whole-slide images (NEGEV, Max-Min uncertainty).\n\n"
+    "Coordinates in every output are level-0 pixels; resolutions are µm/px (mpp). Exit codes: 0 all "
+    "done, 1 some items failed (with --skip-errors), 2 bad usage or bad input.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"histo-wsl {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Weakly-supervised localization for histology."""
+
+
+app.command("demo", epilog=demo.EPILOG)(demo.demo)
+app.command("extract-patches", epilog=extract.EPILOG)(extract.extract_patches)
+app.command("slide-info")(slide_info.slide_info)
+planned.register(app)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

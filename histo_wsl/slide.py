@@ -1,0 +1,487 @@
+"""One reader interface for whole-slide images and plain images.
+
+:func:`open_slide` returns a :class:`Slide`: OpenSlide for the WSI formats it knows (SVS, NDPI, MRXS,
+SCN, Philips and generic tiled TIFF, DICOM, ...), Pillow for plain images (PNG, JPEG, BMP, TIFF strips)
+as single-level slides. Coordinates are always level-0 pixels; resolutions are µm per pixel (mpp).
+
+Reading at a target resolution goes through a :class:`ReadPlan` (:func:`plan_read`): the nearest level
+at or finer than the target is read and resized with a proper filter, so every caller gets the same
+geometry for the same request.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from histo_wsl.errors import InputError
+
+#: File suffixes read as plain images when OpenSlide does not recognise the file.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+#: File suffixes of whole-slide formats OpenSlide reads.
+WSI_SUFFIXES = (
+    ".svs",
+    ".tif",
+    ".tiff",
+    ".ndpi",
+    ".vms",
+    ".vmu",
+    ".scn",
+    ".mrxs",
+    ".svslide",
+    ".bif",
+    ".dcm",
+    ".czi",
+)
+#: A level-0 resolution coarser than this (µm/px) is a placeholder (e.g. a 72-dpi default), not a scan.
+MAX_PLAUSIBLE_MPP = 50.0
+#: Plain images larger than this many pixels are refused (they would be held in memory whole).
+MAX_PLAIN_IMAGE_PIXELS = 400_000_000
+#: Relative difference under which a level is taken as exactly the requested resolution.
+LEVEL_TOLERANCE = 0.01
+
+_MPP_HINT = "give it with --slide-mpp (or a slide_mpp column in the input CSV)"
+
+
+@dataclass
+class Slide:
+    """An open slide or image: geometry, resolution, metadata and a region reader.
+
+    Use :func:`open_slide` to make one, and :meth:`close` (or a ``with`` block) when done.
+
+    Attributes:
+        path: the file.
+        name: the slide's name in outputs (the file name without its suffix).
+        vendor: OpenSlide's format name (``aperio``, ``hamamatsu``, ``generic-tiff``, ...) or ``image``.
+        level_dimensions: (width, height) of each level, level 0 first.
+        level_downsamples: downsample of each level relative to level 0.
+        mpp: level-0 µm per pixel, or None when unknown.
+        mpp_source: where ``mpp`` came from: ``metadata``, ``override`` or ``none``.
+        objective_power: scanner objective magnification, when the file says.
+        associated_images: names and (width, height) of label, macro and thumbnail images.
+        properties: the raw metadata key/values.
+        notes: remarks about the metadata (e.g. an implausible mpp that was ignored).
+    """
+
+    path: Path
+    name: str
+    vendor: str
+    level_dimensions: tuple[tuple[int, int], ...]
+    level_downsamples: tuple[float, ...]
+    mpp: float | None
+    mpp_source: str
+    objective_power: float | None = None
+    associated_images: dict[str, tuple[int, int]] = field(default_factory=dict)
+    properties: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    _osr: object | None = field(default=None, repr=False)
+    _image: Image.Image | None = field(default=None, repr=False)
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        """Level-0 (width, height) in pixels."""
+        return self.level_dimensions[0]
+
+    @property
+    def level_count(self) -> int:
+        """Number of pyramid levels (1 for plain images)."""
+        return len(self.level_dimensions)
+
+    def read_region(
+        self, location: tuple[int, int], level: int, size: tuple[int, int]
+    ) -> Image.Image:
+        """Read an RGB region.
+
+        Args:
+            location: top-left (x, y) in level-0 pixels.
+            level: pyramid level to read from.
+            size: (width, height) in pixels of that level.
+
+        Returns:
+            An RGB Pillow image of ``size``; areas outside the slide or not scanned are white.
+
+        Raises:
+            InputError: the file's pixels cannot be decoded (corrupt or truncated file).
+        """
+        if self._image is not None:
+            return _crop_plain(self._image, location, size)
+        try:
+            region = self._osr.read_region(location, level, size)  # type: ignore[union-attr]
+        except Exception as exc:  # OpenSlideError and decoder errors
+            raise InputError(
+                f"reading pixels failed at level {level}, x={location[0]}, y={location[1]} ({exc}); "
+                "the file is corrupt or truncated: re-export or re-scan the slide",
+                self.path,
+            ) from exc
+        return _flatten_rgba(region)
+
+    def close(self) -> None:
+        """Release the file handle."""
+        if self._osr is not None:
+            self._osr.close()  # type: ignore[attr-defined]
+            self._osr = None
+        if self._image is not None:
+            self._image.close()
+            self._image = None
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def info(self) -> dict:
+        """A JSON-ready description: format, sizes, levels, resolution, associated images."""
+        return {
+            "path": str(self.path),
+            "name": self.name,
+            "vendor": self.vendor,
+            "width": self.dimensions[0],
+            "height": self.dimensions[1],
+            "levels": [
+                {
+                    "level": i,
+                    "width": w,
+                    "height": h,
+                    "downsample": round(d, 6),
+                    "mpp": None if self.mpp is None else round(self.mpp * d, 6),
+                }
+                for i, ((w, h), d) in enumerate(
+                    zip(self.level_dimensions, self.level_downsamples, strict=True)
+                )
+            ],
+            "mpp": self.mpp,
+            "mpp_source": self.mpp_source,
+            "objective_power": self.objective_power,
+            "associated_images": {k: list(v) for k, v in self.associated_images.items()},
+            "file_size_bytes": self.path.stat().st_size if self.path.exists() else None,
+            "notes": list(self.notes),
+        }
+
+
+def _flatten_rgba(region: Image.Image) -> Image.Image:
+    """Composite a straight-alpha RGBA region over white and return RGB."""
+    if region.mode != "RGBA":
+        return region.convert("RGB")
+    if region.getchannel("A").getextrema() == (255, 255):
+        return region.convert("RGB")
+    white = Image.new("RGBA", region.size, (255, 255, 255, 255))
+    return Image.alpha_composite(white, region).convert("RGB")
+
+
+def _crop_plain(
+    image: Image.Image, location: tuple[int, int], size: tuple[int, int]
+) -> Image.Image:
+    """Crop a plain image, padding with white outside it."""
+    x, y = location
+    w, h = size
+    if x >= 0 and y >= 0 and x + w <= image.width and y + h <= image.height:
+        return image.crop((x, y, x + w, y + h))
+    out = Image.new("RGB", (w, h), (255, 255, 255))
+    box = (max(x, 0), max(y, 0), min(x + w, image.width), min(y + h, image.height))
+    if box[2] > box[0] and box[3] > box[1]:
+        out.paste(image.crop(box), (box[0] - x, box[1] - y))
+    return out
+
+
+def _plausible_mpp(value: float | None, what: str, notes: list[str]) -> float | None:
+    if value is None or not math.isfinite(value) or value <= 0:
+        return None
+    if value > MAX_PLAUSIBLE_MPP:
+        notes.append(
+            f"{what} gives {value:.4g} µm/px, which is no scan resolution (a placeholder such as "
+            "72 dpi); it is ignored"
+        )
+        return None
+    return value
+
+
+def _float_or_none(text: str | None) -> float | None:
+    try:
+        return float(text) if text not in (None, "") else None
+    except ValueError:
+        return None
+
+
+def open_slide(path: str | Path, mpp: float | None = None) -> Slide:
+    """Open a whole-slide image or a plain image.
+
+    Args:
+        path: the file (for DICOM, any file of the series; for MRXS, the ``.mrxs`` file).
+        mpp: level-0 µm/px that overrides the file's metadata (``--slide-mpp``).
+
+    Returns:
+        The open :class:`Slide`.
+
+    Raises:
+        InputError: the file is missing, is not a slide or image, or cannot be opened.
+    """
+    import openslide
+    from openslide import lowlevel
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError("no such file; check the path", path)
+    if path.is_dir():
+        raise InputError("is a folder, not a slide; give the slide file inside it", path)
+    if mpp is not None and not (0 < mpp <= MAX_PLAUSIBLE_MPP):
+        raise InputError(
+            f"--slide-mpp {mpp} is not a scan resolution; give µm/px, e.g. 0.25 or 0.5", path
+        )
+
+    try:
+        vendor = openslide.OpenSlide.detect_format(str(path))
+    except Exception:  # detect_format itself can raise on unreadable files
+        vendor = None
+    if vendor is None:
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            return _open_plain(path, mpp)
+        raise InputError(
+            "not a slide or image histo-wsl can read (OpenSlide does not recognise it and it is not "
+            "a PNG/JPEG/BMP/TIFF image); check the file, or convert it to a pyramidal TIFF",
+            path,
+        )
+    try:
+        osr = openslide.OpenSlide(str(path))
+    except Exception as exc:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            try:
+                return _open_plain(path, mpp)
+            except InputError:
+                pass
+        raise InputError(
+            f"OpenSlide cannot open this {vendor} file ({exc}); the file is corrupt or uses an "
+            "unsupported encoding: re-export it (e.g. as a JPEG-compressed pyramidal TIFF)",
+            path,
+        ) from exc
+
+    props = dict(osr.properties)
+    notes: list[str] = []
+    meta_mpp = None
+    mx = _float_or_none(props.get(openslide.PROPERTY_NAME_MPP_X))
+    my = _float_or_none(props.get(openslide.PROPERTY_NAME_MPP_Y))
+    if mx is not None and my is not None and abs(mx - my) > 0.01 * max(mx, my):
+        notes.append(f"pixels are not square (mpp-x {mx}, mpp-y {my}); mpp-x is used")
+    meta_mpp = _plausible_mpp(mx if mx is not None else my, "the file's metadata", notes)
+    if mpp is not None:
+        slide_mpp, source = mpp, "override"
+    elif meta_mpp is not None:
+        slide_mpp, source = meta_mpp, "metadata"
+    else:
+        slide_mpp, source = None, "none"
+    try:
+        dims = tuple(tuple(int(v) for v in d) for d in osr.level_dimensions)
+        downsamples = tuple(float(d) for d in osr.level_downsamples)
+        # Sizes only: decoding a broken label image would poison the OpenSlide handle.
+        associated = {
+            key: tuple(int(v) for v in lowlevel.get_associated_image_dimensions(osr._osr, key))
+            for key in lowlevel.get_associated_image_names(osr._osr)
+        }
+    except Exception as exc:
+        osr.close()
+        raise InputError(
+            f"OpenSlide opened this {vendor} file but cannot read its structure ({exc}); the file "
+            "is corrupt: re-export or re-scan the slide",
+            path,
+        ) from exc
+    return Slide(
+        path=path,
+        name=path.stem,
+        vendor=vendor,
+        level_dimensions=dims,
+        level_downsamples=downsamples,
+        mpp=slide_mpp,
+        mpp_source=source,
+        objective_power=_float_or_none(props.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER)),
+        associated_images=associated,
+        properties=props,
+        notes=notes,
+        _osr=osr,
+    )
+
+
+def _open_plain(path: Path, mpp: float | None) -> Slide:
+    """Open a plain image as a one-level slide, held in memory."""
+    try:
+        image = Image.open(path)
+        size = image.size
+        if size[0] * size[1] > MAX_PLAIN_IMAGE_PIXELS:
+            raise InputError(
+                f"plain image of {size[0]}x{size[1]} px is too large to read whole; convert it to a "
+                "tiled pyramidal TIFF (e.g. vips tiffsave --tile --pyramid) and use that",
+                path,
+            )
+        info_dpi = image.info.get("dpi")
+        image.load()
+        rgb = image.convert("RGB") if image.mode != "RGB" else image
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(
+            f"cannot be read as an image ({exc}); the file is corrupt or truncated: re-export it",
+            path,
+        ) from exc
+    notes: list[str] = []
+    meta_mpp = None
+    if info_dpi:
+        try:
+            meta_mpp = _plausible_mpp(25400.0 / float(info_dpi[0]), "the image's dpi tag", notes)
+        except (TypeError, ValueError, ZeroDivisionError):
+            meta_mpp = None
+    if mpp is not None:
+        slide_mpp, source = mpp, "override"
+    elif meta_mpp is not None:
+        slide_mpp, source = meta_mpp, "metadata"
+    else:
+        slide_mpp, source = None, "none"
+    return Slide(
+        path=path,
+        name=path.stem,
+        vendor="image",
+        level_dimensions=(tuple(rgb.size),),
+        level_downsamples=(1.0,),
+        mpp=slide_mpp,
+        mpp_source=source,
+        notes=notes,
+        _image=rgb,
+    )
+
+
+@dataclass(frozen=True)
+class ReadPlan:
+    """How to read a slide at one output resolution.
+
+    Attributes:
+        level: pyramid level read.
+        level_downsample: that level's downsample from level 0.
+        scale: level-0 pixels per output pixel.
+        mpp: output µm/px (None when the slide's mpp is unknown).
+        requested_mpp: the resolution asked for, if it was asked in mpp.
+    """
+
+    level: int
+    level_downsample: float
+    scale: float
+    mpp: float | None
+    requested_mpp: float | None = None
+
+    @property
+    def resize(self) -> bool:
+        """Whether pixels read from the level must be resized to the output resolution."""
+        return self.scale != self.level_downsample
+
+    def as_dict(self) -> dict:
+        """JSON-ready record of the plan (written into run.json and manifests)."""
+        return {
+            "level": self.level,
+            "level_downsample": self.level_downsample,
+            "downsample": self.scale,
+            "mpp": self.mpp,
+            "requested_mpp": self.requested_mpp,
+        }
+
+
+def plan_read(slide: Slide, *, mpp: float | None = None, level: int | None = None) -> ReadPlan:
+    """Choose the level and resize factor for reading at ``mpp`` µm/px or at pyramid ``level``.
+
+    The level read is the coarsest one at or finer than the target; a level within 1 % of the
+    target is used as it is (its exact resolution is recorded).
+
+    Raises:
+        InputError: mpp asked on a slide without mpp, or a level the slide does not have.
+    """
+    if level is not None:
+        if not 0 <= level < slide.level_count:
+            raise InputError(
+                f"has {slide.level_count} level(s) (0-{slide.level_count - 1}); --level {level} does "
+                "not exist: pick one of those or use --mpp",
+                slide.path,
+            )
+        d = slide.level_downsamples[level]
+        return ReadPlan(level, d, d, None if slide.mpp is None else slide.mpp * d)
+    if mpp is None:
+        raise ValueError("plan_read needs mpp or level")
+    if mpp <= 0:
+        raise InputError(f"--mpp must be positive, got {mpp}", slide.path)
+    if slide.mpp is None:
+        raise InputError(
+            f"has no resolution (mpp) in its metadata, so --mpp {mpp} cannot be honoured; "
+            f"{_MPP_HINT}, or read by --level",
+            slide.path,
+        )
+    scale = mpp / slide.mpp
+    best = 0
+    for i, d in enumerate(slide.level_downsamples):
+        if d <= scale * (1 + LEVEL_TOLERANCE):
+            best = i
+    d = slide.level_downsamples[best]
+    if abs(scale / d - 1.0) <= LEVEL_TOLERANCE:
+        scale = d
+    return ReadPlan(best, d, scale, slide.mpp * scale, requested_mpp=mpp)
+
+
+def read_patch(
+    slide: Slide, plan: ReadPlan, location: tuple[int, int], size: tuple[int, int]
+) -> Image.Image:
+    """Read an RGB patch of ``size`` output pixels whose top-left is ``location`` (level 0).
+
+    The patch covers ``size * plan.scale`` level-0 pixels; it is read from ``plan.level`` and
+    resized with a Lanczos filter when the level's resolution is not the output resolution.
+    """
+    w, h = size
+    if not plan.resize:
+        return slide.read_region(location, plan.level, (w, h))
+    factor = plan.scale / plan.level_downsample
+    lw, lh = max(1, round(w * factor)), max(1, round(h * factor))
+    region = slide.read_region(location, plan.level, (lw, lh))
+    return region.resize((w, h), Image.Resampling.LANCZOS, reducing_gap=3.0)
+
+
+def read_thumbnail(
+    slide: Slide, *, mpp: float = 8.0, min_size: int = 1024, max_size: int = 4096, chunk: int = 512
+) -> tuple[np.ndarray, float]:
+    """Read a low-resolution RGB thumbnail with bounded memory.
+
+    The thumbnail is at ``mpp`` µm/px when the slide's mpp is known, made finer if its long side
+    would be under ``min_size`` px (never finer than level 0) and coarser if it would exceed
+    ``max_size``; without mpp its long side is ``min_size`` px. It is assembled from chunks read at
+    the best level, so a slide without a pyramid is never loaded whole.
+
+    Returns:
+        (thumbnail as (H, W, 3) uint8, downsample = level-0 pixels per thumbnail pixel).
+    """
+    w0, h0 = slide.dimensions
+    long_side = max(w0, h0)
+    downsample = long_side / min_size
+    if slide.mpp is not None:
+        downsample = min(downsample, mpp / slide.mpp)
+    downsample = max(1.0, downsample, long_side / max_size)
+    plan = _plan_for_downsample(slide, downsample)
+    downsample = plan.scale
+    tw, th = max(1, math.ceil(w0 / downsample)), max(1, math.ceil(h0 / downsample))
+    out = np.empty((th, tw, 3), dtype=np.uint8)
+    for ty, tx, cw, ch in _chunks(tw, th, chunk):
+        patch = read_patch(slide, plan, (round(tx * downsample), round(ty * downsample)), (cw, ch))
+        out[ty : ty + ch, tx : tx + cw] = np.asarray(patch)
+    return out, downsample
+
+
+def _plan_for_downsample(slide: Slide, downsample: float) -> ReadPlan:
+    best = 0
+    for i, d in enumerate(slide.level_downsamples):
+        if d <= downsample * (1 + LEVEL_TOLERANCE):
+            best = i
+    d = slide.level_downsamples[best]
+    scale = d if abs(downsample / d - 1.0) <= LEVEL_TOLERANCE else downsample
+    return ReadPlan(best, d, scale, None if slide.mpp is None else slide.mpp * scale)
+
+
+def _chunks(width: int, height: int, size: int) -> Iterator[tuple[int, int, int, int]]:
+    for y in range(0, height, size):
+        for x in range(0, width, size):
+            yield y, x, min(size, width - x), min(size, height - y)
