@@ -192,6 +192,9 @@ def _closing(mask: np.ndarray, diameter_px: int) -> np.ndarray:
     """Binary closing with a disc; outside the image counts as background."""
     if diameter_px < 2 or not mask.any():
         return mask
+    # An even-sized disc has no centre pixel, and OpenCV's closing with it shifts the mask by one
+    # pixel down and right; an odd diameter keeps the disc symmetric about its anchor.
+    diameter_px |= 1
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (diameter_px, diameter_px))
     pad = diameter_px
     padded = cv2.copyMakeBorder(

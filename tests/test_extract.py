@@ -290,3 +290,41 @@ def test_real_slide_patches_in_tissue(tmp_path, wsi_dir):
         rgb = np.asarray(Image.open(out / r["path"]), dtype=float)
         sat = rgb.max(axis=2) - rgb.min(axis=2)
         assert sat.mean() > 20  # stained tissue, not glass
+
+
+def test_rerun_after_a_kill_mid_slide_redoes_the_slide(tmp_path, synthetic_slide):
+    import shutil
+
+    from histo_wsl.batch import STAGING
+    from histo_wsl.extract import write_manifest
+
+    params = ExtractParams(mpp=1.0)
+    clean = tmp_path / "clean"
+    extract_patches([_item(synthetic_slide)], clean, params, quiet=True)
+    names = sorted(p.name for p in (clean / "synth" / "patches").iterdir())
+    assert len(names) == len(_manifest(clean)) > 5
+    out = tmp_path / "out"
+    # killed while writing patches: a half-filled staging folder (one patch cut short)...
+    staged = out / STAGING / "synth" / "synth" / "patches"
+    staged.mkdir(parents=True)
+    for n in names[:3]:
+        shutil.copy(clean / "synth" / "patches" / n, staged / n)
+    (staged / names[3]).write_bytes(b"\x89PNG half")
+    # ...and, killed while moving an earlier attempt into place, the slide folder without its
+    # slide.json, missing patches and holding a stray one, beside the moved-out leftovers
+    shutil.copytree(clean / "synth", out / "synth")
+    (out / "synth" / "slide.json").unlink()
+    for n in names[-3:]:
+        (out / "synth" / "patches" / n).unlink()
+    (out / "synth" / "patches" / "synth_x99999_y0.png").write_bytes(b"stray")
+    (out / STAGING / "synth.old" / "patches").mkdir(parents=True)
+    assert write_manifest(out) == 0  # nothing there counts as finished
+
+    s = extract_patches([_item(synthetic_slide)], out, params, quiet=True)
+    assert s.exit_code == 0 and s.items[0].status == "done"
+    assert sorted(p.name for p in (out / "synth" / "patches").iterdir()) == names
+    for n in names[:4]:
+        assert Image.open(out / "synth" / "patches" / n).size == (224, 224)
+    assert len(_manifest(out)) == len(names) == s.items[0].details["patches"]
+    assert json.loads((out / "synth" / "slide.json").read_text())["status"] == "done"
+    assert not (out / STAGING).exists()

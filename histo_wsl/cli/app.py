@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from histo_wsl import __version__
-from histo_wsl.cli import demo, extract, planned, slide_info
+from histo_wsl.cli import demo, extract, planned, slide_info, train
 
 app = typer.Typer(
     name="histo-wsl",
@@ -43,6 +43,7 @@ def _root(
 app.command("demo", epilog=demo.EPILOG)(demo.demo)
 app.command("extract-patches", epilog=extract.EPILOG)(extract.extract_patches)
 app.command("slide-info")(slide_info.slide_info)
+app.command("train-classifier", epilog=train.EPILOG)(train.train_classifier)
 planned.register(app)
 
 

@@ -8,10 +8,6 @@ from histo_wsl import __version__
 from histo_wsl.cli.common import EXIT_BAD_INPUT, fail
 
 PLANNED = {
-    "train-classifier": (
-        "Train the stage-1 CAM classifier (or Max-Min) on image-level labels.",
-        "a patch folder, class folders or a CSV of images and labels",
-    ),
     "train-decoder": (
         "Train the NEGEV decoder over a frozen stage-1 classifier from CAM seeds and negative images.",
         "a stage-1 checkpoint and a patch folder",

@@ -1,0 +1,86 @@
+"""histo-wsl checkpoints: one ``.pt`` file with a model card, loaded without running code.
+
+Format (DESIGN.md §3): ``{"format": "histo-wsl/1", "card": {...}, "state_dict": {...}}`` plus, in
+training checkpoints (``last.pt``), a ``"training"`` entry with the optimizer, scheduler and RNG
+states used by ``--resume``. Everything is saved as tensors and plain Python values so that
+``torch.load(path, weights_only=True)`` reads it: a checkpoint from elsewhere cannot run code.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from histo_wsl.atomic import atomic_path
+from histo_wsl.errors import InputError
+
+__all__ = ["FORMAT", "load_checkpoint", "save_checkpoint"]
+
+FORMAT = "histo-wsl/1"
+
+
+def save_checkpoint(path: str | Path, card: dict, state_dict: dict, **extra: Any) -> Path:
+    """Write a checkpoint atomically (a partial file never carries the final name).
+
+    Args:
+        path: destination ``.pt`` file.
+        card: the model card (plain JSON-like values).
+        state_dict: model weights.
+        **extra: more top-level entries (e.g. ``training`` for resume); plain values and tensors.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    payload = {"format": FORMAT, "card": card, "state_dict": state_dict, **extra}
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return path
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:160]
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Load a histo-wsl checkpoint with ``weights_only=True``.
+
+    Args:
+        path: the ``.pt`` file.
+        map_location: where tensors go.
+
+    Returns:
+        The checkpoint dict (``format``, ``card``, ``state_dict``, maybe ``training``).
+
+    Raises:
+        InputError: missing file, not a torch file, a pickle that needs code to load, or a torch
+            file that is not a histo-wsl checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("checkpoint not found; give the .pt file a training run wrote", path)
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe content"
+        raise InputError(
+            "refused: the file needs arbitrary code to load (not a histo-wsl checkpoint; "
+            f"{first[:160]})",
+            path,
+        ) from None
+    except Exception as exc:  # torch raises many types for a file that is not its format
+        raise InputError(
+            f"not a readable PyTorch checkpoint ({_first_line(exc)}); is the file complete?",
+            path,
+        ) from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or "card" not in ckpt:
+        raise InputError(
+            f"not a histo-wsl checkpoint (no format {FORMAT!r} and model card); use a .pt file "
+            "written by histo-wsl train-classifier or train-decoder",
+            path,
+        )
+    return ckpt

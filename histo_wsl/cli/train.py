@@ -1,0 +1,174 @@
+"""``histo-wsl train-classifier``: stage 1 (CAM classifier) on image-level labels."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from histo_wsl.cli.common import JsonOpt, QuietOpt, print_json, reports_errors
+
+EPILOG = (
+    "Examples: histo-wsl train-classifier ../shared/data/glas --fold 0 --out runs/cam "
+    "--epochs 40 --batch-size 16 --lr 0.003  |  histo-wsl train-classifier patches/ "
+    "--negative-class normal --out runs/cam  |  histo-wsl train-classifier --config cam.yaml "
+    "data.csv  |  torchrun --nproc_per_node 4 -m histo_wsl train-classifier ..."
+)
+
+#: options that are not training settings (never stored in the config)
+_NOT_CONFIG = {"config", "resume", "json_out", "quiet", "ctx"}
+#: settings that may change when a run is resumed
+_RESUMABLE = {"epochs", "workers", "device", "out", "data"}
+
+
+def explicit_options(ctx: typer.Context, values: dict) -> dict:
+    """The options the user actually gave (not defaults), keyed by config field name."""
+    out = {}
+    for name, value in values.items():
+        if name in _NOT_CONFIG:
+            continue
+        source = ctx.get_parameter_source(name)
+        if source is not None and source.name != "DEFAULT":
+            out[name] = str(value) if isinstance(value, Path) else value
+    return out
+
+
+def resolve_config(ctx: typer.Context, values: dict, config: Path | None, resume: bool, out: Path):
+    """Defaults ← ``--config`` YAML ← explicit flags; with ``--resume``, the run's own config."""
+    from histo_wsl.config import TrainConfig, load_config, merge_config
+    from histo_wsl.errors import InputError
+
+    flags = explicit_options(ctx, values)
+    if resume:
+        saved = out / "config.yaml"
+        if not saved.is_file():
+            raise InputError("nothing to resume: no config.yaml in the output folder", out)
+        changed = sorted(set(flags) - _RESUMABLE)
+        if changed:
+            raise InputError(
+                f"--resume continues the run as configured; these options cannot change: {changed} "
+                "(only --epochs, --workers and --device can)",
+                saved,
+            )
+        return merge_config(TrainConfig, load_config(saved), flags)
+    layers = [load_config(config)] if config is not None else []
+    return merge_config(TrainConfig, *layers, flags)
+
+
+@reports_errors
+def train_classifier(
+    ctx: typer.Context,
+    data: Annotated[
+        str,
+        typer.Argument(
+            help="Patch folder (manifest.csv from extract-patches), <class>/ image folders, a GlaS "
+            "folder (train/ + splits/), or a CSV image,label[,mask][,split][,valpx]."
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder.")] = Path("runs/cam"),
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config", help="YAML file of settings (keys = option names); flags override."
+        ),
+    ] = None,
+    backbone: Annotated[
+        str,
+        typer.Option(
+            help="resnet50, vgg16, inceptionv3 (paper), resnet18 or mobilenetv2 (CPU-sized); all with "
+            "a stride-8 (28×28 at 224 px) last feature map."
+        ),
+    ] = "mobilenetv2",
+    head: Annotated[
+        str, typer.Option(help="Pooling head: wgap (CAM), gap, max, lse, wildcat, mil.")
+    ] = "wgap",
+    pretrained: Annotated[
+        bool,
+        typer.Option(
+            "--pretrained/--no-pretrained",
+            help="ImageNet weights from the torch hub cache ($TORCH_HOME); no download.",
+        ),
+    ] = True,
+    negative_class: Annotated[
+        str | None,
+        typer.Option(help="Class whose images are fully negative (empty ROI), e.g. normal."),
+    ] = None,
+    classes: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--class", help="Class names in index order (repeat); default: sorted labels."
+        ),
+    ] = None,
+    fold: Annotated[int, typer.Option(min=0, help="GlaS fold (splits/fold-K.csv).")] = 0,
+    val_fraction: Annotated[
+        float,
+        typer.Option(
+            min=0.05, max=0.9, help="Share of each class for validation when the data has no split."
+        ),
+    ] = 0.2,
+    data_mpp: Annotated[
+        float | None,
+        typer.Option(
+            metavar="µm/px",
+            help="Resolution of the training images (GlaS 0.62, patch folders: from the manifest); "
+            "goes into the model card.",
+        ),
+    ] = None,
+    epochs: Annotated[int, typer.Option(min=1, help="Epochs (the paper: 1000).")] = 20,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per step (the paper: 32).")] = 32,
+    lr: Annotated[
+        float, typer.Option(min=0.0, help="Learning rate of the backbone (SGD Nesterov).")
+    ] = 0.003,
+    lr_classifier_ratio: Annotated[
+        float, typer.Option(min=0.0, help="Learning-rate multiplier of the deep layers and head.")
+    ] = 10.0,
+    weight_decay: Annotated[float, typer.Option(min=0.0)] = 1e-4,
+    step_size: Annotated[
+        int, typer.Option(min=1, help="Epochs between learning-rate drops.")
+    ] = 250,
+    gamma: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Learning-rate drop factor.")
+    ] = 0.1,
+    cam_method: Annotated[
+        str,
+        typer.Option(
+            help="Map used for PxAP model selection: cam, gradcam, gradcampp, smoothgradcampp, "
+            "xgradcam, layercam."
+        ),
+    ] = "cam",
+    workers: Annotated[int, typer.Option(min=0, help="Data-loader processes.")] = 2,
+    device: Annotated[
+        str, typer.Option(help="auto (CUDA, MPS, CPU), cpu, cuda, cuda:N, mps.")
+    ] = "auto",
+    amp: Annotated[bool, typer.Option("--amp/--no-amp", help="Mixed precision on CUDA.")] = True,
+    seed: Annotated[int, typer.Option(help="Seed of weights, data order and augmentation.")] = 0,
+    deterministic: Annotated[
+        bool, typer.Option(help="Deterministic algorithms (slower; exact resume on CPU).")
+    ] = False,
+    max_steps_per_epoch: Annotated[
+        int | None, typer.Option(min=1, help="Cap on steps per epoch (quick runs).")
+    ] = None,
+    skip_errors: Annotated[
+        bool, typer.Option("--skip-errors", help="Leave out unreadable images (listed) and go on.")
+    ] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the interrupted run in --out exactly.")
+    ] = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train the stage-1 CAM classifier on image-level labels (both papers' stage 1).
+
+    Writes <out>/best-loc.pt (best PxAP on valpx), best-cls.pt (best val accuracy), last.pt,
+    summary.csv (one row per epoch; epoch 0 = before training), config.yaml and run.json.
+    """
+    from histo_wsl.stage1 import train_classifier as run
+
+    values = dict(locals())
+    cfg = resolve_config(ctx, values, config, resume, out)
+    cfg.out = str(out)
+    summary = run(cfg, resume=resume, quiet=quiet or json_out, argv=sys.argv)
+    if json_out:
+        print_json(summary)

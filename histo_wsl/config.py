@@ -1,0 +1,108 @@
+"""Training configurations: defaults, a YAML file, then explicit flags, in that order.
+
+A YAML key that is not a field is rejected (never silently ignored); the resolved configuration is
+written as ``config.yaml`` beside the checkpoints so that a run can be repeated exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from histo_wsl.atomic import write_text
+from histo_wsl.errors import InputError
+
+__all__ = ["TrainConfig", "load_config", "merge_config", "save_config"]
+
+C = TypeVar("C")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on (stage 1, stage 2 and Max-Min share it).
+
+    Units: learning rates per step, ``step_size`` in epochs, image sizes in pixels, mpp in µm/px.
+    """
+
+    data: str = ""
+    out: str = "runs/train"
+    method: str = "cam"
+    backbone: str = "mobilenetv2"
+    head: str = "wgap"
+    pretrained: bool = True
+    classes: list[str] | None = None
+    negative_class: str | None = None
+    fold: int = 0
+    val_fraction: float = 0.2
+    data_mpp: float | None = None
+    epochs: int = 20
+    batch_size: int = 32
+    lr: float = 0.003
+    lr_classifier_ratio: float = 10.0
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 1e-4
+    step_size: int = 250
+    gamma: float = 0.1
+    crop_size: int = 224
+    resize_size: int = 256
+    color_jitter: bool = True
+    cam_method: str = "cam"
+    workers: int = 2
+    device: str = "auto"
+    amp: bool = True
+    seed: int = 0
+    deterministic: bool = False
+    max_steps_per_epoch: int | None = None
+    skip_errors: bool = False
+    # stage 2 (NEGEV) and Max-Min settings live here too, so one file describes a run
+    classifier: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def load_config(path: str | Path, cls: type[C] = TrainConfig) -> dict:
+    """Read a YAML config file and check its keys against ``cls``'s fields.
+
+    Raises:
+        InputError: unreadable YAML, not a mapping, or an unknown key (named, with the valid ones).
+    """
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except OSError as exc:
+        raise InputError(f"cannot read the config ({exc.strerror})", path) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        raise InputError(f"{where}not valid YAML ({getattr(exc, 'problem', exc)})", path) from None
+    if not isinstance(data, dict):
+        raise InputError("a config file must be a mapping of key: value", path)
+    names = _field_names(cls)
+    unknown = sorted(k for k in data if k.replace("-", "_") not in names)
+    if unknown:
+        raise InputError(f"unknown config key(s) {unknown}; valid keys: {', '.join(names)}", path)
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def merge_config(cls: type[C], *layers: dict[str, Any]) -> C:
+    """Build ``cls`` from its defaults overridden by each layer in turn (later layers win)."""
+    values: dict[str, Any] = {}
+    for layer in layers:
+        values.update({k: v for k, v in layer.items()})
+    unknown = [k for k in values if k not in _field_names(cls)]
+    if unknown:
+        raise InputError(f"unknown config key(s) {unknown}")
+    return cls(**values)
+
+
+def save_config(path: str | Path, cfg: Any) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    write_text(path, yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))

@@ -1,0 +1,1 @@
+"""Training and evaluation data: dataset layouts (:mod:`.sources`), transforms, torch datasets."""

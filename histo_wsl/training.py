@@ -1,0 +1,450 @@
+"""One training engine for every stage: stage-1 classifiers, the NEGEV decoder and Max-Min.
+
+The engine owns what every recipe shares (the timm / torchvision-references shape): device choice,
+seeding, the SGD optimizer with its parameter groups, the step schedule, AMP on CUDA, DDP under
+``torchrun``, per-epoch evaluation and model selection, ``summary.csv``, checkpoints and exact
+``--resume``. A :class:`Task` supplies the model, the loss of a batch and the evaluation.
+
+Reproducibility: every epoch reseeds torch, numpy and the data order from ``(seed, epoch)``, so a run
+resumed after epoch *k* draws the same batches and augmentations as one that never stopped.
+Checkpoints are written at the end of each epoch (``last.pt``, with optimizer/scheduler state) and
+when a selection metric improves (``best-loc.pt``, ``best-cls.pt``; ties go to the later epoch).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from histo_wsl.atomic import atomic_path, write_json
+from histo_wsl.batch import environment
+from histo_wsl.checkpoint import load_checkpoint, save_checkpoint
+from histo_wsl.config import TrainConfig, save_config
+from histo_wsl.console import stderr_console
+from histo_wsl.errors import HistoWSLError, InputError
+
+__all__ = [
+    "FillingSampler",
+    "Task",
+    "TrainingError",
+    "fit",
+    "resolve_device",
+    "seed_everything",
+]
+
+
+class TrainingError(HistoWSLError):
+    """Training stopped (e.g. a NaN loss); the last good checkpoint is kept. Exit code 1."""
+
+    exit_code = 1
+
+
+class Task(Protocol):
+    """What a recipe gives the engine."""
+
+    #: (checkpoint file name, metric key, higher is better) for each kept best model
+    selection: list[tuple[str, str]]
+
+    def build_model(self) -> nn.Module:
+        """The network (on CPU); the engine moves it to the device."""
+
+    def param_groups(self, model: nn.Module, lr: float) -> list[dict]:
+        """Optimizer parameter groups (only trainable parameters)."""
+
+    def train_dataset(self) -> torch.utils.data.Dataset:
+        """The training set (items are dicts with tensors)."""
+
+    def training_step(self, model: nn.Module, batch: dict, epoch: int) -> tuple[torch.Tensor, dict]:
+        """Loss of one batch and float statistics to average over the epoch."""
+
+    def evaluate(self, model: nn.Module, device: torch.device) -> dict:
+        """Validation metrics (floats) of the current model."""
+
+    def card(self) -> dict:
+        """The model card without metrics (the engine adds epoch, metrics and seed)."""
+
+    def on_epoch_end(self, epoch: int) -> None:
+        """Schedules of the method itself (e.g. a log-barrier t)."""
+
+    def state_dict(self) -> dict:
+        """Task state to resume (schedules)."""
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA, then MPS, then CPU; an explicit device that is missing is an error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {name}: no CUDA GPU is visible; use --device cpu or auto")
+    if name not in ("cpu", "mps") and not name.startswith("cuda"):
+        raise InputError(f"--device {name!r} is not auto, cpu, cuda, cuda:N or mps")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + epoch * 7_919) % 2**31
+
+
+def _worker_init(worker_id: int) -> None:
+    s = torch.initial_seed() % 2**32
+    np.random.seed(s)
+    random.seed(s)
+
+
+class FillingSampler(torch.utils.data.Sampler[int]):
+    """A seeded permutation per epoch, the last incomplete batch filled by repeating samples.
+
+    Under DDP each rank takes every ``world``-th index of the same permutation (padded so all ranks
+    see the same number of batches).
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> None:
+        self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the permutation of this epoch."""
+        self.epoch = epoch
+
+    def _indices(self) -> list[int]:
+        g = torch.Generator().manual_seed(_epoch_seed(self.seed, self.epoch))
+        order = torch.randperm(self.n, generator=g).tolist()
+        total = math.ceil(self.n / (self.batch_size * self.world)) * self.batch_size * self.world
+        while len(order) < total:
+            order += order[: total - len(order)]
+        return order[self.rank :: self.world]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._indices())
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / (self.batch_size * self.world)) * self.batch_size
+
+
+def _distributed() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, 0
+    return int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state()}
+
+
+def _finite(x: float) -> bool:
+    return isinstance(x, float) and math.isfinite(x)
+
+
+def _better(value: float | None, best: float | None) -> bool:
+    """Higher is better; ties go to the later epoch; NaN never wins."""
+    if value is None or not math.isfinite(value):
+        return False
+    return best is None or value >= best
+
+
+def fit(
+    cfg: TrainConfig,
+    task: Task,
+    *,
+    resume: bool = False,
+    quiet: bool = False,
+    argv: list[str] | None = None,
+) -> dict:
+    """Train ``task`` under ``cfg``; returns the run summary (best metrics, files, timings).
+
+    Outputs in ``cfg.out``: ``config.yaml``, ``summary.csv`` (one row per epoch, epoch 0 = before
+    training), the checkpoints of ``task.selection`` and ``last.pt``, and ``run.json``.
+
+    Raises:
+        InputError: bad configuration, or ``--resume`` without a resumable run in ``cfg.out``.
+        TrainingError: the loss became NaN/inf (the epoch and step are named; earlier checkpoints
+            stay).
+    """
+    rank, world, local_rank = _distributed()
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo"
+        torch.distributed.init_process_group(backend)
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    main = rank == 0
+    out = Path(cfg.out)
+    console = stderr_console()
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    seed_everything(cfg.seed)
+
+    model = task.build_model().to(device)
+    groups = task.param_groups(model, cfg.lr)
+    optimizer = torch.optim.SGD(
+        groups,
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        nesterov=cfg.nesterov and cfg.momentum > 0,
+        weight_decay=cfg.weight_decay,
+    )
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
+    use_amp = cfg.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+    start_epoch = 1
+    best: dict[str, float | None] = {key: None for _, key in task.selection}
+    best_epoch: dict[str, int | None] = {key: None for _, key in task.selection}
+    history: list[dict] = []
+    last = out / "last.pt"
+    if resume:
+        if not last.is_file():
+            raise InputError(
+                "nothing to resume: no last.pt in the output folder; drop --resume", out
+            )
+        ckpt = load_checkpoint(last, map_location="cpu")
+        training = ckpt.get("training")
+        if not training:
+            raise InputError("last.pt has no training state; it cannot be resumed", last)
+        model.load_state_dict(ckpt["state_dict"])
+        optimizer.load_state_dict(training["optimizer"])
+        scheduler.load_state_dict(training["scheduler"])
+        if training.get("scaler"):
+            scaler.load_state_dict(training["scaler"])
+        task.load_state_dict(training.get("task", {}))
+        start_epoch = int(training["epoch"]) + 1
+        best = dict(training["best"])
+        best_epoch = dict(training["best_epoch"])
+        history = list(training["history"])
+        if main:
+            console.print(f"resuming {out} after epoch {start_epoch - 1}")
+    elif main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(out / "config.yaml", cfg)
+
+    ddp_model: nn.Module = model
+    if world > 1:
+        ddp_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+
+    dataset = task.train_dataset()
+    sampler = FillingSampler(len(dataset), cfg.batch_size, cfg.seed, rank, world)
+    loader_kwargs: dict[str, Any] = {
+        "batch_size": cfg.batch_size,
+        "sampler": sampler,
+        "num_workers": cfg.workers,
+        "pin_memory": device.type == "cuda",
+        "drop_last": True,
+        "worker_init_fn": _worker_init,
+    }
+    if cfg.workers > 0:
+        loader_kwargs["persistent_workers"] = False
+
+    run_record: dict[str, Any] = {
+        "command": argv or sys.argv,
+        "config": dataclasses.asdict(cfg),
+        "seed": cfg.seed,
+        "device": str(device),
+        "world_size": world,
+        "environment": environment(),
+        "started": _now(),
+    }
+
+    def evaluate_and_select(epoch: int, train_stats: dict, seconds: float) -> dict:
+        metrics = task.evaluate(model, device) if main else {}
+        row = {
+            "epoch": epoch,
+            "lr": optimizer.param_groups[0]["lr"],
+            **train_stats,
+            **metrics,
+            "seconds": round(seconds, 2),
+        }
+        if not main:
+            return row
+        history.append(row)
+        card = task.card()
+        for fname, key in task.selection:
+            if _better(metrics.get(key), best[key]):
+                best[key], best_epoch[key] = metrics[key], epoch
+                save_checkpoint(
+                    out / fname,
+                    {
+                        **card,
+                        "epoch": epoch,
+                        "selected_by": key,
+                        "metrics": metrics,
+                        "seed": cfg.seed,
+                    },
+                    _cpu_state(model),
+                )
+        _write_summary(out / "summary.csv", history)
+        return row
+
+    progress_console = console if (main and not quiet) else None
+    t_run = time.perf_counter()
+    if start_epoch == 1:
+        _print_row(progress_console, evaluate_and_select(0, {}, 0.0))
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        seed_everything(_epoch_seed(cfg.seed, epoch))
+        sampler.set_epoch(epoch)
+        g = torch.Generator().manual_seed(_epoch_seed(cfg.seed, epoch))
+        loader = torch.utils.data.DataLoader(dataset, generator=g, **loader_kwargs)
+        ddp_model.train()
+        sums: dict[str, float] = {}
+        n_steps = 0
+        for step, batch in enumerate(_progress(loader, progress_console, epoch, cfg.epochs), 1):
+            if cfg.max_steps_per_epoch is not None and step > cfg.max_steps_per_epoch:
+                break
+            batch = {
+                k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+                for k, v in batch.items()
+            }
+            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                loss, stats = task.training_step(ddp_model, batch, epoch)
+            if not torch.isfinite(loss.detach()).item():
+                raise TrainingError(
+                    f"the loss became {loss.item()} at epoch {epoch}, step {step}; training stopped "
+                    f"(checkpoints of epoch {epoch - 1} and earlier are kept in {out}). Lower --lr, "
+                    "or check the data"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            n_steps += 1
+            sums["train_loss"] = sums.get("train_loss", 0.0) + float(loss.detach())
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        scheduler.step()
+        task.on_epoch_end(epoch)
+        train_stats = {k: v / max(n_steps, 1) for k, v in sums.items()}
+        if world > 1:
+            torch.distributed.barrier()
+        row = evaluate_and_select(epoch, train_stats, time.perf_counter() - t0)
+        _print_row(progress_console, row)
+        if main:
+            save_checkpoint(
+                last,
+                {
+                    **task.card(),
+                    "epoch": epoch,
+                    "metrics": {k: v for k, v in row.items()},
+                    "seed": cfg.seed,
+                },
+                _cpu_state(model),
+                training={
+                    "epoch": epoch,
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict() if use_amp else {},
+                    "task": task.state_dict(),
+                    "best": best,
+                    "best_epoch": best_epoch,
+                    "history": history,
+                    "rng": _rng_state(),
+                },
+            )
+        if world > 1:
+            torch.distributed.barrier()
+
+    summary = {
+        "out": str(out),
+        "epochs": cfg.epochs,
+        "best": {
+            key: {"value": best[key], "epoch": best_epoch[key], "checkpoint": fname}
+            for fname, key in task.selection
+        },
+        "last": str(last),
+        "seconds": round(time.perf_counter() - t_run, 1),
+        "device": str(device),
+    }
+    if main:
+        run_record.update({"finished": _now(), "summary": summary, "status": "done"})
+        write_json(out / "run.json", run_record)
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    return summary
+
+
+def _cpu_state(model: nn.Module) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def _write_summary(path: Path, rows: list[dict]) -> None:
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=keys)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+
+
+def _print_row(console: Any, row: dict) -> None:
+    if console is None:
+        return
+    parts = [f"epoch {row['epoch']}"]
+    for k, v in row.items():
+        if k in ("epoch",):
+            continue
+        parts.append(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}")
+    console.print("  ".join(parts), highlight=False)
+
+
+def _progress(loader: Any, console: Any, epoch: int, epochs: int) -> Iterator[Any]:
+    if console is None:
+        yield from loader
+        return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    with Progress(
+        TextColumn(f"epoch {epoch}/{epochs}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("train", total=len(loader))
+        for batch in loader:
+            yield batch
+            bar.advance(task)

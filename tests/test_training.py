@@ -1,0 +1,223 @@
+import csv
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from histo_wsl.checkpoint import load_checkpoint, save_checkpoint
+from histo_wsl.cli.app import app
+from histo_wsl.config import TrainConfig, load_config, merge_config
+from histo_wsl.errors import InputError
+from histo_wsl.synthetic_patches import write_patch_dataset
+from histo_wsl.training import FillingSampler
+
+runner = CliRunner()
+TINY = [
+    "--backbone",
+    "mobilenetv2",
+    "--no-pretrained",
+    "--batch-size",
+    "4",
+    "--workers",
+    "0",
+    "--lr",
+    "0.01",
+    "--quiet",
+    "--device",
+    "cpu",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """16 + 16 synthetic 64 px patches; a config that trains on 48 px crops of 56 px resizes."""
+    root = tmp_path_factory.mktemp("tiny")
+    csv_path = write_patch_dataset(root / "data", n_per_class=8, size=64, seed=2)
+    cfg = root / "tiny.yaml"
+    cfg.write_text("crop_size: 48\nresize_size: 56\nmax_steps_per_epoch: 2\n")
+    return csv_path, cfg
+
+
+def _train(args):
+    result = runner.invoke(app, ["train-classifier", *args])
+    return result
+
+
+def _summary(out):
+    with open(out / "summary.csv") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_train_classifier_writes_checkpoints_summary_and_card(tmp_path, tiny_data):
+    data, cfg = tiny_data
+    out = tmp_path / "run"
+    r = _train(
+        [
+            str(data),
+            "--out",
+            str(out),
+            "--config",
+            str(cfg),
+            "--epochs",
+            "2",
+            "--negative-class",
+            "normal",
+            "--data-mpp",
+            "1.0",
+            *TINY,
+        ]
+    )
+    assert r.exit_code == 0, r.stderr
+    rows = _summary(out)
+    assert [row["epoch"] for row in rows] == ["0", "1", "2"]
+    assert {"val_acc", "valpx_pxap", "train_loss"} <= set(rows[1])
+    for name in ("best-loc.pt", "best-cls.pt", "last.pt"):
+        ckpt = torch.load(out / name, weights_only=True)
+        assert ckpt["format"] == "histo-wsl/1"
+    card = load_checkpoint(out / "best-loc.pt")["card"]
+    assert card["class_names"] == ["gland", "normal"] and card["negative_class"] == "normal"
+    assert card["input_size"] == 48 and card["seed"] == 0 and card["selected_by"] == "valpx_pxap"
+    # 64 px images at 1 µm/px resized to 56 px are seen at 64/56 µm/px
+    assert card["mpp"] == pytest.approx(64 / 56, rel=1e-3)
+    saved = load_config(out / "config.yaml")
+    assert saved["crop_size"] == 48 and saved["epochs"] == 2 and saved["negative_class"] == "normal"
+    assert (out / "run.json").is_file()
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path, tiny_data):
+    data, cfg = tiny_data
+    full, part = tmp_path / "full", tmp_path / "part"
+    common = [str(data), "--config", str(cfg), "--deterministic", *TINY]
+    assert _train([*common, "--out", str(full), "--epochs", "3"]).exit_code == 0
+    # an interrupted run: it stopped after epoch 2, then is resumed up to epoch 3
+    assert _train([*common, "--out", str(part), "--epochs", "2"]).exit_code == 0
+    r = _train([str(data), "--out", str(part), "--resume", "--epochs", "3", "--quiet"])
+    assert r.exit_code == 0, r.stderr
+    a, b = _summary(full), _summary(part)
+    drop = ("seconds",)
+    assert [{k: v for k, v in x.items() if k not in drop} for x in a] == [
+        {k: v for k, v in x.items() if k not in drop} for x in b
+    ]
+    wa = torch.load(full / "last.pt", weights_only=True)["state_dict"]
+    wb = torch.load(part / "last.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_refuses_changed_settings_and_missing_run(tmp_path, tiny_data):
+    data, cfg = tiny_data
+    r = _train([str(data), "--out", str(tmp_path / "none"), "--resume", "--quiet"])
+    assert r.exit_code == 2 and "nothing to resume" in r.stderr
+    out = tmp_path / "run"
+    assert (
+        _train(
+            [str(data), "--out", str(out), "--config", str(cfg), "--epochs", "1", *TINY]
+        ).exit_code
+        == 0
+    )
+    r = _train([str(data), "--out", str(out), "--resume", "--lr", "0.5"])
+    assert r.exit_code == 2 and "cannot change" in r.stderr
+
+
+def test_config_rejects_unknown_keys_and_flags_override(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epochs: 3\nlearning_rate: 0.1\n")
+    with pytest.raises(InputError, match="unknown config key"):
+        load_config(bad)
+    good = tmp_path / "good.yaml"
+    good.write_text("epochs: 3\nlr: 0.1\n")
+    cfg = merge_config(TrainConfig, load_config(good), {"lr": 0.5})
+    assert cfg.epochs == 3 and cfg.lr == 0.5
+    r = _train(["somewhere", "--config", str(bad)])
+    assert r.exit_code == 2 and "learning_rate" in r.stderr
+
+
+def test_nan_loss_stops_with_epoch_and_step(tmp_path, tiny_data):
+    data, cfg = tiny_data
+    out = tmp_path / "nan"
+    r = _train(
+        [
+            str(data),
+            "--out",
+            str(out),
+            "--config",
+            str(cfg),
+            "--epochs",
+            "2",
+            *[a for a in TINY if a != "0.01" and a != "--lr"],
+            "--lr",
+            "1e30",
+        ]
+    )
+    assert r.exit_code == 1, r.stderr
+    assert "epoch 1, step" in r.stderr and "loss became" in r.stderr
+    assert (out / "best-cls.pt").is_file()  # the epoch-0 model is kept
+
+
+def test_foreign_checkpoints_are_refused(tmp_path):
+    plain = tmp_path / "plain.pt"
+    torch.save({"weights": torch.zeros(2)}, plain)
+    with pytest.raises(InputError, match="not a histo-wsl checkpoint"):
+        load_checkpoint(plain)
+    evil = tmp_path / "evil.pt"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    evil.write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(InputError, match="refused|not a readable"):
+        load_checkpoint(evil)
+    text = tmp_path / "text.pt"
+    text.write_text("hello")
+    with pytest.raises(InputError):
+        load_checkpoint(text)
+    ok = save_checkpoint(tmp_path / "ok.pt", {"method": "cam"}, {"w": torch.ones(1)})
+    assert load_checkpoint(ok)["card"]["method"] == "cam"
+
+
+def test_filling_sampler_pads_the_last_batch_and_splits_ranks():
+    s = FillingSampler(10, 4, seed=0)
+    idx = list(s)
+    assert len(idx) == 12 and set(idx) == set(range(10))
+    s.set_epoch(1)
+    assert list(s) != idx
+    r0 = list(FillingSampler(10, 4, seed=0, rank=0, world=2))
+    r1 = list(FillingSampler(10, 4, seed=0, rank=1, world=2))
+    assert len(r0) == len(r1) == 8 and set(r0) | set(r1) == set(range(10))
+
+
+def test_ddp_two_cpu_processes(tmp_path, tiny_data):
+    data, cfg = tiny_data
+    out = tmp_path / "ddp"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        "-m",
+        "histo_wsl",
+        "train-classifier",
+        str(data),
+        "--out",
+        str(out),
+        "--config",
+        str(cfg),
+        "--epochs",
+        "1",
+        *TINY,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    run = json.loads((out / "run.json").read_text())
+    assert run["world_size"] == 2
+    assert [r["epoch"] for r in _summary(out)] == ["0", "1"]
