@@ -97,6 +97,15 @@ def warm_file_cache(path: Path) -> None:
             pass
 
 
+def cpu_seconds() -> float:
+    """CPU seconds used so far by this process and its reaped children."""
+    import resource
+
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def plain_pass(path: Path, coords: list[tuple[int, int]], size: int, out: Path) -> float:
     """Plain OpenSlide loop; returns seconds."""
     import openslide
@@ -222,11 +231,16 @@ def run(args: argparse.Namespace, work: Path) -> dict:
     def fresh() -> Path:
         return work / f"pass{next(counter)}"
 
-    def timed(fn, *fn_args) -> float:
+    cpu: dict[str, list[float]] = {}
+
+    def timed(fn, *fn_args, key: str | None = None) -> float:
         out = fresh()
+        cpu0 = cpu_seconds()
         try:
             return fn(*fn_args, out)
         finally:
+            if key is not None:
+                cpu.setdefault(key, []).append(cpu_seconds() - cpu0)
             shutil.rmtree(out, ignore_errors=True)
             os.sync()  # flush this pass's writes so the next pass does not pay for them
 
@@ -242,12 +256,16 @@ def run(args: argparse.Namespace, work: Path) -> dict:
         pool.map(_warm_worker, [0, 1], chunksize=1)
         for _ in range(args.repeats):
             scaling.append(cpu_scaling(pool))
-            times["plain"].append(timed(plain_pass, slide, coords, args.patch_size))
+            times["plain"].append(timed(plain_pass, slide, coords, args.patch_size, key="plain"))
             times["plain_2proc"].append(
                 timed(plain_2proc_pass, pool, slide, coords, args.patch_size)
             )
-            times["extract_w1"].append(timed(extract_pass, slide, mpp, args.patch_size, 1, n))
-            times["extract_w2"].append(timed(extract_pass, slide, mpp, args.patch_size, 2, n))
+            times["extract_w1"].append(
+                timed(extract_pass, slide, mpp, args.patch_size, 1, n, key="extract_w1")
+            )
+            times["extract_w2"].append(
+                timed(extract_pass, slide, mpp, args.patch_size, 2, n, key="extract_w2")
+            )
             times["fixed"].append(timed(coords_only_pass, slide, mpp, args.patch_size))
         scaling.append(cpu_scaling(pool))
     load_after = os.getloadavg()
@@ -281,12 +299,17 @@ def run(args: argparse.Namespace, work: Path) -> dict:
         "cpu_scaling_2proc": [round(v, 2) for v in scaling],
         "loadavg_1min": [round(load_before[0], 2), round(load_after[0], 2)],
         "best_s": {k: round(v, 3) for k, v in best.items()},
+        "cpu_s": {k: [round(t, 3) for t in v] for k, v in cpu.items()},
+        "cpu_ratio_w1": round(min(cpu["plain"]) / min(cpu["extract_w1"]), 3),
         "times_s": {k: [round(t, 3) for t in v] for k, v in times.items()},
         "notes": [
             "best_s.fixed = extract_patches --coords-only (thumbnail, tissue detection, QC "
             "images, GeoJSON, manifest, run.json): the per-slide cost on top of the patches",
             "plain_speedup_2proc = the plain loop split over 2 pre-started processes: the most "
             "2 workers can give on this machine now (no start-up, no per-slide work)",
+            "cpu_s = CPU seconds of each pass (this process and reaped children: the pool "
+            "workers of extract_w2); cpu_ratio_w1 = plain CPU / extract_w1 CPU is ratio_w1 "
+            "without the noise other processes add to wall time",
             "cpu_scaling_2proc = pure-CPU speedup of 2 processes, measured before each repeat "
             "and at the end: well under 2 means other processes were using the CPUs",
         ],

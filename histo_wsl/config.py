@@ -59,8 +59,15 @@ class TrainConfig:
     deterministic: bool = False
     max_steps_per_epoch: int | None = None
     skip_errors: bool = False
-    # stage 2 (NEGEV) and Max-Min settings live here too, so one file describes a run
+    # stage 2 (NEGEV): the frozen stage-1 checkpoint and the pixel-evidence settings
     classifier: str | None = None
+    seeds_fg: int = 1
+    seeds_bg: int = 1
+    seed_ksize: int = 3
+    seed_lambda: float = 1.0
+    bg_sampler: str = "proportional"
+    low_fraction: float = 0.2
+    negative_lambda: float = 1.0
     extra: dict = field(default_factory=dict)
 
 

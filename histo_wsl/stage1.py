@@ -177,6 +177,7 @@ class ClassifierTask:
             "stage": 1,
             "backbone": cfg.backbone,
             "head": cfg.head,
+            "head_opts": {},
             "cam_method": cfg.cam_method,
             "num_classes": len(self.ds.class_names),
             "class_names": list(self.ds.class_names),

@@ -18,7 +18,7 @@ COMMANDS = [
     "localize",
     "evaluate",
 ]
-PLANNED = ["train-decoder", "localize", "evaluate"]
+PLANNED = ["localize", "evaluate"]
 
 
 def test_help_lists_every_subcommand_without_heavy_imports():

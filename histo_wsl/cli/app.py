@@ -44,6 +44,7 @@ app.command("demo", epilog=demo.EPILOG)(demo.demo)
 app.command("extract-patches", epilog=extract.EPILOG)(extract.extract_patches)
 app.command("slide-info")(slide_info.slide_info)
 app.command("train-classifier", epilog=train.EPILOG)(train.train_classifier)
+app.command("train-decoder", epilog=train.DECODER_EPILOG)(train.train_decoder)
 planned.register(app)
 
 

@@ -8,10 +8,6 @@ from histo_wsl import __version__
 from histo_wsl.cli.common import EXIT_BAD_INPUT, fail
 
 PLANNED = {
-    "train-decoder": (
-        "Train the NEGEV decoder over a frozen stage-1 classifier from CAM seeds and negative images.",
-        "a stage-1 checkpoint and a patch folder",
-    ),
     "localize": (
         "Whole-slide inference: probability pyramid TIFF, mask, QuPath GeoJSON and overlay per slide.",
         "slides or images and a model",

@@ -35,8 +35,15 @@ def explicit_options(ctx: typer.Context, values: dict) -> dict:
     return out
 
 
-def resolve_config(ctx: typer.Context, values: dict, config: Path | None, resume: bool, out: Path):
-    """Defaults ← ``--config`` YAML ← explicit flags; with ``--resume``, the run's own config."""
+def resolve_config(
+    ctx: typer.Context,
+    values: dict,
+    config: Path | None,
+    resume: bool,
+    out: Path,
+    base: dict | None = None,
+):
+    """Defaults ← ``base`` ← ``--config`` YAML ← explicit flags; with ``--resume``, the run's own."""
     from histo_wsl.config import TrainConfig, load_config, merge_config
     from histo_wsl.errors import InputError
 
@@ -53,7 +60,7 @@ def resolve_config(ctx: typer.Context, values: dict, config: Path | None, resume
                 saved,
             )
         return merge_config(TrainConfig, load_config(saved), flags)
-    layers = [load_config(config)] if config is not None else []
+    layers = [base or {}] + ([load_config(config)] if config is not None else [])
     return merge_config(TrainConfig, *layers, flags)
 
 
@@ -168,6 +175,99 @@ def train_classifier(
 
     values = dict(locals())
     cfg = resolve_config(ctx, values, config, resume, out)
+    cfg.out = str(out)
+    summary = run(cfg, resume=resume, quiet=quiet or json_out, argv=sys.argv)
+    if json_out:
+        print_json(summary)
+
+
+DECODER_EPILOG = (
+    "Examples: histo-wsl train-decoder ../shared/data/glas --classifier runs/cam/best-loc.pt "
+    "--out runs/negev --epochs 40  |  histo-wsl train-decoder patches/ --classifier "
+    "runs/cam/best-loc.pt --negative-class normal --bg-sampler uniform"
+)
+
+
+@reports_errors
+def train_decoder(
+    ctx: typer.Context,
+    data: Annotated[
+        str,
+        typer.Argument(help="The same kinds of data as train-classifier (classes must match)."),
+    ],
+    classifier: Annotated[
+        str | None,
+        typer.Option(help="Stage-1 checkpoint (train-classifier's best-loc.pt); frozen."),
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder.")] = Path("runs/negev"),
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config", help="YAML file of settings (keys = option names); flags override."
+        ),
+    ] = None,
+    negative_class: Annotated[
+        str | None,
+        typer.Option(
+            help="Class of fully negative images: all their pixels are pushed to background."
+        ),
+    ] = None,
+    fold: Annotated[int, typer.Option(min=0, help="GlaS fold (splits/fold-K.csv).")] = 0,
+    val_fraction: Annotated[float, typer.Option(min=0.05, max=0.9)] = 0.2,
+    seeds_fg: Annotated[
+        int, typer.Option(min=1, help="Foreground pixels drawn ∝ CAM per image and step.")
+    ] = 1,
+    seeds_bg: Annotated[
+        int, typer.Option(min=1, help="Background pixels drawn per image and step.")
+    ] = 1,
+    seed_ksize: Annotated[
+        int, typer.Option(min=1, help="Each seed dilated to a k×k square (odd).")
+    ] = 3,
+    seed_lambda: Annotated[float, typer.Option(min=0.0, help="Weight λ of the seed term.")] = 1.0,
+    bg_sampler: Annotated[
+        str,
+        typer.Option(
+            help="proportional (∝ 1 − CAM, the paper's intent), uniform (the original code in effect), "
+            "lowest (uniform among the --low-fraction lowest-CAM pixels)."
+        ),
+    ] = "proportional",
+    low_fraction: Annotated[float, typer.Option(min=0.01, max=1.0)] = 0.2,
+    negative_lambda: Annotated[
+        float, typer.Option(min=0.0, help="Weight of the negative-image term.")
+    ] = 1.0,
+    cam_method: Annotated[str, typer.Option(help="CAM method the seeds come from.")] = "cam",
+    epochs: Annotated[int, typer.Option(min=1, help="Epochs (the paper: 1000).")] = 20,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per step (the paper: 32).")] = 32,
+    lr: Annotated[
+        float, typer.Option(min=0.0, help="Decoder learning rate (the paper: 0.1).")
+    ] = 0.1,
+    step_size: Annotated[
+        int, typer.Option(min=1, help="Epochs between learning-rate drops.")
+    ] = 250,
+    gamma: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.1,
+    workers: Annotated[int, typer.Option(min=0, help="Data-loader processes.")] = 2,
+    device: Annotated[
+        str, typer.Option(help="auto (CUDA, MPS, CPU), cpu, cuda, cuda:N, mps.")
+    ] = "auto",
+    amp: Annotated[bool, typer.Option("--amp/--no-amp", help="Mixed precision on CUDA.")] = True,
+    seed: Annotated[int, typer.Option(help="Seed of the decoder weights, data order, seeds.")] = 0,
+    deterministic: Annotated[bool, typer.Option(help="Deterministic algorithms.")] = False,
+    max_steps_per_epoch: Annotated[int | None, typer.Option(min=1)] = None,
+    skip_errors: Annotated[bool, typer.Option("--skip-errors")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out.")] = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train the NEGEV decoder over a frozen stage-1 classifier (CAM seeds + negative images).
+
+    Writes <out>/best-loc.pt (best decoder PxAP on valpx; self-contained: classifier + decoder),
+    last.pt, summary.csv, config.yaml and run.json.
+    """
+    from histo_wsl.stage2 import STAGE2_DEFAULTS
+    from histo_wsl.stage2 import train_decoder as run
+
+    values = dict(locals())
+    cfg = resolve_config(ctx, values, config, resume, out, base=STAGE2_DEFAULTS)
     cfg.out = str(out)
     summary = run(cfg, resume=resume, quiet=quiet or json_out, argv=sys.argv)
     if json_out:

@@ -1,0 +1,166 @@
+"""The NEGEV model (MIDL 2022): a frozen stage-1 classifier with a U-Net decoder on its encoder.
+
+method.md §1.2: the decoder takes the backbone's stages (deepest = head, the others = skips, the
+full-resolution stage dropped); each block upsamples ×2 (nearest), resizes bilinearly to the skip
+when the sizes differ (ResNet/MobileNet stages 3-5 are all at stride 8), concatenates the skip and
+applies two Conv3×3-BN-ReLU; blocks are added without skip until the input resolution is reached.
+A Conv3×3 segmentation head gives 2 channels (background, foreground); the foreground map is the
+softmax's channel 1. VGG16 gets the centre block of the paper (two Conv-BN-ReLU at 1024 channels).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import Tensor, nn
+
+from histo_wsl.networks.classifier import WSOLClassifier
+
+__all__ = ["NEGEVModel", "UNetDecoder", "decoder_channels"]
+
+_CHANNELS = (256, 128, 64, 32, 16)
+
+
+def decoder_channels(n_blocks: int) -> tuple[int, ...]:
+    """The paper's channel plan: (256, 128, 64, 32, 16) truncated (VGG16: 256, 128, 64)."""
+    if n_blocks > len(_CHANNELS):
+        return _CHANNELS + (16,) * (n_blocks - len(_CHANNELS))
+    return _CHANNELS[:n_blocks]
+
+
+def _conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+    )
+
+
+class _Block(nn.Module):
+    def __init__(self, cin: int, skip: int, cout: int) -> None:
+        super().__init__()
+        self.conv1 = _conv_bn_relu(cin + skip, cout)
+        self.conv2 = _conv_bn_relu(cout, cout)
+
+    def forward(self, x: Tensor, skip: Tensor | None, size: tuple[int, int] | None) -> Tensor:
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        target = skip.shape[-2:] if skip is not None else size
+        if target is not None and tuple(x.shape[-2:]) != tuple(target):
+            x = F.interpolate(x, size=tuple(target), mode="bilinear", align_corners=True)
+        if skip is not None:
+            x = torch.cat([x, skip], dim=1)
+        return self.conv2(self.conv1(x))
+
+
+class UNetDecoder(nn.Module):
+    """U-Net decoder over backbone stages, ending with a 2-channel segmentation head.
+
+    Args:
+        stage_channels: channels of the backbone stages, shallow to deep.
+        stage_strides: their strides relative to the input.
+        center: add the VGG-style centre block at the deepest stage.
+    """
+
+    def __init__(self, stage_channels: list[int], stage_strides: list[int], center: bool = False):
+        super().__init__()
+        keep = [i for i, s in enumerate(stage_strides) if s > 1]
+        channels = [stage_channels[i] for i in keep]
+        strides = [stage_strides[i] for i in keep]
+        head_c = channels[-1]
+        skips = channels[:-1][::-1]
+        extra = int(round(math.log2(strides[0]))) if strides else 0
+        n_blocks = len(skips) + extra
+        plan = decoder_channels(n_blocks)
+        self.keep = keep
+        self.center = (
+            nn.Sequential(_conv_bn_relu(head_c, head_c), _conv_bn_relu(head_c, head_c))
+            if center
+            else None
+        )
+        blocks = []
+        cin = head_c
+        for i in range(n_blocks):
+            skip_c = skips[i] if i < len(skips) else 0
+            blocks.append(_Block(cin, skip_c, plan[i]))
+            cin = plan[i]
+        self.blocks = nn.ModuleList(blocks)
+        self.n_skips = len(skips)
+        self.seg_head = nn.Conv2d(cin, 2, 3, padding=1)
+        self.channels = plan
+        self._init()
+
+    def _init(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d) and m is not self.seg_head:
+                nn.init.kaiming_uniform_(m.weight, mode="fan_in", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.xavier_uniform_(self.seg_head.weight)
+        nn.init.zeros_(self.seg_head.bias)
+
+    def forward(self, stages: list[Tensor], size: tuple[int, int]) -> Tensor:
+        """2-channel logits at ``size`` from the backbone stages."""
+        feats = [stages[i] for i in self.keep]
+        x = feats[-1]
+        if self.center is not None:
+            x = self.center(x)
+        skips = feats[:-1][::-1]
+        for i, block in enumerate(self.blocks):
+            last = i == len(self.blocks) - 1
+            x = block(x, skips[i] if i < self.n_skips else None, size if last else None)
+        logits = self.seg_head(x)
+        if tuple(logits.shape[-2:]) != tuple(size):
+            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        return logits
+
+
+class NEGEVModel(nn.Module):
+    """Frozen stage-1 classifier + trainable U-Net decoder.
+
+    ``forward(x)`` returns the frozen classifier's logits (image class); :meth:`segment` the
+    decoder's 2-channel logits; :meth:`localize` the foreground probability map (B,H,W).
+    The classifier is kept in eval mode (BatchNorm statistics frozen) whatever ``train()`` says.
+    """
+
+    def __init__(self, classifier: WSOLClassifier) -> None:
+        super().__init__()
+        self.classifier = classifier
+        bb = classifier.backbone
+        self.decoder = UNetDecoder(
+            list(bb.stage_channels), list(bb.stage_strides), center=bb.name == "vgg16"
+        )
+        for p in self.classifier.parameters():
+            p.requires_grad_(False)
+        self.classifier.eval()
+
+    def train(self, mode: bool = True) -> NEGEVModel:
+        """Train the decoder; the classifier stays in eval mode."""
+        super().train(mode)
+        self.classifier.eval()
+        return self
+
+    def forward(self, x: Tensor, segment: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """Image-class logits of the frozen classifier; with ``segment``, :meth:`segment`'s pair.
+
+        (Training goes through ``forward(x, segment=True)`` so that DistributedDataParallel sees
+        the call.)
+        """
+        if segment:
+            return self.segment(x)
+        return self.classifier(x)
+
+    def segment(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(classifier logits, decoder 2-channel logits at the input size)."""
+        with torch.no_grad():
+            stages = self.classifier.forward_features(x)
+            logits = self.classifier.head(stages[-1])
+        stages = [s.detach() for s in stages]
+        return logits, self.decoder(stages, tuple(x.shape[-2:]))
+
+    def localize(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(classifier logits, foreground probability (B,H,W))."""
+        logits, seg = self.segment(x)
+        return logits, seg.float().softmax(1)[:, 1]

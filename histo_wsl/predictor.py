@@ -1,0 +1,133 @@
+"""Rebuild a trained model from its self-contained checkpoint, with one prediction interface.
+
+Every histo-wsl checkpoint carries a model card (``method``, ``backbone``, ``head``, classes, input
+size, normalisation, threshold...). :func:`load_model` builds the network the card describes,
+loads the weights and returns a :class:`Predictor` whose :meth:`Predictor.predict` gives class
+scores and a foreground map in [0, 1] for any method:
+
+- stage-1 (``cam``): the chosen CAM method's map (per-image min-max normalised) of the predicted
+  class, or of the classes given (ground truth, for evaluation);
+- ``negev``: the decoder's foreground softmax (the classes only choose nothing: the decoder is
+  class-agnostic).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from histo_wsl.checkpoint import load_checkpoint
+from histo_wsl.errors import InputError
+from histo_wsl.networks.cams import compute_cams
+from histo_wsl.networks.classifier import WSOLClassifier, build_classifier
+from histo_wsl.networks.negev import NEGEVModel
+
+__all__ = ["Predictor", "classifier_from_card", "load_model"]
+
+
+def classifier_from_card(card: dict, state_dict: dict, path: str | Path) -> WSOLClassifier:
+    """The stage-1 classifier a card describes, with ``state_dict`` loaded strictly."""
+    try:
+        model = build_classifier(
+            card["backbone"],
+            card["head"],
+            int(card["num_classes"]),
+            pretrained=False,
+            **card.get("head_opts", {}),
+        )
+    except KeyError as exc:
+        raise InputError(
+            f"the model card lacks {exc}; the checkpoint is incomplete", path
+        ) from None
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as exc:
+        raise InputError(
+            f"weights do not fit the {card['backbone']}/{card['head']} network its card describes "
+            f"({str(exc).splitlines()[0][:120]}...)",
+            path,
+        ) from None
+    return model
+
+
+@dataclass
+class Predictor:
+    """A loaded model and its card."""
+
+    model: nn.Module
+    card: dict
+    path: Path
+
+    @property
+    def method(self) -> str:
+        """``cam`` (stage 1) or ``negev``."""
+        return self.card["method"]
+
+    def to(self, device: torch.device) -> Predictor:
+        """Move the model to ``device``."""
+        self.model.to(device)
+        return self
+
+    def predict(self, images: Tensor, classes: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(class logits (B,K), foreground map (B,H,W) in [0,1]) of normalised images."""
+        self.model.eval()
+        if self.method == "negev":
+            with torch.no_grad():
+                return self.model.localize(images)
+        with torch.no_grad():
+            logits = self.model(images)
+        cls = logits.argmax(1) if classes is None else classes
+        maps = compute_cams(
+            self.model,
+            images,
+            cls,
+            method=self.card.get("cam_method", "cam"),
+            size=tuple(images.shape[-2:]),
+        )
+        return logits, maps
+
+
+def load_model(
+    path: str | Path, map_location: str | torch.device = "cpu", cam_method: str | None = None
+) -> Predictor:
+    """Load any histo-wsl checkpoint as a :class:`Predictor` (``weights_only`` loading).
+
+    Args:
+        path: the ``.pt`` file.
+        map_location: where the weights go.
+        cam_method: override the stage-1 card's CAM method (``--cam gradcampp``...).
+
+    Raises:
+        InputError: not a histo-wsl checkpoint, an unknown method, or weights that do not fit.
+    """
+    path = Path(path)
+    ckpt = load_checkpoint(path, map_location=map_location)
+    card = dict(ckpt["card"])
+    method = card.get("method")
+    if method == "cam":
+        model: nn.Module = classifier_from_card(card, ckpt["state_dict"], path)
+        if cam_method is not None:
+            card["cam_method"] = cam_method
+    elif method == "negev":
+        stage1 = card.get("classifier_card")
+        if not stage1:
+            raise InputError("NEGEV checkpoint without its classifier card; retrain it", path)
+        clf = build_classifier(
+            stage1["backbone"],
+            stage1["head"],
+            int(stage1["num_classes"]),
+            pretrained=False,
+            **stage1.get("head_opts", {}),
+        )
+        model = NEGEVModel(clf)
+        try:
+            model.load_state_dict(ckpt["state_dict"])
+        except RuntimeError as exc:
+            raise InputError(f"weights do not fit a NEGEV model ({str(exc)[:120]})", path) from None
+    else:
+        raise InputError(f"unknown method {method!r} in the model card", path)
+    model.eval()
+    return Predictor(model, card, path)

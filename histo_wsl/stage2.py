@@ -1,0 +1,209 @@
+"""Stage 2 of NEGEV (MIDL 2022): a U-Net decoder trained from the frozen classifier's evidence.
+
+:class:`DecoderTask` is the recipe the engine runs for ``histo-wsl train-decoder``: the stage-1
+classifier (encoder and head) is copied from its checkpoint and frozen; at every step its CAM of the
+ground-truth class on the augmented crop gives pixel seeds (:func:`histo_wsl.losses.sample_seeds`),
+and images of the negative class push every pixel to background. Selection: PxAP on ``valpx``;
+the checkpoint holds the classifier too, so it is all ``localize`` and ``evaluate`` need.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from histo_wsl import __version__
+from histo_wsl.config import TrainConfig
+from histo_wsl.data.images import LabelledImages, train_transform
+from histo_wsl.data.sources import Dataset
+from histo_wsl.errors import InputError
+from histo_wsl.losses import BG_SAMPLERS, negative_loss, sample_seeds, seed_loss
+from histo_wsl.networks.backbones import X10
+from histo_wsl.networks.cams import compute_cams
+from histo_wsl.networks.classifier import unwrap
+from histo_wsl.networks.negev import NEGEVModel
+from histo_wsl.predictor import load_model
+from histo_wsl.stage1 import evaluate_maps, load_training_data
+
+__all__ = ["DecoderTask", "STAGE2_DEFAULTS", "train_decoder"]
+
+#: stage-2 defaults that differ from stage 1 (method.md §1.4: lr 0.1 for the decoder)
+STAGE2_DEFAULTS = {"lr": 0.1, "method": "negev", "out": "runs/negev"}
+
+
+class DecoderTask:
+    """NEGEV decoder training for the engine."""
+
+    selection = [("best-loc.pt", "valpx_pxap")]
+
+    def __init__(self, cfg: TrainConfig, ds: Dataset, stage1) -> None:
+        self.cfg, self.ds, self.stage1 = cfg, ds, stage1
+        card = stage1.card
+        if card.get("method") != "cam":
+            raise InputError(
+                f"--classifier must be a stage-1 checkpoint (train-classifier); this one is "
+                f"{card.get('method')!r}",
+                stage1.path,
+            )
+        if list(card["class_names"]) != list(ds.class_names):
+            raise InputError(
+                f"the classifier was trained on classes {card['class_names']} but the data has "
+                f"{ds.class_names}; use the same classes (or --class in the same order)",
+                stage1.path,
+            )
+        if cfg.bg_sampler not in BG_SAMPLERS:
+            raise InputError(f"--bg-sampler must be one of {BG_SAMPLERS}, got {cfg.bg_sampler!r}")
+        if cfg.seed_ksize % 2 == 0:
+            raise InputError(f"--seed-ksize must be odd, got {cfg.seed_ksize}")
+        self.negative = ds.negative_class
+
+    def build_model(self) -> nn.Module:
+        """The frozen classifier of the checkpoint with a new decoder."""
+        torch.manual_seed(self.cfg.seed)
+        return NEGEVModel(self.stage1.model)
+
+    def param_groups(self, model: nn.Module, lr: float) -> list[dict]:
+        """Decoder parameters only; in the ×10 group for VGG16/InceptionV3 (method.md §1.4)."""
+        m = unwrap(model)
+        ratio = self.cfg.lr_classifier_ratio if m.classifier.backbone.other_group == X10 else 1.0
+        return [
+            {"params": [p for p in m.decoder.parameters()], "lr": lr * ratio, "name": "decoder"}
+        ]
+
+    def train_dataset(self) -> torch.utils.data.Dataset:
+        """The ``train`` split with the training preset."""
+        return LabelledImages(
+            self.ds.split("train"),
+            self.cfg.resize_size,
+            train_transform(self.cfg.crop_size, jitter=self.cfg.color_jitter),
+        )
+
+    def training_step(self, model: nn.Module, batch: dict, epoch: int) -> tuple[torch.Tensor, dict]:
+        """λ·CE on CAM seeds of non-negative images + CE to background on negative images."""
+        images, labels = batch["image"], batch["label"]
+        _, seg = model(images, segment=True)
+        m = unwrap(model)
+        neg = (
+            labels == self.negative
+            if self.negative is not None
+            else torch.zeros_like(labels, dtype=torch.bool)
+        )
+        stats: dict = {}
+        loss = seg.sum() * 0.0
+        pos = ~neg
+        if pos.any():
+            cams = compute_cams(
+                m.classifier,
+                images[pos],
+                labels[pos],
+                method=self.cfg.cam_method,
+                size=tuple(images.shape[-2:]),
+            )
+            seeds = sample_seeds(
+                cams,
+                self.cfg.seeds_fg,
+                self.cfg.seeds_bg,
+                self.cfg.seed_ksize,
+                self.cfg.bg_sampler,
+                self.cfg.low_fraction,
+            )
+            ls = seed_loss(seg[pos], seeds)
+            loss = loss + self.cfg.seed_lambda * ls
+            stats["seed_loss"] = float(ls.detach())
+        if neg.any():
+            ln = negative_loss(seg[neg])
+            loss = loss + self.cfg.negative_lambda * ln
+            stats["negative_loss"] = float(ln.detach())
+        return loss, stats
+
+    def evaluate(self, model: nn.Module, device: torch.device) -> dict:
+        """Frozen classifier's accuracy on val; decoder PxAP on valpx."""
+        m = unwrap(model)
+        return evaluate_maps(
+            m,
+            self.ds.split("val"),
+            self.ds.split("valpx"),
+            lambda net, x, y: net.localize(x),
+            device,
+            len(self.ds.class_names),
+            size=self.cfg.crop_size,
+        )
+
+    def card(self) -> dict:
+        """The model card of the NEGEV model (with its classifier's card)."""
+        c1 = self.stage1.card
+        cfg = self.cfg
+        return {
+            "method": "negev",
+            "stage": 2,
+            "backbone": c1["backbone"],
+            "head": c1["head"],
+            "num_classes": c1["num_classes"],
+            "class_names": list(c1["class_names"]),
+            "negative_class": cfg.negative_class,
+            "input_size": cfg.crop_size,
+            "resize_size": cfg.resize_size,
+            "data_mpp": c1.get("data_mpp"),
+            "mpp": c1.get("mpp"),
+            "normalization": c1.get("normalization"),
+            "threshold": 0.5,
+            "seeds": {
+                "fg": cfg.seeds_fg,
+                "bg": cfg.seeds_bg,
+                "ksize": cfg.seed_ksize,
+                "lambda": cfg.seed_lambda,
+                "bg_sampler": cfg.bg_sampler,
+                "low_fraction": cfg.low_fraction,
+                "cam_method": cfg.cam_method,
+            },
+            "negative_term": self.negative is not None,
+            "classifier_checkpoint": str(self.stage1.path),
+            "classifier_card": {k: v for k, v in c1.items() if k != "config"},
+            "training_data": self.ds.describe(),
+            "config": {
+                k: (
+                    str(v)
+                    if not isinstance(v, (int, float, str, bool, list, dict, type(None)))
+                    else v
+                )
+                for k, v in dataclasses.asdict(cfg).items()
+            },
+            "versions": {"histo-wsl": __version__, "torch": str(torch.__version__)},
+        }
+
+    def on_epoch_end(self, epoch: int) -> None:
+        """No schedule."""
+
+    def state_dict(self) -> dict:
+        """No task state."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """No task state."""
+
+
+def train_decoder(
+    cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, argv: list[str] | None = None
+) -> dict:
+    """Run ``train-decoder``: check the classifier and the data, then train with the engine."""
+    from histo_wsl.training import fit
+
+    if not cfg.classifier:
+        raise InputError(
+            "--classifier is required: the stage-1 checkpoint (e.g. runs/cam/best-loc.pt)"
+        )
+    stage1 = load_model(cfg.classifier)
+    if cfg.classes is None:
+        cfg.classes = list(stage1.card["class_names"])
+    ds, dropped = load_training_data(cfg)
+    task = DecoderTask(cfg, ds, stage1)
+    summary = fit(cfg, task, resume=resume, quiet=quiet, argv=argv)
+    return {
+        **summary,
+        "data": ds.describe(),
+        "skipped_files": dropped,
+        "classifier": str(stage1.path),
+        "classifier_metrics": stage1.card.get("metrics", {}),
+    }

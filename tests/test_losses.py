@@ -1,0 +1,110 @@
+import pytest
+import torch
+
+from histo_wsl.losses import IGNORE, negative_loss, sample_seeds, seed_loss
+
+
+def _cams(b=4, h=32, w=32):
+    cams = torch.zeros(b, h, w)
+    cams[:, 8:16, 8:16] = 1.0  # the top of the CAM: a square of ones
+    cams[:, 16:24, :] = 0.3
+    return cams
+
+
+def test_counts_without_dilation():
+    seeds = sample_seeds(
+        _cams(), n_fg=5, n_bg=7, ksize=1, generator=torch.Generator().manual_seed(0)
+    )
+    assert ((seeds == 1).sum((1, 2)) <= 5).all() and ((seeds == 0).sum((1, 2)) <= 7).all()
+    # overlap is only possible on the same pixel: counts are exact unless fg and bg coincide
+    assert (seeds == 1).sum() + (seeds == 0).sum() >= 4 * 12 - 8
+
+
+def test_dilation_makes_k_by_k_squares():
+    cams = torch.zeros(1, 31, 31)
+    cams[0, 15, 15] = 1.0  # almost all fg weight on one pixel
+    seeds = sample_seeds(
+        cams,
+        n_fg=1,
+        n_bg=1,
+        ksize=5,
+        bg_sampler="proportional",
+        generator=torch.Generator().manual_seed(1),
+    )
+    fg = (seeds[0] == 1).nonzero()
+    assert len(fg) == 25 and fg[:, 0].min() == 13 and fg[:, 0].max() == 17
+    assert (seeds[0] == 0).sum() in (25, 15, 20, 10, 9, 12, 16)  # a 5x5 square, cut at the border
+
+
+def test_fg_bg_overlap_is_dropped():
+    cams = torch.full((1, 3, 3), 0.5)
+    seeds = sample_seeds(
+        cams,
+        n_fg=9,
+        n_bg=9,
+        ksize=1,
+        bg_sampler="uniform",
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert (seeds == IGNORE).all()  # every pixel drawn by both: none kept
+
+
+def test_proportional_sampler_never_draws_background_from_the_top():
+    cams = _cams(b=64)
+    for s in range(5):
+        seeds = sample_seeds(
+            cams,
+            n_fg=1,
+            n_bg=20,
+            ksize=1,
+            bg_sampler="proportional",
+            generator=torch.Generator().manual_seed(s),
+        )
+        assert not (seeds[:, 8:16, 8:16] == 0).any()
+    lowest = sample_seeds(
+        cams,
+        n_fg=1,
+        n_bg=20,
+        ksize=1,
+        bg_sampler="lowest",
+        low_fraction=0.2,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert (cams[lowest == 0] == 0).all()  # only zero-CAM pixels are among the lowest 20 %
+    uniform = sample_seeds(
+        cams,
+        n_fg=1,
+        n_bg=200,
+        ksize=1,
+        bg_sampler="uniform",
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert (uniform[:, 8:16, 8:16] == 0).any()  # the original code's effective sampler does
+
+
+def test_foreground_follows_the_cam():
+    cams = _cams(b=256)
+    seeds = sample_seeds(cams, n_fg=1, n_bg=1, ksize=1, generator=torch.Generator().manual_seed(3))
+    inside = (seeds[:, 8:16, 8:16] == 1).sum().item()
+    # weights: 64 px at 1.0, 256 px at 0.3, the rest ~0 -> P(top square) = 64 / (64 + 76.8)
+    assert inside / 256 == pytest.approx(64 / 140.8, abs=0.1)
+
+
+def test_seeded_draws_are_reproducible():
+    a = sample_seeds(_cams(), 3, 3, 3, generator=torch.Generator().manual_seed(7))
+    b = sample_seeds(_cams(), 3, 3, 3, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+
+
+def test_losses():
+    logits = torch.zeros(2, 2, 4, 4, requires_grad=True)
+    seeds = torch.full((2, 4, 4), IGNORE, dtype=torch.long)
+    assert seed_loss(logits, seeds).item() == 0.0
+    seeds[0, 0, 0] = 1
+    assert seed_loss(logits, seeds).item() == pytest.approx(torch.log(torch.tensor(2.0)).item())
+    assert negative_loss(logits).item() == pytest.approx(0.6931, abs=1e-4)
+    confident = torch.zeros(1, 2, 4, 4)
+    confident[:, 0] = 10.0
+    assert negative_loss(confident).item() < 1e-3
+    with pytest.raises(ValueError):
+        sample_seeds(_cams(), ksize=2)

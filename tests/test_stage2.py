@@ -1,0 +1,161 @@
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from histo_wsl.cli.app import app
+from histo_wsl.losses import negative_loss
+from histo_wsl.networks.classifier import build_classifier
+from histo_wsl.networks.negev import NEGEVModel
+from histo_wsl.predictor import load_model
+from histo_wsl.synthetic_patches import write_patch_dataset
+
+runner = CliRunner()
+TINY = ["--batch-size", "4", "--workers", "0", "--quiet", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory):
+    root = tmp_path_factory.mktemp("s2")
+    data = write_patch_dataset(root / "data", n_per_class=6, size=64, seed=4)
+    cfg = root / "tiny.yaml"
+    cfg.write_text("crop_size: 48\nresize_size: 56\nmax_steps_per_epoch: 2\n")
+    out = root / "cam"
+    r = runner.invoke(
+        app,
+        [
+            "train-classifier",
+            str(data),
+            "--out",
+            str(out),
+            "--config",
+            str(cfg),
+            "--epochs",
+            "1",
+            "--no-pretrained",
+            *TINY,
+        ],
+    )
+    assert r.exit_code == 0, r.stderr
+    return data, cfg, out / "best-loc.pt"
+
+
+@pytest.mark.parametrize("backbone", ["mobilenetv2", "resnet18", "vgg16"])
+def test_decoder_output_is_full_resolution(backbone):
+    model = NEGEVModel(build_classifier(backbone, "wgap", 2, pretrained=False))
+    x = torch.randn(1, 3, 64, 64)
+    logits, seg = model.segment(x)
+    assert logits.shape == (1, 2) and seg.shape == (1, 2, 64, 64)
+    _, prob = model.localize(x)
+    assert prob.shape == (1, 64, 64) and 0 <= prob.min() and prob.max() <= 1
+
+
+def test_frozen_classifier_is_unchanged_and_negative_term_drives_to_background():
+    torch.manual_seed(0)
+    model = NEGEVModel(build_classifier("mobilenetv2", "wgap", 2, pretrained=False))
+    before = {k: v.clone() for k, v in model.classifier.state_dict().items()}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+    x = torch.rand(2, 3, 48, 48)
+    model.train()
+    first = None
+    for _ in range(15):
+        _, seg = model(x, segment=True)
+        loss = negative_loss(seg)
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = model.classifier.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # BN stats included
+    model.eval()
+    _, prob = model.localize(x)
+    assert loss.item() < first and prob.mean() < 0.2
+
+
+def test_train_decoder_end_to_end(tmp_path, stage1):
+    data, cfg, ckpt = stage1
+    out = tmp_path / "negev"
+    r = runner.invoke(
+        app,
+        [
+            "train-decoder",
+            str(data),
+            "--classifier",
+            str(ckpt),
+            "--out",
+            str(out),
+            "--config",
+            str(cfg),
+            "--epochs",
+            "2",
+            "--negative-class",
+            "normal",
+            *TINY,
+        ],
+    )
+    assert r.exit_code == 0, r.stderr
+    pred = load_model(out / "best-loc.pt")  # self-contained: classifier + decoder
+    assert pred.method == "negev" and pred.card["negative_term"] is True
+    logits, maps = pred.predict(torch.randn(2, 3, 48, 48))
+    assert logits.shape == (2, 2) and maps.shape == (2, 48, 48)
+
+
+def test_bad_inputs_before_training(tmp_path, stage1):
+    data, cfg, ckpt = stage1
+    r = runner.invoke(
+        app,
+        [
+            "train-decoder",
+            str(data),
+            "--classifier",
+            str(ckpt),
+            "--out",
+            str(tmp_path / "x"),
+            "--negative-class",
+            "tumour",
+            *TINY,
+        ],
+    )
+    assert r.exit_code == 2 and "not one of the classes" in r.stderr
+    other = tmp_path / "other.csv"
+    other.write_text(data.read_text().replace(",gland,", ",tumour,"))
+    import shutil
+
+    for sub in ("images", "masks"):
+        shutil.copytree(data.parent / sub, tmp_path / sub)
+    r = runner.invoke(
+        app,
+        [
+            "train-decoder",
+            str(other),
+            "--classifier",
+            str(ckpt),
+            "--out",
+            str(tmp_path / "y"),
+            *TINY,
+        ],
+    )
+    assert r.exit_code == 2 and "label 'tumour'" in r.stderr
+    r = runner.invoke(app, ["train-decoder", str(data), "--out", str(tmp_path / "z"), *TINY])
+    assert r.exit_code == 2 and "--classifier is required" in r.stderr
+    fake = tmp_path / "fake.pt"
+    torch.save(
+        {
+            "format": "histo-wsl/1",
+            "card": {"method": "cam", "backbone": "resnet18", "head": "wgap", "num_classes": 2},
+            "state_dict": {},
+        },
+        fake,
+    )
+    r = runner.invoke(
+        app,
+        [
+            "train-decoder",
+            str(data),
+            "--classifier",
+            str(fake),
+            "--out",
+            str(tmp_path / "w"),
+            *TINY,
+        ],
+    )
+    assert r.exit_code == 2 and "do not fit" in r.stderr
