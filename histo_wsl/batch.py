@@ -152,6 +152,7 @@ class BatchRunner:
         shard: (K, N) when this process runs one shard; recorded, and names the run file.
         seed: the run's random seed, recorded.
         quiet: no progress bar.
+        device: the compute device, recorded (``cpu``, ``cuda``...).
     """
 
     def __init__(
@@ -166,6 +167,7 @@ class BatchRunner:
         shard: tuple[int, int] | None = None,
         seed: int | None = None,
         quiet: bool = False,
+        device: str = "cpu",
     ) -> None:
         self.out_dir = Path(out_dir)
         self.command = command
@@ -176,6 +178,7 @@ class BatchRunner:
         self.shard = shard
         self.seed = seed
         self.quiet = quiet
+        self.device = device
         name = "run.json" if shard is None else f"run.shard-{shard[0]}-of-{shard[1]}.json"
         self.run_file = self.out_dir / name
 
@@ -259,7 +262,7 @@ class BatchRunner:
             "params": self.params,
             "seed": self.seed,
             "shard": None if self.shard is None else f"{self.shard[0]}/{self.shard[1]}",
-            "device": "cpu",
+            "device": self.device,
             "started": started,
             **environment(),
         }

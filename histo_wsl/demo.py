@@ -56,7 +56,7 @@ def run_demo(
         "status": item.status,
         "exit_code": summary.exit_code,
         "seconds": round(time.perf_counter() - t0, 2),
-        "steps_not_yet_available": ["train-classifier", "train-decoder", "localize", "evaluate"],
+        "steps_not_in_demo_yet": ["train-classifier", "train-decoder", "localize", "evaluate"],
     }
     if item.status == "skipped":
         console.print("patches already extracted (use --overwrite to redo)")
@@ -64,8 +64,8 @@ def run_demo(
         f"\n[green]Done[/green] in {result['seconds']} s. Patches: {result['patches_folder']} "
         f"(manifest.csv); tissue QC image: {result['tissue_qc']}; QuPath tissue annotations: "
         f"{result['tissue_geojson']}.\n"
-        "That is all the demo does in this version: training (train-classifier, train-decoder), "
-        "whole-slide localization and evaluation join it when those commands arrive.",
+        "That is all the demo does in this version: the commands train-classifier, train-decoder, "
+        "localize and evaluate exist (see README) but the demo does not run them yet.",
         soft_wrap=True,
     )
     return result

@@ -19,14 +19,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from histo_wsl import atomic, tissue
 from histo_wsl.batch import BatchRunner, Progress, RunSummary
 from histo_wsl.errors import InputError
 from histo_wsl.grid import PatchGrid, make_grid
 from histo_wsl.inputs import InputItem
-from histo_wsl.slide import ReadPlan, open_slide, plan_read, read_patch, read_thumbnail
+from histo_wsl.slide import ReadPlan, open_slide, plan_read, read_patch
+from histo_wsl.slide_tissue import ASSUMED_MPP, find_tissue, save_png, tissue_geojson_for
 
 MANIFEST_COLUMNS = (
     "slide",
@@ -44,8 +44,8 @@ MANIFEST_COLUMNS = (
 #: zlib level for PNG patches: 1 is several times faster to write than Pillow's default 6 and
 #: costs about a tenth more disk on H&E.
 PNG_COMPRESS_LEVEL = 1
-#: Level-0 µm/px assumed for tissue-detection sizes on slides whose resolution is unknown.
-ASSUMED_MPP = 0.5
+__all__ = ["ASSUMED_MPP", "ExtractParams", "extract_patches", "extract_slide", "write_manifest"]
+
 CHUNK = 32
 
 
@@ -204,26 +204,6 @@ class PatchWriter:
 
 
 # -- one slide ------------------------------------------------------------------------------------
-def _tissue_geojson_for(item: InputItem, params: ExtractParams) -> Path | None:
-    if item.extra.get("tissue_geojson"):
-        return Path(item.extra["tissue_geojson"])
-    src = params.tissue_geojson
-    if src is None or src.is_file():
-        return src
-    for candidate in (src / f"{item.name}.geojson", src / item.name / "tissue.geojson"):
-        if candidate.is_file():
-            return candidate
-    raise InputError(
-        f"no tissue GeoJSON for slide {item.name!r} in this folder (looked for {item.name}.geojson and "
-        f"{item.name}/tissue.geojson); add it or drop --tissue-geojson",
-        src,
-    )
-
-
-def _save_png(path: Path, rgb: np.ndarray) -> None:
-    Image.fromarray(rgb).save(path, format="PNG")
-
-
 def _draw_patches(thumb: np.ndarray, grid: PatchGrid, downsample: float) -> np.ndarray:
     import cv2
 
@@ -247,15 +227,13 @@ def extract_slide(
         plan = plan_read(slide, mpp=params.mpp, level=params.level)
         grid = make_grid(slide, plan, params.patch_size, params.step)
 
-        thumb, ds = read_thumbnail(slide, mpp=params.thumbnail_mpp)
-        geojson_path = _tissue_geojson_for(item, params)
-        level0_mpp = slide.mpp if slide.mpp is not None else ASSUMED_MPP
-        if geojson_path is not None:
-            mask = tissue.geojson_to_mask(tissue.read_geojson(geojson_path), thumb.shape[:2], ds)
-            tissue_source = str(geojson_path)
-        else:
-            mask = tissue.detect_tissue(thumb, level0_mpp * ds, params.tissue)
-            tissue_source = "detected"
+        found = find_tissue(
+            slide,
+            thumbnail_mpp=params.thumbnail_mpp,
+            geojson=tissue_geojson_for(item, params.tissue_geojson),
+            params=params.tissue,
+        )
+        thumb, ds, mask, tissue_source = found.thumbnail, found.downsample, found.mask, found.source
         fractions = tissue.tissue_fraction_map(mask).fraction(
             grid.xs / ds,
             grid.ys / ds,
@@ -268,9 +246,9 @@ def extract_slide(
             keep = np.sort(rng.choice(keep, size=params.max_patches, replace=False))
         chosen = grid.subset(keep)
 
-        _save_png(slide_dir / "thumbnail.png", thumb)
-        _save_png(slide_dir / "tissue.png", tissue.draw_tissue(thumb, mask))
-        _save_png(
+        save_png(slide_dir / "thumbnail.png", thumb)
+        save_png(slide_dir / "tissue.png", tissue.draw_tissue(thumb, mask))
+        save_png(
             slide_dir / "patches.png", _draw_patches(tissue.draw_tissue(thumb, mask), chosen, ds)
         )
         tissue.write_geojson(
@@ -328,7 +306,7 @@ def extract_slide(
             "patches": len(coords),
             "grid_patches": len(grid),
             "tissue_patches": int(np.count_nonzero(fractions >= params.min_tissue - 1e-9)),
-            "tissue_fraction": round(float(mask.mean()), 6) if mask.size else 0.0,
+            "tissue_fraction": found.fraction,
             "tissue_source": tissue_source,
             "slide_mpp": slide.mpp,
             "mpp_source": slide.mpp_source,

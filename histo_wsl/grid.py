@@ -72,3 +72,30 @@ def make_grid(slide: Slide, plan: ReadPlan, patch_size: int, stride: int) -> Pat
     ys = _axis(h0, size0, stride * plan.scale)
     gx, gy = np.meshgrid(xs, ys)
     return PatchGrid(gx.ravel(), gy.ravel(), patch_size, stride, plan.scale)
+
+
+def _cover_axis(extent: int, size: float, step: float) -> np.ndarray:
+    if size >= extent - 1e-6:
+        return np.zeros(1, dtype=np.int64)
+    n = math.ceil((extent - size) / step - 1e-9) + 1
+    pos = np.round(np.arange(n) * step).astype(np.int64)
+    pos[-1] = math.floor(extent - size + 1e-6)
+    return np.unique(pos)
+
+
+def cover_grid(slide: Slide, plan: ReadPlan, patch_size: int, stride: int) -> PatchGrid:
+    """Patches of ``patch_size`` px every ``stride`` px that together cover the whole slide.
+
+    As :func:`make_grid`, plus one last patch per row and column flush with the slide's right and
+    bottom edges (the sliding-window layout of MONAI and TIAToolbox), so no strip of the slide is
+    left out. A slide smaller than one patch gets one patch at 0, read past the edge (white).
+    Positions are in level-0 pixels, in row-major order.
+    """
+    if patch_size < 1 or stride < 1:
+        raise ValueError("patch_size and stride must be positive")
+    w0, h0 = slide.dimensions
+    size0 = patch_size * plan.scale
+    xs = _cover_axis(w0, size0, stride * plan.scale)
+    ys = _cover_axis(h0, size0, stride * plan.scale)
+    gx, gy = np.meshgrid(xs, ys)
+    return PatchGrid(gx.ravel(), gy.ravel(), patch_size, stride, plan.scale)

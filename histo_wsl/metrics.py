@@ -10,7 +10,8 @@ What is here, and where it comes from (``shared/reference/method.md``):
   background (F1-) per image at a fixed threshold, averaged over images (F1+ only over images whose
   ground truth has a region of interest, F1- only over images with some ground-truth background).
 * :class:`ClassificationMeter` -- image-level accuracy / error, confusion matrix, per-class scores (§4.3).
-* :func:`dice`, :func:`iou` and :func:`bootstrap_ci` helpers.
+* :func:`dice`, :func:`iou` and :func:`bootstrap_ci` helpers; :func:`bootstrap_histograms` for
+  confidence intervals of the dataset-level numbers (PxAP, Dice/IoU) from per-image histograms.
 
 Units: PxAP, accuracy and classification error are in percent, as in the papers' tables; Dice, IoU,
 F1+/F1-, precision, recall and rates are fractions in [0, 1] (multiply by 100 for the tables).
@@ -21,7 +22,7 @@ imported by this module. Resizing score maps to the mask size is the caller's jo
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -36,6 +37,7 @@ __all__ = [
     "PerImageMeter",
     "PxAPMeter",
     "bootstrap_ci",
+    "bootstrap_histograms",
     "dice",
     "iou",
 ]
@@ -462,12 +464,129 @@ class PxAPMeter:
         """
         if criterion not in ("miou", "dice_fg"):
             raise ValueError(f"criterion must be 'miou' or 'dice_fg', got {criterion!r}")
+        values = self.threshold_curve()[criterion]
+        k = int(np.argmax(values))
+        return k / _GRID, self._scores_at(k)
+
+    def threshold_curve(self) -> dict[str, np.ndarray]:
+        """Dataset-level Dice and IoU at every threshold of :data:`THRESHOLDS` (§4.2).
+
+        The Dice-vs-threshold curve of the report; :meth:`dice_iou` gives one point of it.
+
+        Returns:
+            Dict of float64 arrays of length 1000: ``thresholds``, ``dice_fg``, ``dice_bg``,
+            ``iou_fg``, ``iou_bg``, ``miou`` (a Dice/IoU with both sets empty is 1.0).
+        """
         tp_all, fp_all = self._counts_ge()
         tp, fp = tp_all[: THRESHOLDS.size], fp_all[: THRESHOLDS.size]
         fn, tn = self.n_pos - tp, self.n_neg - fp
-        values = _overlap_scores(tp, fp, fn, tn)[criterion]
-        k = int(np.argmax(values))
-        return k / _GRID, self._scores_at(k)
+        out: dict[str, np.ndarray] = {"thresholds": THRESHOLDS.copy()}
+        out.update(_overlap_scores(tp, fp, fn, tn))
+        return out
+
+    @classmethod
+    def from_histograms(cls, pos_hist: Any, neg_hist: Any, n_images: int = 0) -> PxAPMeter:
+        """A meter holding given histograms (e.g. a bootstrap resample of per-image histograms).
+
+        Args:
+            pos_hist: 1002 counts of scores at ground-truth positive pixels (bins of
+                :data:`BIN_EDGES`); rounded to int64.
+            neg_hist: 1002 counts at ground-truth negative pixels.
+            n_images: number of images the counts come from.
+
+        Returns:
+            The meter.
+
+        Raises:
+            ValueError: a histogram does not have 1002 bins.
+        """
+        meter = cls()
+        meter.load_state_dict(
+            {
+                "pos_hist": np.rint(_to_numpy(pos_hist)).astype(np.int64),
+                "neg_hist": np.rint(_to_numpy(neg_hist)).astype(np.int64),
+                "n_images": int(n_images),
+            }
+        )
+        return meter
+
+
+def bootstrap_histograms(
+    pos_hists: Any,
+    neg_hists: Any,
+    statistics: Callable[[PxAPMeter], Mapping[str, float]],
+    n: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap confidence intervals of dataset-level pixel metrics, resampling images.
+
+    PxAP and dataset-level Dice/IoU are not means of per-image values, so the images are resampled
+    with replacement and the metric is recomputed on the summed histograms of each resample. Only
+    the per-image histograms (2 × 1002 counts per image; a ``np.memmap`` works) are needed, never
+    the maps. The draws are those of :func:`bootstrap_ci` with the same ``n``, ``seed`` and number of
+    images (``np.random.default_rng(seed)``, the same chunking), so intervals of per-image means
+    over all images come from the same resamples.
+
+    Args:
+        pos_hists: (M, 1002) per-image counts of scores at ground-truth positive pixels.
+        neg_hists: (M, 1002) per-image counts at ground-truth negative pixels.
+        statistics: function of a :class:`PxAPMeter` returning named values, e.g.
+            ``lambda m: {"pxap": m.pxap(), **m.dice_iou(0.5)}``; the names must not change
+            between calls.
+        n: number of resamples.
+        seed: seed of the random generator.
+        alpha: 1 - confidence level.
+
+    Returns:
+        ``{name: (low, high)}``; ``(nan, nan)`` when there is no image or no finite value.
+
+    Raises:
+        ValueError: ``n < 1``, ``alpha`` not in (0, 1), or histograms of the wrong shape.
+    """
+    if n < 1:
+        raise ValueError(f"bootstrap needs n >= 1 resamples, got {n}")
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"bootstrap needs 0 < alpha < 1, got {alpha}")
+    pos, neg = np.asarray(pos_hists), np.asarray(neg_hists)
+    if pos.ndim != 2 or pos.shape[1:] != (_N_BINS,) or neg.shape != pos.shape:
+        raise ValueError(
+            f"per-image histograms must both be (M, {_N_BINS}), got {pos.shape} and {neg.shape}"
+        )
+    m = pos.shape[0]
+    names = list(statistics(PxAPMeter.from_histograms(pos.sum(axis=0), neg.sum(axis=0), m)))
+    if m == 0:
+        return {name: (float("nan"), float("nan")) for name in names}
+    rng = np.random.default_rng(seed)
+    values = {name: np.empty(n, dtype=np.float64) for name in names}
+    chunk = max(1, 1_000_000 // m)  # the draws of bootstrap_ci
+    rows = 4096  # images summed at a time: bounds memory for memory-mapped inputs
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        b = stop - start
+        idx = rng.integers(0, m, size=(b, m))
+        weights = np.bincount((np.arange(b)[:, None] * m + idx).ravel(), minlength=b * m).reshape(
+            b, m
+        )
+        agg_pos = np.zeros((b, _N_BINS), dtype=np.float64)
+        agg_neg = np.zeros((b, _N_BINS), dtype=np.float64)
+        for r0 in range(0, m, rows):
+            w = weights[:, r0 : r0 + rows].astype(np.float64)
+            agg_pos += w @ np.asarray(pos[r0 : r0 + rows], dtype=np.float64)
+            agg_neg += w @ np.asarray(neg[r0 : r0 + rows], dtype=np.float64)
+        for j in range(b):
+            result = statistics(PxAPMeter.from_histograms(agg_pos[j], agg_neg[j], m))
+            for name in names:
+                values[name][start + j] = result[name]
+    out = {}
+    for name, v in values.items():
+        v = v[np.isfinite(v)]
+        if v.size == 0:
+            out[name] = (float("nan"), float("nan"))
+        else:
+            low, high = np.quantile(v, [alpha / 2, 1 - alpha / 2])
+            out[name] = (float(low), float(high))
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -529,10 +648,38 @@ class PerImageMeter:
         fp = int(np.count_nonzero(pred & ~gt))
         fn = int(np.count_nonzero(~pred & gt))
         tn = int(gt.size) - tp - fp - fn
+        return self.update_counts(tp, fp, fn, tn, threshold, name)
+
+    def update_counts(
+        self, tp: int, fp: int, fn: int, tn: int, threshold: float = 0.5, name: str | None = None
+    ) -> dict[str, Any]:
+        """Score one image from its confusion counts at ``threshold``.
+
+        For images too large to hold as one array (a slide's map, read in bands): sum the counts of
+        the bands, then add the image once. ``update(score_map, gt, t)`` is
+        ``update_counts(*counts of score_map >= t against gt, t)``.
+
+        Args:
+            tp: foreground pixels predicted foreground.
+            fp: background pixels predicted foreground.
+            fn: foreground pixels predicted background.
+            tn: background pixels predicted background.
+            threshold: the threshold the counts were taken at (recorded).
+            name: image identifier for :meth:`rows`.
+
+        Returns:
+            The row added (see :meth:`rows`).
+
+        Raises:
+            MetricInputError: a negative count.
+        """
+        tp, fp, fn, tn = (int(v) for v in (tp, fp, fn, tn))
+        if min(tp, fp, fn, tn) < 0:
+            raise MetricInputError(f"confusion counts must be >= 0, got {(tp, fp, fn, tn)}")
         row: dict[str, Any] = {
             "name": name if name is not None else f"image_{len(self._rows):05d}",
             "threshold": float(threshold),
-            "n_pixels": int(gt.size),
+            "n_pixels": tp + fp + fn + tn,
             "gt_fg_pixels": tp + fn,
             "pred_fg_pixels": tp + fp,
             "tp": tp,

@@ -18,7 +18,6 @@ COMMANDS = [
     "localize",
     "evaluate",
 ]
-PLANNED = ["localize", "evaluate"]
 
 
 def test_help_lists_every_subcommand_without_heavy_imports():
@@ -75,14 +74,6 @@ def test_extract_help_shows_units_defaults_and_example():
 def test_version():
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0 and result.output.strip() == f"histo-wsl {__version__}"
-
-
-@pytest.mark.parametrize("name", PLANNED)
-def test_planned_commands_say_so_and_exit_2(name):
-    result = runner.invoke(app, [name, "some/input", "--model", "x.pt"])
-    assert result.exit_code == 2
-    assert "not available" in result.stderr and "nothing was run" in result.stderr
-    assert "not available" in runner.invoke(app, [name, "--help"]).output.lower()
 
 
 def test_extract_cli_json_summary(tmp_path, synthetic_slide):

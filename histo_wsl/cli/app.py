@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from histo_wsl import __version__
-from histo_wsl.cli import demo, extract, planned, slide_info, train
+from histo_wsl.cli import demo, evaluate, extract, localize, slide_info, train
 
 app = typer.Typer(
     name="histo-wsl",
@@ -45,7 +45,8 @@ app.command("extract-patches", epilog=extract.EPILOG)(extract.extract_patches)
 app.command("slide-info")(slide_info.slide_info)
 app.command("train-classifier", epilog=train.EPILOG)(train.train_classifier)
 app.command("train-decoder", epilog=train.DECODER_EPILOG)(train.train_decoder)
-planned.register(app)
+app.command("evaluate", epilog=evaluate.EPILOG)(evaluate.evaluate)
+app.command("localize", epilog=localize.EPILOG)(localize.localize)
 
 
 def main() -> None:

@@ -35,7 +35,7 @@ class Sample:
         image: image file.
         label: class index.
         mask: ROI mask file (non-zero = ROI) or None.
-        split: ``train`` or ``val``.
+        split: ``train`` or ``val`` (``test`` too when read for evaluation).
         valpx: True when the image is in the pixel-selection subset (``valpx``) of ``val``.
     """
 
@@ -57,6 +57,8 @@ class Dataset:
     layout: str = ""
     notes: list[str] = field(default_factory=list)
     data_mpp: float | None = None
+    #: whether the source gave the splits (GlaS fold file, CSV split column) rather than drawn
+    splits_given: bool = True
 
     def split(self, name: str) -> list[Sample]:
         """The samples of one split (``train``, ``val`` or ``valpx``)."""
@@ -109,16 +111,20 @@ def _read_csv(path: Path) -> tuple[list[str], list[dict]]:
     return header, rows
 
 
-def _split_value(value: str, where: str, path: Path) -> str:
+def _split_value(value: str, where: str, path: Path, allow_test: bool = False) -> str:
     v = value.lower()
     if v in ("train", "training"):
         return "train"
     if v in ("val", "valid", "validation", "valcl", "valpx"):
         return "val"
-    raise InputError(f"{where}: split {value!r} is not train or val", path)
+    if allow_test and v in ("test", "testing"):
+        return "test"
+    raise InputError(
+        f"{where}: split {value!r} is not train{', val or test' if allow_test else ' or val'}", path
+    )
 
 
-def _from_csv(path: Path, classes: list[str] | None) -> Dataset:
+def _from_csv(path: Path, classes: list[str] | None, allow_test: bool = False) -> Dataset:
     header, rows = _read_csv(path)
     image_col = next((c for c in ("image", "path") if c in header), None)
     if image_col is None or "label" not in header:
@@ -139,7 +145,7 @@ def _from_csv(path: Path, classes: list[str] | None) -> Dataset:
             raise InputError(f"{where}: empty {image_col}", path)
         image = base / r[image_col]
         mask = base / r["mask"] if r.get("mask") else None
-        split = _split_value(r["split"], where, path) if has_split else "train"
+        split = _split_value(r["split"], where, path, allow_test) if has_split else "train"
         valpx = r.get("valpx", "") in ("1", "true", "True", "yes")
         samples.append(
             Sample(image, _class_index(names, r["label"], where, path), mask, split, valpx)
@@ -276,6 +282,7 @@ def load_samples(
     fold: int = 0,
     val_fraction: float = 0.2,
     seed: int = 0,
+    evaluation: bool = False,
 ) -> Dataset:
     """Read a dataset in any of the supported layouts and check it.
 
@@ -286,6 +293,10 @@ def load_samples(
         fold: GlaS fold (``splits/fold-K.csv``).
         val_fraction: share of each class drawn into ``val`` when the source has no split.
         seed: seed of that draw.
+        evaluation: read the data to evaluate a model (``histo-wsl evaluate``): no split is drawn
+            (:attr:`Dataset.splits_given` says whether the source has one), a CSV split may also
+            be ``test``, one class and empty splits are allowed, and a listed mask file that is
+            missing is left to the caller (``Sample.mask`` keeps its path).
 
     Returns:
         The dataset. When it has no ``valpx`` flag, every validation image with a mask is in valpx.
@@ -302,7 +313,7 @@ def load_samples(
             path,
         )
     if path.is_file():
-        ds = _from_csv(path, classes)
+        ds = _from_csv(path, classes, allow_test=evaluation)
     elif (path / "manifest.csv").is_file():
         ds = _from_manifest(path, classes)
     elif (path / "splits").is_dir() and (path / "train").is_dir():
@@ -312,7 +323,9 @@ def load_samples(
     if ds.layout in ("class-folders", "patch-folder") or (
         ds.layout == "csv" and any("no split column" in n for n in ds.notes)
     ):
-        _draw_split(ds, val_fraction, seed)
+        ds.splits_given = False
+        if not evaluation:
+            _draw_split(ds, val_fraction, seed)
     if not any(s.valpx for s in ds.samples):
         ds.samples = [replace(s, valpx=s.split == "val" and s.mask is not None) for s in ds.samples]
     for s in ds.samples:
@@ -320,18 +333,18 @@ def load_samples(
             raise InputError(
                 "image listed in the dataset is missing; fix the path or remove it", s.image
             )
-        if s.mask is not None and not s.mask.is_file():
+        if s.mask is not None and not s.mask.is_file() and not evaluation:
             raise InputError(
                 f"mask of {s.image.name} is missing; fix the path or drop the mask", s.mask
             )
-    if len(ds.class_names) < 2 or len({s.label for s in ds.samples}) < 2:
+    if not evaluation and (len(ds.class_names) < 2 or len({s.label for s in ds.samples}) < 2):
         raise InputError(
             f"only one class ({ds.class_names[0] if ds.class_names else 'none'}) in the data; a "
             "classifier needs images of at least two classes (e.g. tumour and normal)",
             path,
         )
     for name in ("train", "val"):
-        if not ds.split(name):
+        if not evaluation and not ds.split(name):
             raise InputError(
                 f"the {name} split is empty; add images or lower/raise --val-fraction", path
             )

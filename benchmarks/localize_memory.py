@@ -1,0 +1,185 @@
+"""Peak memory of ``localize`` on a small and a large slide: it must not grow with the slide.
+
+Writes two synthetic pyramidal TIFFs (default 10,000 and 40,000 px square at 0.5 µm/px, cached in
+``--cache`` so reruns skip them; the same files as ``extract_memory.py``) and an untrained model
+checkpoint, then runs ``python -m histo_wsl localize SLIDE --model M --out TMP`` on each in a fresh
+child process and takes the child's peak resident set size from ``os.wait4`` (the kernel's
+``ru_maxrss``, exact, no polling). Everything heavy (slides, model) is made in children too: on
+Linux a child's ``ru_maxrss`` starts from its parent's peak at ``fork``.
+
+A ``baseline`` child imports what ``localize`` imports and loads the model, so the
+slide-dependent part is ``peak - baseline``. Output: one JSON object; exit status 1 when the
+large / small peak ratio is above the target (1.2).
+
+Usage::
+
+    python benchmarks/localize_memory.py --cache ~/.cache/histo-wsl-bench
+    python benchmarks/localize_memory.py --sizes 10000 30000 --mpp 8 --input-size 128
+    python benchmarks/localize_memory.py --output-mpp 4 --canvas-max-mb 16   # disk-backed map
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from extract_memory import peak_rss, self_peak_rss_mb, synthetic_slide  # noqa: E402
+
+TARGET = 1.2
+MODEL_CODE = (
+    "import sys\n"
+    f"sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})\n"
+    "from pathlib import Path\n"
+    "from localize_speed import make_checkpoint\n"
+    "make_checkpoint(Path(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]), "
+    "float(sys.argv[5]))\n"
+)
+BASELINE_CODE = (
+    "import sys, torch\n"
+    "from pathlib import Path\n"
+    "import histo_wsl.cli.app, histo_wsl.localize, histo_wsl.writers, histo_wsl.batch\n"
+    "from histo_wsl.localize import Engine, LocalizeParams\n"
+    "torch.set_num_threads(int(sys.argv[2]))\n"
+    "e = Engine(LocalizeParams(model=Path(sys.argv[1]), device='cpu'))\n"
+    "x = torch.zeros((int(sys.argv[3]), e.size, e.size, 3), dtype=torch.uint8)\n"
+    "e.predict(x)\n"
+)
+
+
+def localize_cmd(slide: Path, model: Path, out: Path, args: argparse.Namespace) -> list[str]:
+    """The ``localize`` command line for one slide."""
+    cmd = [
+        sys.executable,
+        "-c",
+        f"import torch; torch.set_num_threads({args.threads}); "
+        "from histo_wsl.cli.app import main; main()",
+        "localize",
+        str(slide),
+        "--model",
+        str(model),
+        "--out",
+        str(out),
+        "--batch-size",
+        str(args.batch_size),
+        "--device",
+        "cpu",
+        "--quiet",
+        "--json",
+    ]
+    if args.output_mpp is not None:
+        cmd += ["--output-mpp", str(args.output_mpp)]
+    if args.canvas_max_mb is not None:
+        cmd += ["--canvas-max-mb", str(args.canvas_max_mb)]
+    return cmd
+
+
+def measure(args: argparse.Namespace, cache: Path, work: Path) -> dict:
+    """Write (or reuse) the slides and the model, and measure each slide; returns the result."""
+    slides: dict[int, Path] = {}
+    write_s: dict[str, float] = {}
+    for size in args.sizes:
+        slides[size], secs = synthetic_slide(cache, size, args.slide_mpp)
+        write_s[f"{size // 1000}k"] = round(secs, 1)
+    model = work / "model.pt"
+    subprocess.run(
+        [sys.executable, "-c", MODEL_CODE, str(model), args.method, args.backbone]
+        + [str(args.input_size), str(args.mpp)],
+        check=True,
+    )
+    baseline = peak_rss(
+        [sys.executable, "-c", BASELINE_CODE, str(model), str(args.threads), str(args.batch_size)]
+    )
+    if baseline["exit_code"] != 0:
+        raise RuntimeError(f"baseline failed: {baseline['output_tail']}")
+    runs: dict[str, dict] = {}
+    for size, slide in slides.items():
+        out = work / f"out_{size}"
+        r = peak_rss(localize_cmd(slide, model, out, args))
+        if r["exit_code"] != 0:
+            raise RuntimeError(f"localize failed on {slide}: {r['output_tail']}")
+        rec = json.loads((out / slide.stem / f"{slide.stem}.json").read_text(encoding="utf-8"))
+        r.update(
+            windows=rec["windows"],
+            output_size=rec["output_size"],
+            canvas=rec["canvas"],
+            timings=rec["timings"],
+            growth_over_baseline_mb=round(r["peak_rss_mb"] - baseline["peak_rss_mb"], 1),
+        )
+        del r["output_tail"]
+        runs[f"{size // 1000}k"] = r
+
+    launcher = self_peak_rss_mb()
+    if launcher >= 0.5 * baseline["peak_rss_mb"]:
+        raise RuntimeError(
+            f"this process peaked at {launcher} MiB, too close to the children's "
+            f"{baseline['peak_rss_mb']} MiB: their ru_maxrss would include it"
+        )
+    small, large = (f"{s // 1000}k" for s in (min(args.sizes), max(args.sizes)))
+    ratio = round(runs[large]["peak_rss_mb"] / runs[small]["peak_rss_mb"], 3)
+    return {
+        "benchmark": "localize_memory",
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+        },
+        f"peak_rss_mb_{small}": runs[small]["peak_rss_mb"],
+        f"peak_rss_mb_{large}": runs[large]["peak_rss_mb"],
+        "ratio": ratio,
+        "target": TARGET,
+        "pass": ratio <= TARGET,
+        "baseline_import_and_model_rss_mb": baseline["peak_rss_mb"],
+        "launcher_rss_mb": launcher,
+        "model": f"{args.method}/{args.backbone}/{args.input_size}px at {args.mpp:g} µm/px",
+        "output_mpp": args.output_mpp or 4 * args.mpp,
+        "canvas_max_mb": args.canvas_max_mb,
+        "slides": {f"{s // 1000}k": f"{s}x{s} px, {args.slide_mpp:g} µm/px" for s in args.sizes},
+        "slide_write_s": write_s,
+        "runs": runs,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cache", type=Path, help="folder for the slides (default: a temp dir)")
+    parser.add_argument(
+        "--sizes", type=int, nargs=2, default=[10000, 40000], help="small and large side, px"
+    )
+    parser.add_argument("--slide-mpp", type=float, default=0.5, help="slides' µm/px")
+    parser.add_argument("--method", choices=["negev", "cam"], default="cam")
+    parser.add_argument("--backbone", default="mobilenetv2")
+    parser.add_argument("--input-size", type=int, default=128, help="window side, px")
+    parser.add_argument("--mpp", type=float, default=4.0, help="model µm/px")
+    parser.add_argument("--output-mpp", type=float, help="map µm/px (default 4 x --mpp)")
+    parser.add_argument("--canvas-max-mb", type=float, help="localize --canvas-max-mb")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--workdir", type=Path, help="scratch folder (default: a temp dir)")
+    args = parser.parse_args(argv)
+    if min(args.sizes) < 1000 or args.sizes[0] == args.sizes[1]:
+        parser.error("--sizes: two different sides of at least 1000 px")
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="histo-wsl-bench-", dir=args.workdir) as tmp:
+        cache = args.cache if args.cache is not None else Path(tmp) / "slides"
+        cache.mkdir(parents=True, exist_ok=True)
+        work = Path(tmp) / "out"
+        work.mkdir()
+        start = time.perf_counter()
+        result = measure(args, cache, work)
+        result["total_s"] = round(time.perf_counter() - start, 1)
+    print(json.dumps(result, indent=2))
+    return 0 if result["pass"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
