@@ -43,7 +43,7 @@ def save_checkpoint(path: str | Path, card: dict, state_dict: dict, **extra: Any
 
 def _first_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
-    return (lines[0] if lines else type(exc).__name__)[:160]
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:160]
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
@@ -66,11 +66,16 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe content"
+        text = str(exc)
+        if "Unsupported global" in text or "Weights only load failed" in text:
+            # the weights_only unpickler met a class or function: loading would run code
+            raise InputError(
+                "refused: the file needs arbitrary code to load, so it is not a histo-wsl "
+                "checkpoint (histo-wsl never loads such files); use a .pt file written by histo-wsl",
+                path,
+            ) from None
         raise InputError(
-            "refused: the file needs arbitrary code to load (not a histo-wsl checkpoint; "
-            f"{first[:160]})",
-            path,
+            f"not a readable PyTorch checkpoint ({_first_line(exc)}); is the file complete?", path
         ) from None
     except Exception as exc:  # torch raises many types for a file that is not its format
         raise InputError(

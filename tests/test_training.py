@@ -171,9 +171,12 @@ def test_foreign_checkpoints_are_refused(tmp_path):
     evil.write_bytes(pickle.dumps(Payload()))
     with pytest.raises(InputError, match="refused|not a readable"):
         load_checkpoint(evil)
+    torch.save({"payload": Payload()}, tmp_path / "evil2.pt")
+    with pytest.raises(InputError, match="refused: the file needs arbitrary code"):
+        load_checkpoint(tmp_path / "evil2.pt")
     text = tmp_path / "text.pt"
     text.write_text("hello")
-    with pytest.raises(InputError):
+    with pytest.raises(InputError, match="not a readable PyTorch checkpoint"):
         load_checkpoint(text)
     ok = save_checkpoint(tmp_path / "ok.pt", {"method": "cam"}, {"w": torch.ones(1)})
     assert load_checkpoint(ok)["card"]["method"] == "cam"
