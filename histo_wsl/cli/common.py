@@ -44,6 +44,46 @@ def print_json(data: object) -> None:
     sys.stdout.flush()
 
 
+def run_batch_command(
+    run: Callable[..., Any],
+    inputs: list[str],
+    out: Path,
+    params: Any,
+    *,
+    shard: str | None,
+    overwrite: bool,
+    skip_errors: bool,
+    quiet: bool,
+    json_out: bool,
+    describe: Callable[[Any], str],
+) -> typer.Exit:
+    """Collect inputs, apply ``--shard``, run a batch command, report; return the Exit to raise.
+
+    ``run`` is a library batch function (``extract_patches``, ``localize``) returning a
+    :class:`~histo_wsl.batch.RunSummary`; ``describe`` turns the summary into the one-line
+    human report printed on stderr when ``--json`` is not given.
+    """
+    from histo_wsl.inputs import collect_inputs, parse_shard, select_shard
+
+    shard_kn = parse_shard(shard)
+    items = select_shard(collect_inputs(inputs), shard_kn)
+    summary = run(
+        items,
+        out,
+        params,
+        overwrite=overwrite,
+        skip_errors=skip_errors,
+        shard=shard_kn,
+        quiet=quiet,
+        argv=sys.argv,
+    )
+    if json_out:
+        print_json(summary.as_dict())
+    else:
+        print(describe(summary), file=sys.stderr)
+    return typer.Exit(summary.exit_code)
+
+
 JsonOpt = Annotated[
     bool,
     typer.Option(

@@ -19,8 +19,8 @@ from histo_wsl.cli.common import (
     SkipErrorsOpt,
     SlideMppOpt,
     WorkersOpt,
-    print_json,
     reports_errors,
+    run_batch_command,
 )
 
 EPILOG = """Examples:
@@ -175,7 +175,6 @@ def extract_patches(
 
     from histo_wsl.extract import ExtractParams
     from histo_wsl.extract import extract_patches as run
-    from histo_wsl.inputs import collect_inputs, parse_shard, select_shard
     from histo_wsl.tissue import TissueParams
 
     tissue_params = TissueParams()
@@ -206,27 +205,25 @@ def extract_patches(
         print("histo-wsl: warning: --level given, --mpp ignored", file=sys.stderr)
         params.mpp = None
     params.validate()
-    shard_kn = parse_shard(shard)
-    items = select_shard(collect_inputs(inputs), shard_kn)
-    summary = run(
-        items,
-        out,
-        params,
-        overwrite=overwrite,
-        skip_errors=skip_errors,
-        shard=shard_kn,
-        quiet=quiet,
-        argv=sys.argv,
-    )
-    if json_out:
-        print_json(summary.as_dict())
-    else:
+
+    def describe(summary) -> str:
         c = summary.counts
         total = sum(it.details.get("patches", 0) for it in summary.items)
-        print(
+        return (
             f"{c['done']} slide(s) done, {c['skipped']} skipped (finished earlier), {c['failed']} "
             f"failed; {total} patches written; manifest: {out / 'manifest.csv'}; run record: "
-            f"{summary.run_file}",
-            file=sys.stderr,
+            f"{summary.run_file}"
         )
-    raise typer.Exit(summary.exit_code)
+
+    raise run_batch_command(
+        run,
+        inputs,
+        out,
+        params,
+        shard=shard,
+        overwrite=overwrite,
+        skip_errors=skip_errors,
+        quiet=quiet,
+        json_out=json_out,
+        describe=describe,
+    )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -18,8 +17,8 @@ from histo_wsl.cli.common import (
     SkipErrorsOpt,
     SlideMppOpt,
     fail,
-    print_json,
     reports_errors,
+    run_batch_command,
 )
 
 EPILOG = """Examples:
@@ -201,7 +200,6 @@ def localize(
     if prob_bits not in (8, 16):
         raise fail(f"--prob-bits must be 8 or 16, got {prob_bits}")
 
-    from histo_wsl.inputs import collect_inputs, parse_shard, select_shard
     from histo_wsl.tissue import TissueParams
 
     params = LocalizeParams(
@@ -228,25 +226,23 @@ def localize(
         seed=seed,
     )
     params.validate()
-    shard_kn = parse_shard(shard)
-    items = select_shard(collect_inputs(inputs), shard_kn)
-    summary = run(
-        items,
+
+    def describe(summary) -> str:
+        c = summary.counts
+        return (
+            f"{c['done']} input(s) done, {c['skipped']} skipped (finished earlier), {c['failed']} "
+            f"failed; outputs in {out}/<name>/; run record: {summary.run_file}"
+        )
+
+    raise run_batch_command(
+        run,
+        inputs,
         out,
         params,
+        shard=shard,
         overwrite=overwrite,
         skip_errors=skip_errors,
-        shard=shard_kn,
         quiet=quiet,
-        argv=sys.argv,
+        json_out=json_out,
+        describe=describe,
     )
-    if json_out:
-        print_json(summary.as_dict())
-    else:
-        c = summary.counts
-        print(
-            f"{c['done']} input(s) done, {c['skipped']} skipped (finished earlier), {c['failed']} "
-            f"failed; outputs in {out}/<name>/; run record: {summary.run_file}",
-            file=sys.stderr,
-        )
-    raise typer.Exit(summary.exit_code)
