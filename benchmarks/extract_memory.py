@@ -175,6 +175,26 @@ def measure(args: argparse.Namespace, cache: Path, work: Path) -> dict:
     return result
 
 
+def run_in_scratch(args: argparse.Namespace, measure) -> int:
+    """Run ``measure(args, cache, work)`` in a scratch folder, print its JSON, return the exit code.
+
+    Shared by the memory benchmarks: ``args.workdir`` (scratch parent) and ``args.cache`` (where
+    the synthetic slides are kept between runs) as their options say.
+    """
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="histo-wsl-bench-", dir=args.workdir) as tmp:
+        cache = args.cache if args.cache is not None else Path(tmp) / "slides"
+        cache.mkdir(parents=True, exist_ok=True)
+        work = Path(tmp) / "out"
+        work.mkdir()
+        start = time.perf_counter()
+        result = measure(args, cache, work)
+        result["total_s"] = round(time.perf_counter() - start, 1)
+    print(json.dumps(result, indent=2))
+    return 0 if result["pass"] else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -189,18 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if min(args.sizes) < 1000 or args.sizes[0] == args.sizes[1]:
         parser.error("--sizes: two different sides of at least 1000 px")
-    if args.workdir is not None:
-        args.workdir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="histo-wsl-bench-", dir=args.workdir) as tmp:
-        cache = args.cache if args.cache is not None else Path(tmp) / "slides"
-        cache.mkdir(parents=True, exist_ok=True)
-        work = Path(tmp) / "out"
-        work.mkdir()
-        start = time.perf_counter()
-        result = measure(args, cache, work)
-        result["total_s"] = round(time.perf_counter() - start, 1)
-    print(json.dumps(result, indent=2))
-    return 0 if result["pass"] else 1
+    return run_in_scratch(args, measure)
 
 
 if __name__ == "__main__":

@@ -26,12 +26,15 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from extract_memory import peak_rss, self_peak_rss_mb, synthetic_slide  # noqa: E402
+from extract_memory import (  # noqa: E402
+    peak_rss,
+    run_in_scratch,
+    self_peak_rss_mb,
+    synthetic_slide,
+)
 
 TARGET = 1.2
 MODEL_CODE = (
@@ -167,18 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if min(args.sizes) < 1000 or args.sizes[0] == args.sizes[1]:
         parser.error("--sizes: two different sides of at least 1000 px")
-    if args.workdir is not None:
-        args.workdir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="histo-wsl-bench-", dir=args.workdir) as tmp:
-        cache = args.cache if args.cache is not None else Path(tmp) / "slides"
-        cache.mkdir(parents=True, exist_ok=True)
-        work = Path(tmp) / "out"
-        work.mkdir()
-        start = time.perf_counter()
-        result = measure(args, cache, work)
-        result["total_s"] = round(time.perf_counter() - start, 1)
-    print(json.dumps(result, indent=2))
-    return 0 if result["pass"] else 1
+    return run_in_scratch(args, measure)
 
 
 if __name__ == "__main__":

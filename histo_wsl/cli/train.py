@@ -23,6 +23,39 @@ _NOT_CONFIG = {"config", "resume", "json_out", "quiet", "ctx"}
 _RESUMABLE = {"epochs", "workers", "device", "out", "data"}
 
 
+# Options both training commands take (same name, unit, range and help).
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", help="YAML file of settings (keys = option names); flags override."),
+]
+FoldOpt = Annotated[int, typer.Option(min=0, help="GlaS fold (splits/fold-K.csv).")]
+ValFractionOpt = Annotated[
+    float,
+    typer.Option(
+        min=0.05, max=0.9, help="Share of each class for validation when the data has no split."
+    ),
+]
+EpochsOpt = Annotated[int, typer.Option(min=1, help="Epochs (the paper: 1000).")]
+BatchSizeOpt = Annotated[int, typer.Option(min=1, help="Images per step (the paper: 32).")]
+StepSizeOpt = Annotated[int, typer.Option(min=1, help="Epochs between learning-rate drops.")]
+GammaOpt = Annotated[float, typer.Option(min=0.0, max=1.0, help="Learning-rate drop factor.")]
+WorkersOpt = Annotated[int, typer.Option(min=0, help="Data-loader processes.")]
+DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA, MPS, CPU), cpu, cuda, cuda:N, mps.")]
+AmpOpt = Annotated[bool, typer.Option("--amp/--no-amp", help="Mixed precision on CUDA.")]
+DeterministicOpt = Annotated[
+    bool, typer.Option(help="Deterministic algorithms (slower; exact resume on CPU).")
+]
+MaxStepsOpt = Annotated[
+    int | None, typer.Option(min=1, help="Cap on steps per epoch (quick runs).")
+]
+SkipErrorsOpt = Annotated[
+    bool, typer.Option("--skip-errors", help="Leave out unreadable images (listed) and go on.")
+]
+ResumeOpt = Annotated[
+    bool, typer.Option("--resume", help="Continue the interrupted run in --out exactly.")
+]
+
+
 def explicit_options(ctx: typer.Context, values: dict) -> dict:
     """The options the user actually gave (not defaults), keyed by config field name."""
     out = {}
@@ -75,12 +108,7 @@ def train_classifier(
         ),
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder.")] = Path("runs/cam"),
-    config: Annotated[
-        Path | None,
-        typer.Option(
-            "--config", help="YAML file of settings (keys = option names); flags override."
-        ),
-    ] = None,
+    config: ConfigOpt = None,
     backbone: Annotated[
         str,
         typer.Option(
@@ -108,13 +136,8 @@ def train_classifier(
             "--class", help="Class names in index order (repeat); default: sorted labels."
         ),
     ] = None,
-    fold: Annotated[int, typer.Option(min=0, help="GlaS fold (splits/fold-K.csv).")] = 0,
-    val_fraction: Annotated[
-        float,
-        typer.Option(
-            min=0.05, max=0.9, help="Share of each class for validation when the data has no split."
-        ),
-    ] = 0.2,
+    fold: FoldOpt = 0,
+    val_fraction: ValFractionOpt = 0.2,
     data_mpp: Annotated[
         float | None,
         typer.Option(
@@ -123,8 +146,8 @@ def train_classifier(
             "goes into the model card.",
         ),
     ] = None,
-    epochs: Annotated[int, typer.Option(min=1, help="Epochs (the paper: 1000).")] = 20,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per step (the paper: 32).")] = 32,
+    epochs: EpochsOpt = 20,
+    batch_size: BatchSizeOpt = 32,
     lr: Annotated[
         float, typer.Option(min=0.0, help="Learning rate of the backbone (SGD Nesterov).")
     ] = 0.003,
@@ -132,12 +155,8 @@ def train_classifier(
         float, typer.Option(min=0.0, help="Learning-rate multiplier of the deep layers and head.")
     ] = 10.0,
     weight_decay: Annotated[float, typer.Option(min=0.0)] = 1e-4,
-    step_size: Annotated[
-        int, typer.Option(min=1, help="Epochs between learning-rate drops.")
-    ] = 250,
-    gamma: Annotated[
-        float, typer.Option(min=0.0, max=1.0, help="Learning-rate drop factor.")
-    ] = 0.1,
+    step_size: StepSizeOpt = 250,
+    gamma: GammaOpt = 0.1,
     cam_method: Annotated[
         str,
         typer.Option(
@@ -145,24 +164,14 @@ def train_classifier(
             "xgradcam, layercam."
         ),
     ] = "cam",
-    workers: Annotated[int, typer.Option(min=0, help="Data-loader processes.")] = 2,
-    device: Annotated[
-        str, typer.Option(help="auto (CUDA, MPS, CPU), cpu, cuda, cuda:N, mps.")
-    ] = "auto",
-    amp: Annotated[bool, typer.Option("--amp/--no-amp", help="Mixed precision on CUDA.")] = True,
+    workers: WorkersOpt = 2,
+    device: DeviceOpt = "auto",
+    amp: AmpOpt = True,
     seed: Annotated[int, typer.Option(help="Seed of weights, data order and augmentation.")] = 0,
-    deterministic: Annotated[
-        bool, typer.Option(help="Deterministic algorithms (slower; exact resume on CPU).")
-    ] = False,
-    max_steps_per_epoch: Annotated[
-        int | None, typer.Option(min=1, help="Cap on steps per epoch (quick runs).")
-    ] = None,
-    skip_errors: Annotated[
-        bool, typer.Option("--skip-errors", help="Leave out unreadable images (listed) and go on.")
-    ] = False,
-    resume: Annotated[
-        bool, typer.Option("--resume", help="Continue the interrupted run in --out exactly.")
-    ] = False,
+    deterministic: DeterministicOpt = False,
+    max_steps_per_epoch: MaxStepsOpt = None,
+    skip_errors: SkipErrorsOpt = False,
+    resume: ResumeOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -200,20 +209,15 @@ def train_decoder(
         typer.Option(help="Stage-1 checkpoint (train-classifier's best-loc.pt); frozen."),
     ] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder.")] = Path("runs/negev"),
-    config: Annotated[
-        Path | None,
-        typer.Option(
-            "--config", help="YAML file of settings (keys = option names); flags override."
-        ),
-    ] = None,
+    config: ConfigOpt = None,
     negative_class: Annotated[
         str | None,
         typer.Option(
             help="Class of fully negative images: all their pixels are pushed to background."
         ),
     ] = None,
-    fold: Annotated[int, typer.Option(min=0, help="GlaS fold (splits/fold-K.csv).")] = 0,
-    val_fraction: Annotated[float, typer.Option(min=0.05, max=0.9)] = 0.2,
+    fold: FoldOpt = 0,
+    val_fraction: ValFractionOpt = 0.2,
     seeds_fg: Annotated[
         int, typer.Option(min=1, help="Foreground pixels drawn ∝ CAM per image and step.")
     ] = 1,
@@ -236,25 +240,21 @@ def train_decoder(
         float, typer.Option(min=0.0, help="Weight of the negative-image term.")
     ] = 1.0,
     cam_method: Annotated[str, typer.Option(help="CAM method the seeds come from.")] = "cam",
-    epochs: Annotated[int, typer.Option(min=1, help="Epochs (the paper: 1000).")] = 20,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per step (the paper: 32).")] = 32,
+    epochs: EpochsOpt = 20,
+    batch_size: BatchSizeOpt = 32,
     lr: Annotated[
         float, typer.Option(min=0.0, help="Decoder learning rate (the paper: 0.1).")
     ] = 0.1,
-    step_size: Annotated[
-        int, typer.Option(min=1, help="Epochs between learning-rate drops.")
-    ] = 250,
-    gamma: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.1,
-    workers: Annotated[int, typer.Option(min=0, help="Data-loader processes.")] = 2,
-    device: Annotated[
-        str, typer.Option(help="auto (CUDA, MPS, CPU), cpu, cuda, cuda:N, mps.")
-    ] = "auto",
-    amp: Annotated[bool, typer.Option("--amp/--no-amp", help="Mixed precision on CUDA.")] = True,
+    step_size: StepSizeOpt = 250,
+    gamma: GammaOpt = 0.1,
+    workers: WorkersOpt = 2,
+    device: DeviceOpt = "auto",
+    amp: AmpOpt = True,
     seed: Annotated[int, typer.Option(help="Seed of the decoder weights, data order, seeds.")] = 0,
-    deterministic: Annotated[bool, typer.Option(help="Deterministic algorithms.")] = False,
-    max_steps_per_epoch: Annotated[int | None, typer.Option(min=1)] = None,
-    skip_errors: Annotated[bool, typer.Option("--skip-errors")] = False,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out.")] = False,
+    deterministic: DeterministicOpt = False,
+    max_steps_per_epoch: MaxStepsOpt = None,
+    skip_errors: SkipErrorsOpt = False,
+    resume: ResumeOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
