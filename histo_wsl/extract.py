@@ -5,19 +5,26 @@ Per slide, under ``<out>/<slide>/``: ``patches/<slide>_x<X>_y<Y>.png`` (X, Y = l
 (thumbnail with the extracted patches), ``tissue.geojson`` (QuPath, level-0) and ``slide.json``
 (written last: the slide is finished). ``<out>/manifest.csv`` lists every finished slide's patches
 and ``<out>/run.json`` records the run.
+
+Memory does not grow with the slide: the thumbnail is read band by band and never held whole
+(tissue detection works strip by strip into a 1-bit mask, the QC images are PNGs written band by
+band; :func:`histo_wsl.slide_tissue.scan_tissue`), tissue fractions come from summed-area tables
+of one band of mask rows at a time, and ``patches.csv`` and the patch-writing jobs are streamed.
+Each slide's record gives the thumbnail's size and the resolution detection ran at
+(``thumbnail_size``, ``tissue_mpp``).
 """
 
 from __future__ import annotations
 
 import csv
-import io
 import os
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from histo_wsl import atomic, tissue
@@ -26,7 +33,12 @@ from histo_wsl.errors import InputError
 from histo_wsl.grid import PatchGrid, make_grid
 from histo_wsl.inputs import InputItem
 from histo_wsl.slide import ReadPlan, open_slide, plan_read, read_patch
-from histo_wsl.slide_tissue import ASSUMED_MPP, find_tissue, save_png, tissue_geojson_for
+from histo_wsl.slide_tissue import (
+    ASSUMED_MPP,
+    scan_tissue,
+    tissue_geojson_for,
+    write_tissue_images,
+)
 
 MANIFEST_COLUMNS = (
     "slide",
@@ -170,21 +182,39 @@ class PatchWriter:
         self.workers = workers
         self._pool: ProcessPoolExecutor | None = None
 
-    def write(self, jobs: list[tuple], progress: Progress) -> None:
-        """Run :func:`write_patch_chunk` over ``jobs`` (argument tuples), advancing ``progress``."""
-        if self.workers == 1:
-            for job in jobs:
-                progress.advance(write_patch_chunk(*job))
-            return
-        if self._pool is None:
+    def start(self) -> None:
+        """Start the worker processes, before the slide's arrays are allocated (a no-op for 1 worker).
+
+        Workers are spawned, so they never copy the parent's memory whenever they start.
+        """
+        if self.workers > 1 and self._pool is None:
             import multiprocessing
 
             self._pool = ProcessPoolExecutor(
                 self.workers, mp_context=multiprocessing.get_context("spawn")
             )
-        pending = {self._pool.submit(write_patch_chunk, *job) for job in jobs}
+
+    def write(self, jobs: Iterator[tuple], progress: Progress) -> None:
+        """Run :func:`write_patch_chunk` over ``jobs`` (argument tuples), advancing ``progress``.
+
+        Jobs are taken lazily: at most ``4 × workers`` are queued at a time.
+        """
+        if self.workers == 1:
+            for job in jobs:
+                progress.advance(write_patch_chunk(*job))
+            return
+        self.start()
+        assert self._pool is not None
+        pending: set = set()
+        todo = iter(jobs)
         try:
-            while pending:
+            while True:
+                for job in todo:
+                    pending.add(self._pool.submit(write_patch_chunk, *job))
+                    if len(pending) >= 4 * self.workers:
+                        break
+                if not pending:
+                    return
                 finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
                 for fut in finished:
                     progress.advance(fut.result())
@@ -204,16 +234,6 @@ class PatchWriter:
 
 
 # -- one slide ------------------------------------------------------------------------------------
-def _draw_patches(thumb: np.ndarray, grid: PatchGrid, downsample: float) -> np.ndarray:
-    import cv2
-
-    out = thumb.copy()
-    side = grid.size_level0 / downsample
-    for x, y in zip(grid.xs / downsample, grid.ys / downsample, strict=True):
-        cv2.rectangle(out, (int(x), int(y)), (int(x + side), int(y + side)), (30, 90, 230), 1)
-    return out
-
-
 def extract_slide(
     item: InputItem, stage: Path, progress: Progress, params: ExtractParams, writer: PatchWriter
 ) -> dict:
@@ -223,99 +243,142 @@ def extract_slide(
     slide_dir = stage / item.name
     patch_dir = slide_dir / "patches"
     patch_dir.mkdir(parents=True)
+    writer.start()
     with open_slide(item.path, mpp=mpp_override) as slide:
         plan = plan_read(slide, mpp=params.mpp, level=params.level)
         grid = make_grid(slide, plan, params.patch_size, params.step)
 
-        found = find_tissue(
+        found = scan_tissue(
             slide,
             thumbnail_mpp=params.thumbnail_mpp,
             geojson=tissue_geojson_for(item, params.tissue_geojson),
             params=params.tissue,
+            thumbnail_png=slide_dir / "thumbnail.png",
         )
-        thumb, ds, mask, tissue_source = found.thumbnail, found.downsample, found.mask, found.source
-        fractions = tissue.tissue_fraction_map(mask).fraction(
+        ds = found.downsample
+        fractions = tissue.tissue_fraction_map(found.mask).fraction(
             grid.xs / ds,
             grid.ys / ds,
             (grid.xs + grid.size_level0) / ds,
             (grid.ys + grid.size_level0) / ds,
         )
-        keep = np.flatnonzero(fractions >= params.min_tissue - 1e-9)
+        in_tissue = fractions >= params.min_tissue - 1e-9
+        tissue_patches = int(np.count_nonzero(in_tissue))
+        keep = np.flatnonzero(in_tissue)
+        del in_tissue
         if params.max_patches is not None and keep.size > params.max_patches:
             rng = np.random.default_rng([params.seed, zlib.crc32(item.name.encode())])
             keep = np.sort(rng.choice(keep, size=params.max_patches, replace=False))
         chosen = grid.subset(keep)
+        chosen_fractions = fractions[keep]
+        grid_patches = len(grid)
+        del grid, fractions, keep
 
-        save_png(slide_dir / "thumbnail.png", thumb)
-        save_png(slide_dir / "tissue.png", tissue.draw_tissue(thumb, mask))
-        save_png(
-            slide_dir / "patches.png", _draw_patches(tissue.draw_tissue(thumb, mask), chosen, ds)
-        )
+        # GeoJSON and QC images from one tracing of the whole mask's contours
+        full = found.mask.to_bool()
         tissue.write_geojson(
-            slide_dir / "tissue.geojson", tissue.mask_to_geojson(mask, ds, mpp=slide.mpp)
+            slide_dir / "tissue.geojson", tissue.mask_to_geojson(full, ds, mpp=slide.mpp)
         )
+        contours, _ = cv2.findContours(full.view(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+        del full
+        side = chosen.size_level0 / ds
+        x0, y0 = chosen.xs / ds, chosen.ys / ds
+        write_tissue_images(
+            slide,
+            found,
+            tissue_png=slide_dir / "tissue.png",
+            patches_png=slide_dir / "patches.png",
+            boxes=np.stack([x0, y0, x0 + side, y0 + side], axis=1),
+            contours=contours,
+        )
+        del contours, x0, y0
 
-        coords = list(zip(chosen.xs.tolist(), chosen.ys.tolist(), strict=True))
-        progress.start(len(coords), item.name)
-        if not params.coords_only and coords:
-            jobs = [
+        n = len(chosen)
+        progress.start(n, item.name)
+        if not params.coords_only and n:
+            jobs = (
                 (
                     str(item.path),
                     mpp_override,
                     plan,
-                    coords[i : i + CHUNK],
+                    list(
+                        zip(
+                            chosen.xs[i : i + CHUNK].tolist(),
+                            chosen.ys[i : i + CHUNK].tolist(),
+                            strict=True,
+                        )
+                    ),
                     params.patch_size,
                     str(patch_dir),
                     item.name,
                     params.image_format,
                     params.jpeg_quality,
                 )
-                for i in range(0, len(coords), CHUNK)
-            ]
+                for i in range(0, n, CHUNK)
+            )
             writer.write(jobs, progress)
 
-        rows = io.StringIO()
-        out = csv.writer(rows, lineterminator="\n")
-        out.writerow(MANIFEST_COLUMNS)
-        mpp_text = "" if plan.mpp is None else f"{plan.mpp:.6g}"
-        for (x, y), frac in zip(coords, fractions[keep].tolist(), strict=True):
-            rel = (
-                ""
-                if params.coords_only
-                else f"{item.name}/patches/{item.name}_x{x}_y{y}.{params.image_format}"
-            )
-            out.writerow(
-                [
-                    item.name,
-                    rel,
-                    x,
-                    y,
-                    plan.level,
-                    mpp_text,
-                    params.patch_size,
-                    f"{frac:.4f}",
-                    label or "",
-                    f"{chosen.size_level0:.3f}",
-                    f"{plan.scale:.6g}",
-                ]
-            )
-        atomic.write_text(slide_dir / "patches.csv", rows.getvalue())
+        _write_patches_csv(
+            slide_dir / "patches.csv", item.name, chosen, chosen_fractions, plan, params, label
+        )
         if params.coords_only:
             patch_dir.rmdir()
         return {
-            "patches": len(coords),
-            "grid_patches": len(grid),
-            "tissue_patches": int(np.count_nonzero(fractions >= params.min_tissue - 1e-9)),
+            "patches": n,
+            "grid_patches": grid_patches,
+            "tissue_patches": tissue_patches,
             "tissue_fraction": found.fraction,
-            "tissue_source": tissue_source,
+            "tissue_source": found.source,
             "slide_mpp": slide.mpp,
             "mpp_source": slide.mpp_source,
             "label": label,
             "read": plan.as_dict(),
             "size_level0": chosen.size_level0,
             "thumbnail_downsample": ds,
+            "thumbnail_size": [found.geometry.width, found.geometry.height],
+            "tissue_mpp": round(found.tissue_mpp, 6),
             "notes": slide.notes,
         }
+
+
+def _write_patches_csv(
+    path: Path,
+    name: str,
+    chosen: PatchGrid,
+    fractions: np.ndarray,
+    plan: ReadPlan,
+    params: ExtractParams,
+    label: str | None,
+) -> None:
+    """Write a slide's ``patches.csv`` (manifest columns) atomically, a block of rows at a time."""
+    mpp_text = "" if plan.mpp is None else f"{plan.mpp:.6g}"
+    size0 = f"{chosen.size_level0:.3f}"
+    scale = f"{plan.scale:.6g}"
+    with atomic.atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+        out = csv.writer(fh, lineterminator="\n")
+        out.writerow(MANIFEST_COLUMNS)
+        for i in range(0, len(chosen), 4096):
+            xs = chosen.xs[i : i + 4096].tolist()
+            ys = chosen.ys[i : i + 4096].tolist()
+            fr = fractions[i : i + 4096].tolist()
+            out.writerows(
+                [
+                    name,
+                    ""
+                    if params.coords_only
+                    else f"{name}/patches/{name}_x{x}_y{y}.{params.image_format}",
+                    x,
+                    y,
+                    plan.level,
+                    mpp_text,
+                    params.patch_size,
+                    f"{f:.4f}",
+                    label or "",
+                    size0,
+                    scale,
+                ]
+                for x, y, f in zip(xs, ys, fr, strict=True)
+            )
 
 
 def write_manifest(out_dir: Path) -> int:

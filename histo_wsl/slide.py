@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +45,12 @@ MAX_PLAUSIBLE_MPP = 50.0
 MAX_PLAIN_IMAGE_PIXELS = 400_000_000
 #: Relative difference under which a level is taken as exactly the requested resolution.
 LEVEL_TOLERANCE = 0.01
+#: OpenSlide's per-slide tile cache (bytes) when a slide is opened.
+DEFAULT_TILE_CACHE = 32 * 1024 * 1024
+#: Tile cache (bytes) while a thumbnail is read row band by row band: enough for the tiles of one
+#: band's boundary row (each tile is read once otherwise), where the default cache would keep up
+#: to 32 MB of decoded tiles of the thumbnail's level, more on larger slides.
+THUMBNAIL_TILE_CACHE = 4 * 1024 * 1024
 
 _MPP_HINT = "give it with --slide-mpp (or a slide_mpp column in the input CSV)"
 
@@ -128,6 +135,28 @@ class Slide:
         if self._image is not None:
             self._image.close()
             self._image = None
+
+    @contextmanager
+    def tile_cache(self, capacity: int) -> Iterator[None]:
+        """Use an OpenSlide tile cache of ``capacity`` bytes inside the block, then a default one.
+
+        Plain images have no tile cache; the block then does nothing.
+        """
+        osr = self._osr
+        if osr is None or not hasattr(osr, "set_cache"):
+            yield
+            return
+        import openslide
+
+        osr.set_cache(openslide.OpenSlideCache(int(capacity)))  # type: ignore[attr-defined]
+        try:
+            yield
+        finally:
+            try:
+                if self._osr is not None:
+                    self._osr.set_cache(openslide.OpenSlideCache(DEFAULT_TILE_CACHE))  # type: ignore[attr-defined]
+            except openslide.OpenSlideError:
+                pass  # a slide in OpenSlide's error state (a read failed): that error is raised
 
     def __enter__(self) -> Slide:
         return self
@@ -442,18 +471,36 @@ def read_patch(
     return region.resize((w, h), Image.Resampling.LANCZOS, reducing_gap=3.0)
 
 
-def read_thumbnail(
-    slide: Slide, *, mpp: float = 8.0, min_size: int = 1024, max_size: int = 4096, chunk: int = 512
-) -> tuple[np.ndarray, float]:
-    """Read a low-resolution RGB thumbnail with bounded memory.
+@dataclass(frozen=True)
+class ThumbnailGeometry:
+    """Where a slide's thumbnail comes from: its size, downsample and the read plan behind it.
+
+    Attributes:
+        width: thumbnail width in pixels.
+        height: thumbnail height in pixels.
+        downsample: level-0 pixels per thumbnail pixel.
+        plan: how its pixels are read (level, resize).
+    """
+
+    width: int
+    height: int
+    downsample: float
+    plan: ReadPlan
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(height, width)."""
+        return (self.height, self.width)
+
+
+def thumbnail_geometry(
+    slide: Slide, *, mpp: float = 8.0, min_size: int = 1024, max_size: int = 4096
+) -> ThumbnailGeometry:
+    """The thumbnail :func:`read_thumbnail` reads, without reading it.
 
     The thumbnail is at ``mpp`` µm/px when the slide's mpp is known, made finer if its long side
     would be under ``min_size`` px (never finer than level 0) and coarser if it would exceed
-    ``max_size``; without mpp its long side is ``min_size`` px. It is assembled from chunks read at
-    the best level, so a slide without a pyramid is never loaded whole.
-
-    Returns:
-        (thumbnail as (H, W, 3) uint8, downsample = level-0 pixels per thumbnail pixel).
+    ``max_size``; without mpp its long side is ``min_size`` px.
     """
     w0, h0 = slide.dimensions
     long_side = max(w0, h0)
@@ -464,11 +511,56 @@ def read_thumbnail(
     plan = _plan_for_downsample(slide, downsample)
     downsample = plan.scale
     tw, th = max(1, math.ceil(w0 / downsample)), max(1, math.ceil(h0 / downsample))
-    out = np.empty((th, tw, 3), dtype=np.uint8)
-    for ty, tx, cw, ch in _chunks(tw, th, chunk):
-        patch = read_patch(slide, plan, (round(tx * downsample), round(ty * downsample)), (cw, ch))
-        out[ty : ty + ch, tx : tx + cw] = np.asarray(patch)
-    return out, downsample
+    return ThumbnailGeometry(tw, th, downsample, plan)
+
+
+def read_thumbnail_rows(
+    slide: Slide, geometry: ThumbnailGeometry, y0: int, y1: int, chunk: int = 512
+) -> np.ndarray:
+    """Rows ``y0:y1`` of the thumbnail (clipped to it) as (n, W, 3) uint8.
+
+    The pixels are exactly those of :func:`read_thumbnail` (same ``chunk``): when the thumbnail is
+    resampled from its level, the ``chunk`` × ``chunk`` blocks it is assembled from are read one at
+    a time and cropped (resampling depends on the block's origin); when it is a level's own pixels
+    at an integer downsample, the rows are read directly.
+    """
+    y0, y1 = max(0, int(y0)), min(geometry.height, int(y1))
+    out = np.empty((max(0, y1 - y0), geometry.width, 3), dtype=np.uint8)
+    ds = geometry.downsample
+    direct = not geometry.plan.resize and float(ds).is_integer()
+    starts = [y0] if direct else range(y0 - y0 % chunk, y1, chunk)
+    for ty in starts:
+        ch = y1 - ty if direct else min(chunk, geometry.height - ty)
+        lo, hi = max(ty, y0), min(ty + ch, y1)
+        if hi <= lo:
+            continue
+        for tx in range(0, geometry.width, chunk):
+            cw = min(chunk, geometry.width - tx)
+            patch = np.asarray(
+                read_patch(slide, geometry.plan, (round(tx * ds), round(ty * ds)), (cw, ch))
+            )
+            out[lo - y0 : hi - y0, tx : tx + cw] = patch[lo - ty : hi - ty]
+    return out
+
+
+def read_thumbnail(
+    slide: Slide, *, mpp: float = 8.0, min_size: int = 1024, max_size: int = 4096, chunk: int = 512
+) -> tuple[np.ndarray, float]:
+    """Read a low-resolution RGB thumbnail with bounded memory.
+
+    The thumbnail is at ``mpp`` µm/px when the slide's mpp is known, made finer if its long side
+    would be under ``min_size`` px (never finer than level 0) and coarser if it would exceed
+    ``max_size``; without mpp its long side is ``min_size`` px (:func:`thumbnail_geometry`). It is
+    assembled from chunks read at the best level, so a slide without a pyramid is never loaded
+    whole, through a small tile cache (:data:`THUMBNAIL_TILE_CACHE`).
+
+    Returns:
+        (thumbnail as (H, W, 3) uint8, downsample = level-0 pixels per thumbnail pixel).
+    """
+    geometry = thumbnail_geometry(slide, mpp=mpp, min_size=min_size, max_size=max_size)
+    with slide.tile_cache(THUMBNAIL_TILE_CACHE):
+        out = read_thumbnail_rows(slide, geometry, 0, geometry.height, chunk)
+    return out, geometry.downsample
 
 
 def _plan_for_downsample(slide: Slide, downsample: float) -> ReadPlan:
@@ -479,9 +571,3 @@ def _plan_for_downsample(slide: Slide, downsample: float) -> ReadPlan:
     d = slide.level_downsamples[best]
     scale = d if abs(downsample / d - 1.0) <= LEVEL_TOLERANCE else downsample
     return ReadPlan(best, d, scale, None if slide.mpp is None else slide.mpp * scale)
-
-
-def _chunks(width: int, height: int, size: int) -> Iterator[tuple[int, int, int, int]]:
-    for y in range(0, height, size):
-        for x in range(0, width, size):
-            yield y, x, min(size, width - x), min(size, height - y)

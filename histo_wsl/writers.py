@@ -9,6 +9,7 @@ Key components:
 - :func:`scratch_array`: an array in memory, or a numpy memmap in a scratch folder past a size.
 - :func:`overlay_image`: a thumbnail tinted by the probability, with the mask's contours.
 - :func:`write_png`, :func:`write_probability_png`, :func:`write_mask_png`: atomic PNG writes.
+- :class:`PngStream`: a PNG written band of rows by band of rows (the image is never held whole).
 
 Geometry of the probability TIFF: its level 0 is the map at the output resolution ``mpp``; it
 covers the whole slide, so one of its pixels is ``mpp / slide_mpp`` slide level-0 pixels wide and
@@ -21,7 +22,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import struct
+import tempfile
 import uuid
+import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -31,6 +36,7 @@ from histo_wsl.atomic import atomic_path
 
 __all__ = [
     "TILE",
+    "PngStream",
     "overlay_image",
     "pyramid_shapes",
     "scratch_array",
@@ -278,3 +284,109 @@ def write_probability_png(path: str | Path, prob: np.ndarray, bits: int = 8) -> 
 def write_mask_png(path: str | Path, mask: np.ndarray) -> Path:
     """A binary mask as an 8-bit grey PNG: 255 inside, 0 outside."""
     return write_png(path, np.asarray(mask, dtype=bool).astype(np.uint8) * 255)
+
+
+class PngStream:
+    """Write an 8-bit RGB or grey PNG band by band, atomically; the image is never held whole.
+
+    Rows are "Sub"-filtered (each byte minus the same channel of the pixel on its left) and
+    deflated as they arrive; the file is written under a temporary name beside ``path`` and renamed
+    by :meth:`close` once every row is in. Use it as a context manager: leaving the block on an
+    exception removes the temporary file.
+
+    Args:
+        path: the PNG to write.
+        width: image width in pixels.
+        height: image height in pixels.
+        channels: 3 (RGB) or 1 (grey).
+        compress_level: zlib level (1 is fast, 9 small).
+    """
+
+    _SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+    def __init__(
+        self, path: str | Path, width: int, height: int, channels: int = 3, compress_level: int = 1
+    ) -> None:
+        if width < 1 or height < 1:
+            raise ValueError(f"a PNG needs at least one pixel, got {width} x {height}")
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 (grey) or 3 (RGB), got {channels}")
+        self.path = Path(path)
+        self.width, self.height, self.channels = int(width), int(height), int(channels)
+        self.rows_written = 0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(
+            prefix=f".{self.path.stem}.", suffix=".partial.png", dir=self.path.parent
+        )
+        self._tmp = Path(tmp)
+        self._fh = os.fdopen(fd, "wb")
+        self._zip = zlib.compressobj(int(compress_level))
+        colour_type = 2 if channels == 3 else 0
+        self._fh.write(self._SIGNATURE)
+        self._chunk(
+            b"IHDR", struct.pack(">IIBBBBB", self.width, self.height, 8, colour_type, 0, 0, 0)
+        )
+
+    def _chunk(self, kind: bytes, data: bytes) -> None:
+        self._fh.write(struct.pack(">I", len(data)) + kind + data)
+        self._fh.write(struct.pack(">I", zlib.crc32(data, zlib.crc32(kind)) & 0xFFFFFFFF))
+
+    def write_rows(self, rows: np.ndarray) -> None:
+        """Append rows: (n, W, 3) uint8 for RGB, (n, W) or (n, W, 1) for grey."""
+        arr = np.asarray(rows)
+        if arr.ndim == 2:
+            arr = arr[:, :, None]
+        if arr.dtype != np.uint8 or arr.shape[1:] != (self.width, self.channels):
+            raise ValueError(
+                f"rows of {arr.dtype} {arr.shape} do not fit a {self.width} px wide "
+                f"{self.channels}-channel uint8 PNG"
+            )
+        if self.rows_written + arr.shape[0] > self.height:
+            raise ValueError(f"more than the PNG's {self.height} rows")
+        n = arr.shape[0]
+        flat = arr.reshape(n, self.width * self.channels)
+        lines = np.empty((n, flat.shape[1] + 1), dtype=np.uint8)
+        lines[:, 0] = 1  # filter type Sub
+        lines[:, 1 : 1 + self.channels] = flat[:, : self.channels]
+        np.subtract(
+            flat[:, self.channels :], flat[:, : -self.channels], out=lines[:, 1 + self.channels :]
+        )
+        data = self._zip.compress(lines.tobytes())
+        if data:
+            self._chunk(b"IDAT", data)
+        self.rows_written += n
+
+    def close(self) -> Path:
+        """Finish the file and move it to ``path``; returns ``path``.
+
+        Raises:
+            ValueError: fewer rows were written than the image's height (the file is not made).
+        """
+        if self._fh.closed:
+            return self.path
+        try:
+            if self.rows_written != self.height:
+                raise ValueError(f"{self.rows_written} of the PNG's {self.height} rows written")
+            self._chunk(b"IDAT", self._zip.flush())
+            self._chunk(b"IEND", b"")
+            self._fh.close()
+            os.replace(self._tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        return self.path
+
+    def abort(self) -> None:
+        """Drop the partial file."""
+        if not self._fh.closed:
+            self._fh.close()
+        self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> PngStream:
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()

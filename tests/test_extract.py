@@ -328,3 +328,47 @@ def test_rerun_after_a_kill_mid_slide_redoes_the_slide(tmp_path, synthetic_slide
     assert len(_manifest(out)) == len(names) == s.items[0].details["patches"]
     assert json.loads((out / "synth" / "slide.json").read_text())["status"] == "done"
     assert not (out / STAGING).exists()
+
+
+def test_png_stream_writes_the_image_band_by_band(tmp_path):
+    from histo_wsl.writers import PngStream
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (41, 23, 3), dtype=np.uint8)
+    with PngStream(tmp_path / "a.png", 23, 41) as png:
+        for y in range(0, 41, 8):
+            png.write_rows(rgb[y : y + 8])
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "a.png")), rgb)
+    with (
+        pytest.raises(ValueError, match="rows written"),
+        PngStream(tmp_path / "b.png", 23, 41) as png,
+    ):
+        png.write_rows(rgb[:5])
+    with (
+        pytest.raises(ValueError, match="do not fit"),
+        PngStream(tmp_path / "c.png", 23, 41) as png,
+    ):
+        png.write_rows(rgb[:, :5])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]  # no partial files left
+
+
+def test_scan_tissue_matches_whole_thumbnail_detection(tmp_path, synthetic_slide):
+    from histo_wsl.slide import open_slide
+    from histo_wsl.slide_tissue import find_tissue, scan_tissue, write_tissue_images
+
+    with open_slide(synthetic_slide) as slide:
+        found = find_tissue(slide)
+        scanned = scan_tissue(slide, thumbnail_png=tmp_path / "thumb.png")
+        np.testing.assert_array_equal(scanned.mask.to_bool(), found.mask)
+        assert scanned.downsample == found.downsample and scanned.source == "detected"
+        assert scanned.tissue_mpp == pytest.approx(slide.mpp * found.downsample)
+        assert scanned.record()["thumbnail_size"] == [found.mask.shape[1], found.mask.shape[0]]
+        np.testing.assert_array_equal(
+            np.asarray(Image.open(tmp_path / "thumb.png")), found.thumbnail
+        )
+        write_tissue_images(slide, scanned, tissue_png=tmp_path / "tissue.png")
+    from histo_wsl.tissue import draw_tissue
+
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(tmp_path / "tissue.png")), draw_tissue(found.thumbnail, found.mask)
+    )

@@ -181,3 +181,16 @@ def test_real_broken_files(wsi_dir, name, pattern):
         with open_slide(wsi_dir / name) as s:
             read_thumbnail(s)
     assert name in str(err.value)
+
+
+def test_thumbnail_rows_equal_the_whole_thumbnail(synthetic_slide, synthetic_slide_no_mpp):
+    from histo_wsl.slide import read_thumbnail_rows, thumbnail_geometry
+
+    for path in (synthetic_slide, synthetic_slide_no_mpp):
+        with open_slide(path) as s:
+            whole, ds = read_thumbnail(s)
+            geometry = thumbnail_geometry(s)
+            assert geometry.shape == whole.shape[:2] and geometry.downsample == ds
+            for y0, y1 in ((0, 7), (5, 300), (250, 10_000), (-3, 2)):
+                rows = read_thumbnail_rows(s, geometry, y0, y1)
+                np.testing.assert_array_equal(rows, whole[max(0, y0) : y1])

@@ -7,12 +7,15 @@ import pytest
 from histo_wsl.errors import InputError
 from histo_wsl.synthetic import make_layout, render_region, tissue_mask_region
 from histo_wsl.tissue import (
+    PackedMask,
     TissueFractionMap,
     TissueParams,
     detect_tissue,
+    detect_tissue_strips,
     draw_tissue,
     geojson_to_mask,
     mask_to_geojson,
+    otsu_from_histogram,
     otsu_threshold,
     read_geojson,
     tissue_fraction_map,
@@ -543,3 +546,140 @@ def test_real_slide_tissue_and_round_trip(wsi_dir):
     assert sat[mask].mean() > 2 * sat[~mask].mean()  # tissue is the stained part
     back = geojson_to_mask(mask_to_geojson(mask, ds, mpp=mpp), mask.shape, ds)
     assert _iou(back, mask) >= 0.99
+
+
+# -- strip-wise detection, packed masks, banded fractions ------------------------------------------
+
+
+def _whole_image_recipe(rgb, mpp, params):
+    """The detection recipe on the whole image at once (the reference the strips must equal)."""
+    k = max(3, int(round(params.median_um / mpp)))
+    k += 1 - k % 2
+    smooth = cv2.medianBlur(rgb, k)
+    hsv = cv2.cvtColor(smooth, cv2.COLOR_RGB2HSV)
+    sat = hsv[:, :, 1]
+    cand = (hsv[:, :, 2] >= params.dark_value) & (smooth.min(axis=2) <= params.bright_value)
+    if not cand.any():
+        return np.zeros(rgb.shape[:2], bool)
+    t = min(max(otsu_threshold(sat[cand]), params.min_saturation), params.max_saturation)
+    mask = (cand & (sat > t)).astype(np.uint8)
+    d = int(round(params.closing_um / mpp))
+    if d >= 2:
+        d |= 1
+        kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (d, d))
+        padded = cv2.copyMakeBorder(mask, d, d, d, d, cv2.BORDER_CONSTANT, value=0)
+        mask = cv2.morphologyEx(padded, cv2.MORPH_CLOSE, kernel)[d:-d, d:-d]
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    keep = stats[:, cv2.CC_STAT_AREA] >= params.min_object_um2 / mpp**2
+    keep[0] = False
+    mask = keep[labels]
+    _, labels, stats, _ = cv2.connectedComponentsWithStats((~mask).view(np.uint8), connectivity=4)
+    x, y, w, h = (stats[:, i] for i in range(4))
+    border = (x == 0) | (y == 0) | (x + w == mask.shape[1]) | (y + h == mask.shape[0])
+    fill = (stats[:, cv2.CC_STAT_AREA] < params.min_hole_um2 / mpp**2) & ~border
+    fill[0] = False
+    return mask | fill[labels]
+
+
+def _random_thumbnail(rng, h, w):
+    blobs = cv2.GaussianBlur(rng.random((h, w)), (0, 0), rng.uniform(1.5, 6))
+    img = _glass(h, w, rng)
+    tissue = blobs > np.quantile(blobs, rng.uniform(0.3, 0.8))
+    img[tissue] = np.clip(np.asarray(PINK) + rng.normal(0, 6, (tissue.sum(), 3)), 0, 255)
+    img[: rng.integers(1, 6)] = 8  # a black border on top
+    return img
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_strip_detection_equals_whole_image_detection(seed):
+    rng = np.random.default_rng(seed)
+    h, w = (int(v) for v in rng.integers(40, 220, 2))
+    img = _random_thumbnail(rng, h, w)
+    mpp = float(rng.uniform(4, 16))
+    params = TissueParams(
+        min_object_um2=float(rng.uniform(0, 2e5)), min_hole_um2=float(rng.uniform(0, 2e5))
+    )
+    expected = _whole_image_recipe(img, mpp, params)
+    assert np.array_equal(detect_tissue(img, mpp, params), expected)
+    for rows in (1, 5, 16, 64, 10_000):  # strips of one row, with holes and objects across strips
+        seen: list[int] = []
+        got = detect_tissue_strips(
+            lambda a, b: img[a:b],
+            (h, w),
+            mpp,
+            params,
+            strip_rows=rows,
+            on_rows=lambda y0, rgb, seen=seen: seen.extend(range(y0, y0 + len(rgb))),
+        )
+        assert isinstance(got, PackedMask) and got.shape == (h, w)
+        assert np.array_equal(got.to_bool(), expected), rows
+        assert seen == list(range(h))  # every row handed over once, in order
+
+
+def test_strip_detection_joins_objects_and_holes_across_strips():
+    # one ring of tissue spanning many 4-row strips: the object is big, its hole small and inside
+    img = np.full((60, 60, 3), 240, np.uint8)
+    ring = np.zeros((60, 60), bool)
+    ring[10:50, 10:50] = True
+    ring[28:32, 28:32] = False
+    img[ring] = PINK
+    params = TissueParams(median_um=0, closing_um=0, min_object_um2=1000, min_hole_um2=20)
+    got = detect_tissue_strips(lambda a, b: img[a:b], (60, 60), 1.0, params, strip_rows=4)
+    expected = _whole_image_recipe(img, 1.0, params)
+    assert np.array_equal(got.to_bool(), expected)
+    # kept (about 1,600 px, no strip holds more than 160), its hole filled
+    assert expected[12:48, 12:48].all() and not expected[:8].any()
+    # the same object counted strip by strip would be dropped: sizes are whole-image sizes
+    params = TissueParams(median_um=0, closing_um=0, min_object_um2=1601, min_hole_um2=0)
+    got = detect_tissue_strips(lambda a, b: img[a:b], (60, 60), 1.0, params, strip_rows=4)
+    assert not got.any()
+
+
+def test_strip_detection_rejects_bad_rows():
+    img = np.full((10, 10, 3), 240, np.uint8)
+    with pytest.raises(ValueError, match="width"):
+        detect_tissue_strips(lambda a, b: img[a:b, :5], (10, 10), 8.0)
+    with pytest.raises(InputError):
+        detect_tissue_strips(lambda a, b: img[a:b], (10, 10), 0.0)
+
+
+def test_packed_mask_round_trip_and_counts():
+    rng = np.random.default_rng(3)
+    mask = rng.random((13, 21)) > 0.5
+    packed = PackedMask.from_bool(mask)
+    assert packed.nbytes == 13 * 3 and packed.shape == (13, 21)
+    assert np.array_equal(packed.to_bool(), mask) and np.array_equal(packed.rows(4, 9), mask[4:9])
+    assert packed.rows(-3, 100).shape == (13, 21) and packed.rows(20, 30).shape == (0, 21)
+    assert packed.count() == mask.sum() and packed.mean() == pytest.approx(mask.mean())
+    packed.set_rows(2, np.ones((3, 21), bool))
+    mask[2:5] = True
+    assert np.array_equal(packed.to_bool(), mask) and packed.any()
+    assert not PackedMask((4, 9)).any() and PackedMask((0, 5)).mean() == 0.0
+    with pytest.raises(ValueError):
+        packed.set_rows(12, np.ones((3, 21), bool))
+
+
+def test_otsu_from_histogram_matches_otsu_of_values():
+    vals = np.random.default_rng(0).integers(0, 256, 5000).astype(np.uint8)
+    assert otsu_from_histogram(np.bincount(vals, minlength=256)) == otsu_threshold(vals)
+    assert otsu_from_histogram(np.zeros(256)) == 0.0
+    with pytest.raises(ValueError):
+        otsu_from_histogram(np.zeros(10))
+
+
+@pytest.mark.parametrize("band_rows", [1, 3, 16, 1000])
+def test_banded_fraction_map_equals_one_table(band_rows):
+    rng = np.random.default_rng(band_rows)
+    h, w = 45, 38
+    mask = cv2.GaussianBlur(rng.random((h, w)), (0, 0), 2) > 0.5
+    n = 400
+    x0, y0 = rng.uniform(-10, w + 5, n), rng.uniform(-10, h + 5, n)
+    x1, y1 = x0 + rng.uniform(-2, 25, n), y0 + rng.uniform(-2, 25, n)
+    ref = TissueFractionMap(mask, band_rows=10_000).fraction(x0, y0, x1, y1)
+    banded = TissueFractionMap(PackedMask.from_bool(mask), band_rows=band_rows)
+    np.testing.assert_allclose(banded.fraction(x0, y0, x1, y1), ref, atol=1e-9)
+    # brute force on integer boxes inside the mask
+    for a, b in zip(rng.integers(0, h - 6, 20), rng.integers(0, w - 6, 20), strict=True):
+        assert banded.fraction(b, a, b + 6, a + 6) == pytest.approx(
+            mask[a : a + 6, b : b + 6].mean()
+        )
