@@ -4,6 +4,9 @@ Format (DESIGN.md §3): ``{"format": "histo-wsl/1", "card": {...}, "state_dict":
 training checkpoints (``last.pt``), a ``"training"`` entry with the optimizer, scheduler and RNG
 states used by ``--resume``. Everything is saved as tensors and plain Python values so that
 ``torch.load(path, weights_only=True)`` reads it: a checkpoint from elsewhere cannot run code.
+
+Compact copies (``histo-wsl models export``) store floating weights in fp16; :func:`load_checkpoint`
+casts them back to fp32, so every model is built, trained and run in fp32 as usual (CPU included).
 """
 
 from __future__ import annotations
@@ -54,7 +57,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         map_location: where tensors go.
 
     Returns:
-        The checkpoint dict (``format``, ``card``, ``state_dict``, maybe ``training``).
+        The checkpoint dict (``format``, ``card``, ``state_dict``, maybe ``training``); fp16 or
+        bf16 weights (compact exports) are cast back to fp32.
 
     Raises:
         InputError: missing file, not a torch file, a pickle that needs code to load, or a torch
@@ -88,4 +92,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             "written by histo-wsl train-classifier or train-decoder",
             path,
         )
+    state = ckpt.get("state_dict")
+    if isinstance(state, dict):
+        ckpt["state_dict"] = {
+            k: v.float()
+            if isinstance(v, torch.Tensor) and v.dtype in (torch.float16, torch.bfloat16)
+            else v
+            for k, v in state.items()
+        }
     return ckpt

@@ -68,6 +68,22 @@ class TrainConfig:
     bg_sampler: str = "proportional"
     low_fraction: float = 0.2
     negative_lambda: float = 1.0
+    seed_mode: str = "random"  # random (drawn every step) or static (top/bottom CAM pixels)
+    size_lambda: float = 0.0  # NEGEV's optional size term (0 = off, the paper)
+    size_t0: float = 1.0
+    size_t_max: float = 10.0
+    size_t_mult: float = 1.01
+    # Max-Min (TMI 2022, method.md §2): train-classifier --method maxmin
+    maxmin_lambda: float = 1.0
+    maxmin_regularizer: str = "sem"
+    maxmin_w: float = 5.0
+    maxmin_sigma: float = 0.15
+    maxmin_sigma_step: float = 0.001
+    maxmin_sigma_max: float = 0.2
+    maxmin_size: bool = True
+    elb_t0: float = 5.0
+    elb_t_max: float = 10.0
+    elb_mult: float = 1.01
     extra: dict = field(default_factory=dict)
 
 

@@ -463,6 +463,10 @@ def _snap(t: float) -> float:
 def _map_description(card: dict, map_class: str) -> str:
     if card.get("method") == "negev":
         return "NEGEV decoder foreground probability (class-agnostic)"
+    if card.get("method") == "maxmin":
+        if (card.get("maxmin") or {}).get("mask") == "absolute":
+            return "Max-Min localizer mask M = sigmoid(w·foreground log-odds) (class-agnostic)"
+        return "Max-Min localizer mask M = sigmoid(w·(M̃ − σ)), M̃ per-image min-max"
     which = "ground-truth" if map_class == "gt" else "predicted"
     return f"{card.get('cam_method', 'cam')} map of the {which} class, per-image min-max normalised"
 
@@ -940,11 +944,13 @@ def calibrated_path(model: Path, out: Path, taken: set[str] | None = None) -> Pa
     When two models of a comparison share a stem (``runs/a/best-loc.pt`` and
     ``runs/b/best-loc.pt``), the parent folder's name is put in front (``a-best-loc``).
     """
-    stem = model.stem
+    from histo_wsl.models import display_stem
+
+    stem = display_stem(model)
     if taken is not None and stem in taken:
         stem = f"{model.parent.name}-{stem}"
     if taken is not None:
-        taken.add(model.stem)
+        taken.add(display_stem(model))
     return out / f"{stem}.calibrated.pt"
 
 
@@ -1008,13 +1014,15 @@ def versions() -> dict:
 
 
 def _display_names(models: list[Path]) -> list[str]:
-    stems = [m.stem for m in models]
+    from histo_wsl.models import display_stem
+
+    stems = [display_stem(m) for m in models]
     out = []
-    for m in models:
-        if stems.count(m.stem) > 1:
-            out.append(f"{m.parent.name}/{m.stem}")
+    for m, stem in zip(models, stems, strict=True):
+        if stems.count(stem) > 1:
+            out.append(f"{m.parent.name}/{stem}")
         else:
-            out.append(m.stem)
+            out.append(stem)
     if len(set(out)) < len(out):  # the same file twice, or same folder names
         out = [f"{i + 1}:{n}" for i, n in enumerate(out)]
     return out

@@ -99,8 +99,9 @@ TRIM_SECONDS = 2.0
 #: Colour of the ROI class in the GeoJSON and overlay.
 ROI_COLOR = (230, 30, 30)
 MISSING_MODEL = (
-    "--model is required: pass a checkpoint from train-classifier (e.g. runs/cam/best-loc.pt) "
-    "or train-decoder (e.g. runs/negev/best-loc.pt); there is no default model yet"
+    "--model is required: no default model is installed (`histo-wsl models` lists the installed "
+    "ones); pass a model name or a checkpoint from train-classifier (e.g. runs/cam/best-loc.pt) "
+    "or train-decoder (e.g. runs/negev/best-loc.pt)"
 )
 
 
@@ -109,7 +110,8 @@ class LocalizeParams:
     """Parameters of ``localize`` (CLI options of the same names).
 
     Attributes:
-        model: the checkpoint (``train-classifier`` or ``train-decoder``).
+        model: the checkpoint (``train-classifier`` or ``train-decoder``), a model folder or an
+            installed model's name (:func:`histo_wsl.models.resolve_model`).
         cam: CAM method overriding a stage-1 card's (``gradcampp``...).
         class_name: the class whose map is made (default: see module docs).
         mpp: resolution the slide is read at (µm/px; default the card's ``mpp``).
@@ -136,7 +138,7 @@ class LocalizeParams:
         seed: random seed (noise of ``smoothgradcampp``).
     """
 
-    model: Path | None = None
+    model: Path | str | None = None
     cam: str | None = None
     class_name: str | None = None
     mpp: float | None = None
@@ -234,16 +236,18 @@ class Engine:
     def __init__(self, params: LocalizeParams) -> None:
         import torch
 
+        from histo_wsl.models import resolve_model
         from histo_wsl.networks.cams import CAM_METHODS
         from histo_wsl.predictor import load_model
         from histo_wsl.training import resolve_device
 
         if params.model is None:
             raise InputError(MISSING_MODEL)
+        model_path = resolve_model(params.model)
         if params.cam is not None and params.cam not in CAM_METHODS:
             raise InputError(f"--cam {params.cam!r}: use one of {', '.join(CAM_METHODS)}")
         self.device = resolve_device(params.device)
-        self.predictor = load_model(params.model, map_location="cpu", cam_method=params.cam)
+        self.predictor = load_model(model_path, map_location="cpu", cam_method=params.cam)
         self.predictor.to(self.device)
         card = self.predictor.card
         self.card = card
@@ -257,7 +261,7 @@ class Engine:
         except (KeyError, TypeError, ValueError):
             raise InputError(
                 "the model card lacks input_size or class_names; the checkpoint is incomplete",
-                params.model,
+                model_path,
             ) from None
         self.roi_name, self.roi_index = roi_class(card, params.class_name)
         norm = card.get("normalization") or {}
@@ -276,7 +280,7 @@ class Engine:
                 "the model card records no resolution (mpp), so slides cannot be read at the "
                 "network's scale; give the µm/px it was trained at with --mpp, or use "
                 "--whole-image for plain images",
-                params.model,
+                model_path,
             )
         self.amp = bool(params.amp and self.device.type == "cuda")
         if params.workers is not None:

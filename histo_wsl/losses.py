@@ -9,6 +9,14 @@ dropped. Background samplers, honestly named:
 - ``uniform``: every pixel alike, which is what the original code does in effect (its weights
   1 − CAM/ΣCAM are ≈ 1 everywhere);
 - ``lowest``: uniform among the ``low_fraction`` lowest-CAM pixels of the image.
+
+``mode="static"`` replaces the draws by a fixed choice for the paper's "random vs static selection"
+ablation (NG-slides p.15): the ``n_fg`` highest-CAM pixels are foreground and the ``n_bg``
+lowest-CAM pixels background (ties go to the lower flat index, row-major), with the same dilation
+and overlap rule. It is still recomputed on every crop's CAM, but it uses no randomness.
+
+:func:`size_loss` is NEGEV's optional size term (method.md §1.3 item 4, off in the paper), built on
+the extended log-barrier :func:`histo_wsl.maxmin_losses.elb`.
 """
 
 from __future__ import annotations
@@ -17,9 +25,22 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor
 
-__all__ = ["BG_SAMPLERS", "IGNORE", "negative_loss", "sample_seeds", "seed_loss"]
+from histo_wsl.maxmin_losses import elb
+
+__all__ = [
+    "BG_SAMPLERS",
+    "IGNORE",
+    "SEED_MODES",
+    "negative_loss",
+    "sample_seeds",
+    "seed_loss",
+    "size_loss",
+    "size_t_at",
+]
 
 BG_SAMPLERS = ("proportional", "uniform", "lowest")
+#: ``random``: seeds drawn at every step (the paper); ``static``: the top/bottom CAM pixels
+SEED_MODES = ("random", "static")
 #: target value of pixels without a seed (``F.cross_entropy``'s default ignore index)
 IGNORE = -100
 
@@ -28,11 +49,29 @@ def _draw(weights: Tensor, n: int, generator: torch.Generator | None) -> Tensor:
     """(B, HW) weights -> (B, HW) bool with ``n`` pixels drawn without replacement per row."""
     b, hw = weights.shape
     n = min(n, hw)
+    if n <= 0:
+        return torch.zeros(b, hw, dtype=torch.bool, device=weights.device)
     w = weights.clone()
     empty = w.sum(1) <= 0
     w[empty] = 1.0  # an image with no admissible pixel draws uniformly rather than failing
     idx = torch.multinomial(w, n, replacement=False, generator=generator)
     out = torch.zeros(b, hw, dtype=torch.bool, device=weights.device)
+    out.scatter_(1, idx, True)
+    return out
+
+
+def _extreme(flat: Tensor, n: int, highest: bool) -> Tensor:
+    """(B, HW) values -> (B, HW) bool marking the ``n`` highest (or lowest) values of each row.
+
+    Deterministic: a stable sort, so equal values go to the lower flat index.
+    """
+    b, hw = flat.shape
+    n = min(n, hw)
+    out = torch.zeros(b, hw, dtype=torch.bool, device=flat.device)
+    if n <= 0:
+        return out
+    key = -flat if highest else flat
+    idx = torch.sort(key, dim=1, stable=True).indices[:, :n]
     out.scatter_(1, idx, True)
     return out
 
@@ -45,34 +84,44 @@ def sample_seeds(
     bg_sampler: str = "proportional",
     low_fraction: float = 0.2,
     generator: torch.Generator | None = None,
+    mode: str = "random",
 ) -> Tensor:
     """Seed map (B,H,W) long: 1 foreground seed, 0 background seed, :data:`IGNORE` elsewhere.
 
     Args:
         cams: (B,H,W) CAMs in [0,1] (per-image min-max normalised).
-        n_fg: foreground pixels drawn per image, ∝ CAM (+1e-6).
-        n_bg: background pixels drawn per image with ``bg_sampler``.
+        n_fg: foreground pixels per image: drawn ∝ CAM (+1e-6), or the highest (static).
+        n_bg: background pixels per image: drawn with ``bg_sampler``, or the lowest (static);
+            0 = no background seeds (the "C+ only" ablation).
         ksize: side of the square each seed is dilated to (1 = no dilation; odd).
-        bg_sampler: ``proportional`` (∝ 1 − CAM), ``uniform`` or ``lowest``.
+        bg_sampler: ``proportional`` (∝ 1 − CAM), ``uniform`` or ``lowest`` (random mode only).
         low_fraction: share of lowest-CAM pixels the ``lowest`` sampler draws from.
-        generator: random generator (on the CAMs' device) for reproducible draws.
+        generator: random generator (on the CAMs' device) for reproducible draws (random mode).
+        mode: ``random`` (draws, the paper) or ``static`` (the ``n_fg`` highest and ``n_bg``
+            lowest CAM pixels, ties to the lower row-major index; no randomness).
     """
     if bg_sampler not in BG_SAMPLERS:
         raise ValueError(f"bg_sampler must be one of {BG_SAMPLERS}, got {bg_sampler!r}")
+    if mode not in SEED_MODES:
+        raise ValueError(f"mode must be one of {SEED_MODES}, got {mode!r}")
     if ksize < 1 or ksize % 2 == 0:
         raise ValueError(f"ksize must be a positive odd number, got {ksize}")
     b, h, w = cams.shape
     flat = cams.detach().float().reshape(b, -1).nan_to_num(0.0).clamp(0, 1)
-    fg = _draw(flat + 1e-6, n_fg, generator)
-    if bg_sampler == "proportional":
-        bw = 1.0 - flat
-    elif bg_sampler == "uniform":
-        bw = torch.ones_like(flat)
+    if mode == "static":
+        fg = _extreme(flat, n_fg, highest=True)
+        bg = _extreme(flat, n_bg, highest=False)
     else:
-        k = max(1, int(round(low_fraction * flat.shape[1])))
-        cut = flat.kthvalue(k, dim=1, keepdim=True).values
-        bw = (flat <= cut).float()
-    bg = _draw(bw, n_bg, generator)
+        fg = _draw(flat + 1e-6, n_fg, generator)
+        if bg_sampler == "proportional":
+            bw = 1.0 - flat
+        elif bg_sampler == "uniform":
+            bw = torch.ones_like(flat)
+        else:
+            k = max(1, int(round(low_fraction * flat.shape[1])))
+            cut = flat.kthvalue(k, dim=1, keepdim=True).values
+            bw = (flat <= cut).float()
+        bg = _draw(bw, n_bg, generator)
     fg, bg = fg.reshape(b, 1, h, w).float(), bg.reshape(b, 1, h, w).float()
     if ksize > 1:
         fg = F.max_pool2d(fg, ksize, stride=1, padding=ksize // 2)
@@ -99,3 +148,37 @@ def negative_loss(seg_logits: Tensor) -> Tensor:
         seg_logits.shape[0], *seg_logits.shape[-2:], dtype=torch.long, device=seg_logits.device
     )
     return F.cross_entropy(seg_logits.float(), target)
+
+
+def size_t_at(t0: float, t_max: float, mult: float, epoch: int) -> float:
+    """Log-barrier t of the size term during ``epoch`` (1-based): min(t0·mult^(epoch−1), t_max)."""
+    return min(t0 * mult ** max(epoch - 1, 0), t_max)
+
+
+def size_loss(seg_logits: Tensor, t: float) -> Tensor:
+    """NEGEV's size term: mean over images of ½ Σ_{c∈{bg,fg}} ELB(−s_c) (method.md §1.3 item 4).
+
+    ``s_c`` is the **fraction** of the image the decoder gives to region ``c``: the mean of its
+    softmax channel over the pixels, in (0, 1); the original code feeds raw pixel sums (up to
+    50 176 at 224 px), where the barrier's slope 1/(t·s) is ≈ 0 for any region bigger than a few
+    pixels. As fractions the barrier's switch point −1/t² is a share of the image at every input
+    size (1 % at t = 10) and the term is of the order of the cross-entropies. The constraint is
+    ``−s_c <= 0`` for both regions: it keeps each region non-empty and is smallest for equal sizes.
+
+    Note: for t <= √2 both regions are on the ELB's linear branch t·z + const whenever
+    ``s_c < 1/t²``; at t = 1 (the paper's t0) the sum is then the constant 1 on the whole simplex
+    (zero gradient), so the term only starts acting as the schedule raises t.
+
+    Args:
+        seg_logits: (B,2,H,W) decoder logits (background, foreground); images of the negative
+            class are left out by the caller.
+        t: the log-barrier parameter of the current epoch (> 0).
+
+    Returns:
+        A scalar (0 with no image).
+    """
+    if seg_logits.shape[0] == 0:
+        return seg_logits.sum() * 0.0
+    prob = torch.softmax(seg_logits.float(), dim=1)
+    sizes = prob.flatten(2).mean(2)  # (B, 2): fractions of background and foreground
+    return 0.5 * elb(-sizes, t).sum(1).mean()

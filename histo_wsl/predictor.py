@@ -8,7 +8,9 @@ scores and a foreground map in [0, 1] for any method:
 - stage-1 (``cam``): the chosen CAM method's map (per-image min-max normalised) of the predicted
   class, or of the classes given (ground truth, for evaluation);
 - ``negev``: the decoder's foreground softmax (the classes only choose nothing: the decoder is
-  class-agnostic).
+  class-agnostic);
+- ``maxmin``: the pseudo-binary mask M of the localizer (class-agnostic: weighted by the
+  localizer's own class probabilities), with the class scores of C(X+).
 """
 
 from __future__ import annotations
@@ -53,6 +55,37 @@ def classifier_from_card(card: dict, state_dict: dict, path: str | Path) -> WSOL
     return model
 
 
+def _maxmin_from_card(card: dict, state_dict: dict, path: str | Path) -> nn.Module:
+    """The Max-Min network a card describes, with ``state_dict`` (σ and w included) loaded."""
+    from histo_wsl.networks.backbones import build_backbone
+    from histo_wsl.networks.maxmin import MaxMinModel
+
+    try:
+        mm = card["maxmin"]
+        model = MaxMinModel(
+            build_backbone(card["backbone"], pretrained=False),
+            int(card["num_classes"]),
+            w=float(mm["w"]),
+            sigma=float(mm["sigma"]),
+            mask_mode=mm["mask"],
+            negative_index=mm.get("negative_index"),
+            head_opts=card.get("head_opts"),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(
+            f"the Max-Min model card is incomplete or invalid ({exc}); retrain it", path
+        ) from None
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as exc:
+        raise InputError(
+            f"weights do not fit the {card['backbone']} Max-Min network its card describes "
+            f"({str(exc).splitlines()[0][:120]}...)",
+            path,
+        ) from None
+    return model
+
+
 @dataclass
 class Predictor:
     """A loaded model and its card."""
@@ -63,7 +96,7 @@ class Predictor:
 
     @property
     def method(self) -> str:
-        """``cam`` (stage 1) or ``negev``."""
+        """``cam`` (stage 1), ``negev`` or ``maxmin``."""
         return self.card["method"]
 
     def to(self, device: torch.device) -> Predictor:
@@ -74,7 +107,7 @@ class Predictor:
     def predict(self, images: Tensor, classes: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(class logits (B,K), foreground map (B,H,W) in [0,1]) of normalised images."""
         self.model.eval()
-        if self.method == "negev":
+        if self.method in ("negev", "maxmin"):
             with torch.no_grad():
                 return self.model.localize(images)
         with torch.no_grad():
@@ -127,6 +160,8 @@ def load_model(
             model.load_state_dict(ckpt["state_dict"])
         except RuntimeError as exc:
             raise InputError(f"weights do not fit a NEGEV model ({str(exc)[:120]})", path) from None
+    elif method == "maxmin":
+        model = _maxmin_from_card(card, ckpt["state_dict"], path)
     else:
         raise InputError(f"unknown method {method!r} in the model card", path)
     model.eval()

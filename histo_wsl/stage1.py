@@ -28,11 +28,15 @@ from histo_wsl.data.images import (
     train_transform,
 )
 from histo_wsl.data.sources import Dataset, Sample, load_samples
+from histo_wsl.errors import InputError
 from histo_wsl.metrics import ClassificationMeter, PxAPMeter
 from histo_wsl.networks.cams import compute_cams
 from histo_wsl.networks.classifier import build_classifier, param_groups
 
-__all__ = ["ClassifierTask", "evaluate_maps", "load_training_data", "seen_mpp"]
+__all__ = ["STAGE1_METHODS", "ClassifierTask", "evaluate_maps", "load_training_data", "seen_mpp"]
+
+#: methods of ``train-classifier``: the CAM classifier and Max-Min (:mod:`histo_wsl.maxmin`)
+STAGE1_METHODS = ("cam", "maxmin")
 
 #: a map function: (model, images (B,3,H,W), labels (B,)) -> (logits (B,K), maps (B,H,W) in [0,1])
 MapFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -209,11 +213,22 @@ def train_classifier(
 ) -> dict:
     """Run ``train-classifier``: read and check the data, then train with the engine.
 
+    ``cfg.method`` ``maxmin`` hands over to :func:`histo_wsl.maxmin.train_maxmin`.
+
     Returns:
         The engine's summary plus the dataset description and any skipped files.
     """
     from histo_wsl.training import fit
 
+    if cfg.method not in STAGE1_METHODS:
+        raise InputError(
+            f"--method must be one of {', '.join(STAGE1_METHODS)} (got {cfg.method!r}); "
+            "the NEGEV decoder is trained with train-decoder"
+        )
+    if cfg.method == "maxmin":
+        from histo_wsl.maxmin import train_maxmin
+
+        return train_maxmin(cfg, resume=resume, quiet=quiet, argv=argv)
     ds, dropped = load_training_data(cfg)
     if cfg.data_mpp is None:
         cfg.data_mpp = ds.data_mpp

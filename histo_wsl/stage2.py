@@ -2,9 +2,13 @@
 
 :class:`DecoderTask` is the recipe the engine runs for ``histo-wsl train-decoder``: the stage-1
 classifier (encoder and head) is copied from its checkpoint and frozen; at every step its CAM of the
-ground-truth class on the augmented crop gives pixel seeds (:func:`histo_wsl.losses.sample_seeds`),
-and images of the negative class push every pixel to background. Selection: PxAP on ``valpx``;
-the checkpoint holds the classifier too, so it is all ``localize`` and ``evaluate`` need.
+ground-truth class on the augmented crop gives pixel seeds (:func:`histo_wsl.losses.sample_seeds`;
+drawn at random, or the top/bottom CAM pixels with ``seed_mode: static``), and images of the
+negative class push every pixel to background. An optional size term (``size_lambda`` > 0,
+:func:`histo_wsl.losses.size_loss`) keeps both regions of the decoder's map non-empty on the other
+images; its log-barrier t follows t0·mult^(epoch−1) up to t_max and is part of the task state, so
+``--resume`` continues it. Selection: PxAP on ``valpx``; the checkpoint holds the classifier too,
+so it is all ``localize`` and ``evaluate`` need.
 """
 
 from __future__ import annotations
@@ -19,7 +23,15 @@ from histo_wsl.config import TrainConfig
 from histo_wsl.data.images import LabelledImages, train_transform
 from histo_wsl.data.sources import Dataset
 from histo_wsl.errors import InputError
-from histo_wsl.losses import BG_SAMPLERS, negative_loss, sample_seeds, seed_loss
+from histo_wsl.losses import (
+    BG_SAMPLERS,
+    SEED_MODES,
+    negative_loss,
+    sample_seeds,
+    seed_loss,
+    size_loss,
+    size_t_at,
+)
 from histo_wsl.networks.backbones import X10
 from histo_wsl.networks.cams import compute_cams
 from histo_wsl.networks.classifier import unwrap
@@ -57,7 +69,27 @@ class DecoderTask:
             raise InputError(f"--bg-sampler must be one of {BG_SAMPLERS}, got {cfg.bg_sampler!r}")
         if cfg.seed_ksize % 2 == 0:
             raise InputError(f"--seed-ksize must be odd, got {cfg.seed_ksize}")
+        if cfg.seed_mode not in SEED_MODES:
+            raise InputError(f"--seed-mode must be one of {SEED_MODES}, got {cfg.seed_mode!r}")
+        if cfg.seeds_fg < 1 or cfg.seeds_bg < 0:
+            raise InputError(
+                f"--seeds-fg must be >= 1 and --seeds-bg >= 0, got {cfg.seeds_fg}, {cfg.seeds_bg}"
+            )
+        checks = [
+            (cfg.size_lambda >= 0, f"--size-lambda must be >= 0 (got {cfg.size_lambda})"),
+            (cfg.size_t0 > 0, f"--size-t0 must be > 0 (got {cfg.size_t0})"),
+            (
+                cfg.size_t_max >= cfg.size_t0,
+                f"--size-t-max must be >= --size-t0 (got {cfg.size_t_max})",
+            ),
+            (cfg.size_t_mult >= 1, f"--size-t-mult must be >= 1 (got {cfg.size_t_mult})"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise InputError(message)
         self.negative = ds.negative_class
+        #: log-barrier t of the size term for the coming epoch (task state: --resume keeps it)
+        self.size_t = size_t_at(cfg.size_t0, cfg.size_t_max, cfg.size_t_mult, 1)
 
     def build_model(self) -> nn.Module:
         """The frozen classifier of the checkpoint with a new decoder."""
@@ -81,7 +113,11 @@ class DecoderTask:
         )
 
     def training_step(self, model: nn.Module, batch: dict, epoch: int) -> tuple[torch.Tensor, dict]:
-        """λ·CE on CAM seeds of non-negative images + CE to background on negative images."""
+        """λ·CE on CAM seeds (+ size term) of non-negative images; CE to background on negative ones.
+
+        Statistics (summary.csv columns): ``seed_loss``, ``negative_loss`` and, with
+        ``size_lambda`` > 0, ``size_loss`` (unweighted) and its ``size_t``.
+        """
         images, labels = batch["image"], batch["label"]
         _, seg = model(images, segment=True)
         m = unwrap(model)
@@ -108,10 +144,16 @@ class DecoderTask:
                 self.cfg.seed_ksize,
                 self.cfg.bg_sampler,
                 self.cfg.low_fraction,
+                mode=self.cfg.seed_mode,
             )
             ls = seed_loss(seg[pos], seeds)
             loss = loss + self.cfg.seed_lambda * ls
             stats["seed_loss"] = float(ls.detach())
+            if self.cfg.size_lambda > 0:
+                lz = size_loss(seg[pos], self.size_t)
+                loss = loss + self.cfg.size_lambda * lz
+                stats["size_loss"] = float(lz.detach())
+                stats["size_t"] = self.size_t
         if neg.any():
             ln = negative_loss(seg[neg])
             loss = loss + self.cfg.negative_lambda * ln
@@ -157,6 +199,14 @@ class DecoderTask:
                 "bg_sampler": cfg.bg_sampler,
                 "low_fraction": cfg.low_fraction,
                 "cam_method": cfg.cam_method,
+                "mode": cfg.seed_mode,
+            },
+            "size_term": {
+                "lambda": cfg.size_lambda,
+                "t0": cfg.size_t0,
+                "t_max": cfg.size_t_max,
+                "mult": cfg.size_t_mult,
+                "sizes": "fractions of the image",
             },
             "negative_term": self.negative is not None,
             "classifier_checkpoint": str(self.stage1.path),
@@ -174,14 +224,17 @@ class DecoderTask:
         }
 
     def on_epoch_end(self, epoch: int) -> None:
-        """No schedule."""
+        """Advance the size term's t to the next epoch's value (×mult, capped at t_max)."""
+        self.size_t = min(self.size_t * self.cfg.size_t_mult, self.cfg.size_t_max)
 
     def state_dict(self) -> dict:
-        """No task state."""
-        return {}
+        """The size term's t for the next epoch."""
+        return {"size_t": self.size_t}
 
     def load_state_dict(self, state: dict) -> None:
-        """No task state."""
+        """Restore :meth:`state_dict` (a checkpoint without it leaves t at t0)."""
+        if "size_t" in state:
+            self.size_t = float(state["size_t"])
 
 
 def train_decoder(

@@ -17,6 +17,7 @@ COMMANDS = [
     "train-decoder",
     "localize",
     "evaluate",
+    "models",
 ]
 
 

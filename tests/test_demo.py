@@ -1,21 +1,48 @@
+"""The demo runs the real pipeline end to end (a tiny recipe here; the real one in `histo-wsl demo`)."""
+
 import json
 
+import openslide
 from typer.testing import CliRunner
 
 from histo_wsl.cli.app import app
+from histo_wsl.demo import DemoRecipe, run_demo
+
+TINY = DemoRecipe(
+    slide_size=1024,
+    glands_per_section=4,
+    patches_per_class=8,
+    test_per_class=4,
+    patch_size=64,
+    crop_size=48,
+    classifier_epochs=1,
+    decoder_epochs=1,
+)
 
 
-def test_demo_runs_the_real_pipeline(tmp_path):
+def test_demo_runs_every_step_and_resumes(tmp_path):
     out = tmp_path / "demo"
-    result = CliRunner().invoke(
-        app, ["demo", "--out", str(out), "--size", "2048", "--json", "--quiet"]
-    )
-    assert result.exit_code == 0, result.stderr
-    summary = json.loads(result.stdout)
-    assert summary["patches"] > 0
-    assert (out / "patches" / "manifest.csv").read_text().count("\n") == summary["patches"] + 1
-    assert "all the demo does" in result.stderr
-    again = CliRunner().invoke(
-        app, ["demo", "--out", str(out), "--size", "2048", "--json", "--quiet"]
-    )
-    assert again.exit_code == 0 and json.loads(again.stdout)["status"] == "skipped"
+    summary = run_demo(out, recipe=TINY, quiet=True)
+    assert summary["exit_code"] == 0
+    assert summary == json.loads((out / "demo.json").read_text())
+    for key in ("slide", "ground_truth", "classifier", "decoder", "report", "qupath_geojson"):
+        assert (out / summary[key]).exists() or (tmp_path / summary[key]).exists(), key
+    metrics = json.loads((out / "evaluate" / "metrics.json").read_text())
+    assert [m["method"] for m in metrics["models"]] == ["cam", "negev"]
+    assert 0 <= summary["test"]["negev_pxap"] <= 100 and 0 <= summary["test"]["cam_pxap"] <= 100
+    # the probability pyramid covers the slide; the QuPath file is a FeatureCollection
+    slide = openslide.OpenSlide(summary["slide"])
+    prob = openslide.OpenSlide(summary["probability_tiff"])
+    ratio = slide.dimensions[0] / prob.dimensions[0]
+    assert abs(ratio - slide.dimensions[1] / prob.dimensions[1]) < 0.05 * ratio
+    geo = json.loads(open(summary["qupath_geojson"]).read())
+    assert geo["type"] == "FeatureCollection"
+    assert (out / "patches" / "manifest.csv").is_file()
+    again = run_demo(out, recipe=TINY, quiet=True)
+    assert again["test"] == summary["test"]
+    assert again["seconds"]["train-classifier"] < 5 and again["seconds"]["localize"] < 5
+
+
+def test_demo_help_lists_its_options():
+    result = CliRunner().invoke(app, ["demo", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0 and "--quick" in result.stdout and "--out" in result.stdout

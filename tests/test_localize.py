@@ -482,8 +482,14 @@ def test_plain_image_sliding_windows_need_mpp_then_give_image_sized_maps(
 
 
 # -- CLI ------------------------------------------------------------------------------------------
-def test_cli_json_summary_and_errors(tmp_path, synthetic_slide, models):
+def test_cli_json_summary_and_errors(tmp_path, synthetic_slide, models, monkeypatch):
+    from histo_wsl import models as registry
     from histo_wsl.cli.app import app
+
+    # no installed models (not the repository's models/ nor the user's): no default
+    monkeypatch.setattr(registry, "SHIPPED_DIR", None)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv(registry.ENV_VAR, raising=False)
 
     runner = CliRunner()
     out = tmp_path / "o"
@@ -496,6 +502,7 @@ def test_cli_json_summary_and_errors(tmp_path, synthetic_slide, models):
     r = runner.invoke(app, args)
     assert r.exit_code == 2 and "--model is required" in r.stderr
     assert "train-classifier" in r.stderr and "train-decoder" in r.stderr
+    assert "histo-wsl models" in r.stderr
     r = runner.invoke(app, args + ["--model", str(models / "notours.pt")])
     assert r.exit_code == 2 and "notours.pt" in r.stderr
     blocker = tmp_path / "file"

@@ -1,7 +1,14 @@
 import pytest
 import torch
 
-from histo_wsl.losses import IGNORE, negative_loss, sample_seeds, seed_loss
+from histo_wsl.losses import (
+    IGNORE,
+    negative_loss,
+    sample_seeds,
+    seed_loss,
+    size_loss,
+    size_t_at,
+)
 
 
 def _cams(b=4, h=32, w=32):
@@ -108,3 +115,57 @@ def test_losses():
     assert negative_loss(confident).item() < 1e-3
     with pytest.raises(ValueError):
         sample_seeds(_cams(), ksize=2)
+
+
+def test_static_seeds_are_the_cam_extremes_and_ignore_the_rng():
+    cams = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(0))
+    cams[1] = 0.5  # a flat CAM: ties go to the lowest row-major index
+    runs = [
+        sample_seeds(cams, 1, 1, ksize=1, mode="static", generator=torch.Generator().manual_seed(s))
+        for s in (0, 1)
+    ]
+    torch.manual_seed(123)
+    runs.append(sample_seeds(cams, 1, 1, ksize=1, mode="static"))
+    assert all(torch.equal(runs[0], r) for r in runs[1:])
+    seeds = runs[0]
+    for i in (0, 2):
+        flat = cams[i].flatten()
+        assert (seeds[i].flatten() == 1).nonzero().flatten().tolist() == [int(flat.argmax())]
+        assert (seeds[i].flatten() == 0).nonzero().flatten().tolist() == [int(flat.argmin())]
+    assert (seeds[1] == IGNORE).all()  # fg and bg both pick pixel 0 of the flat CAM: dropped
+    top = sample_seeds(cams[:1], 5, 0, ksize=1, mode="static")
+    assert set((top[0].flatten() == 1).nonzero().flatten().tolist()) == set(
+        cams[0].flatten().topk(5).indices.tolist()
+    )
+    assert not (top == 0).any()  # n_bg = 0: no background seed (C+ only)
+    dilated = sample_seeds(cams[:1], 1, 1, ksize=3, mode="static")
+    assert (dilated == 1).sum() in (4, 6, 9) and (dilated == 0).sum() in (4, 6, 9)
+
+
+def test_size_term_keeps_both_regions_non_empty():
+    def logits(fg_fraction: float) -> torch.Tensor:
+        p = torch.full((2, 1, 8, 8), fg_fraction).clamp(1e-6, 1 - 1e-6)
+        return torch.cat([torch.zeros_like(p), torch.log(p / (1 - p))], 1)
+
+    t = 5.0
+    empty, small, half = (size_loss(logits(f), t).item() for f in (0.0, 0.1, 0.5))
+    assert empty > small > half > 0
+    assert size_loss(logits(1.0), t).item() == pytest.approx(empty, rel=1e-3)  # symmetric
+    # at t = 1 (the paper's t0) both linear branches sum to a constant: no push at all
+    assert size_loss(logits(0.0), 1.0).item() == pytest.approx(size_loss(logits(0.5), 1.0).item())
+    # an almost foreground-free map (0.5 %, on the barrier's linear branch) gets a finite
+    # non-zero gradient, and descent makes the foreground grow
+    x = logits(0.005).clone().requires_grad_(True)
+    opt = torch.optim.SGD([x], lr=50.0)
+    first = size_loss(x, t)
+    first.backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    for _ in range(10):
+        opt.zero_grad()
+        loss = size_loss(x, t)
+        loss.backward()
+        opt.step()
+    assert loss.item() < first.item() and torch.softmax(x, 1)[:, 1].mean() > 0.0055
+    assert size_loss(torch.zeros(0, 2, 4, 4), t).item() == 0.0
+    assert [size_t_at(1.0, 10.0, 1.01, e) for e in (1, 2)] == [1.0, 1.01]
+    assert size_t_at(1.0, 10.0, 1.01, 1000) == 10.0

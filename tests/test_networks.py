@@ -30,6 +30,7 @@ EXPECTED = {
     "vgg16": ([64, 128, 256, 1024], [1, 2, 4, 8]),
     "inceptionv3": ([64, 80, 288, 768, 1024], [2, 4, 8, 8, 8]),
     "mobilenetv2": ([16, 24, 32, 96, 1280], [2, 4, 8, 8, 8]),
+    "tinycnn": ([16, 32, 64, 128], [2, 4, 8, 8]),
 }
 
 
@@ -194,6 +195,7 @@ def test_param_groups_partition(backbones, name):
         "vgg16": ("backbone.conv6.", "backbone.features."),
         "inceptionv3": ("backbone.SPG_", ("backbone.Mixed_", "backbone.Conv2d_")),
         "mobilenetv2": ("backbone.features.14.", "backbone.features.13."),
+        "tinycnn": ("backbone.stage4.", "backbone.stage3."),
     }
     fast, slow = rules[name]
     assert all(n in x10 for n in everything if n.startswith(fast))
@@ -307,3 +309,14 @@ def test_pretrained_key_mapping(monkeypatch, tmp_path, name):
     torch.save(_torchvision_like_state(other), path)
     with pytest.raises(InputError, match="does not hold ImageNet weights"):
         build_backbone(name, pretrained=True)
+
+
+def test_tinycnn_has_no_imagenet_weights_and_a_narrow_groupnorm_decoder():
+    from histo_wsl.networks.negev import NEGEVModel
+
+    with pytest.raises(InputError, match="--no-pretrained"):
+        build_backbone("tinycnn", pretrained=True)
+    model = NEGEVModel(build_classifier("tinycnn", "wgap", 2, pretrained=False))
+    assert model.decoder.channels == (64, 32, 16, 8)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())

@@ -2,11 +2,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from histo_wsl.checkpoint import load_checkpoint
 from histo_wsl.cli.app import app
+from histo_wsl.config import TrainConfig
+from histo_wsl.errors import InputError
 from histo_wsl.losses import negative_loss
 from histo_wsl.networks.classifier import build_classifier
 from histo_wsl.networks.negev import NEGEVModel
 from histo_wsl.predictor import load_model
+from histo_wsl.stage2 import DecoderTask
 from histo_wsl.synthetic_patches import write_patch_dataset
 
 runner = CliRunner()
@@ -89,12 +93,19 @@ def test_train_decoder_end_to_end(tmp_path, stage1):
             "2",
             "--negative-class",
             "normal",
+            "--size-lambda",
+            "0.5",
             *TINY,
         ],
     )
     assert r.exit_code == 0, r.stderr
     pred = load_model(out / "best-loc.pt")  # self-contained: classifier + decoder
     assert pred.method == "negev" and pred.card["negative_term"] is True
+    assert pred.card["size_term"]["lambda"] == 0.5
+    header = (out / "summary.csv").read_text().splitlines()[0].split(",")
+    assert {"seed_loss", "negative_loss", "size_loss", "size_t"} <= set(header)
+    state = load_checkpoint(out / "last.pt")
+    assert state["training"]["task"]["size_t"] == pytest.approx(1.01**2)  # after 2 epochs
     logits, maps = pred.predict(torch.randn(2, 3, 48, 48))
     assert logits.shape == (2, 2) and maps.shape == (2, 48, 48)
 
@@ -159,3 +170,23 @@ def test_bad_inputs_before_training(tmp_path, stage1):
         ],
     )
     assert r.exit_code == 2 and "do not fit" in r.stderr
+
+
+def test_size_t_schedule_is_task_state():
+    from types import SimpleNamespace
+
+    stage1 = SimpleNamespace(card={"method": "cam", "class_names": ["a", "b"]}, path="x.pt")
+    ds = SimpleNamespace(class_names=["a", "b"], negative_class=None)
+    cfg = TrainConfig(size_lambda=1.0, size_t0=1.0, size_t_max=1.03, size_t_mult=1.01)
+    task = DecoderTask(cfg, ds, stage1)
+    seen = [task.size_t]
+    for epoch in (1, 2, 3):
+        task.on_epoch_end(epoch)
+        seen.append(task.size_t)
+    assert seen == pytest.approx([1.0, 1.01, 1.0201, 1.03])  # ×1.01 per epoch, capped
+    resumed = DecoderTask(cfg, ds, stage1)
+    resumed.load_state_dict(task.state_dict())
+    assert resumed.size_t == task.size_t
+    for bad in ({"seed_mode": "fixed"}, {"size_t_max": 0.5}, {"size_lambda": -1.0}):
+        with pytest.raises(InputError):
+            DecoderTask(TrainConfig(**bad), ds, stage1)

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from histo_wsl import __version__
-from histo_wsl.cli import demo, evaluate, extract, localize, slide_info, train
+from histo_wsl.cli import demo, evaluate, extract, localize, models, slide_info, train
 
 app = typer.Typer(
     name="histo-wsl",
@@ -47,6 +47,7 @@ app.command("train-classifier", epilog=train.EPILOG)(train.train_classifier)
 app.command("train-decoder", epilog=train.DECODER_EPILOG)(train.train_decoder)
 app.command("evaluate", epilog=evaluate.EPILOG)(evaluate.evaluate)
 app.command("localize", epilog=localize.EPILOG)(localize.localize)
+app.add_typer(models.app, name="models")
 
 
 def main() -> None:

@@ -14,8 +14,9 @@ EPILOG = (
     "Examples: histo-wsl evaluate runs/cam/best-loc.pt --data ../shared/data/glas --out eval/cam  |  "
     "histo-wsl evaluate best-loc.pt --data data.csv --split val --calibrate --out eval/val  |  "
     "histo-wsl evaluate --compare runs/cam/best-loc.pt runs/negev/best-loc.pt --data test.csv "
-    "--split test --out eval/compare  |  histo-wsl evaluate --predictions localized/ "
-    "--annotations annotations/ --out eval/slides"
+    "--split test --out eval/compare  |  histo-wsl evaluate glas-negev-mobilenetv2 --data "
+    "../shared/data/glas --split test --out eval/default  |  "
+    "histo-wsl evaluate --predictions localized/ --annotations annotations/ --out eval/slides"
 )
 
 
@@ -32,9 +33,11 @@ def _fmt(entry: dict | None, scale: float = 1.0) -> str:
 @reports_errors
 def evaluate(
     models: Annotated[
-        list[Path] | None,
+        list[str] | None,
         typer.Argument(
-            help="Checkpoint(s) (.pt) from train-classifier / train-decoder; several with --compare.",
+            metavar="[MODEL]...",
+            help="Checkpoint(s) (.pt) from train-classifier / train-decoder, or installed model "
+            "names (see `histo-wsl models`); several with --compare.",
             show_default=False,
         ),
     ] = None,
@@ -175,8 +178,10 @@ def evaluate(
         raise fail(f"{len(models)} checkpoints given: add --compare to put them side by side")
     if data is None:
         raise fail("--data is required: the images with their ground-truth masks")
+    from histo_wsl.models import resolve_model
+
     settings = EvalSettings(
-        models=models,
+        models=[resolve_model(m) for m in models],
         data=data,
         out=out,
         split=split,

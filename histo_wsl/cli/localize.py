@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -23,6 +24,8 @@ from histo_wsl.cli.common import (
 
 EPILOG = """Examples:
 
+  histo-wsl localize slide.svs --out maps   (the default installed model)
+
   histo-wsl localize slides/ --model runs/negev/best-loc.pt --out maps
 
   histo-wsl localize slide.svs --model runs/cam/best-loc.pt --cam gradcampp --output-mpp 4 --json
@@ -35,12 +38,14 @@ EPILOG = """Examples:
 def localize(
     inputs: InputsArg,
     model: Annotated[
-        Path | None,
+        str | None,
         typer.Option(
             "--model",
             "-m",
-            help="Checkpoint (.pt) from train-classifier or train-decoder. Required for now: "
-            "there is no default model yet.",
+            metavar="NAME|PATH",
+            help="An installed model's name (see `histo-wsl models`), or a checkpoint (.pt) from "
+            "train-classifier or train-decoder. Default: the default installed model (the "
+            "shipped GlaS NEGEV model when present).",
             show_default=False,
         ),
     ] = None,
@@ -195,15 +200,23 @@ def localize(
     from histo_wsl.localize import MISSING_MODEL, LocalizeParams
     from histo_wsl.localize import localize as run
 
-    if model is None:
-        raise fail(MISSING_MODEL)
     if prob_bits not in (8, 16):
         raise fail(f"--prob-bits must be 8 or 16, got {prob_bits}")
+    from histo_wsl.models import default_model, resolve_model
+
+    if model is None:
+        entry = default_model()
+        if entry is None:
+            raise fail(MISSING_MODEL)
+        model_path = entry.weights
+        print(f"histo-wsl: using the default model {entry.name} ({model_path})", file=sys.stderr)
+    else:
+        model_path = resolve_model(model)
 
     from histo_wsl.tissue import TissueParams
 
     params = LocalizeParams(
-        model=model,
+        model=model_path,
         cam=cam,
         class_name=class_name,
         mpp=mpp,

@@ -1,4 +1,4 @@
-"""``histo-wsl train-classifier``: stage 1 (CAM classifier) on image-level labels."""
+"""``histo-wsl train-classifier`` (stage 1: CAM classifier or Max-Min) and ``train-decoder``."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ EPILOG = (
     "Examples: histo-wsl train-classifier ../shared/data/glas --fold 0 --out runs/cam "
     "--epochs 40 --batch-size 16 --lr 0.003  |  histo-wsl train-classifier patches/ "
     "--negative-class normal --out runs/cam  |  histo-wsl train-classifier --config cam.yaml "
-    "data.csv  |  torchrun --nproc_per_node 4 -m histo_wsl train-classifier ..."
+    "data.csv  |  histo-wsl train-classifier ../shared/data/glas --method maxmin --out runs/maxmin "
+    "--epochs 40 --batch-size 8  |  torchrun --nproc_per_node 4 -m histo_wsl train-classifier ..."
 )
 
 #: options that are not training settings (never stored in the config)
@@ -109,6 +110,13 @@ def train_classifier(
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder.")] = Path("runs/cam"),
     config: ConfigOpt = None,
+    method: Annotated[
+        str,
+        typer.Option(
+            help="cam: a classifier whose CAMs localize; maxmin: Max-Min uncertainty (TMI 2022), "
+            "a localizer and a classifier on one backbone, trained through the mask."
+        ),
+    ] = "cam",
     backbone: Annotated[
         str,
         typer.Option(
@@ -117,7 +125,11 @@ def train_classifier(
         ),
     ] = "mobilenetv2",
     head: Annotated[
-        str, typer.Option(help="Pooling head: wgap (CAM), gap, max, lse, wildcat, mil.")
+        str,
+        typer.Option(
+            help="Pooling head: wgap (CAM), gap, max, lse, wildcat, mil. Max-Min always uses two "
+            "WILDCAT heads."
+        ),
     ] = "wgap",
     pretrained: Annotated[
         bool,
@@ -164,6 +176,82 @@ def train_classifier(
             "xgradcam, layercam."
         ),
     ] = "cam",
+    maxmin_lambda: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            rich_help_panel="Max-Min (--method maxmin)",
+            help="Weight λ of the background term R(C(X−)) (the original code: 1e-7).",
+        ),
+    ] = 1.0,
+    maxmin_regularizer: Annotated[
+        str,
+        typer.Option(
+            rich_help_panel="Max-Min (--method maxmin)",
+            help="R: sem (cross-entropy of C(X−) to the uniform distribution) or eem (its "
+            "negative entropy).",
+        ),
+    ] = "sem",
+    maxmin_w: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            rich_help_panel="Max-Min (--method maxmin)",
+            help="Steepness w of the mask sigmoid(w·(M̃ − σ)) (unitless).",
+        ),
+    ] = 5.0,
+    maxmin_sigma: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            rich_help_panel="Max-Min (--method maxmin)",
+            help="Initial σ, on the per-image min-max normalised map M̃ (0-1).",
+        ),
+    ] = 0.15,
+    maxmin_sigma_step: Annotated[
+        float,
+        typer.Option(
+            min=0.0, rich_help_panel="Max-Min (--method maxmin)", help="σ increase per epoch."
+        ),
+    ] = 0.001,
+    maxmin_sigma_max: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            rich_help_panel="Max-Min (--method maxmin)",
+            help="Ceiling of σ.",
+        ),
+    ] = 0.2,
+    maxmin_size: Annotated[
+        bool,
+        typer.Option(
+            "--maxmin-size/--no-maxmin-size",
+            rich_help_panel="Max-Min (--method maxmin)",
+            help="Size constraints: extended log-barriers keeping foreground and background each "
+            "a non-empty fraction of the image.",
+        ),
+    ] = True,
+    elb_t0: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            rich_help_panel="Max-Min (--method maxmin)",
+            help="Initial log-barrier t (the barrier switches to linear below a region of 1/t² of "
+            "the image).",
+        ),
+    ] = 5.0,
+    elb_t_max: Annotated[
+        float,
+        typer.Option(),
+    ] = 10.0,
+    elb_mult: Annotated[
+        float,
+        typer.Option(
+            min=1.0, rich_help_panel="Max-Min (--method maxmin)", help="t multiplier per epoch."
+        ),
+    ] = 1.01,
     workers: WorkersOpt = 2,
     device: DeviceOpt = "auto",
     amp: AmpOpt = True,
@@ -175,10 +263,12 @@ def train_classifier(
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Train the stage-1 CAM classifier on image-level labels (both papers' stage 1).
+    """Train a stage-1 model on image-level labels: the CAM classifier, or Max-Min (--method maxmin).
 
     Writes <out>/best-loc.pt (best PxAP on valpx), best-cls.pt (best val accuracy), last.pt,
     summary.csv (one row per epoch; epoch 0 = before training), config.yaml and run.json.
+    A Max-Min checkpoint's map is its localizer mask and its class argmax C(X+); localize and
+    evaluate take it as they take a CAM checkpoint.
     """
     from histo_wsl.stage1 import train_classifier as run
 
@@ -193,7 +283,9 @@ def train_classifier(
 DECODER_EPILOG = (
     "Examples: histo-wsl train-decoder ../shared/data/glas --classifier runs/cam/best-loc.pt "
     "--out runs/negev --epochs 40  |  histo-wsl train-decoder patches/ --classifier "
-    "runs/cam/best-loc.pt --negative-class normal --bg-sampler uniform"
+    "runs/cam/best-loc.pt --negative-class normal --bg-sampler uniform  |  histo-wsl "
+    "train-decoder ../shared/data/glas --classifier runs/cam/best-loc.pt --seed-mode static "
+    "--size-lambda 1"
 )
 
 
@@ -219,11 +311,30 @@ def train_decoder(
     fold: FoldOpt = 0,
     val_fraction: ValFractionOpt = 0.2,
     seeds_fg: Annotated[
-        int, typer.Option(min=1, help="Foreground pixels drawn ∝ CAM per image and step.")
+        int,
+        typer.Option(
+            min=1,
+            help="Foreground pixels per image and step: drawn ∝ CAM (random) or the highest "
+            "(static).",
+        ),
     ] = 1,
     seeds_bg: Annotated[
-        int, typer.Option(min=1, help="Background pixels drawn per image and step.")
+        int,
+        typer.Option(
+            min=0,
+            help="Background pixels per image and step: drawn with --bg-sampler (random) or the "
+            "lowest (static); 0 = none (the 'C+ only' ablation).",
+        ),
     ] = 1,
+    seed_mode: Annotated[
+        str,
+        typer.Option(
+            help="random: seeds drawn anew at every step (the paper); static: the --seeds-fg "
+            "highest and --seeds-bg lowest CAM pixels of each crop (ties to the lower row-major "
+            "index), same dilation and overlap rule, no randomness (the paper's 'static "
+            "selection' ablation).",
+        ),
+    ] = "random",
     seed_ksize: Annotated[
         int, typer.Option(min=1, help="Each seed dilated to a k×k square (odd).")
     ] = 3,
@@ -239,6 +350,40 @@ def train_decoder(
     negative_lambda: Annotated[
         float, typer.Option(min=0.0, help="Weight of the negative-image term.")
     ] = 1.0,
+    size_lambda: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            rich_help_panel="Size term (off by default, as in the paper)",
+            help="Weight of the size term ½ Σ_{bg,fg} ELB(−size) on the decoder's softmax of "
+            "non-negative images, sizes as fractions of the image (keeps both regions non-empty); "
+            "0 = off. At t = 1 it is flat (zero gradient) and acts as t grows.",
+        ),
+    ] = 0.0,
+    size_t0: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            rich_help_panel="Size term (off by default, as in the paper)",
+            help="Initial log-barrier t (the paper: 1).",
+        ),
+    ] = 1.0,
+    size_t_max: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            rich_help_panel="Size term (off by default, as in the paper)",
+            help="Ceiling of t (the paper: 10).",
+        ),
+    ] = 10.0,
+    size_t_mult: Annotated[
+        float,
+        typer.Option(
+            min=1.0,
+            rich_help_panel="Size term (off by default, as in the paper)",
+            help="t multiplier per epoch (the paper: 1.01); t is saved in last.pt for --resume.",
+        ),
+    ] = 1.01,
     cam_method: Annotated[str, typer.Option(help="CAM method the seeds come from.")] = "cam",
     epochs: EpochsOpt = 20,
     batch_size: BatchSizeOpt = 32,

@@ -16,6 +16,8 @@ inceptionv3 truncated after Mixed_6e; Mixed_6a at stride 1; paddings 64@112, 80@
             (Dropout 0.5, conv 3×3 → 1024, ReLU)
 mobilenetv2 inverted-residual blocks that would go below stride 8 get 16@112, 24@56, 32@28, 96@28, 1280@28
             stride 1 (no dilation); features up to the final 1×1 conv
+tinycnn     not torchvision: four conv-GroupNorm-ReLU stages, no    16@112, 32@56, 64@28, 128@28
+            ImageNet weights (from scratch only); CPU demos, tests
 =========== ======================================================= ========================================
 
 The ResNet stage ``64@112`` is taken after the stem's ReLU, before its max-pool. MobileNetV2's CAM layer is
@@ -42,7 +44,10 @@ from torchvision.models.resnet import Bottleneck
 
 from histo_wsl.errors import InputError
 
-BACKBONES = ("resnet50", "resnet18", "vgg16", "inceptionv3", "mobilenetv2")
+BACKBONES = ("resnet50", "resnet18", "vgg16", "inceptionv3", "mobilenetv2", "tinycnn")
+
+#: Backbones without ImageNet weights (trained from scratch only).
+NO_IMAGENET = ("tinycnn",)
 
 #: Names of the two learning-rate groups (method.md §1.4): the base lr, and 10× the base lr.
 BASE = "base"
@@ -50,6 +55,8 @@ X10 = "x10"
 
 
 def _imagenet_weights(name: str) -> tvm.WeightsEnum:
+    if _check_name(name) in NO_IMAGENET:
+        raise InputError(f"{name} has no ImageNet weights: train it with --no-pretrained")
     table = {
         "resnet50": tvm.ResNet50_Weights.IMAGENET1K_V1,
         "resnet18": tvm.ResNet18_Weights.IMAGENET1K_V1,
@@ -98,6 +105,10 @@ class Backbone(nn.Module):
     stage_channels: list[int]
     stage_strides: list[int]
     other_group: str = BASE
+    #: width of a U-Net decoder built on this backbone, relative to the paper's channel plan
+    decoder_width: float = 1.0
+    #: normalisation layers of the backbone, which a decoder built on it uses too
+    norm: str = "batch"
     #: parameter/buffer name prefixes of layers that are not in the ImageNet checkpoint
     new_layer_prefixes: tuple[str, ...] = ()
 
@@ -176,7 +187,7 @@ def _kaiming_init(module: nn.Module) -> None:
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
 
@@ -429,6 +440,55 @@ class _MobileNetV2Backbone(Backbone):
         return parts[0] == "features" and int(parts[1]) >= _MOBILENET_X10_FROM
 
 
+def _tiny_stage(cin: int, cout: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
+        nn.GroupNorm(8, cout),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+        nn.GroupNorm(8, cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+class _TinyCNNBackbone(Backbone):
+    """A small stride-8 CNN (about 0.3 M parameters) for CPU demos and tests; no ImageNet weights.
+
+    Four stages of two 3×3 conv-GroupNorm-ReLU each; the first conv of stages 1-3 has stride 2.
+    GroupNorm (here and in a decoder built on it, :attr:`norm`) keeps no running statistics, so the
+    short runs it is made for (a few dozen steps) evaluate as they train, which BatchNorm's running
+    averages would not after so few steps. A decoder built on it uses a quarter of the paper's
+    channel plan (:attr:`decoder_width`). Learning-rate groups: ``stage4`` at 10× (with the head), the
+    rest and any decoder at the base lr.
+    """
+
+    other_group = BASE
+    decoder_width = 0.25
+    norm = "group"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.name = "tinycnn"
+        self.stage1 = _tiny_stage(3, 16, 2)
+        self.stage2 = _tiny_stage(16, 32, 2)
+        self.stage3 = _tiny_stage(32, 64, 2)
+        self.stage4 = _tiny_stage(64, 128, 1)
+        _kaiming_init(self)
+        self.stage_channels = [16, 32, 64, 128]
+        self.stage_strides = [2, 4, 8, 8]
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """Stage features: 16@/2, 32@/4, 64@/8, 128@/8."""
+        s1 = self.stage1(x)
+        s2 = self.stage2(s1)
+        s3 = self.stage3(s2)
+        return [s1, s2, s3, self.stage4(s3)]
+
+    def is_x10(self, param_name: str) -> bool:
+        """``stage4.*`` is trained at 10× the lr."""
+        return param_name.startswith("stage4.")
+
+
 def build_backbone(name: str, pretrained: bool) -> Backbone:
     """Build a stride-8 encoder, optionally with ImageNet weights from the local torch hub cache.
 
@@ -451,6 +511,8 @@ def build_backbone(name: str, pretrained: bool) -> Backbone:
         backbone = _VGGBackbone()
     elif name == "inceptionv3":
         backbone = _InceptionBackbone()
+    elif name == "tinycnn":
+        backbone = _TinyCNNBackbone()
     else:
         backbone = _MobileNetV2Backbone()
     if pretrained:

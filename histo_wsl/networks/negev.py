@@ -23,24 +23,35 @@ __all__ = ["NEGEVModel", "UNetDecoder", "decoder_channels"]
 _CHANNELS = (256, 128, 64, 32, 16)
 
 
-def decoder_channels(n_blocks: int) -> tuple[int, ...]:
-    """The paper's channel plan: (256, 128, 64, 32, 16) truncated (VGG16: 256, 128, 64)."""
-    if n_blocks > len(_CHANNELS):
-        return _CHANNELS + (16,) * (n_blocks - len(_CHANNELS))
-    return _CHANNELS[:n_blocks]
+def decoder_channels(n_blocks: int, width: float = 1.0) -> tuple[int, ...]:
+    """The paper's channel plan: (256, 128, 64, 32, 16) truncated (VGG16: 256, 128, 64).
+
+    ``width`` scales it for small backbones (``tinycnn``: 0.25), never below 4 channels a block.
+    """
+    plan = _CHANNELS + (16,) * max(0, n_blocks - len(_CHANNELS))
+    return tuple(max(4, int(round(c * width))) for c in plan[:n_blocks])
 
 
-def _conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
+def norm_layer(kind: str, channels: int) -> nn.Module:
+    """``batch``: BatchNorm2d; ``group``: GroupNorm with up to 8 groups (no running statistics)."""
+    if kind == "group":
+        return nn.GroupNorm(math.gcd(8, channels), channels)
+    return nn.BatchNorm2d(channels)
+
+
+def _conv_bn_relu(cin: int, cout: int, norm: str = "batch") -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+        norm_layer(norm, cout),
+        nn.ReLU(inplace=True),
     )
 
 
 class _Block(nn.Module):
-    def __init__(self, cin: int, skip: int, cout: int) -> None:
+    def __init__(self, cin: int, skip: int, cout: int, norm: str = "batch") -> None:
         super().__init__()
-        self.conv1 = _conv_bn_relu(cin + skip, cout)
-        self.conv2 = _conv_bn_relu(cout, cout)
+        self.conv1 = _conv_bn_relu(cin + skip, cout, norm)
+        self.conv2 = _conv_bn_relu(cout, cout, norm)
 
     def forward(self, x: Tensor, skip: Tensor | None, size: tuple[int, int] | None) -> Tensor:
         x = F.interpolate(x, scale_factor=2.0, mode="nearest")
@@ -59,9 +70,18 @@ class UNetDecoder(nn.Module):
         stage_channels: channels of the backbone stages, shallow to deep.
         stage_strides: their strides relative to the input.
         center: add the VGG-style centre block at the deepest stage.
+        width: scale of the channel plan (see :func:`decoder_channels`).
+        norm: normalisation of the conv blocks, ``batch`` or ``group`` (see :func:`norm_layer`).
     """
 
-    def __init__(self, stage_channels: list[int], stage_strides: list[int], center: bool = False):
+    def __init__(
+        self,
+        stage_channels: list[int],
+        stage_strides: list[int],
+        center: bool = False,
+        width: float = 1.0,
+        norm: str = "batch",
+    ):
         super().__init__()
         keep = [i for i, s in enumerate(stage_strides) if s > 1]
         channels = [stage_channels[i] for i in keep]
@@ -70,10 +90,10 @@ class UNetDecoder(nn.Module):
         skips = channels[:-1][::-1]
         extra = int(round(math.log2(strides[0]))) if strides else 0
         n_blocks = len(skips) + extra
-        plan = decoder_channels(n_blocks)
+        plan = decoder_channels(n_blocks, width)
         self.keep = keep
         self.center = (
-            nn.Sequential(_conv_bn_relu(head_c, head_c), _conv_bn_relu(head_c, head_c))
+            nn.Sequential(_conv_bn_relu(head_c, head_c, norm), _conv_bn_relu(head_c, head_c, norm))
             if center
             else None
         )
@@ -81,7 +101,7 @@ class UNetDecoder(nn.Module):
         cin = head_c
         for i in range(n_blocks):
             skip_c = skips[i] if i < len(skips) else 0
-            blocks.append(_Block(cin, skip_c, plan[i]))
+            blocks.append(_Block(cin, skip_c, plan[i], norm))
             cin = plan[i]
         self.blocks = nn.ModuleList(blocks)
         self.n_skips = len(skips)
@@ -95,7 +115,7 @@ class UNetDecoder(nn.Module):
                 nn.init.kaiming_uniform_(m.weight, mode="fan_in", nonlinearity="relu")
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
+            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
         nn.init.xavier_uniform_(self.seg_head.weight)
@@ -130,7 +150,11 @@ class NEGEVModel(nn.Module):
         self.classifier = classifier
         bb = classifier.backbone
         self.decoder = UNetDecoder(
-            list(bb.stage_channels), list(bb.stage_strides), center=bb.name == "vgg16"
+            list(bb.stage_channels),
+            list(bb.stage_strides),
+            center=bb.name == "vgg16",
+            width=bb.decoder_width,
+            norm=bb.norm,
         )
         for p in self.classifier.parameters():
             p.requires_grad_(False)

@@ -1,0 +1,222 @@
+"""Max-Min uncertainty (IEEE TMI 2022) as a stage-1 method: ``train-classifier --method maxmin``.
+
+:class:`MaxMinTask` is the recipe the training engine runs: the network of
+:mod:`histo_wsl.networks.maxmin`, the loss of :func:`histo_wsl.maxmin_losses.maxmin_loss`, the
+same data, transforms, selection (``best-cls.pt`` by val accuracy of argmax C(X+), ``best-loc.pt`` by
+PxAP of the mask on ``valpx``) and checkpoint format as the CAM classifier of stage 1.
+
+Schedules (method.md §2.1-2.2), both pure functions of the epoch, so ``--resume`` is exact:
+σ during epoch e (1-based) = min(σ0 + (e − 1)·step, σ_max); log-barrier t = min(t0·mult^(e − 1),
+t_max). After epoch e the model's σ buffer is set to the value of epoch e + 1, so the checkpoint
+written after epoch e is evaluated (and later used) with the σ it carries.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from histo_wsl import __version__
+from histo_wsl.config import TrainConfig
+from histo_wsl.data.images import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    LabelledImages,
+    train_transform,
+)
+from histo_wsl.data.sources import Dataset
+from histo_wsl.errors import InputError
+from histo_wsl.maxmin_losses import REGULARIZERS, maxmin_loss
+from histo_wsl.networks.backbones import build_backbone
+from histo_wsl.networks.classifier import unwrap
+from histo_wsl.networks.maxmin import MAXMIN_HEAD_OPTS, MaxMinModel, maxmin_param_groups
+from histo_wsl.stage1 import _plain_config, evaluate_maps, load_training_data, seen_mpp
+
+__all__ = ["MaxMinTask", "check_maxmin_config", "sigma_at", "t_at", "train_maxmin"]
+
+
+def check_maxmin_config(cfg: TrainConfig) -> None:
+    """Reject Max-Min settings that cannot work, before any data is read.
+
+    Raises:
+        InputError: the first bad value, named with its option and the valid range.
+    """
+    c = cfg
+    checks = [
+        (
+            c.maxmin_regularizer in REGULARIZERS,
+            f"--maxmin-regularizer must be sem or eem (got {c.maxmin_regularizer!r})",
+        ),
+        (c.maxmin_lambda >= 0, f"--maxmin-lambda must be >= 0 (got {c.maxmin_lambda})"),
+        (c.maxmin_w > 0, f"--maxmin-w must be > 0 (got {c.maxmin_w})"),
+        (0 <= c.maxmin_sigma < 1, f"--maxmin-sigma must be in [0, 1) (got {c.maxmin_sigma})"),
+        (
+            c.maxmin_sigma_step >= 0,
+            f"--maxmin-sigma-step must be >= 0 (got {c.maxmin_sigma_step})",
+        ),
+        (
+            c.maxmin_sigma <= c.maxmin_sigma_max < 1,
+            f"--maxmin-sigma-max must be in [--maxmin-sigma, 1) (got {c.maxmin_sigma_max})",
+        ),
+        (c.elb_t0 > 0, f"--elb-t0 must be > 0 (got {c.elb_t0})"),
+        (c.elb_t_max >= c.elb_t0, f"--elb-t-max must be >= --elb-t0 (got {c.elb_t_max})"),
+        (c.elb_mult >= 1, f"--elb-mult must be >= 1 (got {c.elb_mult})"),
+        (
+            c.head in ("wgap", "wildcat"),
+            f"--head {c.head}: Max-Min uses its own two WILDCAT heads; drop --head",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise InputError(message)
+
+
+def sigma_at(cfg: TrainConfig, epoch: int) -> float:
+    """σ used during ``epoch`` (1-based; epoch 0 = before training uses σ0)."""
+    return min(cfg.maxmin_sigma + max(epoch - 1, 0) * cfg.maxmin_sigma_step, cfg.maxmin_sigma_max)
+
+
+def t_at(cfg: TrainConfig, epoch: int) -> float:
+    """Log-barrier t used during ``epoch`` (1-based)."""
+    return min(cfg.elb_t0 * cfg.elb_mult ** max(epoch - 1, 0), cfg.elb_t_max)
+
+
+class MaxMinTask:
+    """Max-Min training for the engine (see the module docstring)."""
+
+    selection = [("best-loc.pt", "valpx_pxap"), ("best-cls.pt", "val_acc")]
+
+    def __init__(self, cfg: TrainConfig, ds: Dataset, notes: list[str] | None = None) -> None:
+        check_maxmin_config(cfg)
+        self.cfg, self.ds = cfg, ds
+        self.notes = notes or []
+        self.negative = ds.negative_class
+        self.mask_mode = "minmax" if self.negative is None else "absolute"
+        self.model: MaxMinModel | None = None
+        self._seen_mpp: float | None = None
+
+    def build_model(self) -> nn.Module:
+        """Shared backbone (ImageNet weights if ``pretrained``) with the two WILDCAT heads."""
+        backbone = build_backbone(self.cfg.backbone, self.cfg.pretrained)
+        self.model = MaxMinModel(
+            backbone,
+            len(self.ds.class_names),
+            w=self.cfg.maxmin_w,
+            sigma=sigma_at(self.cfg, 1),
+            mask_mode=self.mask_mode,
+            negative_index=self.negative,
+        )
+        return self.model
+
+    def param_groups(self, model: nn.Module, lr: float) -> list[dict]:
+        """Backbone base layers at ``lr``; deep layers and both heads at ``lr × ratio``."""
+        return maxmin_param_groups(model, lr, self.cfg.lr_classifier_ratio)
+
+    def train_dataset(self) -> torch.utils.data.Dataset:
+        """The ``train`` split with the training preset (as stage 1)."""
+        return LabelledImages(
+            self.ds.split("train"),
+            self.cfg.resize_size,
+            train_transform(self.cfg.crop_size, jitter=self.cfg.color_jitter),
+        )
+
+    def training_step(self, model: nn.Module, batch: dict, epoch: int) -> tuple[torch.Tensor, dict]:
+        """The Max-Min loss of the batch at this epoch's σ and t."""
+        unwrap(model).sigma.fill_(sigma_at(self.cfg, epoch))
+        labels = batch["label"]
+        out = model(batch["image"], branches=True)
+        negative = labels == self.negative if self.negative is not None else None
+        loss, stats = maxmin_loss(
+            out.loc_logits,
+            out.pos_logits,
+            out.neg_logits,
+            out.mask,
+            out.mask_logits,
+            labels,
+            lam=self.cfg.maxmin_lambda,
+            regularizer=self.cfg.maxmin_regularizer,
+            t=t_at(self.cfg, epoch),
+            size=self.cfg.maxmin_size,
+            negative=negative,
+        )
+        acc = (out.pos_logits.argmax(1) == labels).float().mean()
+        return loss, {**stats, "train_acc": 100.0 * float(acc)}
+
+    def evaluate(self, model: nn.Module, device: torch.device) -> dict:
+        """Accuracy of argmax C(X+) on val, PxAP of the mask M on valpx."""
+        return evaluate_maps(
+            unwrap(model),
+            self.ds.split("val"),
+            self.ds.split("valpx"),
+            lambda net, x, y: net.localize(x),
+            device,
+            len(self.ds.class_names),
+            size=self.cfg.crop_size,
+        )
+
+    def card(self) -> dict:
+        """The model card (DESIGN.md §3), with the Max-Min settings under ``maxmin``."""
+        cfg = self.cfg
+        sigma = float(self.model.sigma) if self.model is not None else cfg.maxmin_sigma
+        return {
+            "method": "maxmin",
+            "stage": 1,
+            "backbone": cfg.backbone,
+            "head": "wildcat",
+            "head_opts": dict(MAXMIN_HEAD_OPTS),
+            "num_classes": len(self.ds.class_names),
+            "class_names": list(self.ds.class_names),
+            "negative_class": cfg.negative_class,
+            "input_size": cfg.crop_size,
+            "resize_size": cfg.resize_size,
+            "data_mpp": cfg.data_mpp,
+            "mpp": self._seen_mpp,
+            "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+            "threshold": 0.5,
+            "maxmin": {
+                "mask": self.mask_mode,
+                "negative_index": self.negative,
+                "w": cfg.maxmin_w,
+                "sigma": round(sigma, 6),
+                "regularizer": cfg.maxmin_regularizer,
+                "lambda": cfg.maxmin_lambda,
+                "size_constraint": cfg.maxmin_size,
+                "size_unit": "fraction of the image",
+                "elb": {"t0": cfg.elb_t0, "t_max": cfg.elb_t_max, "mult": cfg.elb_mult},
+            },
+            "training_data": self.ds.describe(),
+            "config": _plain_config(cfg),
+            "versions": {"histo-wsl": __version__, "torch": str(torch.__version__)},
+        }
+
+    def on_epoch_end(self, epoch: int) -> None:
+        """Move σ to the next epoch's value (the checkpoint of this epoch carries it)."""
+        if self.model is not None:
+            self.model.sigma.fill_(sigma_at(self.cfg, epoch + 1))
+
+    def state_dict(self) -> dict:
+        """Schedules are functions of the epoch; recorded for information only."""
+        return {"sigma": float(self.model.sigma) if self.model is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Nothing to restore: σ is a model buffer and t a function of the epoch."""
+
+
+def train_maxmin(
+    cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, argv: list[str] | None = None
+) -> dict:
+    """Run ``train-classifier --method maxmin``: check settings and data, then train.
+
+    Returns:
+        The engine's summary plus the dataset description and any skipped files.
+    """
+    from histo_wsl.training import fit
+
+    check_maxmin_config(cfg)
+    ds, dropped = load_training_data(cfg)
+    if cfg.data_mpp is None:
+        cfg.data_mpp = ds.data_mpp
+    task = MaxMinTask(cfg, ds, dropped)
+    task._seen_mpp = seen_mpp(ds, cfg.data_mpp, cfg.resize_size)
+    summary = fit(cfg, task, resume=resume, quiet=quiet, argv=argv)
+    return {**summary, "data": ds.describe(), "skipped_files": dropped, "notes": ds.notes}

@@ -1,0 +1,175 @@
+"""The Max-Min uncertainty network (Belharbi et al., IEEE TMI 2022; method.md §2.1).
+
+One shared backbone runs twice per image: as the **localizer** M on the image X, and as the
+**classifier** C on the masked images X+ = X ⊙ M and X− = X ⊙ (1 − M). Each role has its own WILDCAT
+head (``head``: localizer, ``cl_head``: classifier), both on the backbone's CAM layer (stride 8).
+
+Mask modes:
+
+- ``minmax`` (GlaS, the paper): the soft mask M+ = Σ_c softmax(s_M)_c · map_c of the localizer's
+  class maps, upsampled bilinearly to the input size, min-max normalised **per image** to M̃ (the
+  original code normalises over the batch, which couples images; method.md §7 pitfall 4), and the
+  pseudo-binary mask M = sigmoid(w · (M̃ − σ)). Every image's mask then spans the same range, so it
+  can never be empty: right for data where every image holds some ROI.
+- ``absolute`` (data with a negative class, the Camelyon16 variant): a class-agnostic foreground
+  logit ℓ = logsumexp_{c ≠ neg} map_c − map_neg (the log-odds that a pixel shows any non-negative
+  class rather than the negative one), upsampled, and M = sigmoid(w · ℓ) (no σ shift, no min-max, as
+  in the Camelyon16 code), so that images of the negative class can have an all-background mask.
+
+Gradients reach the localizer through the mask (nothing is detached). ``σ`` and ``w`` are buffers,
+so a checkpoint carries the values its model was evaluated with. At inference the class is
+argmax C(X+) and the localization map is M (in [0, 1], at the input size; 0.5 ⇔ M̃ ≥ σ).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import Tensor, nn
+
+from histo_wsl.networks.backbones import BASE, X10, Backbone
+from histo_wsl.networks.heads import WildcatHead, wildcat_pool
+
+__all__ = ["MASK_MODES", "MAXMIN_HEAD_OPTS", "MaxMinModel", "MaxMinOutput", "maxmin_param_groups"]
+
+MASK_MODES = ("minmax", "absolute")
+#: WILDCAT settings of both heads in the Max-Min GlaS command (method.md §2.1)
+MAXMIN_HEAD_OPTS = {"modalities": 5, "kmax": 0.3, "kmin": 0.0, "alpha": 0.6, "dropout": 0.1}
+
+
+@dataclass
+class MaxMinOutput:
+    """Everything a training step needs from one forward pass."""
+
+    loc_logits: Tensor  #: localizer's pooled class scores s_M (B,K)
+    mask_logits: Tensor  #: logits of the pseudo-binary mask (B,H,W)
+    mask: Tensor  #: pseudo-binary mask M = sigmoid(mask_logits) (B,H,W)
+    pos_logits: Tensor  #: C(X+) (B,K)
+    neg_logits: Tensor  #: C(X−) (B,K)
+
+
+def _minmax_per_image(x: Tensor, eps: float = 1e-6) -> Tensor:
+    """Min-max normalise each map of (B,H,W) to [0,1] separately (differentiable)."""
+    flat = x.flatten(1)
+    lo = flat.amin(1).view(-1, 1, 1)
+    hi = flat.amax(1).view(-1, 1, 1)
+    return (x - lo) / (hi - lo + eps)
+
+
+class MaxMinModel(nn.Module):
+    """Shared backbone + localizer head + classifier head.
+
+    Args:
+        backbone: the shared stride-8 encoder.
+        num_classes: number of classes K.
+        w: steepness of the pseudo-binary mask.
+        sigma: threshold σ on the normalised map (``minmax`` mode).
+        mask_mode: ``minmax`` or ``absolute`` (see the module docstring).
+        negative_index: index of the negative class (``absolute`` mode only).
+        head_opts: WILDCAT options of both heads (default :data:`MAXMIN_HEAD_OPTS`).
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        num_classes: int,
+        *,
+        w: float = 5.0,
+        sigma: float = 0.15,
+        mask_mode: str = "minmax",
+        negative_index: int | None = None,
+        head_opts: dict | None = None,
+    ) -> None:
+        super().__init__()
+        if mask_mode not in MASK_MODES:
+            raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
+        if mask_mode == "absolute" and (
+            negative_index is None or not 0 <= negative_index < num_classes
+        ):
+            raise ValueError("the absolute mask needs the index of the negative class")
+        opts = dict(MAXMIN_HEAD_OPTS if head_opts is None else head_opts)
+        self.backbone = backbone
+        self.head = WildcatHead(backbone.out_channels, num_classes, **opts)
+        self.cl_head = WildcatHead(backbone.out_channels, num_classes, **opts)
+        self.mask_mode = mask_mode
+        self.negative_index = negative_index
+        self.register_buffer("sigma", torch.tensor(float(sigma)))
+        self.register_buffer("w", torch.tensor(float(w)))
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes K."""
+        return self.head.num_classes
+
+    def locate(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(localizer scores s_M (B,K), mask logits (B,H,W) at the input size)."""
+        maps = self.head.cams(self.backbone(x)[-1])  # (B,K,h,w)
+        scores = wildcat_pool(maps, self.head.kmax, self.head.kmin, self.head.alpha)
+        size = tuple(x.shape[-2:])
+        if self.mask_mode == "minmax":
+            weights = scores.float().softmax(1)[:, :, None, None]
+            soft = (weights * maps.float()).sum(1, keepdim=True)
+            soft = F.interpolate(soft, size=size, mode="bilinear", align_corners=False)[:, 0]
+            logits = self.w * (_minmax_per_image(soft) - self.sigma)
+        else:
+            neg = self.negative_index
+            others = torch.cat([maps[:, :neg], maps[:, neg + 1 :]], dim=1).float()
+            fg = torch.logsumexp(others, dim=1, keepdim=True) - maps[:, neg : neg + 1].float()
+            fg = F.interpolate(fg, size=size, mode="bilinear", align_corners=False)[:, 0]
+            logits = self.w * fg
+        return scores, logits
+
+    def classify(self, x: Tensor) -> Tensor:
+        """Classifier logits C(x) (B,K) with the shared backbone and the classifier head."""
+        return self.cl_head(self.backbone(x)[-1])
+
+    def branches(self, x: Tensor) -> MaxMinOutput:
+        """Localizer scores, the mask, C(X+) and C(X−) (gradients flow through the mask)."""
+        scores, logits = self.locate(x)
+        mask = torch.sigmoid(logits)
+        m = mask[:, None].to(x.dtype)
+        return MaxMinOutput(scores, logits, mask, self.classify(x * m), self.classify(x * (1 - m)))
+
+    def forward(self, x: Tensor, branches: bool = False) -> Tensor | MaxMinOutput:
+        """Image-class logits C(X+) (B,K); with ``branches``, :meth:`branches`' output.
+
+        (Training goes through ``forward(x, branches=True)`` so that DistributedDataParallel sees
+        the call.)
+        """
+        if branches:
+            return self.branches(x)
+        return self.localize(x)[0]
+
+    def localize(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(C(X+) logits (B,K), mask M (B,H,W) in [0,1]): what ``localize``/``evaluate`` use."""
+        _, logits = self.locate(x)
+        mask = torch.sigmoid(logits)
+        return self.classify(x * mask[:, None].to(x.dtype)), mask
+
+
+def maxmin_param_groups(model: nn.Module, lr: float, ratio: float = 10.0) -> list[dict]:
+    """Two learning-rate groups for a :class:`MaxMinModel` (method.md §1.4's rule).
+
+    The backbone's base layers at ``lr``; its deep layers (``Backbone.is_x10``) and both heads at
+    ``ratio × lr``. An empty group is left out.
+    """
+    from histo_wsl.networks.classifier import unwrap
+
+    m = unwrap(model)
+    base: list[nn.Parameter] = []
+    x10: list[nn.Parameter] = []
+    for name, p in m.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.startswith("backbone."):
+            group = X10 if m.backbone.is_x10(name[len("backbone.") :]) else BASE
+        else:
+            group = X10
+        (x10 if group == X10 else base).append(p)
+    groups = [
+        {"params": base, "lr": lr, "name": BASE},
+        {"params": x10, "lr": lr * ratio, "name": X10},
+    ]
+    return [g for g in groups if g["params"]]
