@@ -76,7 +76,8 @@ def write_patch_dataset(
     rng = np.random.default_rng(seed)
     side = int(size * downsample * 6)
     with_glands = make_layout(side, side, mpp=0.5, n_sections=1, glands_per_section=24, seed=seed)
-    without = make_layout(side, side, mpp=0.5, n_sections=1, glands_per_section=0, seed=seed + 1)
+    # same seed: the same section, stain and texture, only without glands (no shortcut but glands)
+    without = make_layout(side, side, mpp=0.5, n_sections=1, glands_per_section=0, seed=seed)
     rows = []
     n_val = max(1, int(round(n_per_class * val_fraction)))
     for label, layout, positive in (("normal", without, False), ("gland", with_glands, True)):
