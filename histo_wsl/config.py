@@ -74,7 +74,7 @@ class TrainConfig:
     size_t_max: float = 10.0
     size_t_mult: float = 1.01
     # Max-Min (TMI 2022, method.md §2): train-classifier --method maxmin
-    maxmin_lambda: float = 1.0
+    maxmin_lambda: float = 0.1  # GlaS fold-0 val PxAP after 3 epochs: 1e-7 66.9, 0.1 75.4, 1 55.6
     maxmin_regularizer: str = "sem"
     maxmin_w: float = 5.0
     maxmin_sigma: float = 0.15

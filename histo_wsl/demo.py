@@ -41,6 +41,7 @@ class DemoRecipe:
         patch_size: patch side in pixels (patches are at 1 µm/px).
         crop_size: training crop side (the network input).
         backbone: the stage-1 backbone (trained from scratch: the demo needs no download).
+        head: the stage-1 pooling head.
         classifier_epochs: stage-1 epochs.
         classifier_lr: stage-1 base learning rate.
         decoder_epochs: stage-2 (NEGEV) epochs.
@@ -55,6 +56,7 @@ class DemoRecipe:
     patch_size: int = 96
     crop_size: int = 80
     backbone: str = "tinycnn"
+    head: str = "wgap"
     classifier_epochs: int = 10
     classifier_lr: float = 0.01
     decoder_epochs: int = 6
@@ -220,6 +222,7 @@ def run_demo(
     common = {
         "data": str(train_csv),
         "backbone": recipe.backbone,
+        "head": recipe.head,
         "pretrained": False,
         "data_mpp": SLIDE_MPP * PATCH_DOWNSAMPLE,
         "batch_size": recipe.batch_size,

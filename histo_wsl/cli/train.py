@@ -181,9 +181,10 @@ def train_classifier(
         typer.Option(
             min=0.0,
             rich_help_panel="Max-Min (--method maxmin)",
-            help="Weight λ of the background term R(C(X−)) (the original code: 1e-7).",
+            help="Weight λ of the background term R(C(X−)) (the original code: 1e-7, which turns "
+            "it off; 0.1 was best of 1e-7, 0.1 and 1 on GlaS validation).",
         ),
-    ] = 1.0,
+    ] = 0.1,
     maxmin_regularizer: Annotated[
         str,
         typer.Option(
