@@ -38,7 +38,8 @@ class DemoRecipe:
         glands_per_section: glands of each of the slide's tissue sections.
         patches_per_class: training + validation patches of each class.
         test_per_class: held-out test patches of each class.
-        patch_size: patch side in pixels (patches are at 1 µm/px).
+        patch_size: patch side in pixels.
+        patch_downsample: slide level-0 pixels per patch pixel (2: patches at 1 µm/px).
         crop_size: training crop side (the network input).
         backbone: the stage-1 backbone (trained from scratch: the demo needs no download).
         head: the stage-1 pooling head.
@@ -54,6 +55,7 @@ class DemoRecipe:
     patches_per_class: int = 40
     test_per_class: int = 16
     patch_size: int = 96
+    patch_downsample: float = 2.0
     crop_size: int = 80
     backbone: str = "tinycnn"
     head: str = "wgap"
@@ -75,9 +77,8 @@ SHORT_RECIPE = DemoRecipe(
     classifier_epochs=8,
     decoder_epochs=4,
 )
-#: Resolution of the synthetic slide (µm/px) and level-0 pixels per patch pixel.
+#: Resolution of the synthetic slide (µm/px).
 SLIDE_MPP = 0.5
-PATCH_DOWNSAMPLE = 2.0
 STEPS = 7
 
 
@@ -116,7 +117,7 @@ def _write_data(out: Path, recipe: DemoRecipe, seed: int) -> tuple[Path, Path]:
         out / "data" / "train",
         n_per_class=recipe.patches_per_class,
         size=recipe.patch_size,
-        downsample=PATCH_DOWNSAMPLE,
+        downsample=recipe.patch_downsample,
         val_fraction=0.25,
         seed=seed,
     )
@@ -124,7 +125,7 @@ def _write_data(out: Path, recipe: DemoRecipe, seed: int) -> tuple[Path, Path]:
         out / "data" / "test",
         n_per_class=recipe.test_per_class,
         size=recipe.patch_size,
-        downsample=PATCH_DOWNSAMPLE,
+        downsample=recipe.patch_downsample,
         val_fraction=0.0,
         seed=seed + 1000,
     )
@@ -224,7 +225,7 @@ def run_demo(
         "backbone": recipe.backbone,
         "head": recipe.head,
         "pretrained": False,
-        "data_mpp": SLIDE_MPP * PATCH_DOWNSAMPLE,
+        "data_mpp": SLIDE_MPP * recipe.patch_downsample,
         "batch_size": recipe.batch_size,
         "crop_size": recipe.crop_size,
         "resize_size": recipe.patch_size,
