@@ -51,6 +51,10 @@ __all__ = [
 
 #: Thumbnail rows read at a time by :func:`scan_tissue` and :func:`write_tissue_images`.
 BAND_ROWS = tissue.DETECT_STRIP_ROWS
+#: Thumbnails up to this size (RGB bytes; 1448² px) are read once and kept for the QC images:
+#: reading a small thumbnail band by band costs more time than it saves memory. Larger ones
+#: (slides over about 46,000 px at 0.25 µm/px) are read in bands, so the peak stays bounded.
+THUMBNAIL_KEEP_BYTES = 6 * 2**20
 #: Colours of the QC drawings (RGB): tissue contours and extracted patches.
 TISSUE_COLOR = (0, 200, 0)
 PATCH_COLOR = (30, 90, 230)
@@ -143,7 +147,7 @@ def find_tissue(
 
 @dataclass
 class TissueMap:
-    """A slide's tissue mask on its thumbnail grid, packed; the thumbnail itself is not kept.
+    """A slide's tissue mask on its thumbnail grid, packed; a small thumbnail is kept too.
 
     Attributes:
         geometry: the thumbnail's size, downsample and read plan.
@@ -151,12 +155,15 @@ class TissueMap:
         source: ``detected``, ``whole slide`` or the GeoJSON file the tissue came from.
         tissue_mpp: µm per thumbnail pixel the detection sizes were converted with (the slide's
             mpp, or :data:`ASSUMED_MPP`, times the downsample).
+        rgb: the thumbnail when it is at most :data:`THUMBNAIL_KEEP_BYTES`, else None (the QC
+            images then read it again band by band).
     """
 
     geometry: ThumbnailGeometry
     mask: tissue.PackedMask
     source: str
     tissue_mpp: float
+    rgb: np.ndarray | None = None
 
     @property
     def downsample(self) -> float:
@@ -211,8 +218,11 @@ def scan_tissue(
     level0_mpp = slide.mpp if slide.mpp is not None else ASSUMED_MPP
     tissue_mpp = level0_mpp * geometry.downsample
     png = PngStream(thumbnail_png, w, h, compress_level=1) if thumbnail_png is not None else None
+    kept: np.ndarray | None = None
 
     def read_rows(y0: int, y1: int) -> np.ndarray:
+        if kept is not None:
+            return kept[y0:y1]
         return read_thumbnail_rows(slide, geometry, y0, y1)
 
     def on_rows(_y0: int, rgb: np.ndarray) -> None:
@@ -221,6 +231,8 @@ def scan_tissue(
 
     try:
         with slide.tile_cache(THUMBNAIL_TILE_CACHE):
+            if h * w * 3 <= THUMBNAIL_KEEP_BYTES:
+                kept = read_thumbnail_rows(slide, geometry, 0, h)
             if whole_slide or geojson is not None:
                 if png is not None:
                     for y0 in range(0, h, BAND_ROWS):
@@ -251,7 +263,7 @@ def scan_tissue(
         if png is not None:
             png.abort()
         raise
-    return TissueMap(geometry, mask, source, tissue_mpp)
+    return TissueMap(geometry, mask, source, tissue_mpp, kept)
 
 
 def write_tissue_images(
@@ -266,7 +278,8 @@ def write_tissue_images(
 ) -> None:
     """Draw the QC images band by band: the thumbnail with the tissue contours (and patches).
 
-    The thumbnail is read again, one band of rows at a time, through a small tile cache; the
+    A thumbnail kept by :func:`scan_tissue` is used as it is; a larger one is read again, one
+    band of rows at a time, through a small tile cache; the
     contours (traced on the whole mask) and the patch outlines are drawn on each band with the
     band's offset and a margin of rows, so the images equal drawing on the whole thumbnail.
 
@@ -298,7 +311,10 @@ def write_tissue_images(
             for y0 in range(0, h, BAND_ROWS):
                 y1 = min(h, y0 + BAND_ROWS)
                 lo, hi = max(0, y0 - margin), min(h, y1 + margin)
-                band = read_thumbnail_rows(slide, found.geometry, lo, hi)
+                if found.rgb is not None:
+                    band = np.ascontiguousarray(found.rgb[lo:hi]).copy()
+                else:
+                    band = read_thumbnail_rows(slide, found.geometry, lo, hi)
                 if contours:
                     cv2.drawContours(band, contours, -1, TISSUE_COLOR, thickness, offset=(0, -lo))
                 if outs[0] is not None:
