@@ -352,13 +352,20 @@ def test_png_stream_writes_the_image_band_by_band(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]  # no partial files left
 
 
-def test_scan_tissue_matches_whole_thumbnail_detection(tmp_path, synthetic_slide):
+@pytest.mark.parametrize("keep", [True, False], ids=["kept-thumbnail", "band-by-band"])
+def test_scan_tissue_matches_whole_thumbnail_detection(
+    tmp_path, synthetic_slide, monkeypatch, keep
+):
+    from histo_wsl import slide_tissue
     from histo_wsl.slide import open_slide
     from histo_wsl.slide_tissue import find_tissue, scan_tissue, write_tissue_images
 
+    if not keep:  # a thumbnail too large to keep: read in bands for detection and QC images
+        monkeypatch.setattr(slide_tissue, "THUMBNAIL_KEEP_BYTES", 0)
     with open_slide(synthetic_slide) as slide:
         found = find_tissue(slide)
         scanned = scan_tissue(slide, thumbnail_png=tmp_path / "thumb.png")
+        assert (scanned.rgb is not None) == keep
         np.testing.assert_array_equal(scanned.mask.to_bool(), found.mask)
         assert scanned.downsample == found.downsample and scanned.source == "detected"
         assert scanned.tissue_mpp == pytest.approx(slide.mpp * found.downsample)
