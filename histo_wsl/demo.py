@@ -6,7 +6,8 @@ negative images), a held-out test set drawn from other synthetic tissue, and a s
 slide whose glands are known; then it calls the library functions behind the subcommands, in order:
 
 1. ``extract-patches`` on the slide (tissue detection, QuPath tissue outlines, patch grid);
-2. ``train-classifier``: a small stride-8 CNN (``tinycnn``, from scratch) on the image labels;
+2. ``train-classifier``: a small stride-8 CNN (``tinycnn``, from scratch, WILDCAT head) on the
+   image labels;
 3. ``train-decoder``: the NEGEV decoder from the classifier's CAM seeds and the negative images;
 4. ``localize`` the slide with the decoder (probability pyramid, mask, QuPath GeoJSON, overlay);
 5. ``evaluate`` the CAM and NEGEV side by side on the held-out patches (PxAP, Dice, report.html);
@@ -58,7 +59,7 @@ class DemoRecipe:
     patch_downsample: float = 2.0
     crop_size: int = 80
     backbone: str = "tinycnn"
-    head: str = "wgap"
+    head: str = "wildcat"
     classifier_epochs: int = 10
     classifier_lr: float = 0.01
     decoder_epochs: int = 6

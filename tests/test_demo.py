@@ -46,3 +46,14 @@ def test_demo_runs_every_step_and_resumes(tmp_path):
 def test_demo_help_lists_its_options():
     result = CliRunner().invoke(app, ["demo", "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0 and "--quick" in result.stdout and "--out" in result.stdout
+
+
+def test_quick_demo_decoder_beats_the_cam_it_starts_from(tmp_path):
+    """Issue 9: the demo's NEGEV decoder (trained, not its epoch 0) beats its stage-1 CAM."""
+    result = CliRunner().invoke(app, ["demo", "--quick", "--out", str(tmp_path / "d"), "--json"])
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    run = json.loads((tmp_path / "d" / "runs" / "negev" / "run.json").read_text())
+    assert run["summary"]["best"]["valpx_pxap"]["epoch"] > 0
+    assert summary["test"]["negev_pxap"] > summary["test"]["cam_pxap"] + 5, summary["test"]
+    assert "report.html" in summary["report"] and "QuPath" in result.stderr
