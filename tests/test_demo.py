@@ -57,3 +57,21 @@ def test_quick_demo_decoder_beats_the_cam_it_starts_from(tmp_path):
     assert run["summary"]["best"]["valpx_pxap"]["epoch"] > 0
     assert summary["test"]["negev_pxap"] > summary["test"]["cam_pxap"] + 5, summary["test"]
     assert "report.html" in summary["report"] and "QuPath" in result.stderr
+
+
+def test_demo_geojson_lies_on_the_drawn_glands(tmp_path):
+    """Issue 7: localize's QuPath polygons overlap the slide's true glands, for a model trained on them."""
+    import numpy as np
+    import openslide
+
+    from histo_wsl.annotations import annotation_mask
+
+    summary = run_demo(tmp_path / "d", quiet=True)  # the full demo recipe
+    slide = openslide.OpenSlide(summary["slide"])
+    ds = 8.0
+    shape = (int(slide.dimensions[1] / ds), int(slide.dimensions[0] / ds))
+    pred, _ = annotation_mask(summary["qupath_geojson"], shape, ds)
+    truth, _ = annotation_mask(summary["ground_truth"], shape, ds)
+    iou = np.logical_and(pred, truth).sum() / max(1, np.logical_or(pred, truth).sum())
+    # a random mask of the same size would reach about pred.mean() * truth.mean() / union
+    assert pred.any() and iou > max(0.2, 4 * truth.mean()), (iou, truth.mean())
