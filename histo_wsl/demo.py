@@ -62,8 +62,8 @@ class DemoRecipe:
     head: str = "wildcat"
     classifier_epochs: int = 10
     classifier_lr: float = 0.01
-    decoder_epochs: int = 6
-    decoder_lr: float = 0.1
+    decoder_epochs: int = 24
+    decoder_lr: float = 0.05
     batch_size: int = 8
 
 
@@ -76,7 +76,7 @@ SHORT_RECIPE = DemoRecipe(
     patches_per_class=32,
     test_per_class=8,
     classifier_epochs=8,
-    decoder_epochs=4,
+    decoder_epochs=10,
 )
 #: Resolution of the synthetic slide (µm/px).
 SLIDE_MPP = 0.5
