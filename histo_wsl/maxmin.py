@@ -21,8 +21,6 @@ from histo_wsl.config import TrainConfig
 from histo_wsl.data.images import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    LabelledImages,
-    train_transform,
 )
 from histo_wsl.data.sources import Dataset
 from histo_wsl.errors import InputError
@@ -30,7 +28,13 @@ from histo_wsl.maxmin_losses import REGULARIZERS, maxmin_loss
 from histo_wsl.networks.backbones import build_backbone
 from histo_wsl.networks.classifier import unwrap
 from histo_wsl.networks.maxmin import MAXMIN_HEAD_OPTS, MaxMinModel, maxmin_param_groups
-from histo_wsl.stage1 import _plain_config, evaluate_maps, load_training_data, seen_mpp
+from histo_wsl.stage1 import (
+    _plain_config,
+    evaluate_maps,
+    load_training_data,
+    seen_mpp,
+    training_images,
+)
 
 __all__ = ["MaxMinTask", "check_maxmin_config", "sigma_at", "t_at", "train_maxmin"]
 
@@ -114,11 +118,7 @@ class MaxMinTask:
 
     def train_dataset(self) -> torch.utils.data.Dataset:
         """The ``train`` split with the training preset (as stage 1)."""
-        return LabelledImages(
-            self.ds.split("train"),
-            self.cfg.resize_size,
-            train_transform(self.cfg.crop_size, jitter=self.cfg.color_jitter),
-        )
+        return training_images(self.ds, self.cfg)
 
     def training_step(self, model: nn.Module, batch: dict, epoch: int) -> tuple[torch.Tensor, dict]:
         """The Max-Min loss of the batch at this epoch's σ and t."""

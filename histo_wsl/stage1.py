@@ -57,6 +57,15 @@ def load_training_data(cfg: TrainConfig) -> tuple[Dataset, list[str]]:
     return ds, dropped
 
 
+def training_images(ds: Dataset, cfg: TrainConfig) -> LabelledImages:
+    """The ``train`` split with the training preset (resize, random crop, flips, colour jitter)."""
+    return LabelledImages(
+        ds.split("train"),
+        cfg.resize_size,
+        train_transform(cfg.crop_size, jitter=cfg.color_jitter),
+    )
+
+
 def seen_mpp(ds: Dataset, data_mpp: float | None, resize: int) -> float | None:
     """Resolution (µm/px) the network sees: data mpp × median image side / resize side.
 
@@ -139,11 +148,7 @@ class ClassifierTask:
 
     def train_dataset(self) -> torch.utils.data.Dataset:
         """The ``train`` split with the training preset."""
-        return LabelledImages(
-            self.ds.split("train"),
-            self.cfg.resize_size,
-            train_transform(self.cfg.crop_size, jitter=self.cfg.color_jitter),
-        )
+        return training_images(self.ds, self.cfg)
 
     def training_step(self, model: nn.Module, batch: dict, epoch: int) -> tuple[torch.Tensor, dict]:
         """Cross-entropy on the image labels."""

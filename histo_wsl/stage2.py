@@ -20,7 +20,6 @@ from torch import nn
 
 from histo_wsl import __version__
 from histo_wsl.config import TrainConfig
-from histo_wsl.data.images import LabelledImages, train_transform
 from histo_wsl.data.sources import Dataset
 from histo_wsl.errors import InputError
 from histo_wsl.losses import (
@@ -37,7 +36,7 @@ from histo_wsl.networks.cams import compute_cams
 from histo_wsl.networks.classifier import unwrap
 from histo_wsl.networks.negev import NEGEVModel
 from histo_wsl.predictor import load_model
-from histo_wsl.stage1 import evaluate_maps, load_training_data
+from histo_wsl.stage1 import evaluate_maps, load_training_data, training_images
 
 __all__ = ["DecoderTask", "STAGE2_DEFAULTS", "train_decoder"]
 
@@ -106,11 +105,7 @@ class DecoderTask:
 
     def train_dataset(self) -> torch.utils.data.Dataset:
         """The ``train`` split with the training preset."""
-        return LabelledImages(
-            self.ds.split("train"),
-            self.cfg.resize_size,
-            train_transform(self.cfg.crop_size, jitter=self.cfg.color_jitter),
-        )
+        return training_images(self.ds, self.cfg)
 
     def training_step(self, model: nn.Module, batch: dict, epoch: int) -> tuple[torch.Tensor, dict]:
         """λ·CE on CAM seeds (+ size term) of non-negative images; CE to background on negative ones.
