@@ -114,7 +114,7 @@ class DecoderTask:
         ``size_lambda`` > 0, ``size_loss`` (unweighted) and its ``size_t``.
         """
         images, labels = batch["image"], batch["label"]
-        _, seg = model(images, segment=True)
+        _, seg, deep = model(images, segment=True, features=True)
         m = unwrap(model)
         neg = (
             labels == self.negative
@@ -131,6 +131,7 @@ class DecoderTask:
                 labels[pos],
                 method=self.cfg.cam_method,
                 size=tuple(images.shape[-2:]),
+                features=deep[pos],
             )
             seeds = sample_seeds(
                 cams,

@@ -91,6 +91,21 @@ def test_smoothgradcampp_reproducible_with_generator(model, images):
     torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("method", CAM_METHODS)
+def test_given_features_give_the_same_maps(model, images, method):
+    """NEGEV's training step passes the activations it already has: same maps, one pass fewer."""
+    classes = torch.tensor([2, 0, 1])
+    with torch.no_grad():
+        acts = model.forward_features(images)[-1]
+    gen = {"generator": torch.Generator().manual_seed(3)}
+    plain = compute_cams(model, images, classes, method, size=64, **gen)
+    gen = {"generator": torch.Generator().manual_seed(3)}
+    given = compute_cams(model, images, classes, method, size=64, features=acts, **gen)
+    torch.testing.assert_close(given, plain)
+    with pytest.raises(ValueError, match="CAM-layer activations"):
+        compute_cams(model, images, classes, method, features=acts[:2])
+
+
 def test_frozen_model_still_gives_gradient_cams(images):
     torch.manual_seed(0)
     frozen = build_classifier("mobilenetv2", "wildcat", 2, pretrained=False).eval()

@@ -49,6 +49,9 @@ def test_decoder_output_is_full_resolution(backbone):
     x = torch.randn(1, 3, 64, 64)
     logits, seg = model.segment(x)
     assert logits.shape == (1, 2) and seg.shape == (1, 2, 64, 64)
+    _, _, deep = model.segment(x, features=True)  # the CAM layer, for the training step's seeds
+    with torch.no_grad():
+        torch.testing.assert_close(deep, model.classifier.forward_features(x)[-1])
     _, prob = model.localize(x)
     assert prob.shape == (1, 64, 64) and 0 <= prob.min() and prob.max() <= 1
 

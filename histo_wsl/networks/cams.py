@@ -84,11 +84,16 @@ def _gradient_cam(
     n_samples: int,
     noise_std: float,
     generator: torch.Generator | None,
+    acts: Tensor | None = None,
 ) -> Tensor:
-    """Unnormalised map ``(B, h, w)`` of a Grad-CAM family method (see the module docstring)."""
+    """Unnormalised map ``(B, h, w)`` of a Grad-CAM family method (see the module docstring).
+
+    ``acts``: the images' CAM-layer activations if already computed.
+    """
     head = model.head
-    with torch.no_grad():
-        acts = model.forward_features(images)[-1].detach()
+    if acts is None:
+        with torch.no_grad():
+            acts = model.forward_features(images)[-1].detach()
     if method == "smoothgradcampp":
         g1 = torch.zeros_like(acts)
         g2 = torch.zeros_like(acts)
@@ -125,6 +130,7 @@ def compute_cams(
     n_samples: int = 4,
     noise_std: float = 0.3,
     generator: torch.Generator | None = None,
+    features: Tensor | None = None,
 ) -> Tensor:
     """Localization maps of the given classes, per-image min-max normalised to [0, 1].
 
@@ -141,6 +147,9 @@ def compute_cams(
         n_samples: noisy copies for ``smoothgradcampp``.
         noise_std: noise standard deviation for ``smoothgradcampp``.
         generator: random generator for the ``smoothgradcampp`` noise (reproducibility).
+        features: the CAM-layer activations of ``images`` (``forward_features(images)[-1]``) when
+            the caller already has them (NEGEV's training step): the backbone is then not run again
+            (``smoothgradcampp`` still runs it on its noisy copies). Same maps as without.
 
     Returns:
         float32 ``(B, h, w)`` maps in [0, 1] (``h, w`` = CAM-layer size or ``size``), detached.
@@ -166,14 +175,30 @@ def compute_cams(
     if b and (int(classes.min()) < 0 or int(classes.max()) >= num_classes):
         raise ValueError(f"classes must lie in [0, {num_classes}), got {classes.tolist()}")
 
+    if features is not None and (features.dim() != 4 or features.shape[0] != b):
+        raise ValueError(
+            f"features must be the ({b}, C, h, w) CAM-layer activations of the images, got shape "
+            f"{tuple(features.shape)}"
+        )
     if method == "cam":
         with torch.no_grad():
-            maps = model.cams(images)
+            if features is None:
+                maps = model.cams(images)
+            else:
+                maps = model.head.cams(features.detach())
             cam = maps[torch.arange(b, device=maps.device), classes]
     else:
         with torch.inference_mode(False):  # autograd cannot run on inference tensors
+            acts = None if features is None else features.detach().clone()
             cam = _gradient_cam(
-                model, images.clone(), classes.clone(), method, n_samples, noise_std, generator
+                model,
+                images.clone(),
+                classes.clone(),
+                method,
+                n_samples,
+                noise_std,
+                generator,
+                acts,
             )
 
     cam = cam.detach().float()

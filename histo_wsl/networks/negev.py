@@ -166,23 +166,30 @@ class NEGEVModel(nn.Module):
         self.classifier.eval()
         return self
 
-    def forward(self, x: Tensor, segment: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        """Image-class logits of the frozen classifier; with ``segment``, :meth:`segment`'s pair.
+    def forward(
+        self, x: Tensor, segment: bool = False, features: bool = False
+    ) -> Tensor | tuple[Tensor, ...]:
+        """Image-class logits of the frozen classifier; with ``segment``, :meth:`segment`'s tuple.
 
         (Training goes through ``forward(x, segment=True)`` so that DistributedDataParallel sees
         the call.)
         """
         if segment:
-            return self.segment(x)
+            return self.segment(x, features=features)
         return self.classifier(x)
 
-    def segment(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(classifier logits, decoder 2-channel logits at the input size)."""
+    def segment(self, x: Tensor, features: bool = False) -> tuple[Tensor, ...]:
+        """(classifier logits, decoder 2-channel logits at the input size).
+
+        With ``features``, also the frozen CAM-layer activations (detached), from which the
+        training step takes its CAMs without a second backbone pass.
+        """
         with torch.no_grad():
             stages = self.classifier.forward_features(x)
             logits = self.classifier.head(stages[-1])
         stages = [s.detach() for s in stages]
-        return logits, self.decoder(stages, tuple(x.shape[-2:]))
+        seg = self.decoder(stages, tuple(x.shape[-2:]))
+        return (logits, seg, stages[-1]) if features else (logits, seg)
 
     def localize(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(classifier logits, foreground probability (B,H,W))."""
