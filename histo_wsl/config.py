@@ -80,6 +80,7 @@ class TrainConfig:
     maxmin_sigma: float = 0.15
     maxmin_sigma_step: float = 0.001
     maxmin_sigma_max: float = 0.2
+    maxmin_cl_scale: float = 0.8  # the paper's code (scale_in_cl): C sees X± at 0.8× size
     maxmin_size: bool = True
     elb_t0: float = 5.0
     elb_t_max: float = 10.0

@@ -53,6 +53,10 @@ def check_maxmin_config(cfg: TrainConfig) -> None:
         ),
         (c.maxmin_lambda >= 0, f"--maxmin-lambda must be >= 0 (got {c.maxmin_lambda})"),
         (c.maxmin_w > 0, f"--maxmin-w must be > 0 (got {c.maxmin_w})"),
+        (
+            0 < c.maxmin_cl_scale <= 1,
+            f"--maxmin-cl-scale must be in (0, 1] (got {c.maxmin_cl_scale})",
+        ),
         (0 <= c.maxmin_sigma < 1, f"--maxmin-sigma must be in [0, 1) (got {c.maxmin_sigma})"),
         (
             c.maxmin_sigma_step >= 0,
@@ -109,6 +113,7 @@ class MaxMinTask:
             sigma=sigma_at(self.cfg, 1),
             mask_mode=self.mask_mode,
             negative_index=self.negative,
+            cl_scale=self.cfg.maxmin_cl_scale,
         )
         return self.model
 
@@ -178,6 +183,7 @@ class MaxMinTask:
                 "negative_index": self.negative,
                 "w": cfg.maxmin_w,
                 "sigma": round(sigma, 6),
+                "cl_scale": cfg.maxmin_cl_scale,
                 "regularizer": cfg.maxmin_regularizer,
                 "lambda": cfg.maxmin_lambda,
                 "size_constraint": cfg.maxmin_size,

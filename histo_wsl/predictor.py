@@ -70,6 +70,7 @@ def _maxmin_from_card(card: dict, state_dict: dict, path: str | Path) -> nn.Modu
             mask_mode=mm["mask"],
             negative_index=mm.get("negative_index"),
             head_opts=card.get("head_opts"),
+            cl_scale=float(mm.get("cl_scale", 1.0)),  # cards before cl_scale: full size
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise InputError(

@@ -71,8 +71,9 @@ def test_mask_is_binary_like_and_normalised_per_image():
     assert torch.allclose(mask.flatten(1).amax(1), hi.expand(2), atol=1e-4)
 
 
-def test_gradients_reach_the_localizer_through_the_mask_from_ce_pos_alone():
-    model = _model().train()
+@pytest.mark.parametrize("cl_scale", [1.0, 0.8])
+def test_gradients_reach_the_localizer_through_the_mask_from_ce_pos_alone(cl_scale):
+    model = _model(cl_scale=cl_scale).train()
     out = model(torch.rand(2, 3, 32, 32), branches=True)
     F.cross_entropy(out.pos_logits, torch.tensor([0, 1])).backward()
     # the localizer head only touches C(X+) through the mask
@@ -188,18 +189,24 @@ def test_checkpoint_round_trip_through_the_predictor(tmp_path):
     from histo_wsl.networks.backbones import build_backbone
 
     torch.manual_seed(1)
-    model = MaxMinModel(build_backbone("mobilenetv2", False), 2, sigma=0.17).eval()
+    model = MaxMinModel(build_backbone("mobilenetv2", False), 2, sigma=0.17, cl_scale=0.8).eval()
+    mm = {"mask": "minmax", "negative_index": None, "w": 5.0, "sigma": 0.15, "cl_scale": 0.8}
     card = {
         "method": "maxmin",
         "backbone": "mobilenetv2",
         "head": "wildcat",
         "num_classes": 2,
         "class_names": ["benign", "malignant"],
-        "maxmin": {"mask": "minmax", "negative_index": None, "w": 5.0, "sigma": 0.15},
+        "maxmin": mm,
     }
     path = save_checkpoint(tmp_path / "mm.pt", card, model.state_dict())
     pred = load_model(path)
     assert pred.method == "maxmin" and float(pred.model.sigma) == pytest.approx(0.17)
+    assert pred.model.cl_scale == 0.8
+    # a card written before cl_scale existed: its model saw X± at full size
+    old = dict(card, maxmin={k: v for k, v in mm.items() if k != "cl_scale"})
+    save_checkpoint(tmp_path / "old.pt", old, model.state_dict())
+    assert load_model(tmp_path / "old.pt").model.cl_scale == 1.0
     x = torch.randn(2, 3, 40, 40)
     logits, maps = pred.predict(x, torch.tensor([1, 1]))
     with torch.no_grad():
@@ -240,6 +247,9 @@ def test_bad_config_file_values_and_method_are_rejected(tmp_path):
     cfg.write_text("method: maxmin\nmaxmin_lambda: -1\n")
     r = runner.invoke(app, ["train-classifier", "x", "--config", str(cfg), *TINY])
     assert r.exit_code == 2 and "--maxmin-lambda must be >= 0" in r.stderr
+    cfg.write_text("method: maxmin\nmaxmin_cl_scale: 1.5\n")
+    r = runner.invoke(app, ["train-classifier", "x", "--config", str(cfg), *TINY])
+    assert r.exit_code == 2 and "--maxmin-cl-scale must be in (0, 1]" in r.stderr
     r = runner.invoke(app, ["train-classifier", "x", "--method", "negev", *TINY])
     assert r.exit_code == 2 and "--method must be one of cam, maxmin" in r.stderr
 

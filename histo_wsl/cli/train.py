@@ -225,6 +225,16 @@ def train_classifier(
             help="Ceiling of σ.",
         ),
     ] = 0.2,
+    maxmin_cl_scale: Annotated[
+        float,
+        typer.Option(
+            min=0.05,
+            max=1.0,
+            rich_help_panel="Max-Min (--method maxmin)",
+            help="Size factor of the classifier's inputs X± (the paper's code: 0.8; 1 = full "
+            "size, about a quarter more compute per step).",
+        ),
+    ] = 0.8,
     maxmin_size: Annotated[
         bool,
         typer.Option(
@@ -245,7 +255,11 @@ def train_classifier(
     ] = 5.0,
     elb_t_max: Annotated[
         float,
-        typer.Option(),
+        typer.Option(
+            min=0.0,
+            rich_help_panel="Max-Min (--method maxmin)",
+            help="Ceiling of the log-barrier t.",
+        ),
     ] = 10.0,
     elb_mult: Annotated[
         float,

@@ -16,6 +16,9 @@ Mask modes:
   class rather than the negative one), upsampled, and M = sigmoid(w · ℓ) (no σ shift, no min-max, as
   in the Camelyon16 code), so that images of the negative class can have an all-background mask.
 
+The classifier sees X± bilinearly resized by ``cl_scale`` (0.8 in the paper's code, ``scale_in_cl``:
+less compute for two of the three backbone passes; 1 = full size).
+
 Gradients reach the localizer through the mask (nothing is detached). ``σ`` and ``w`` are buffers,
 so a checkpoint carries the values its model was evaluated with. At inference the class is
 argmax C(X+) and the localization map is M (in [0, 1], at the input size; 0.5 ⇔ M̃ ≥ σ).
@@ -69,6 +72,7 @@ class MaxMinModel(nn.Module):
         mask_mode: ``minmax`` or ``absolute`` (see the module docstring).
         negative_index: index of the negative class (``absolute`` mode only).
         head_opts: WILDCAT options of both heads (default :data:`MAXMIN_HEAD_OPTS`).
+        cl_scale: size factor of the classifier's inputs X± (0 < cl_scale <= 1).
     """
 
     def __init__(
@@ -81,8 +85,11 @@ class MaxMinModel(nn.Module):
         mask_mode: str = "minmax",
         negative_index: int | None = None,
         head_opts: dict | None = None,
+        cl_scale: float = 1.0,
     ) -> None:
         super().__init__()
+        if not 0 < cl_scale <= 1:
+            raise ValueError(f"cl_scale must be in (0, 1], got {cl_scale}")
         if mask_mode not in MASK_MODES:
             raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
         if mask_mode == "absolute" and (
@@ -95,6 +102,7 @@ class MaxMinModel(nn.Module):
         self.cl_head = WildcatHead(backbone.out_channels, num_classes, **opts)
         self.mask_mode = mask_mode
         self.negative_index = negative_index
+        self.cl_scale = float(cl_scale)
         self.register_buffer("sigma", torch.tensor(float(sigma)))
         self.register_buffer("w", torch.tensor(float(w)))
 
@@ -122,7 +130,13 @@ class MaxMinModel(nn.Module):
         return scores, logits
 
     def classify(self, x: Tensor) -> Tensor:
-        """Classifier logits C(x) (B,K) with the shared backbone and the classifier head."""
+        """Classifier logits C(x) (B,K) with the shared backbone and the classifier head.
+
+        ``x`` is resized by ``cl_scale`` first (bilinear; differentiable, so the mask's gradient
+        still reaches the localizer).
+        """
+        if self.cl_scale != 1.0:
+            x = F.interpolate(x, scale_factor=self.cl_scale, mode="bilinear", align_corners=False)
         return self.cl_head(self.backbone(x)[-1])
 
     def branches(self, x: Tensor) -> MaxMinOutput:
