@@ -67,6 +67,8 @@ class TrainConfig:
     seed_lambda: float = 1.0
     bg_sampler: str = "proportional"
     low_fraction: float = 0.2
+    fg_sampler: str = "proportional"  # or otsu (the original code's threshold seeder)
+    fg_erode: int = 11
     negative_lambda: float = 1.0
     seed_mode: str = "random"  # random (drawn every step) or static (top/bottom CAM pixels)
     size_lambda: float = 0.0  # NEGEV's optional size term (0 = off, the paper)

@@ -1,9 +1,16 @@
 """Training losses: NEGEV's pixel seeds from CAMs and its two terms (method.md §1.3).
 
 Seeds are re-sampled at every step from the frozen classifier's CAM of the ground-truth class on
-the augmented crop: ``n_fg`` foreground pixels drawn without replacement ∝ CAM, ``n_bg`` background
-pixels from one of three samplers, each seed dilated by a k×k square; pixels that are both are
-dropped. Background samplers, honestly named:
+the augmented crop: ``n_fg`` foreground pixels and ``n_bg`` background pixels, each drawn without
+replacement by one of the samplers below, each seed dilated by a k×k square; pixels that are both
+are dropped. Foreground samplers:
+
+- ``proportional``: ∝ CAM, the paper's probability seeder;
+- ``otsu``: uniform inside the CAM's Otsu foreground eroded by a ``fg_erode``×``fg_erode`` square
+  (the un-eroded region when erosion empties it), the original code's ``threshold_seeder``
+  (method.md §1.3; with the ``lowest`` background sampler it is that seeder exactly).
+
+Background samplers, honestly named:
 
 - ``proportional``: ∝ (1 − CAM), the paper's stated intent (a pixel with CAM 1 is never drawn);
 - ``uniform``: every pixel alike, which is what the original code does in effect (its weights
@@ -21,6 +28,8 @@ the extended log-barrier :func:`histo_wsl.maxmin_losses.elb`.
 
 from __future__ import annotations
 
+import cv2
+import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor
@@ -29,9 +38,11 @@ from histo_wsl.maxmin_losses import elb
 
 __all__ = [
     "BG_SAMPLERS",
+    "FG_SAMPLERS",
     "IGNORE",
     "SEED_MODES",
     "negative_loss",
+    "otsu_thresholds",
     "sample_seeds",
     "seed_loss",
     "size_loss",
@@ -39,6 +50,7 @@ __all__ = [
 ]
 
 BG_SAMPLERS = ("proportional", "uniform", "lowest")
+FG_SAMPLERS = ("proportional", "otsu")
 #: ``random``: seeds drawn at every step (the paper); ``static``: the top/bottom CAM pixels
 SEED_MODES = ("random", "static")
 #: target value of pixels without a seed (``F.cross_entropy``'s default ignore index)
@@ -76,6 +88,39 @@ def _extreme(flat: Tensor, n: int, highest: bool) -> Tensor:
     return out
 
 
+def otsu_thresholds(flat: Tensor) -> Tensor:
+    """(B, HW) values in [0,1] -> (B, 1) Otsu thresholds in [0,1] (OpenCV, on 8-bit levels).
+
+    A pixel is foreground when its value is above the threshold, as in ``cv2.THRESH_BINARY``.
+    """
+    levels = (flat.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    t = [
+        cv2.threshold(np.ascontiguousarray(row[None]), 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)[
+            0
+        ]
+        for row in levels
+    ]
+    return torch.tensor(t, dtype=torch.float32, device=flat.device).reshape(-1, 1) / 255.0
+
+
+def _otsu_region(cams: Tensor, erode: int) -> Tensor:
+    """(B,H,W) CAMs -> (B, HW) float: 1 inside the eroded Otsu foreground of each CAM.
+
+    Where erosion leaves nothing, the un-eroded region is used instead.
+    """
+    b, h, w = cams.shape
+    flat = cams.reshape(b, -1)
+    region = (flat * 255).round() > otsu_thresholds(flat) * 255
+    region = region.float()
+    if erode > 1:
+        inv = 1.0 - region.reshape(b, 1, h, w)
+        eroded = 1.0 - F.max_pool2d(inv, erode, stride=1, padding=erode // 2)
+        eroded = eroded.reshape(b, -1)
+        keep = eroded.sum(1, keepdim=True) > 0
+        region = torch.where(keep, eroded, region)
+    return region
+
+
 def sample_seeds(
     cams: Tensor,
     n_fg: int = 1,
@@ -85,12 +130,14 @@ def sample_seeds(
     low_fraction: float = 0.2,
     generator: torch.Generator | None = None,
     mode: str = "random",
+    fg_sampler: str = "proportional",
+    fg_erode: int = 11,
 ) -> Tensor:
     """Seed map (B,H,W) long: 1 foreground seed, 0 background seed, :data:`IGNORE` elsewhere.
 
     Args:
         cams: (B,H,W) CAMs in [0,1] (per-image min-max normalised).
-        n_fg: foreground pixels per image: drawn ∝ CAM (+1e-6), or the highest (static).
+        n_fg: foreground pixels per image: drawn with ``fg_sampler``, or the highest (static).
         n_bg: background pixels per image: drawn with ``bg_sampler``, or the lowest (static);
             0 = no background seeds (the "C+ only" ablation).
         ksize: side of the square each seed is dilated to (1 = no dilation; odd).
@@ -99,7 +146,14 @@ def sample_seeds(
         generator: random generator (on the CAMs' device) for reproducible draws (random mode).
         mode: ``random`` (draws, the paper) or ``static`` (the ``n_fg`` highest and ``n_bg``
             lowest CAM pixels, ties to the lower row-major index; no randomness).
+        fg_sampler: ``proportional`` (∝ CAM + 1e-6) or ``otsu`` (uniform inside the CAM's Otsu
+            foreground eroded by ``fg_erode``; random mode only).
+        fg_erode: side of the erosion square of the ``otsu`` sampler (1 = no erosion; odd).
     """
+    if fg_sampler not in FG_SAMPLERS:
+        raise ValueError(f"fg_sampler must be one of {FG_SAMPLERS}, got {fg_sampler!r}")
+    if fg_erode < 1 or fg_erode % 2 == 0:
+        raise ValueError(f"fg_erode must be a positive odd number, got {fg_erode}")
     if bg_sampler not in BG_SAMPLERS:
         raise ValueError(f"bg_sampler must be one of {BG_SAMPLERS}, got {bg_sampler!r}")
     if mode not in SEED_MODES:
@@ -112,7 +166,10 @@ def sample_seeds(
         fg = _extreme(flat, n_fg, highest=True)
         bg = _extreme(flat, n_bg, highest=False)
     else:
-        fg = _draw(flat + 1e-6, n_fg, generator)
+        if fg_sampler == "otsu":
+            fg = _draw(_otsu_region(flat.reshape(b, h, w), fg_erode), n_fg, generator)
+        else:
+            fg = _draw(flat + 1e-6, n_fg, generator)
         if bg_sampler == "proportional":
             bw = 1.0 - flat
         elif bg_sampler == "uniform":

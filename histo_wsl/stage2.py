@@ -24,6 +24,7 @@ from histo_wsl.data.sources import Dataset
 from histo_wsl.errors import InputError
 from histo_wsl.losses import (
     BG_SAMPLERS,
+    FG_SAMPLERS,
     SEED_MODES,
     negative_loss,
     sample_seeds,
@@ -66,6 +67,10 @@ class DecoderTask:
             )
         if cfg.bg_sampler not in BG_SAMPLERS:
             raise InputError(f"--bg-sampler must be one of {BG_SAMPLERS}, got {cfg.bg_sampler!r}")
+        if cfg.fg_sampler not in FG_SAMPLERS:
+            raise InputError(f"--fg-sampler must be one of {FG_SAMPLERS}, got {cfg.fg_sampler!r}")
+        if cfg.fg_erode < 1 or cfg.fg_erode % 2 == 0:
+            raise InputError(f"--fg-erode must be a positive odd number, got {cfg.fg_erode}")
         if cfg.seed_ksize % 2 == 0:
             raise InputError(f"--seed-ksize must be odd, got {cfg.seed_ksize}")
         if cfg.seed_mode not in SEED_MODES:
@@ -141,6 +146,8 @@ class DecoderTask:
                 self.cfg.bg_sampler,
                 self.cfg.low_fraction,
                 mode=self.cfg.seed_mode,
+                fg_sampler=self.cfg.fg_sampler,
+                fg_erode=self.cfg.fg_erode,
             )
             ls = seed_loss(seg[pos], seeds)
             loss = loss + self.cfg.seed_lambda * ls
@@ -194,6 +201,8 @@ class DecoderTask:
                 "lambda": cfg.seed_lambda,
                 "bg_sampler": cfg.bg_sampler,
                 "low_fraction": cfg.low_fraction,
+                "fg_sampler": cfg.fg_sampler,
+                "fg_erode": cfg.fg_erode,
                 "cam_method": cfg.cam_method,
                 "mode": cfg.seed_mode,
             },

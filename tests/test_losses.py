@@ -4,6 +4,7 @@ import torch
 from histo_wsl.losses import (
     IGNORE,
     negative_loss,
+    otsu_thresholds,
     sample_seeds,
     seed_loss,
     size_loss,
@@ -169,3 +170,45 @@ def test_size_term_keeps_both_regions_non_empty():
     assert size_loss(torch.zeros(0, 2, 4, 4), t).item() == 0.0
     assert [size_t_at(1.0, 10.0, 1.01, e) for e in (1, 2)] == [1.0, 1.01]
     assert size_t_at(1.0, 10.0, 1.01, 1000) == 10.0
+
+
+def test_otsu_thresholds_split_a_two_level_cam():
+    flat = torch.zeros(2, 100)
+    flat[0, :30] = 0.8
+    flat[1, :60] = 0.4
+    t = otsu_thresholds(flat)
+    assert t.shape == (2, 1)
+    assert 0.0 <= t[0, 0] < 0.8 and 0.0 <= t[1, 0] < 0.4  # the high level is foreground
+
+
+def test_otsu_sampler_draws_foreground_only_inside_the_eroded_region():
+    cams = torch.zeros(4, 40, 40)
+    cams[:, 5:30, 5:30] = 0.9  # Otsu region: the 25×25 square; eroded by 11: rows/cols 10..24
+    cams[:, 12:14, 12:14] = 1.0
+    for s in range(3):
+        seeds = sample_seeds(
+            cams,
+            n_fg=30,
+            n_bg=30,
+            ksize=1,
+            fg_sampler="otsu",
+            fg_erode=11,
+            bg_sampler="lowest",
+            generator=torch.Generator().manual_seed(s),
+        )
+        fg = (seeds == 1).nonzero()
+        assert len(fg) == 4 * 30
+        assert fg[:, 1:].min() >= 10 and fg[:, 1:].max() <= 24
+        assert (cams[seeds == 0] == 0).all()
+
+
+def test_otsu_sampler_falls_back_when_erosion_empties_the_region():
+    cams = torch.zeros(1, 20, 20)
+    cams[0, 3:6, 3:6] = 1.0  # a 3×3 region that an 11×11 erosion removes
+    seeds = sample_seeds(cams, n_fg=5, n_bg=0, ksize=1, fg_sampler="otsu", fg_erode=11)
+    fg = (seeds[0] == 1).nonzero()
+    assert len(fg) == 5 and fg.min() >= 3 and fg.max() <= 5
+    with pytest.raises(ValueError):
+        sample_seeds(cams, fg_sampler="top")
+    with pytest.raises(ValueError):
+        sample_seeds(cams, fg_sampler="otsu", fg_erode=4)

@@ -190,6 +190,12 @@ def test_size_t_schedule_is_task_state():
     resumed = DecoderTask(cfg, ds, stage1)
     resumed.load_state_dict(task.state_dict())
     assert resumed.size_t == task.size_t
-    for bad in ({"seed_mode": "fixed"}, {"size_t_max": 0.5}, {"size_lambda": -1.0}):
+    for bad in (
+        {"seed_mode": "fixed"},
+        {"size_t_max": 0.5},
+        {"size_lambda": -1.0},
+        {"fg_sampler": "top"},
+        {"fg_erode": 4},
+    ):
         with pytest.raises(InputError):
             DecoderTask(TrainConfig(**bad), ds, stage1)

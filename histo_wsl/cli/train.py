@@ -362,6 +362,17 @@ def train_decoder(
         ),
     ] = "proportional",
     low_fraction: Annotated[float, typer.Option(min=0.01, max=1.0)] = 0.2,
+    fg_sampler: Annotated[
+        str,
+        typer.Option(
+            help="proportional (∝ CAM, the paper's probability seeder) or otsu (uniform inside the "
+            "CAM's Otsu foreground eroded by --fg-erode; with --bg-sampler lowest it is the "
+            "original code's threshold seeder).",
+        ),
+    ] = "proportional",
+    fg_erode: Annotated[
+        int, typer.Option(min=1, help="Erosion square of --fg-sampler otsu, in pixels (odd).")
+    ] = 11,
     negative_lambda: Annotated[
         float, typer.Option(min=0.0, help="Weight of the negative-image term.")
     ] = 1.0,
