@@ -88,19 +88,21 @@ def _extreme(flat: Tensor, n: int, highest: bool) -> Tensor:
     return out
 
 
-def otsu_thresholds(flat: Tensor) -> Tensor:
-    """(B, HW) values in [0,1] -> (B, 1) Otsu thresholds in [0,1] (OpenCV, on 8-bit levels).
+def _levels(flat: Tensor) -> Tensor:
+    """(B, HW) values in [0,1] -> the same as 8-bit levels (0-255, float)."""
+    return (flat.detach().float().clamp(0, 1) * 255).round()
 
-    A pixel is foreground when its value is above the threshold, as in ``cv2.THRESH_BINARY``.
+
+def otsu_thresholds(flat: Tensor) -> Tensor:
+    """(B, HW) values in [0,1] -> (B, 1) Otsu thresholds as 8-bit levels (OpenCV).
+
+    A pixel is foreground when its level (value × 255, rounded) is above the threshold, as in
+    ``cv2.THRESH_BINARY``.
     """
-    levels = (flat.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-    t = [
-        cv2.threshold(np.ascontiguousarray(row[None]), 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)[
-            0
-        ]
-        for row in levels
-    ]
-    return torch.tensor(t, dtype=torch.float32, device=flat.device).reshape(-1, 1) / 255.0
+    levels = _levels(flat).to(torch.uint8).cpu().numpy()
+    otsu = cv2.THRESH_BINARY + cv2.THRESH_OTSU
+    t = [cv2.threshold(np.ascontiguousarray(row[None]), 0, 255, otsu)[0] for row in levels]
+    return torch.tensor(t, dtype=torch.float32, device=flat.device).reshape(-1, 1)
 
 
 def _otsu_region(cams: Tensor, erode: int) -> Tensor:
@@ -110,8 +112,7 @@ def _otsu_region(cams: Tensor, erode: int) -> Tensor:
     """
     b, h, w = cams.shape
     flat = cams.reshape(b, -1)
-    region = (flat * 255).round() > otsu_thresholds(flat) * 255
-    region = region.float()
+    region = (_levels(flat) > otsu_thresholds(flat)).float()
     if erode > 1:
         inv = 1.0 - region.reshape(b, 1, h, w)
         eroded = 1.0 - F.max_pool2d(inv, erode, stride=1, padding=erode // 2)

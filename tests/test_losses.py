@@ -178,7 +178,8 @@ def test_otsu_thresholds_split_a_two_level_cam():
     flat[1, :60] = 0.4
     t = otsu_thresholds(flat)
     assert t.shape == (2, 1)
-    assert 0.0 <= t[0, 0] < 0.8 and 0.0 <= t[1, 0] < 0.4  # the high level is foreground
+    # levels 204 and 102 against 0: the high level is foreground
+    assert 0 <= t[0, 0] < 204 and 0 <= t[1, 0] < 102
 
 
 def test_otsu_sampler_draws_foreground_only_inside_the_eroded_region():
