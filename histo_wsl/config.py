@@ -75,6 +75,10 @@ class TrainConfig:
     size_t0: float = 1.0
     size_t_max: float = 10.0
     size_t_mult: float = 1.01
+    crf_lambda: float = 0.0  # colour-affinity (CRF) term on the decoder's softmax (0 = off)
+    crf_sigma_rgb: float = 15.0
+    crf_sigma_xy: float = 8.0
+    crf_scale: float = 0.25
     # Max-Min (TMI 2022, method.md §2): train-classifier --method maxmin
     maxmin_lambda: float = 0.1  # GlaS fold-0 val PxAP after 3 epochs: 1e-7 66.9, 0.1 75.4, 1 55.6
     maxmin_regularizer: str = "sem"

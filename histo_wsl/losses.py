@@ -23,10 +23,14 @@ lowest-CAM pixels background (ties go to the lower flat index, row-major), with 
 and overlap rule. It is still recomputed on every crop's CAM, but it uses no randomness.
 
 :func:`size_loss` is NEGEV's optional size term (method.md §1.3 item 4, off in the paper), built on
-the extended log-barrier :func:`histo_wsl.maxmin_losses.elb`.
+the extended log-barrier :func:`histo_wsl.maxmin_losses.elb`. :func:`crf_loss` is an optional
+colour-affinity (CRF) term: the original code has a dense-CRF regulariser, off in the paper
+(method.md §1.3 item 4); this one is a windowed version of it that runs on a CPU.
 """
 
 from __future__ import annotations
+
+import math
 
 import cv2
 import numpy as np
@@ -41,6 +45,8 @@ __all__ = [
     "FG_SAMPLERS",
     "IGNORE",
     "SEED_MODES",
+    "crf_loss",
+    "crf_window",
     "negative_loss",
     "otsu_thresholds",
     "sample_seeds",
@@ -240,3 +246,59 @@ def size_loss(seg_logits: Tensor, t: float) -> Tensor:
     prob = torch.softmax(seg_logits.float(), dim=1)
     sizes = prob.flatten(2).mean(2)  # (B, 2): fractions of background and foreground
     return 0.5 * elb(-sizes, t).sum(1).mean()
+
+
+def crf_window(sigma_xy: float, scale: float) -> int:
+    """Side of the square neighbourhood :func:`crf_loss` uses: ±2σ_xy, in pixels at ``scale``."""
+    return 2 * max(1, int(math.ceil(2.0 * sigma_xy * scale))) + 1
+
+
+def crf_loss(
+    seg_logits: Tensor,
+    images: Tensor,
+    sigma_rgb: float = 15.0,
+    sigma_xy: float = 8.0,
+    scale: float = 0.25,
+) -> Tensor:
+    """Colour-affinity (relaxed Potts CRF) term on the decoder's softmax: similar neighbours agree.
+
+    The mean over pixels i and their neighbours j ≠ i of ``w_ij · (1 − Σ_c S_i^c S_j^c)``, with
+    ``w_ij = exp(−‖I_i − I_j‖² / 2σ_rgb² − ‖p_i − p_j‖² / 2σ_xy²)``: the probability that two
+    pixels get different labels, weighted by how alike they look and how close they are. It is
+    the dense-CRF loss of weakly supervised segmentation (the original NEGEV code's ``crf_ng``,
+    off in the paper) restricted to a square window of ±2σ_xy, computed on the image and the
+    softmax resized by ``scale`` so that it is cheap on a CPU; the value lies in [0, 1].
+
+    Args:
+        seg_logits: (B,2,H,W) decoder logits.
+        images: (B,3,H,W) the same images in 0–255 RGB (not normalised).
+        sigma_rgb: colour scale in 0–255 units.
+        sigma_xy: spatial scale in pixels of the input.
+        scale: resize factor of image and softmax before the window is taken, in (0, 1].
+
+    Returns:
+        A scalar (0 with no image).
+    """
+    if seg_logits.shape[0] == 0:
+        return seg_logits.sum() * 0.0
+    prob = torch.softmax(seg_logits.float(), dim=1)
+    img = images.float()
+    if scale != 1.0:
+        size = [max(1, round(d * scale)) for d in prob.shape[-2:]]
+        prob = F.interpolate(prob, size=size, mode="bilinear", align_corners=False, antialias=True)
+        img = F.interpolate(img, size=size, mode="bilinear", align_corners=False, antialias=True)
+    b, c, h, w = prob.shape
+    k = crf_window(sigma_xy, scale)
+    pad = k // 2
+    ones = torch.ones(1, 1, h, w, device=prob.device)
+    valid = F.unfold(ones, k, padding=pad).view(1, k * k, h, w)  # 0 outside the image
+    near_img = F.unfold(img, k, padding=pad).view(b, 3, k * k, h, w)
+    near_prob = F.unfold(prob, k, padding=pad).view(b, c, k * k, h, w)
+    colour = ((near_img - img.unsqueeze(2)) ** 2).sum(1)  # (B, k², h, w)
+    offsets = torch.arange(k, device=prob.device, dtype=torch.float32) - pad
+    dist2 = (offsets.view(k, 1) ** 2 + offsets.view(1, k) ** 2).view(1, k * k, 1, 1) / scale**2
+    weight = torch.exp(-colour / (2 * sigma_rgb**2) - dist2 / (2 * sigma_xy**2)) * valid
+    weight[:, pad * k + pad] = 0.0  # a pixel is not its own neighbour
+    differ = 1.0 - (near_prob * prob.unsqueeze(2)).sum(1)
+    pairs = valid.sum() - h * w  # neighbour pairs inside the image, per image
+    return (weight * differ).sum() / (b * pairs)

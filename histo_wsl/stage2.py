@@ -7,8 +7,10 @@ drawn at random, or the top/bottom CAM pixels with ``seed_mode: static``), and i
 negative class push every pixel to background. An optional size term (``size_lambda`` > 0,
 :func:`histo_wsl.losses.size_loss`) keeps both regions of the decoder's map non-empty on the other
 images; its log-barrier t follows t0·mult^(epoch−1) up to t_max and is part of the task state, so
-``--resume`` continues it. Selection: PxAP on ``valpx``; the checkpoint holds the classifier too,
-so it is all ``localize`` and ``evaluate`` need.
+``--resume`` continues it. An optional colour-affinity term (``crf_lambda`` > 0,
+:func:`histo_wsl.losses.crf_loss`) asks neighbours of similar colour to get the same label.
+Selection: PxAP on ``valpx``; the checkpoint holds the classifier too, so it is all ``localize``
+and ``evaluate`` need.
 """
 
 from __future__ import annotations
@@ -20,12 +22,15 @@ from torch import nn
 
 from histo_wsl import __version__
 from histo_wsl.config import TrainConfig
+from histo_wsl.data.images import IMAGENET_MEAN, IMAGENET_STD
 from histo_wsl.data.sources import Dataset
 from histo_wsl.errors import InputError
 from histo_wsl.losses import (
     BG_SAMPLERS,
     FG_SAMPLERS,
     SEED_MODES,
+    crf_loss,
+    crf_window,
     negative_loss,
     sample_seeds,
     seed_loss,
@@ -87,6 +92,10 @@ class DecoderTask:
                 f"--size-t-max must be >= --size-t0 (got {cfg.size_t_max})",
             ),
             (cfg.size_t_mult >= 1, f"--size-t-mult must be >= 1 (got {cfg.size_t_mult})"),
+            (cfg.crf_lambda >= 0, f"--crf-lambda must be >= 0 (got {cfg.crf_lambda})"),
+            (cfg.crf_sigma_rgb > 0, f"--crf-sigma-rgb must be > 0 (got {cfg.crf_sigma_rgb})"),
+            (cfg.crf_sigma_xy > 0, f"--crf-sigma-xy must be > 0 (got {cfg.crf_sigma_xy})"),
+            (0 < cfg.crf_scale <= 1, f"--crf-scale must be in (0, 1] (got {cfg.crf_scale})"),
         ]
         for ok, message in checks:
             if not ok:
@@ -94,6 +103,10 @@ class DecoderTask:
         self.negative = ds.negative_class
         #: log-barrier t of the size term for the coming epoch (task state: --resume keeps it)
         self.size_t = size_t_at(cfg.size_t0, cfg.size_t_max, cfg.size_t_mult, 1)
+        norm = card.get("normalization") or {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+        #: 0–255 RGB = normalised image · _rgb_std + _rgb_mean (for the CRF term's colours)
+        self._rgb_mean = 255.0 * torch.tensor(norm["mean"], dtype=torch.float32).view(1, 3, 1, 1)
+        self._rgb_std = 255.0 * torch.tensor(norm["std"], dtype=torch.float32).view(1, 3, 1, 1)
 
     def build_model(self) -> nn.Module:
         """The frozen classifier of the checkpoint with a new decoder."""
@@ -113,10 +126,10 @@ class DecoderTask:
         return training_images(self.ds, self.cfg)
 
     def training_step(self, model: nn.Module, batch: dict, epoch: int) -> tuple[torch.Tensor, dict]:
-        """λ·CE on CAM seeds (+ size term) of non-negative images; CE to background on negative ones.
+        """λ·CE on CAM seeds (+ size, CRF terms) of non-negative images; CE to bg on negative ones.
 
-        Statistics (summary.csv columns): ``seed_loss``, ``negative_loss`` and, with
-        ``size_lambda`` > 0, ``size_loss`` (unweighted) and its ``size_t``.
+        Statistics (summary.csv columns): ``seed_loss``, ``negative_loss``, with ``size_lambda``
+        > 0 ``size_loss`` (unweighted) and its ``size_t``, with ``crf_lambda`` > 0 ``crf_loss``.
         """
         images, labels = batch["image"], batch["label"]
         _, seg, deep = model(images, segment=True, features=True)
@@ -157,6 +170,17 @@ class DecoderTask:
                 loss = loss + self.cfg.size_lambda * lz
                 stats["size_loss"] = float(lz.detach())
                 stats["size_t"] = self.size_t
+            if self.cfg.crf_lambda > 0:
+                mean, std = self._rgb_mean.to(images.device), self._rgb_std.to(images.device)
+                lc = crf_loss(
+                    seg[pos],
+                    images[pos].float() * std + mean,
+                    self.cfg.crf_sigma_rgb,
+                    self.cfg.crf_sigma_xy,
+                    self.cfg.crf_scale,
+                )
+                loss = loss + self.cfg.crf_lambda * lc
+                stats["crf_loss"] = float(lc.detach())
         if neg.any():
             ln = negative_loss(seg[neg])
             loss = loss + self.cfg.negative_lambda * ln
@@ -212,6 +236,13 @@ class DecoderTask:
                 "t_max": cfg.size_t_max,
                 "mult": cfg.size_t_mult,
                 "sizes": "fractions of the image",
+            },
+            "crf_term": {
+                "lambda": cfg.crf_lambda,
+                "sigma_rgb": cfg.crf_sigma_rgb,
+                "sigma_xy": cfg.crf_sigma_xy,
+                "scale": cfg.crf_scale,
+                "window": crf_window(cfg.crf_sigma_xy, cfg.crf_scale),
             },
             "negative_term": self.negative is not None,
             "classifier_checkpoint": str(self.stage1.path),

@@ -3,6 +3,8 @@ import torch
 
 from histo_wsl.losses import (
     IGNORE,
+    crf_loss,
+    crf_window,
     negative_loss,
     otsu_thresholds,
     sample_seeds,
@@ -213,3 +215,44 @@ def test_otsu_sampler_falls_back_when_erosion_empties_the_region():
         sample_seeds(cams, fg_sampler="top")
     with pytest.raises(ValueError):
         sample_seeds(cams, fg_sampler="otsu", fg_erode=4)
+
+
+def _two_colour_image(size=32):
+    img = torch.zeros(1, 3, size, size)
+    img[:, :, :, size // 2 :] = 255.0  # left half black, right half white
+    return img
+
+
+def _split_logits(column, size=32, strength=20.0):
+    """Logits whose foreground is every pixel right of ``column`` (a sharp split)."""
+    fg = torch.zeros(1, size, size)
+    fg[:, :, column:] = 1.0
+    return torch.stack([(1 - fg) * strength, fg * strength], dim=1)
+
+
+def test_crf_loss_prefers_a_cut_along_the_colour_edge():
+    img = _two_colour_image()
+    uniform = crf_loss(_split_logits(32), img, sigma_xy=2.0, scale=1.0)  # one label everywhere
+    along_edge = crf_loss(_split_logits(16), img, sigma_xy=2.0, scale=1.0)
+    across_colour = crf_loss(_split_logits(8), img, sigma_xy=2.0, scale=1.0)
+    assert uniform.item() == pytest.approx(0.0, abs=1e-6)
+    assert along_edge.item() < 1e-6  # neighbours across the edge differ in colour: weight ≈ 0
+    assert across_colour.item() > 1e-3  # cutting a uniform region costs
+    assert 0.0 <= across_colour.item() <= 1.0
+
+
+def test_crf_loss_gradient_pulls_neighbours_together():
+    img = torch.full((1, 3, 16, 16), 128.0)  # one colour: every neighbour pair counts
+    logits = torch.zeros(1, 2, 16, 16)
+    logits[:, 1, :, :8] = 3.0  # left half leans foreground, right half background
+    logits.requires_grad_(True)
+    before = crf_loss(logits, img, sigma_xy=2.0, scale=0.5)
+    before.backward()
+    with torch.no_grad():
+        after = crf_loss(logits - 10.0 * logits.grad, img, sigma_xy=2.0, scale=0.5)
+    assert logits.grad.abs().sum() > 0 and after < before
+    assert crf_loss(torch.zeros(0, 2, 8, 8), torch.zeros(0, 3, 8, 8)).item() == 0.0
+
+
+def test_crf_window_spans_two_sigmas():
+    assert crf_window(8.0, 0.25) == 9 and crf_window(2.0, 1.0) == 9 and crf_window(0.1, 0.25) == 3

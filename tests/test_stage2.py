@@ -98,6 +98,8 @@ def test_train_decoder_end_to_end(tmp_path, stage1):
             "normal",
             "--size-lambda",
             "0.5",
+            "--crf-lambda",
+            "0.5",
             *TINY,
         ],
     )
@@ -105,8 +107,9 @@ def test_train_decoder_end_to_end(tmp_path, stage1):
     pred = load_model(out / "best-loc.pt")  # self-contained: classifier + decoder
     assert pred.method == "negev" and pred.card["negative_term"] is True
     assert pred.card["size_term"]["lambda"] == 0.5
+    assert pred.card["crf_term"]["lambda"] == 0.5 and pred.card["crf_term"]["window"] == 9
     header = (out / "summary.csv").read_text().splitlines()[0].split(",")
-    assert {"seed_loss", "negative_loss", "size_loss", "size_t"} <= set(header)
+    assert {"seed_loss", "negative_loss", "size_loss", "size_t", "crf_loss"} <= set(header)
     state = load_checkpoint(out / "last.pt")
     assert state["training"]["task"]["size_t"] == pytest.approx(1.01**2)  # after 2 epochs
     logits, maps = pred.predict(torch.randn(2, 3, 48, 48))
@@ -196,6 +199,9 @@ def test_size_t_schedule_is_task_state():
         {"size_lambda": -1.0},
         {"fg_sampler": "top"},
         {"fg_erode": 4},
+        {"crf_scale": 0.0},
+        {"crf_sigma_xy": 0.0},
+        {"crf_lambda": -0.1},
     ):
         with pytest.raises(InputError):
             DecoderTask(TrainConfig(**bad), ds, stage1)

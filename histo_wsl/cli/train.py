@@ -410,6 +410,41 @@ def train_decoder(
             help="t multiplier per epoch (the paper: 1.01); t is saved in last.pt for --resume.",
         ),
     ] = 1.01,
+    crf_lambda: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            rich_help_panel="CRF term (off by default, as in the paper)",
+            help="Weight of the colour-affinity term on the decoder's softmax of non-negative "
+            "images: neighbours (±2 σ_xy) of similar colour are asked to get the same label "
+            "(a windowed dense-CRF loss); 0 = off.",
+        ),
+    ] = 0.0,
+    crf_sigma_rgb: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            rich_help_panel="CRF term (off by default, as in the paper)",
+            help="Colour scale σ_rgb, in 0–255 RGB units (the original code: 15).",
+        ),
+    ] = 15.0,
+    crf_sigma_xy: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            rich_help_panel="CRF term (off by default, as in the paper)",
+            help="Spatial scale σ_xy, in input pixels; the window spans ±2 σ_xy.",
+        ),
+    ] = 8.0,
+    crf_scale: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            rich_help_panel="CRF term (off by default, as in the paper)",
+            help="The term is computed on the image and softmax resized by this factor (speed).",
+        ),
+    ] = 0.25,
     cam_method: Annotated[str, typer.Option(help="CAM method the seeds come from.")] = "cam",
     epochs: EpochsOpt = 20,
     batch_size: BatchSizeOpt = 32,
