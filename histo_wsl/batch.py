@@ -44,15 +44,40 @@ _PACKAGES = (
 )
 
 
+def processor_name(cpuinfo: str | Path = "/proc/cpuinfo") -> str | None:
+    """The CPU's model name (Linux ``/proc/cpuinfo``; else :func:`platform.processor`, or None).
+
+    Recorded because the same seeded CPU training gives other numbers on another processor model
+    (its floating-point kernels differ), so a result is only bit-reproducible on the same kind.
+    """
+    try:
+        for line in Path(cpuinfo).read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and value.strip():
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
 def environment() -> dict:
-    """Versions of Python, histo-wsl and its main dependencies (read from metadata, not imported)."""
+    """Versions, platform, host, processor model and CPU count of this run's machine.
+
+    Versions of Python, histo-wsl and its main dependencies are read from metadata, not imported.
+    """
     versions = {"python": platform.python_version(), "histo-wsl": __version__}
     for name in _PACKAGES:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = None
-    return {"versions": versions, "platform": platform.platform(), "host": platform.node()}
+    return {
+        "versions": versions,
+        "platform": platform.platform(),
+        "host": platform.node(),
+        "processor": processor_name(),
+        "cpu_count": os.cpu_count(),
+    }
 
 
 def _now() -> str:

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from histo_wsl.batch import STAGING, BatchRunner
+from histo_wsl.batch import STAGING, BatchRunner, environment, processor_name
 from histo_wsl.errors import InputError
 from histo_wsl.inputs import InputItem
 
@@ -46,6 +46,7 @@ def test_runs_items_records_and_skips_finished(tmp_path):
     assert run["argv"] == ["x"] and run["params"] == {"p": 1} and run["seed"] == 7
     assert [i["status"] for i in run["items"]] == ["done", "done"] and run["ended"]
     assert "histo-wsl" in run["versions"]
+    assert run["cpu_count"] >= 1 and "processor" in run
     assert not (out / STAGING).exists()
     s2 = _runner(out).run(_items(tmp_path, ["a", "bb"]), _writer(calls))
     assert calls == ["a", "bb"] and s2.counts == {"done": 0, "skipped": 2, "failed": 0}
@@ -120,3 +121,15 @@ def test_unwritable_output_folder(tmp_path):
 def test_shard_run_file_name(tmp_path):
     s = _runner(tmp_path / "out", shard=(2, 4)).run([], _writer([]))
     assert s.run_file.name == "run.shard-2-of-4.json" and s.run_file.exists()
+
+
+def test_processor_name_from_cpuinfo_and_fallback(tmp_path, monkeypatch):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: X\nmodel name\t: Example CPU 9000 @ 3.0GHz\n")
+    assert processor_name(info) == "Example CPU 9000 @ 3.0GHz"
+    monkeypatch.setattr("platform.processor", lambda: "")
+    assert processor_name(tmp_path / "missing") is None
+    info.write_text("processor\t: 0\n")  # no model name (some ARM kernels)
+    assert processor_name(info) is None
+    env = environment()
+    assert set(env) == {"versions", "platform", "host", "processor", "cpu_count"}
