@@ -47,8 +47,8 @@ _PACKAGES = (
 def processor_name(cpuinfo: str | Path = "/proc/cpuinfo") -> str | None:
     """The CPU's model name (Linux ``/proc/cpuinfo``; else :func:`platform.processor`, or None).
 
-    Recorded because the same seeded CPU training gives other numbers on another processor model
-    (its floating-point kernels differ), so a result is only bit-reproducible on the same kind.
+    Recorded because the same seeded CPU training gave other numbers on another machine with the
+    same torch: a later run can then tell whether it ran on the same kind of processor.
     """
     try:
         for line in Path(cpuinfo).read_text(errors="replace").splitlines():
