@@ -71,6 +71,7 @@ class TrainConfig:
     fg_erode: int = 11
     negative_lambda: float = 1.0
     seed_mode: str = "random"  # random (drawn every step) or static (top/bottom CAM pixels)
+    seed_teacher: str | None = None  # a NEGEV checkpoint whose map replaces the CAM for seeds
     size_lambda: float = 0.0  # NEGEV's optional size term (0 = off, the paper)
     size_t0: float = 1.0
     size_t_max: float = 10.0

@@ -4,11 +4,13 @@
 classifier (encoder and head) is copied from its checkpoint and frozen; at every step its CAM of the
 ground-truth class on the augmented crop gives pixel seeds (:func:`histo_wsl.losses.sample_seeds`;
 drawn at random, or the top/bottom CAM pixels with ``seed_mode: static``), and images of the
-negative class push every pixel to background. An optional size term (``size_lambda`` > 0,
-:func:`histo_wsl.losses.size_loss`) keeps both regions of the decoder's map non-empty on the other
-images; its log-barrier t follows t0·mult^(epoch−1) up to t_max and is part of the task state, so
-``--resume`` continues it. An optional colour-affinity term (``crf_lambda`` > 0,
-:func:`histo_wsl.losses.crf_loss`) asks neighbours of similar colour to get the same label.
+negative class push every pixel to background. With ``seed_teacher`` (a previous train-decoder
+checkpoint) the seeds come from that decoder's foreground map instead of the CAM: a second round.
+An optional size term (``size_lambda`` > 0, :func:`histo_wsl.losses.size_loss`) keeps both regions
+of the decoder's map non-empty on the other images; its log-barrier t follows t0·mult^(epoch−1) up
+to t_max and is part of the task state, so ``--resume`` continues it. An optional colour-affinity
+term (``crf_lambda`` > 0, :func:`histo_wsl.losses.crf_loss`) asks neighbours of similar colour to
+get the same label.
 Selection: PxAP on ``valpx``; the checkpoint holds the classifier too, so it is all ``localize``
 and ``evaluate`` need.
 """
@@ -101,12 +103,76 @@ class DecoderTask:
             if not ok:
                 raise InputError(message)
         self.negative = ds.negative_class
+        #: optional NEGEV model whose foreground map replaces the CAM as the seeds' source
+        self.teacher = self._load_teacher(cfg.seed_teacher) if cfg.seed_teacher else None
         #: log-barrier t of the size term for the coming epoch (task state: --resume keeps it)
         self.size_t = size_t_at(cfg.size_t0, cfg.size_t_max, cfg.size_t_mult, 1)
         norm = card.get("normalization") or {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
         #: 0–255 RGB = normalised image · _rgb_std + _rgb_mean (for the CRF term's colours)
         self._rgb_mean = 255.0 * torch.tensor(norm["mean"], dtype=torch.float32).view(1, 3, 1, 1)
         self._rgb_std = 255.0 * torch.tensor(norm["std"], dtype=torch.float32).view(1, 3, 1, 1)
+
+    def _load_teacher(self, path: str):
+        """The ``--seed-teacher`` checkpoint, checked against the classifier's classes and input."""
+        teacher = load_model(path)
+        card, c1 = teacher.card, self.stage1.card
+        if teacher.method != "negev":
+            raise InputError(
+                f"--seed-teacher must be a train-decoder checkpoint (best-loc.pt); this one is "
+                f"{teacher.method!r}",
+                path,
+            )
+        if list(card["class_names"]) != list(c1["class_names"]):
+            raise InputError(
+                f"the seed teacher was trained on classes {card['class_names']} but the "
+                f"classifier on {c1['class_names']}; use a teacher of the same classes",
+                path,
+            )
+        if card.get("normalization") != c1.get("normalization"):
+            raise InputError(
+                "the seed teacher normalises its input differently from the classifier; use a "
+                "teacher trained over a classifier of the same backbone",
+                path,
+            )
+        for p in teacher.model.parameters():
+            p.requires_grad_(False)
+        teacher.model.eval()
+        # a teacher trained over this very classifier decodes the student's encoder stages
+        mine, theirs = self.stage1.model.state_dict(), teacher.model.classifier.state_dict()
+        self._teacher_shares_encoder = mine.keys() == theirs.keys() and all(
+            torch.equal(mine[k].cpu(), theirs[k].cpu()) for k in mine
+        )
+        return teacher
+
+    def seed_maps(
+        self,
+        m: NEGEVModel,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        stages: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Maps (B,H,W) in [0,1] the seeds are drawn from.
+
+        The CAM of the true class, or the ``--seed-teacher``'s foreground probability on the same
+        augmented crops. ``stages`` are the frozen encoder's activations of ``images`` when
+        already computed (the CAM layer and, for a teacher over the same classifier, its decoder
+        input): no second backbone pass then.
+        """
+        size = tuple(images.shape[-2:])
+        if self.teacher is None:
+            return compute_cams(
+                m.classifier,
+                images,
+                labels,
+                method=self.cfg.cam_method,
+                size=size,
+                features=None if stages is None else stages[-1],
+            )
+        teacher = self.teacher.to(images.device).model
+        if stages is None or not self._teacher_shares_encoder:
+            return teacher.localize(images)[1].float()
+        with torch.no_grad():
+            return teacher.decoder(stages, size).float().softmax(1)[:, 1]
 
     def build_model(self) -> nn.Module:
         """The frozen classifier of the checkpoint with a new decoder."""
@@ -132,7 +198,7 @@ class DecoderTask:
         > 0 ``size_loss`` (unweighted) and its ``size_t``, with ``crf_lambda`` > 0 ``crf_loss``.
         """
         images, labels = batch["image"], batch["label"]
-        _, seg, deep = model(images, segment=True, features=True)
+        _, seg, stages = model(images, segment=True, features=True)
         m = unwrap(model)
         neg = (
             labels == self.negative
@@ -143,14 +209,7 @@ class DecoderTask:
         loss = seg.sum() * 0.0
         pos = ~neg
         if pos.any():
-            cams = compute_cams(
-                m.classifier,
-                images[pos],
-                labels[pos],
-                method=self.cfg.cam_method,
-                size=tuple(images.shape[-2:]),
-                features=deep[pos],
-            )
+            cams = self.seed_maps(m, images[pos], labels[pos], [s[pos] for s in stages])
             seeds = sample_seeds(
                 cams,
                 self.cfg.seeds_fg,
@@ -229,6 +288,13 @@ class DecoderTask:
                 "fg_erode": cfg.fg_erode,
                 "cam_method": cfg.cam_method,
                 "mode": cfg.seed_mode,
+                "teacher": None
+                if self.teacher is None
+                else {
+                    "checkpoint": str(self.teacher.path),
+                    "metrics": self.teacher.card.get("metrics", {}),
+                    "seeds": self.teacher.card.get("seeds", {}),
+                },
             },
             "size_term": {
                 "lambda": cfg.size_lambda,

@@ -49,9 +49,10 @@ def test_decoder_output_is_full_resolution(backbone):
     x = torch.randn(1, 3, 64, 64)
     logits, seg = model.segment(x)
     assert logits.shape == (1, 2) and seg.shape == (1, 2, 64, 64)
-    _, _, deep = model.segment(x, features=True)  # the CAM layer, for the training step's seeds
+    _, _, stages = model.segment(x, features=True)  # for the training step's seeds
     with torch.no_grad():
-        torch.testing.assert_close(deep, model.classifier.forward_features(x)[-1])
+        for got, want in zip(stages, model.classifier.forward_features(x), strict=True):
+            torch.testing.assert_close(got, want)
     _, prob = model.localize(x)
     assert prob.shape == (1, 64, 64) and 0 <= prob.min() and prob.max() <= 1
 
@@ -205,3 +206,66 @@ def test_size_t_schedule_is_task_state():
     ):
         with pytest.raises(InputError):
             DecoderTask(TrainConfig(**bad), ds, stage1)
+
+
+def test_seed_teacher_second_round(tmp_path, stage1):
+    from types import SimpleNamespace
+
+    data, cfg, ckpt = stage1
+    args = ["--config", str(cfg), "--epochs", "1", "--seeds-fg", "3", "--seeds-bg", "3", *TINY]
+    first = tmp_path / "round1"
+    r = runner.invoke(
+        app, ["train-decoder", str(data), "--classifier", str(ckpt), "--out", str(first), *args]
+    )
+    assert r.exit_code == 0, r.stderr
+    second = tmp_path / "round2"
+    teacher = first / "best-loc.pt"
+    r = runner.invoke(
+        app,
+        [
+            "train-decoder",
+            str(data),
+            "--classifier",
+            str(ckpt),
+            "--seed-teacher",
+            str(teacher),
+            "--out",
+            str(second),
+            *args,
+        ],
+    )
+    assert r.exit_code == 0, r.stderr
+    card = load_model(second / "best-loc.pt").card
+    assert card["seeds"]["teacher"]["checkpoint"] == str(teacher)
+    assert "valpx_pxap" in card["seeds"]["teacher"]["metrics"]
+    assert load_model(first / "best-loc.pt").card["seeds"]["teacher"] is None
+
+    # the seeds are drawn from the teacher's foreground probability, not from the CAM
+    classifier = load_model(ckpt)
+    ds = SimpleNamespace(class_names=classifier.card["class_names"], negative_class=None)
+    task = DecoderTask(TrainConfig(seed_teacher=str(teacher)), ds, classifier)
+    student = NEGEVModel(load_model(ckpt).model)
+    x = torch.randn(2, 3, 48, 48)
+    want = load_model(teacher).predict(x)[1]
+    torch.testing.assert_close(task.seed_maps(student, x, torch.tensor([0, 0])), want)
+    assert task._teacher_shares_encoder  # same classifier: the student's stages are decoded
+    _, _, stages = student.segment(x, features=True)
+    torch.testing.assert_close(task.seed_maps(student, x, torch.tensor([0, 0]), stages), want)
+
+    # a stage-1 checkpoint is not a teacher
+    r = runner.invoke(
+        app,
+        [
+            "train-decoder",
+            str(data),
+            "--classifier",
+            str(ckpt),
+            "--seed-teacher",
+            str(ckpt),
+            "--out",
+            str(tmp_path / "bad"),
+            *args,
+        ],
+    )
+    assert r.exit_code == 2 and "--seed-teacher must be a train-decoder checkpoint" in r.stderr
+    assert not (tmp_path / "bad" / "best-loc.pt").exists()

@@ -446,6 +446,13 @@ def train_decoder(
         ),
     ] = 0.25,
     cam_method: Annotated[str, typer.Option(help="CAM method the seeds come from.")] = "cam",
+    seed_teacher: Annotated[
+        str | None,
+        typer.Option(
+            help="A train-decoder checkpoint (best-loc.pt) whose foreground map, instead of the "
+            "CAM, the seeds are drawn from: a second round of NEGEV, seeded by the first.",
+        ),
+    ] = None,
     epochs: EpochsOpt = 20,
     batch_size: BatchSizeOpt = 32,
     lr: Annotated[

@@ -181,15 +181,16 @@ class NEGEVModel(nn.Module):
     def segment(self, x: Tensor, features: bool = False) -> tuple[Tensor, ...]:
         """(classifier logits, decoder 2-channel logits at the input size).
 
-        With ``features``, also the frozen CAM-layer activations (detached), from which the
-        training step takes its CAMs without a second backbone pass.
+        With ``features``, also the list of the frozen encoder's stage activations (detached; the
+        last is the CAM layer), from which the training step takes its seeds without a second
+        backbone pass.
         """
         with torch.no_grad():
             stages = self.classifier.forward_features(x)
             logits = self.classifier.head(stages[-1])
         stages = [s.detach() for s in stages]
         seg = self.decoder(stages, tuple(x.shape[-2:]))
-        return (logits, seg, stages[-1]) if features else (logits, seg)
+        return (logits, seg, stages) if features else (logits, seg)
 
     def localize(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(classifier logits, foreground probability (B,H,W))."""
