@@ -105,6 +105,10 @@ class DecoderTask:
         self.negative = ds.negative_class
         #: optional NEGEV model whose foreground map replaces the CAM as the seeds' source
         self.teacher = self._load_teacher(cfg.seed_teacher) if cfg.seed_teacher else None
+        #: the teacher was trained over this very classifier: it decodes the student's stages
+        self._teacher_shares_encoder = self.teacher is not None and _same_weights(
+            self.stage1.model, self.teacher.model.classifier
+        )
         #: log-barrier t of the size term for the coming epoch (task state: --resume keeps it)
         self.size_t = size_t_at(cfg.size_t0, cfg.size_t_max, cfg.size_t_mult, 1)
         norm = card.get("normalization") or {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
@@ -137,11 +141,6 @@ class DecoderTask:
         for p in teacher.model.parameters():
             p.requires_grad_(False)
         teacher.model.eval()
-        # a teacher trained over this very classifier decodes the student's encoder stages
-        mine, theirs = self.stage1.model.state_dict(), teacher.model.classifier.state_dict()
-        self._teacher_shares_encoder = mine.keys() == theirs.keys() and all(
-            torch.equal(mine[k].cpu(), theirs[k].cpu()) for k in mine
-        )
         return teacher
 
     def seed_maps(
@@ -337,6 +336,12 @@ class DecoderTask:
         """Restore :meth:`state_dict` (a checkpoint without it leaves t at t0)."""
         if "size_t" in state:
             self.size_t = float(state["size_t"])
+
+
+def _same_weights(a: nn.Module, b: nn.Module) -> bool:
+    """Whether two modules hold the same tensors under the same names (buffers included)."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k].cpu(), sb[k].cpu()) for k in sa)
 
 
 def train_decoder(

@@ -213,27 +213,17 @@ def test_seed_teacher_second_round(tmp_path, stage1):
 
     data, cfg, ckpt = stage1
     args = ["--config", str(cfg), "--epochs", "1", "--seeds-fg", "3", "--seeds-bg", "3", *TINY]
+
+    def decoder(out, *extra):
+        cmd = ["train-decoder", str(data), "--classifier", str(ckpt), "--out", str(out)]
+        return runner.invoke(app, [*cmd, *extra, *args])
+
     first = tmp_path / "round1"
-    r = runner.invoke(
-        app, ["train-decoder", str(data), "--classifier", str(ckpt), "--out", str(first), *args]
-    )
+    r = decoder(first)
     assert r.exit_code == 0, r.stderr
     second = tmp_path / "round2"
     teacher = first / "best-loc.pt"
-    r = runner.invoke(
-        app,
-        [
-            "train-decoder",
-            str(data),
-            "--classifier",
-            str(ckpt),
-            "--seed-teacher",
-            str(teacher),
-            "--out",
-            str(second),
-            *args,
-        ],
-    )
+    r = decoder(second, "--seed-teacher", str(teacher))
     assert r.exit_code == 0, r.stderr
     card = load_model(second / "best-loc.pt").card
     assert card["seeds"]["teacher"]["checkpoint"] == str(teacher)
@@ -253,19 +243,6 @@ def test_seed_teacher_second_round(tmp_path, stage1):
     torch.testing.assert_close(task.seed_maps(student, x, torch.tensor([0, 0]), stages), want)
 
     # a stage-1 checkpoint is not a teacher
-    r = runner.invoke(
-        app,
-        [
-            "train-decoder",
-            str(data),
-            "--classifier",
-            str(ckpt),
-            "--seed-teacher",
-            str(ckpt),
-            "--out",
-            str(tmp_path / "bad"),
-            *args,
-        ],
-    )
+    r = decoder(tmp_path / "bad", "--seed-teacher", str(ckpt))
     assert r.exit_code == 2 and "--seed-teacher must be a train-decoder checkpoint" in r.stderr
     assert not (tmp_path / "bad" / "best-loc.pt").exists()
