@@ -3,8 +3,10 @@
 Steps (each a ``histo-wsl`` child process, logged to ``--out/logs/``):
 
 1. ``train-classifier`` (the CAM classifier) into ``--out/stage1``;
-2. ``train-decoder --classifier --out/stage1/<stage1_checkpoint>`` into ``--out/stage2``;
-3. ``evaluate --compare <stage-1 checkpoint> stage2/best-loc.pt --split val --fold 0`` into
+2. ``train-decoder --classifier --out/stage1/<stage1_checkpoint>`` into ``--out/stage2``; with
+   ``rounds`` > 1, round r (≥ 2) trains a new decoder over the same classifier into
+   ``--out/stage2-round<r>``, seeded by round r − 1 (``--seed-teacher``);
+3. ``evaluate --compare <stage-1 checkpoint> <last round>/best-loc.pt --split val --fold 0`` into
    ``--out/eval``.
 
 It prints one JSON object: CAM and NEGEV validation PxAP (%), the gain, whether the +10 point
@@ -18,7 +20,8 @@ are recorded in ``--out/recipe.json``; a folder made with other settings is refu
 
 The recipes are the dict :data:`RECIPES` below (edit the values there):
 
-* ``cpu``: pretrained MobileNetV2 (stride 8), short schedule, n = 20 seeds: hours on a laptop CPU.
+* ``cpu``: pretrained MobileNetV2 (stride 8), short schedule, n = 20 seeds drawn from the k-NN
+  seed map (``--seed-map knn``), two rounds (the second seeded by the first decoder).
 * ``gpu``: the paper's protocol (method.md §1.4): ResNet50, 1000 epochs per stage, batch 32, step
   250, lr 0.003 / 0.1, n = 1, AMP. Needs ImageNet ResNet50 weights in ``$TORCH_HOME``.
 
@@ -59,7 +62,10 @@ RECIPES: dict[str, dict[str, Any]] = {
             "step_size": 14,
             "seeds_fg": 20,
             "seeds_bg": 20,
+            "seed_map": "knn",
         },
+        # decoders trained in turn, each seeded by the previous one (the first by the CAM)
+        "rounds": 2,
         # the frozen encoder/head and the CAM of stage 2 (and the CAM row of the comparison); the
         # paper-era code used best-loc for both (method.md §1.1, "Checkpoint subtlety")
         "stage1_checkpoint": "best-cls.pt",
@@ -83,6 +89,7 @@ RECIPES: dict[str, dict[str, Any]] = {
             "seeds_bg": 1,
             "amp": True,
         },
+        "rounds": 1,
         "stage1_checkpoint": "best-cls.pt",
     },
 }
@@ -106,6 +113,7 @@ def plan(args: argparse.Namespace) -> dict[str, Any]:
         "fold": args.fold,
         "stage1": stage1,
         "stage2": stage2,
+        "rounds": int(recipe.get("rounds", 1)),
         "stage1_checkpoint": recipe["stage1_checkpoint"],
     }
 
@@ -180,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or f"runs/glas-negev-{args.recipe}{suffix}").resolve()
     record = out / "recipe.json"
     if args.overwrite and not args.dry_run:
-        for sub in ("stage1", "stage2", "eval", "logs"):
+        for sub in ("stage1", "eval", "logs", *(p.name for p in out.glob("stage2*"))):
             shutil.rmtree(out / sub, ignore_errors=True)
         record.unlink(missing_ok=True)
     if record.is_file():
@@ -201,9 +209,10 @@ def main(argv: list[str] | None = None) -> int:
     ran: list[str] = []
     steps: dict[str, Any] = {}
     glas = str(data.resolve())
-    s1, s2, ev = out / "stage1", out / "stage2", out / "eval"
+    s1, ev = out / "stage1", out / "eval"
+    rounds = [out / "stage2"] + [out / f"stage2-round{r}" for r in range(2, settings["rounds"] + 1)]
     cam_ckpt = s1 / settings["stage1_checkpoint"]
-    negev_ckpt = s2 / "best-loc.pt"
+    negev_ckpt = rounds[-1] / "best-loc.pt"
 
     steps["stage1"] = _train(
         "train-classifier",
@@ -215,18 +224,25 @@ def main(argv: list[str] | None = None) -> int:
         args.dry_run,
         ran,
     )
-    if steps["stage1"]["exit_code"] == 0:
-        steps["stage2"] = _train(
+    teacher: Path | None = None
+    for folder in rounds:
+        if any(s["exit_code"] != 0 for s in steps.values()):
+            break
+        options = {**settings["stage2"], **common, "classifier": str(cam_ckpt)}
+        if teacher is not None:
+            options["seed_teacher"] = str(teacher)
+        steps[folder.name] = _train(
             "train-decoder",
             glas,
-            s2,
-            {**settings["stage2"], **common, "classifier": str(cam_ckpt)},
+            folder,
+            options,
             runtime,
-            out / "logs" / "stage2.log",
+            out / "logs" / f"{folder.name}.log",
             args.dry_run,
             ran,
         )
-    failed = any(s["exit_code"] != 0 for s in steps.values()) or len(steps) < 2
+        teacher = folder / "best-loc.pt"
+    failed = any(s["exit_code"] != 0 for s in steps.values()) or len(steps) < 1 + len(rounds)
 
     metrics: dict[str, Any] = {}
     if not failed:
@@ -294,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         "target_gain": TARGET_GAIN,
         "target_met": met,
         "checkpoints": {"cam": str(cam_ckpt), "negev": str(negev_ckpt)},
-        "valpx_selection": {"stage1": best_of(s1), "stage2": best_of(s2)},
+        "valpx_selection": {"stage1": best_of(s1), **{f.name: best_of(f) for f in rounds}},
         "steps": steps,
         "seconds": round(time.perf_counter() - t_start, 1),
         "commands": ran,

@@ -72,6 +72,10 @@ class TrainConfig:
     negative_lambda: float = 1.0
     seed_mode: str = "random"  # random (drawn every step) or static (top/bottom CAM pixels)
     seed_teacher: str | None = None  # a NEGEV checkpoint whose map replaces the CAM for seeds
+    seed_map: str = "cam"  # cam, or knn: the CAM averaged over look-alike pixels (seed_bank.py)
+    knn_k: int = 128
+    knn_bank: int = 16384
+    knn_dims: int = 64
     size_lambda: float = 0.0  # NEGEV's optional size term (0 = off, the paper)
     size_t0: float = 1.0
     size_t_max: float = 10.0

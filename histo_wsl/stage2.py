@@ -6,6 +6,8 @@ ground-truth class on the augmented crop gives pixel seeds (:func:`histo_wsl.los
 drawn at random, or the top/bottom CAM pixels with ``seed_mode: static``), and images of the
 negative class push every pixel to background. With ``seed_teacher`` (a previous train-decoder
 checkpoint) the seeds come from that decoder's foreground map instead of the CAM: a second round.
+With ``seed_map: knn`` they come from that map (CAM or teacher) averaged over each pixel's most
+similar pixels of the other training images (:mod:`histo_wsl.seed_bank`; built at the first step).
 An optional size term (``size_lambda`` > 0, :func:`histo_wsl.losses.size_loss`) keeps both regions
 of the decoder's map non-empty on the other images; its log-barrier t follows t0·mult^(epoch−1) up
 to t_max and is part of the task state, so ``--resume`` continues it. An optional colour-affinity
@@ -24,7 +26,7 @@ from torch import nn
 
 from histo_wsl import __version__
 from histo_wsl.config import TrainConfig
-from histo_wsl.data.images import IMAGENET_MEAN, IMAGENET_STD
+from histo_wsl.data.images import IMAGENET_MEAN, IMAGENET_STD, LabelledImages, eval_transform
 from histo_wsl.data.sources import Dataset
 from histo_wsl.errors import InputError
 from histo_wsl.losses import (
@@ -44,9 +46,13 @@ from histo_wsl.networks.cams import compute_cams
 from histo_wsl.networks.classifier import unwrap
 from histo_wsl.networks.negev import NEGEVModel
 from histo_wsl.predictor import load_model
+from histo_wsl.seed_bank import FeatureBank, build_feature_bank
 from histo_wsl.stage1 import evaluate_maps, load_training_data, training_images
 
-__all__ = ["DecoderTask", "STAGE2_DEFAULTS", "train_decoder"]
+__all__ = ["DecoderTask", "SEED_MAPS", "STAGE2_DEFAULTS", "train_decoder"]
+
+#: what the seeds are drawn from (besides ``--seed-teacher``)
+SEED_MAPS = ("cam", "knn")
 
 #: stage-2 defaults that differ from stage 1 (method.md §1.4: lr 0.1 for the decoder)
 STAGE2_DEFAULTS = {"lr": 0.1, "method": "negev", "out": "runs/negev"}
@@ -99,10 +105,24 @@ class DecoderTask:
             (cfg.crf_sigma_xy > 0, f"--crf-sigma-xy must be > 0 (got {cfg.crf_sigma_xy})"),
             (0 < cfg.crf_scale <= 1, f"--crf-scale must be in (0, 1] (got {cfg.crf_scale})"),
         ]
+        if cfg.seed_map not in SEED_MAPS:
+            raise InputError(f"--seed-map must be one of {SEED_MAPS}, got {cfg.seed_map!r}")
+        if cfg.seed_map == "knn":
+            checks += [
+                (cfg.knn_k >= 1, f"--knn-k must be >= 1 (got {cfg.knn_k})"),
+                (cfg.knn_bank >= 1, f"--knn-bank must be >= 1 (got {cfg.knn_bank})"),
+                (cfg.knn_dims >= 1, f"--knn-dims must be >= 1 (got {cfg.knn_dims})"),
+                (
+                    len(ds.split("train")) >= 2,
+                    "--seed-map knn needs at least 2 training images",
+                ),
+            ]
         for ok, message in checks:
             if not ok:
                 raise InputError(message)
         self.negative = ds.negative_class
+        #: the k-NN seed map's bank of training pixels (``seed_map: knn``; built at the first step)
+        self.bank: FeatureBank | None = None
         #: optional NEGEV model whose foreground map replaces the CAM as the seeds' source
         self.teacher = self._load_teacher(cfg.seed_teacher) if cfg.seed_teacher else None
         #: the teacher was trained over this very classifier: it decodes the student's stages
@@ -143,35 +163,71 @@ class DecoderTask:
         teacher.model.eval()
         return teacher
 
+    def feature_bank(self, m: NEGEVModel, device: torch.device) -> FeatureBank:
+        """The ``seed_map: knn`` bank (built on first use from the train split, eval preset)."""
+        if self.bank is None:
+            cfg = self.cfg
+            self.bank = build_feature_bank(
+                m.classifier,
+                LabelledImages(self.ds.split("train"), cfg.crop_size, eval_transform()),
+                values=None
+                if self.teacher is None
+                else lambda x, y, stages: self._teacher_maps(x, stages),
+                negative=self.negative,
+                cam_method=cfg.cam_method,
+                max_pixels=cfg.knn_bank,
+                dims=cfg.knn_dims,
+                seed=cfg.seed,
+                device=device,
+            )
+        return self.bank.to(device)
+
     def seed_maps(
         self,
         m: NEGEVModel,
         images: torch.Tensor,
         labels: torch.Tensor,
         stages: list[torch.Tensor] | None = None,
+        owners: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Maps (B,H,W) in [0,1] the seeds are drawn from.
 
-        The CAM of the true class, or the ``--seed-teacher``'s foreground probability on the same
-        augmented crops. ``stages`` are the frozen encoder's activations of ``images`` when
+        The CAM of the true class, or the ``--seed-teacher``'s foreground probability on the
+        same augmented crops; with ``seed_map: knn``, that map averaged over each pixel's
+        ``knn_k`` nearest bank pixels of other images (``owners``: the images' training-set
+        indices, −1 for none). ``stages`` are the frozen encoder's activations of ``images`` when
         already computed (the CAM layer and, for a teacher over the same classifier, its decoder
         input): no second backbone pass then.
         """
         size = tuple(images.shape[-2:])
-        if self.teacher is None:
-            return compute_cams(
-                m.classifier,
-                images,
-                labels,
-                method=self.cfg.cam_method,
-                size=size,
-                features=None if stages is None else stages[-1],
-            )
+        if self.cfg.seed_map == "knn":
+            bank = self.feature_bank(m, images.device)
+            if stages is None:
+                with torch.no_grad():
+                    stages = m.classifier.forward_features(images)
+            if owners is None:
+                owners = torch.full((images.shape[0],), -1, dtype=torch.long)
+            return bank.smoothed_maps(stages, owners, self.cfg.knn_k, size)
+        if self.teacher is not None:
+            return self._teacher_maps(images, stages)
+        return compute_cams(
+            m.classifier,
+            images,
+            labels,
+            method=self.cfg.cam_method,
+            size=size,
+            features=None if stages is None else stages[-1],
+        )
+
+    def _teacher_maps(
+        self, images: torch.Tensor, stages: list[torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """The ``--seed-teacher``'s foreground probability (B,H,W) on ``images``."""
         teacher = self.teacher.to(images.device).model
         if stages is None or not self._teacher_shares_encoder:
             return teacher.localize(images)[1].float()
         with torch.no_grad():
-            return teacher.decoder(stages, size).float().softmax(1)[:, 1]
+            return teacher.decoder(stages, tuple(images.shape[-2:])).float().softmax(1)[:, 1]
 
     def build_model(self) -> nn.Module:
         """The frozen classifier of the checkpoint with a new decoder."""
@@ -208,7 +264,9 @@ class DecoderTask:
         loss = seg.sum() * 0.0
         pos = ~neg
         if pos.any():
-            cams = self.seed_maps(m, images[pos], labels[pos], [s[pos] for s in stages])
+            owners = batch.get("index")
+            owners = None if owners is None else torch.as_tensor(owners)[pos.cpu()]
+            cams = self.seed_maps(m, images[pos], labels[pos], [s[pos] for s in stages], owners)
             seeds = sample_seeds(
                 cams,
                 self.cfg.seeds_fg,
@@ -287,6 +345,15 @@ class DecoderTask:
                 "fg_erode": cfg.fg_erode,
                 "cam_method": cfg.cam_method,
                 "mode": cfg.seed_mode,
+                "map": cfg.seed_map,
+                "knn": None
+                if cfg.seed_map != "knn"
+                else {
+                    "k": cfg.knn_k,
+                    "bank_pixels": None if self.bank is None else len(self.bank),
+                    "dims": cfg.knn_dims,
+                    "bank_seed": cfg.seed,
+                },
                 "teacher": None
                 if self.teacher is None
                 else {

@@ -71,3 +71,22 @@ def test_gpu_recipe_plan(tmp_path, capsys):
     assert "--backbone resnet50" in s1 and "--epochs 1000" in s1 and "--amp" in s1
     assert "train-decoder" in s2 and "--seeds-fg 1" in s2 and "stage1/best-cls.pt" in s2
     assert "evaluate --compare" in ev and "--split val" in ev
+
+
+def test_cpu_recipe_chains_its_rounds(tmp_path, capsys):
+    glas = tmp_path / "glas"
+    (glas / "splits").mkdir(parents=True)
+    (glas / "train").mkdir()
+    out = tmp_path / "o"
+    code = glas_negev.main(["--data", str(glas), "--out", str(out), "--dry-run"])
+    res = json.loads(capsys.readouterr().out)
+    rounds = glas_negev.RECIPES["cpu"]["rounds"]
+    assert code == 0 and len(res["commands"]) == 1 + rounds + 1
+    decoders = res["commands"][1:-1]
+    assert all("--seed-map knn" in c and "stage1/best-cls.pt" in c for c in decoders)
+    assert "--seed-teacher" not in decoders[0]
+    for r in range(2, rounds + 1):
+        previous = "stage2" if r == 2 else f"stage2-round{r - 1}"
+        assert f"--seed-teacher {out / previous / 'best-loc.pt'}" in decoders[r - 1]
+        assert f"--out {out / f'stage2-round{r}'}" in decoders[r - 1]
+    assert str(out / f"stage2-round{rounds}" / "best-loc.pt") in res["commands"][-1]

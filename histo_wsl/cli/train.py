@@ -453,6 +453,37 @@ def train_decoder(
             "CAM, the seeds are drawn from: a second round of NEGEV, seeded by the first.",
         ),
     ] = None,
+    seed_map: Annotated[
+        str,
+        typer.Option(
+            rich_help_panel="Seed map",
+            help="What the seeds are drawn from: cam (the CAM of the true class, the paper) or "
+            "knn (each pixel gets the mean CAM of its --knn-k most similar pixels of the other "
+            "training images, in the frozen encoder's features: look-alike tissue gets "
+            "look-alike evidence; pixels of negative-class images count as 0).",
+        ),
+    ] = "cam",
+    knn_k: Annotated[
+        int,
+        typer.Option(min=1, rich_help_panel="Seed map", help="Neighbours per pixel (knn)."),
+    ] = 128,
+    knn_bank: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            rich_help_panel="Seed map",
+            help="Training pixels in the knn bank (the same number from every image; memory "
+            "and time grow with it).",
+        ),
+    ] = 16384,
+    knn_dims: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            rich_help_panel="Seed map",
+            help="Principal axes kept per encoder stage in the knn features.",
+        ),
+    ] = 64,
     epochs: EpochsOpt = 20,
     batch_size: BatchSizeOpt = 32,
     lr: Annotated[
