@@ -55,7 +55,7 @@ def _stage_pixels(stages: list[Tensor], size: tuple[int, int]) -> list[Tensor]:
 
 @dataclass
 class FeatureBank:
-    """Training pixels' keys (N,D), CAM values (N,) and owning image indices (N,)."""
+    """Training pixels' keys (N,D), seed-map values (N,) and owning image indices (N,)."""
 
     keys: Tensor
     values: Tensor
@@ -169,12 +169,8 @@ def build_feature_bank(
                 classifier, x, y, method=cam_method, size=(h, w), features=stages[-1]
             )
         else:
-            cams = values(x, y, stages).detach().float()[:, None]
-            cams = (
-                F.adaptive_avg_pool2d(cams, (h, w))[:, 0]
-                if cams.shape[-2:] != (h, w)
-                else cams[:, 0]
-            )
+            cams = F.adaptive_avg_pool2d(values(x, y, stages).detach().float()[:, None], (h, w))
+            cams = cams[:, 0]
         if negative is not None:
             cams[y == negative] = 0.0
         if per_image is None:

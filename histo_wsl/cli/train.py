@@ -457,10 +457,11 @@ def train_decoder(
         str,
         typer.Option(
             rich_help_panel="Seed map",
-            help="What the seeds are drawn from: cam (the CAM of the true class, the paper) or "
-            "knn (each pixel gets the mean CAM of its --knn-k most similar pixels of the other "
-            "training images, in the frozen encoder's features: look-alike tissue gets "
-            "look-alike evidence; pixels of negative-class images count as 0).",
+            help="What the seeds are drawn from: cam (the CAM of the true class, the paper, or "
+            "the --seed-teacher's map) or knn (each pixel gets the mean of that map over its "
+            "--knn-k most similar pixels of the other training images, in the frozen encoder's "
+            "features: look-alike tissue gets look-alike evidence; pixels of negative-class "
+            "images count as 0).",
         ),
     ] = "cam",
     knn_k: Annotated[
