@@ -21,7 +21,7 @@ are recorded in ``--out/recipe.json``; a folder made with other settings is refu
 The recipes are the dict :data:`RECIPES` below (edit the values there):
 
 * ``cpu``: pretrained MobileNetV2 (stride 8), short schedule, n = 20 seeds drawn from the k-NN
-  seed map (``--seed-map knn``), two rounds (the second seeded by the first decoder).
+  seed map (``--seed-map knn``), one round, the saved map k-NN refined (``--refine knn``).
 * ``gpu``: the paper's protocol (method.md §1.4): ResNet50, 1000 epochs per stage, batch 32, step
   250, lr 0.003 / 0.1, n = 1, AMP. Needs ImageNet ResNet50 weights in ``$TORCH_HOME``.
 
@@ -63,9 +63,10 @@ RECIPES: dict[str, dict[str, Any]] = {
             "seeds_fg": 20,
             "seeds_bg": 20,
             "seed_map": "knn",
+            "refine": "knn",
         },
         # decoders trained in turn, each seeded by the previous one (the first by the CAM)
-        "rounds": 2,
+        "rounds": 1,
         # the frozen encoder/head and the CAM of stage 2 (and the CAM row of the comparison); the
         # paper-era code used best-loc for both (method.md §1.1, "Checkpoint subtlety")
         "stage1_checkpoint": "best-cls.pt",

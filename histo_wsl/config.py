@@ -76,6 +76,8 @@ class TrainConfig:
     knn_k: int = 128
     knn_bank: int = 16384
     knn_dims: int = 64
+    refine: str = "none"  # or knn: the map blended with its k-NN map (networks/knn_refiner.py)
+    refine_alpha: float = 1.0  # weight of the k-NN map in the blend
     size_lambda: float = 0.0  # NEGEV's optional size term (0 = off, the paper)
     size_t0: float = 1.0
     size_t_max: float = 10.0

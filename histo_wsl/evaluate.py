@@ -462,6 +462,12 @@ def _snap(t: float) -> float:
 
 def _map_description(card: dict, map_class: str) -> str:
     if card.get("method") == "negev":
+        refine = card.get("refine") or {}
+        if refine.get("method") == "knn":
+            return (
+                "NEGEV decoder foreground probability, k-NN refined "
+                f"(α {refine.get('alpha')}, k {refine.get('k')}; class-agnostic)"
+            )
         return "NEGEV decoder foreground probability (class-agnostic)"
     if card.get("method") == "maxmin":
         if (card.get("maxmin") or {}).get("mask") == "absolute":

@@ -8,7 +8,7 @@ scores and a foreground map in [0, 1] for any method:
 - stage-1 (``cam``): the chosen CAM method's map (per-image min-max normalised) of the predicted
   class, or of the classes given (ground truth, for evaluation);
 - ``negev``: the decoder's foreground softmax (the classes only choose nothing: the decoder is
-  class-agnostic);
+  class-agnostic), blended with its k-NN map when the card has ``refine: knn``;
 - ``maxmin``: the pseudo-binary mask M of the localizer (class-agnostic: weighted by the
   localizer's own class probabilities), with the class scores of C(X+).
 """
@@ -25,6 +25,7 @@ from histo_wsl.checkpoint import load_checkpoint
 from histo_wsl.errors import InputError
 from histo_wsl.networks.cams import compute_cams
 from histo_wsl.networks.classifier import WSOLClassifier, build_classifier
+from histo_wsl.networks.knn_refiner import KNNRefiner
 from histo_wsl.networks.negev import NEGEVModel
 
 __all__ = ["Predictor", "classifier_from_card", "load_model"]
@@ -156,7 +157,7 @@ def load_model(
             pretrained=False,
             **stage1.get("head_opts", {}),
         )
-        model = NEGEVModel(clf)
+        model = NEGEVModel(clf, _refiner_from_card(card, path))
         try:
             model.load_state_dict(ckpt["state_dict"])
         except RuntimeError as exc:
@@ -167,3 +168,17 @@ def load_model(
         raise InputError(f"unknown method {method!r} in the model card", path)
     model.eval()
     return Predictor(model, card, path)
+
+
+def _refiner_from_card(card: dict, path: Path) -> KNNRefiner | None:
+    """The empty k-NN refiner a NEGEV card asks for (``refine``), filled by the weights."""
+    refine = card.get("refine") or {}
+    method = refine.get("method", "none")
+    if method == "none":
+        return None
+    if method != "knn":
+        raise InputError(f"unknown refinement {method!r} in the model card", path)
+    try:
+        return KNNRefiner(int(refine["k"]), float(refine["alpha"]), int(refine.get("stages", 2)))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"the model card's k-NN refinement is malformed ({exc})", path) from None

@@ -86,6 +86,30 @@ class FeatureBank:
         return torch.cat(parts, dim=1) / math.sqrt(len(parts))
 
     @torch.no_grad()
+    def neighbour_means(self, stages: list[Tensor], k: int, owners: Tensor | None = None) -> Tensor:
+        """(B,h,w) mean bank value of each pixel's ``k`` nearest keys, at the last stage's size.
+
+        ``owners``: (B,) training-set index of each image; bank pixels of the same image are
+        never neighbours (None or −1: no exclusion). ``k`` is capped at the bank's size minus one
+        image's pixels.
+        """
+        if len(self) == 0:
+            raise RuntimeError("the k-NN bank is empty")
+        b, _, h, w = stages[-1].shape
+        queries = self.embed(_stage_pixels(stages, (h, w)))
+        if owners is None:
+            owners = torch.full((b,), -1, dtype=torch.long)
+        own = owners.to(queries.device).repeat_interleave(h * w)
+        k = max(1, min(int(k), len(self) - int((self.owners == self.owners[0]).sum())))
+        means = []
+        for i in range(0, queries.shape[0], _BLOCK):
+            sim = queries[i : i + _BLOCK] @ self.keys.T
+            sim.masked_fill_(own[i : i + _BLOCK, None] == self.owners[None], -math.inf)
+            idx = sim.topk(k, dim=1).indices
+            means.append(self.values[idx].mean(1))
+        return torch.cat(means).view(b, h, w)
+
+    @torch.no_grad()
     def smoothed_maps(
         self, stages: list[Tensor], owners: Tensor, k: int, size: tuple[int, int]
     ) -> Tensor:
@@ -100,18 +124,8 @@ class FeatureBank:
             size: output size (H,W); maps are upsampled bilinearly, then min-max normalised
                 per image.
         """
-        b, _, h, w = stages[-1].shape
-        queries = self.embed(_stage_pixels(stages, (h, w)))
-        own = owners.to(queries.device).repeat_interleave(h * w)
-        k = max(1, min(int(k), len(self) - int((self.owners == self.owners[0]).sum())))
-        means = []
-        for i in range(0, queries.shape[0], _BLOCK):
-            sim = queries[i : i + _BLOCK] @ self.keys.T
-            sim.masked_fill_(own[i : i + _BLOCK, None] == self.owners[None], -math.inf)
-            idx = sim.topk(k, dim=1).indices
-            means.append(self.values[idx].mean(1))
-        maps = torch.cat(means).view(b, 1, h, w)
-        maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)[:, 0]
+        maps = self.neighbour_means(stages, k, owners)
+        maps = F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
         lo = maps.amin(dim=(1, 2), keepdim=True)
         hi = maps.amax(dim=(1, 2), keepdim=True)
         return ((maps - lo) / (hi - lo).clamp_min(1e-6)).clamp(0, 1)

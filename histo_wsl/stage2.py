@@ -8,6 +8,8 @@ negative class push every pixel to background. With ``seed_teacher`` (a previous
 checkpoint) the seeds come from that decoder's foreground map instead of the CAM: a second round.
 With ``seed_map: knn`` they come from that map (CAM or teacher) averaged over each pixel's most
 similar pixels of the other training images (:mod:`histo_wsl.seed_bank`; built at the first step).
+With ``refine: knn`` the saved model's map is blended with the k-NN map of the decoder's own map
+over training pixels (:mod:`histo_wsl.networks.knn_refiner`; rebuilt at every evaluation).
 An optional size term (``size_lambda`` > 0, :func:`histo_wsl.losses.size_loss`) keeps both regions
 of the decoder's map non-empty on the other images; its log-barrier t follows t0·mult^(epoch−1) up
 to t_max and is part of the task state, so ``--resume`` continues it. An optional colour-affinity
@@ -44,15 +46,19 @@ from histo_wsl.losses import (
 from histo_wsl.networks.backbones import X10
 from histo_wsl.networks.cams import compute_cams
 from histo_wsl.networks.classifier import unwrap
+from histo_wsl.networks.knn_refiner import KNNRefiner
 from histo_wsl.networks.negev import NEGEVModel
 from histo_wsl.predictor import load_model
 from histo_wsl.seed_bank import FeatureBank, build_feature_bank
 from histo_wsl.stage1 import evaluate_maps, load_training_data, training_images
 
-__all__ = ["DecoderTask", "SEED_MAPS", "STAGE2_DEFAULTS", "train_decoder"]
+__all__ = ["DecoderTask", "REFINEMENTS", "SEED_MAPS", "STAGE2_DEFAULTS", "train_decoder"]
 
 #: what the seeds are drawn from (besides ``--seed-teacher``)
 SEED_MAPS = ("cam", "knn")
+
+#: refinements of the saved model's map (``--refine``)
+REFINEMENTS = ("none", "knn")
 
 #: stage-2 defaults that differ from stage 1 (method.md §1.4: lr 0.1 for the decoder)
 STAGE2_DEFAULTS = {"lr": 0.1, "method": "negev", "out": "runs/negev"}
@@ -107,14 +113,22 @@ class DecoderTask:
         ]
         if cfg.seed_map not in SEED_MAPS:
             raise InputError(f"--seed-map must be one of {SEED_MAPS}, got {cfg.seed_map!r}")
-        if cfg.seed_map == "knn":
+        if cfg.refine not in REFINEMENTS:
+            raise InputError(f"--refine must be one of {REFINEMENTS}, got {cfg.refine!r}")
+        checks.append(
+            (
+                0.0 <= cfg.refine_alpha <= 1.0,
+                f"--refine-alpha must be in [0, 1] (got {cfg.refine_alpha})",
+            )
+        )
+        if cfg.seed_map == "knn" or cfg.refine == "knn":
             checks += [
                 (cfg.knn_k >= 1, f"--knn-k must be >= 1 (got {cfg.knn_k})"),
                 (cfg.knn_bank >= 1, f"--knn-bank must be >= 1 (got {cfg.knn_bank})"),
                 (cfg.knn_dims >= 1, f"--knn-dims must be >= 1 (got {cfg.knn_dims})"),
                 (
                     len(ds.split("train")) >= 2,
-                    "--seed-map knn needs at least 2 training images",
+                    "--seed-map knn and --refine knn need at least 2 training images",
                 ),
             ]
         for ok, message in checks:
@@ -123,6 +137,8 @@ class DecoderTask:
         self.negative = ds.negative_class
         #: the k-NN seed map's bank of training pixels (``seed_map: knn``; built at the first step)
         self.bank: FeatureBank | None = None
+        #: pixels in the refiner's bank (``refine: knn``; set at the first evaluation)
+        self.refine_pixels: int | None = None
         #: optional NEGEV model whose foreground map replaces the CAM as the seeds' source
         self.teacher = self._load_teacher(cfg.seed_teacher) if cfg.seed_teacher else None
         #: the teacher was trained over this very classifier: it decodes the student's stages
@@ -227,12 +243,34 @@ class DecoderTask:
         if stages is None or not self._teacher_shares_encoder:
             return teacher.localize(images)[1].float()
         with torch.no_grad():
-            return teacher.decoder(stages, tuple(images.shape[-2:])).float().softmax(1)[:, 1]
+            return teacher.foreground(teacher.decoder(stages, tuple(images.shape[-2:])), stages)
 
     def build_model(self) -> nn.Module:
-        """The frozen classifier of the checkpoint with a new decoder."""
+        """The frozen classifier of the checkpoint with a new decoder (and an empty refiner)."""
         torch.manual_seed(self.cfg.seed)
-        return NEGEVModel(self.stage1.model)
+        refiner = KNNRefiner(self.cfg.knn_k, self.cfg.refine_alpha) if self.refining else None
+        return NEGEVModel(self.stage1.model, refiner)
+
+    @property
+    def refining(self) -> bool:
+        """Whether the saved model's map is k-NN refined (``--refine knn``)."""
+        return self.cfg.refine == "knn"
+
+    def refine_bank(self, m: NEGEVModel, device: torch.device) -> FeatureBank:
+        """Training pixels (eval preset) valued by ``m``'s decoder map, for its refiner."""
+        cfg = self.cfg
+        m.eval()
+        size = (cfg.crop_size, cfg.crop_size)
+        return build_feature_bank(
+            m.classifier,
+            LabelledImages(self.ds.split("train"), cfg.crop_size, eval_transform()),
+            values=lambda x, y, stages: m.decoder(stages, size).float().softmax(1)[:, 1],
+            negative=self.negative,
+            max_pixels=cfg.knn_bank,
+            dims=cfg.knn_dims,
+            seed=cfg.seed,
+            device=device,
+        )
 
     def param_groups(self, model: nn.Module, lr: float) -> list[dict]:
         """Decoder parameters only; in the ×10 group for VGG16/InceptionV3 (method.md §1.4)."""
@@ -304,9 +342,17 @@ class DecoderTask:
         return loss, stats
 
     def evaluate(self, model: nn.Module, device: torch.device) -> dict:
-        """Frozen classifier's accuracy on val; decoder PxAP on valpx."""
+        """Frozen classifier's accuracy on val; the model's map PxAP on valpx.
+
+        With ``--refine knn`` the refiner's bank is first rebuilt from the current decoder, the
+        selection metric ``valpx_pxap`` is the blended map's, and ``valpx_pxap_decoder`` the
+        decoder's own.
+        """
         m = unwrap(model)
-        return evaluate_maps(
+        if self.refining:
+            m.refiner.set_bank(self.refine_bank(m, device))
+            self.refine_pixels = len(m.refiner)
+        metrics = evaluate_maps(
             m,
             self.ds.split("val"),
             self.ds.split("valpx"),
@@ -315,6 +361,18 @@ class DecoderTask:
             len(self.ds.class_names),
             size=self.cfg.crop_size,
         )
+        if self.refining and "valpx_pxap" in metrics:
+            own = evaluate_maps(
+                m,
+                [],
+                self.ds.split("valpx"),
+                lambda net, x, y: net.localize(x, refine=False),
+                device,
+                len(self.ds.class_names),
+                size=self.cfg.crop_size,
+            )
+            metrics["valpx_pxap_decoder"] = own["valpx_pxap"]
+        return metrics
 
     def card(self) -> dict:
         """The model card of the NEGEV model (with its classifier's card)."""
@@ -375,6 +433,18 @@ class DecoderTask:
                 "sigma_xy": cfg.crf_sigma_xy,
                 "scale": cfg.crf_scale,
                 "window": crf_window(cfg.crf_sigma_xy, cfg.crf_scale),
+            },
+            "refine": {"method": "none"}
+            if not self.refining
+            else {
+                "method": "knn",
+                "k": cfg.knn_k,
+                "alpha": cfg.refine_alpha,
+                "stages": 2,
+                "bank_pixels": self.refine_pixels,
+                "dims": cfg.knn_dims,
+                "bank_seed": cfg.seed,
+                "values": "the decoder's foreground map on the train split (eval preset)",
             },
             "negative_term": self.negative is not None,
             "classifier_checkpoint": str(self.stage1.path),

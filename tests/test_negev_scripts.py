@@ -73,7 +73,8 @@ def test_gpu_recipe_plan(tmp_path, capsys):
     assert "evaluate --compare" in ev and "--split val" in ev
 
 
-def test_cpu_recipe_chains_its_rounds(tmp_path, capsys):
+def test_cpu_recipe_chains_its_rounds(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(glas_negev.RECIPES["cpu"], "rounds", 3)
     glas = tmp_path / "glas"
     (glas / "splits").mkdir(parents=True)
     (glas / "train").mkdir()
@@ -84,6 +85,7 @@ def test_cpu_recipe_chains_its_rounds(tmp_path, capsys):
     assert code == 0 and len(res["commands"]) == 1 + rounds + 1
     decoders = res["commands"][1:-1]
     assert all("--seed-map knn" in c and "stage1/best-cls.pt" in c for c in decoders)
+    assert all("--refine knn" in c for c in decoders)
     assert "--seed-teacher" not in decoders[0]
     for r in range(2, rounds + 1):
         previous = "stage2" if r == 2 else f"stage2-round{r - 1}"

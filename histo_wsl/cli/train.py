@@ -473,8 +473,8 @@ def train_decoder(
         typer.Option(
             min=1,
             rich_help_panel="Seed map",
-            help="Training pixels in the knn bank (the same number from every image; memory "
-            "and time grow with it).",
+            help="Training pixels in the knn bank (seed map and --refine knn; the same number "
+            "from every image; memory and time grow with it).",
         ),
     ] = 16384,
     knn_dims: Annotated[
@@ -485,6 +485,26 @@ def train_decoder(
             help="Principal axes kept per encoder stage in the knn features.",
         ),
     ] = 64,
+    refine: Annotated[
+        str,
+        typer.Option(
+            rich_help_panel="Refinement",
+            help="none, or knn: the saved model's map is blended with a k-NN map, each pixel "
+            "taking the mean of the trained decoder's map over its --knn-k most similar "
+            "training pixels (the bank, --knn-bank pixels, is kept in the checkpoint; "
+            "selection by the blended map's PxAP).",
+        ),
+    ] = "none",
+    refine_alpha: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            rich_help_panel="Refinement",
+            help="Weight of the k-NN map in the blend (1: the k-NN map alone, at the CAM "
+            "layer's resolution; lower keeps more of the decoder's boundaries).",
+        ),
+    ] = 1.0,
     epochs: EpochsOpt = 20,
     batch_size: BatchSizeOpt = 32,
     lr: Annotated[

@@ -17,6 +17,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
 from histo_wsl.networks.classifier import WSOLClassifier
+from histo_wsl.networks.knn_refiner import KNNRefiner
 
 __all__ = ["NEGEVModel", "UNetDecoder", "decoder_channels"]
 
@@ -143,11 +144,14 @@ class NEGEVModel(nn.Module):
     ``forward(x)`` returns the frozen classifier's logits (image class); :meth:`segment` the
     decoder's 2-channel logits; :meth:`localize` the foreground probability map (B,H,W).
     The classifier is kept in eval mode (BatchNorm statistics frozen) whatever ``train()`` says.
+    With a ``refiner`` (``train-decoder --refine knn``), :meth:`localize` returns the decoder's
+    map blended with its k-NN map over training pixels (:mod:`histo_wsl.networks.knn_refiner`).
     """
 
-    def __init__(self, classifier: WSOLClassifier) -> None:
+    def __init__(self, classifier: WSOLClassifier, refiner: KNNRefiner | None = None) -> None:
         super().__init__()
         self.classifier = classifier
+        self.refiner = refiner
         bb = classifier.backbone
         self.decoder = UNetDecoder(
             list(bb.stage_channels),
@@ -192,7 +196,18 @@ class NEGEVModel(nn.Module):
         seg = self.decoder(stages, tuple(x.shape[-2:]))
         return (logits, seg, stages) if features else (logits, seg)
 
-    def localize(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(classifier logits, foreground probability (B,H,W))."""
-        logits, seg = self.segment(x)
-        return logits, seg.float().softmax(1)[:, 1]
+    def localize(self, x: Tensor, refine: bool = True) -> tuple[Tensor, Tensor]:
+        """(classifier logits, foreground probability (B,H,W)).
+
+        With a ready refiner and ``refine``, the map is the refiner's blend; otherwise the
+        decoder's own.
+        """
+        logits, seg, stages = self.segment(x, features=True)
+        return logits, self.foreground(seg, stages, refine)
+
+    def foreground(self, seg: Tensor, stages: list[Tensor], refine: bool = True) -> Tensor:
+        """Foreground map (B,H,W) of the decoder's logits ``seg`` (refined, see :meth:`localize`)."""
+        fg = seg.float().softmax(1)[:, 1]
+        if refine and self.refiner is not None and self.refiner.ready:
+            fg = self.refiner(fg, stages)
+        return fg
