@@ -22,6 +22,7 @@ and ``evaluate`` need.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -182,21 +183,32 @@ class DecoderTask:
     def feature_bank(self, m: NEGEVModel, device: torch.device) -> FeatureBank:
         """The ``seed_map: knn`` bank (built on first use from the train split, eval preset)."""
         if self.bank is None:
-            cfg = self.cfg
-            self.bank = build_feature_bank(
-                m.classifier,
-                LabelledImages(self.ds.split("train"), cfg.crop_size, eval_transform()),
-                values=None
-                if self.teacher is None
-                else lambda x, y, stages: self._teacher_maps(x, stages),
-                negative=self.negative,
-                cam_method=cfg.cam_method,
-                max_pixels=cfg.knn_bank,
-                dims=cfg.knn_dims,
-                seed=cfg.seed,
-                device=device,
+            self.bank = self._train_bank(
+                m,
+                None if self.teacher is None else lambda x, y, st: self._teacher_maps(x, st),
+                device,
             )
         return self.bank.to(device)
+
+    def _train_bank(
+        self, m: NEGEVModel, values: Callable | None, device: torch.device
+    ) -> FeatureBank:
+        """A k-NN bank of the train split (eval preset) over ``m``'s frozen encoder.
+
+        ``values``: as for :func:`build_feature_bank` (None: the CAM with ``cam_method``).
+        """
+        cfg = self.cfg
+        return build_feature_bank(
+            m.classifier,
+            LabelledImages(self.ds.split("train"), cfg.crop_size, eval_transform()),
+            values=values,
+            negative=self.negative,
+            cam_method=cfg.cam_method,
+            max_pixels=cfg.knn_bank,
+            dims=cfg.knn_dims,
+            seed=cfg.seed,
+            device=device,
+        )
 
     def seed_maps(
         self,
@@ -258,18 +270,10 @@ class DecoderTask:
 
     def refine_bank(self, m: NEGEVModel, device: torch.device) -> FeatureBank:
         """Training pixels (eval preset) valued by ``m``'s decoder map, for its refiner."""
-        cfg = self.cfg
         m.eval()
-        size = (cfg.crop_size, cfg.crop_size)
-        return build_feature_bank(
-            m.classifier,
-            LabelledImages(self.ds.split("train"), cfg.crop_size, eval_transform()),
-            values=lambda x, y, stages: m.decoder(stages, size).float().softmax(1)[:, 1],
-            negative=self.negative,
-            max_pixels=cfg.knn_bank,
-            dims=cfg.knn_dims,
-            seed=cfg.seed,
-            device=device,
+        size = (self.cfg.crop_size, self.cfg.crop_size)
+        return self._train_bank(
+            m, lambda x, y, stages: m.decoder(stages, size).float().softmax(1)[:, 1], device
         )
 
     def param_groups(self, model: nn.Module, lr: float) -> list[dict]:

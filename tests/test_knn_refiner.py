@@ -3,50 +3,29 @@ import csv
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
+from knn_helpers import A, B, identity_bank, tiny_classifier, two_stages
 from typer.testing import CliRunner
 
 from histo_wsl.cli.app import app
 from histo_wsl.data.images import LabelledImages, eval_transform
 from histo_wsl.networks.knn_refiner import KNNRefiner
 from histo_wsl.predictor import load_model
-from histo_wsl.seed_bank import FeatureBank
 
 runner = CliRunner()
-
-A = [1.0, 0.0]  # two kinds of "tissue" in a 2-channel feature space
-B = [0.0, 1.0]
-
-
-def _bank(rows: list[tuple[list[float], float, int]]) -> FeatureBank:
-    """A bank over 2-channel features with identity projections (keys = normalised features)."""
-    feats = torch.tensor([r[0] for r in rows])
-    eye = (torch.zeros(2), torch.eye(2))
-    bank = FeatureBank(
-        torch.empty(0),
-        torch.tensor([r[1] for r in rows]),
-        torch.tensor([r[2] for r in rows]),
-        [eye, eye],
-    )
-    bank.keys = bank.embed([feats, feats])
-    return bank
-
-
-def _stages(pixels: list[list[float]]) -> list[torch.Tensor]:
-    """Two identical stages (1,2,1,W) whose pixels are the given features."""
-    x = torch.tensor(pixels).T[None, :, None, :]
-    return [x, x]
 
 
 def _filled(alpha: float) -> KNNRefiner:
     refiner = KNNRefiner(k=3, alpha=alpha)
     # every A pixel of the bank's images is foreground, every B pixel background
-    refiner.set_bank(_bank([(A, 1.0, i) for i in range(3)] + [(B, 0.0, i) for i in range(3, 7)]))
+    refiner.set_bank(
+        identity_bank([(A, 1.0, i) for i in range(3)] + [(B, 0.0, i) for i in range(3, 7)])
+    )
     return refiner
 
 
 def test_knn_map_is_the_mean_decoder_value_of_look_alike_pixels():
     refiner = _filled(alpha=1.0)
-    stages = _stages([A, B])
+    stages = two_stages([A, B])
     knn = refiner.knn_map(stages, (1, 2))
     torch.testing.assert_close(knn, torch.tensor([[[1.0, 0.0]]]))
     decoder = torch.tensor([[[0.2, 0.6]]])
@@ -60,7 +39,7 @@ def test_knn_map_is_the_mean_decoder_value_of_look_alike_pixels():
 
 def test_empty_refiner_refuses_to_guess_and_arguments_are_checked():
     with pytest.raises(RuntimeError, match="no bank"):
-        KNNRefiner().knn_map(_stages([A]), (1, 1))
+        KNNRefiner().knn_map(two_stages([A]), (1, 1))
     with pytest.raises(ValueError, match="alpha"):
         KNNRefiner(alpha=1.5)
     with pytest.raises(ValueError, match="k must be"):
@@ -75,26 +54,13 @@ def test_bank_round_trips_through_a_state_dict_into_an_empty_refiner():
     assert not empty.ready
     empty.load_state_dict(state)
     assert empty.ready and len(empty) == 7
-    stages, decoder = _stages([A, B, A]), torch.tensor([[[0.1, 0.9, 0.5]]])
+    stages, decoder = two_stages([A, B, A]), torch.tensor([[[0.1, 0.9, 0.5]]])
     torch.testing.assert_close(empty(decoder, stages), refiner(decoder, stages))
 
 
-TINY = ["--batch-size", "4", "--workers", "0", "--quiet", "--device", "cpu"]
-
-
 def test_train_decoder_refine_knn_saves_a_self_contained_refined_model(tmp_path):
-    from histo_wsl.synthetic_patches import write_patch_dataset
-
-    data = write_patch_dataset(tmp_path / "data", n_per_class=4, size=64, seed=5)
-    cfg = tmp_path / "tiny.yaml"
-    cfg.write_text("crop_size: 48\nresize_size: 56\nmax_steps_per_epoch: 2\n")
-    common = ["--config", str(cfg), "--epochs", "1", *TINY]
-    r = runner.invoke(
-        app,
-        ["train-classifier", str(data), "--out", str(tmp_path / "cam"), "--no-pretrained", *common],
-    )
-    assert r.exit_code == 0, r.stderr
-    cmd = ["train-decoder", str(data), "--classifier", str(tmp_path / "cam" / "best-loc.pt")]
+    data, ckpt, common = tiny_classifier(tmp_path)
+    cmd = ["train-decoder", str(data), "--classifier", str(ckpt)]
     cmd += common
     out = tmp_path / "negev"
     refine = ["--refine", "knn", "--refine-alpha", "0.75", "--knn-k", "4", "--knn-bank", "10000"]

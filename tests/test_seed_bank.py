@@ -1,45 +1,23 @@
 import pytest
 import torch
+from knn_helpers import A, B, identity_bank, tiny_classifier, two_stages
 from typer.testing import CliRunner
 
 from histo_wsl.cli.app import app
 from histo_wsl.data.images import LabelledImages, eval_transform
 from histo_wsl.networks.classifier import build_classifier
 from histo_wsl.predictor import load_model
-from histo_wsl.seed_bank import FeatureBank, build_feature_bank
+from histo_wsl.seed_bank import build_feature_bank
 
 runner = CliRunner()
-
-A = [1.0, 0.0]  # two kinds of "tissue" in a 2-channel feature space
-B = [0.0, 1.0]
-
-
-def _identity_bank(rows: list[tuple[list[float], float, int]]) -> FeatureBank:
-    """A bank over 2-channel features with identity projections (keys = normalised features)."""
-    feats = torch.tensor([r[0] for r in rows])
-    eye = (torch.zeros(2), torch.eye(2))
-    bank = FeatureBank(
-        torch.empty(0),
-        torch.tensor([r[1] for r in rows]),
-        torch.tensor([r[2] for r in rows]),
-        [eye, eye],
-    )
-    bank.keys = bank.embed([feats, feats])
-    return bank
-
-
-def _stages(pixels: list[list[float]]) -> list[torch.Tensor]:
-    """Two identical stages (1,2,1,W) whose pixels are the given features."""
-    x = torch.tensor(pixels).T[None, :, None, :]
-    return [x, x]
 
 
 def test_look_alike_pixels_get_the_evidence_of_other_images_only():
     # image 0 says A is foreground, image 1 says the opposite
-    bank = _identity_bank(
+    bank = identity_bank(
         [(A, 1.0, 0)] * 4 + [(B, 0.0, 0)] * 4 + [(A, 0.0, 1)] * 4 + [(B, 1.0, 1)] * 4
     )
-    query = _stages([A, A, B, B])
+    query = two_stages([A, A, B, B])
     from_0 = bank.smoothed_maps(query, torch.tensor([1]), k=4, size=(1, 4))
     torch.testing.assert_close(from_0, torch.tensor([[[1.0, 1.0, 0.0, 0.0]]]))
     from_1 = bank.smoothed_maps(query, torch.tensor([0]), k=4, size=(1, 4))
@@ -50,8 +28,8 @@ def test_look_alike_pixels_get_the_evidence_of_other_images_only():
 
 
 def test_maps_are_min_max_normalised_and_upsampled():
-    bank = _identity_bank([(A, 0.8, 0)] * 2 + [(B, 0.2, 0)] * 2)
-    maps = bank.smoothed_maps(_stages([A, B]), torch.tensor([-1]), k=2, size=(3, 8))
+    bank = identity_bank([(A, 0.8, 0)] * 2 + [(B, 0.2, 0)] * 2)
+    maps = bank.smoothed_maps(two_stages([A, B]), torch.tensor([-1]), k=2, size=(3, 8))
     assert maps.shape == (1, 3, 8)
     assert maps.min() == 0 and maps.max() == 1
     assert maps[0, :, 0].min() > maps[0, :, -1].max()  # the A side stays above the B side
@@ -94,21 +72,8 @@ def test_build_feature_bank_is_balanced_bounded_and_reproducible():
         build_feature_bank(clf, _Images(1))
 
 
-TINY = ["--batch-size", "4", "--workers", "0", "--quiet", "--device", "cpu"]
-
-
 def test_train_decoder_with_knn_seed_map(tmp_path):
-    from histo_wsl.synthetic_patches import write_patch_dataset
-
-    data = write_patch_dataset(tmp_path / "data", n_per_class=4, size=64, seed=5)
-    cfg = tmp_path / "tiny.yaml"
-    cfg.write_text("crop_size: 48\nresize_size: 56\nmax_steps_per_epoch: 2\n")
-    common = ["--config", str(cfg), "--epochs", "1", *TINY]
-    r = runner.invoke(
-        app,
-        ["train-classifier", str(data), "--out", str(tmp_path / "cam"), "--no-pretrained", *common],
-    )
-    assert r.exit_code == 0, r.stderr
+    data, ckpt, common = tiny_classifier(tmp_path)
     ckpt = tmp_path / "cam" / "best-loc.pt"
     cmd = ["train-decoder", str(data), "--classifier", str(ckpt), *common]
     out = tmp_path / "negev"

@@ -7,8 +7,8 @@ probability on those training images (average-pooled to the CAM layer's resoluti
 inference each pixel's map is the mean value of its ``k`` most similar bank pixels, upsampled
 bilinearly, blended with the decoder's own map: ``(1 − alpha)·decoder + alpha·k-NN``.
 
-The decoder's errors are partly image-specific (a gland missed here, found elsewhere); averaging
-its verdicts over look-alike tissue of many images cancels them. The k-NN map lives at the CAM
+The k-NN map averages the decoder's verdicts over look-alike tissue of many images (on GlaS it
+scores above the decoder itself: README, "Train the NEGEV decoder"). It lives at the CAM
 layer's resolution (stride 8 for the stride-8 backbones); ``alpha`` < 1 keeps the decoder's finer
 boundaries in the blend.
 
