@@ -7,7 +7,8 @@
 # The GlaS folder is the challenge's release as histo-wsl reads it (train/ images and masks,
 # splits/fold-K.csv); the CPU recipe needs torchvision's MobileNetV2 ImageNet weights in
 # $TORCH_HOME/hub/checkpoints/, the GPU recipe ResNet50's. Both reuse finished stages when re-run.
-# This is the recipe of the shipped default model (models/glas-negev-mobilenetv2) for "cpu".
+# "cpu" runs the same commands as `python benchmarks/glas_negev.py --recipe cpu`, the recipe of the
+# shipped default model (models/glas-negev-mobilenetv2).
 set -euo pipefail
 GLAS=${1:?usage: glas_reproduce.sh GLAS_DIR [cpu|gpu] [OUT]}
 RECIPE=${2:-cpu}
@@ -15,7 +16,7 @@ OUT=${3:-runs/glas-$RECIPE}
 
 if [ "$RECIPE" = cpu ]; then
   S1="--backbone mobilenetv2 --epochs 24 --batch-size 16 --lr 0.003 --step-size 16 --workers 1 --device cpu"
-  S2="--epochs 20 --batch-size 16 --lr 0.1 --step-size 14 --seeds-fg 20 --seeds-bg 20 --workers 1 --device cpu"
+  S2="--epochs 20 --batch-size 16 --lr 0.1 --step-size 14 --seeds-fg 20 --seeds-bg 20 --seed-map knn --refine knn --workers 1 --device cpu"
 else
   S1="--backbone resnet50 --epochs 1000 --batch-size 32 --lr 0.003 --step-size 250 --workers 8 --amp"
   S2="--epochs 1000 --batch-size 32 --lr 0.1 --step-size 250 --seeds-fg 1 --seeds-bg 1 --workers 8 --amp"
