@@ -152,6 +152,8 @@ class EvalSettings:
         skip_missing: leave out images without a mask (listed in metrics.json) instead of failing.
         map_class: ``gt`` or ``predicted`` (class whose map a stage-1 model gives).
         cam_method: override of the stage-1 card's CAM method.
+        tta: test-time augmentation overriding the cards' (``none`` or ``flips``;
+            :data:`histo_wsl.predictor.TTA_MODES`).
         negative_class: class whose images are fully negative (default: the card's).
         examples: best and worst images shown in the report (each).
         batch_size: images per forward pass.
@@ -172,6 +174,7 @@ class EvalSettings:
     skip_missing: bool = False
     map_class: str = "gt"
     cam_method: str | None = None
+    tta: str | None = None
     negative_class: str | None = None
     examples: int = 4
     batch_size: int = 16
@@ -461,6 +464,13 @@ def _snap(t: float) -> float:
 
 
 def _map_description(card: dict, map_class: str) -> str:
+    text = _method_map_description(card, map_class)
+    if card.get("tta", "none") == "flips":
+        text += "; mean of 4 flipped views (--tta flips)"
+    return text
+
+
+def _method_map_description(card: dict, map_class: str) -> str:
     if card.get("method") == "negev":
         refine = card.get("refine") or {}
         if refine.get("method") == "knn":
@@ -776,6 +786,7 @@ def evaluate_model(
             "backbone": card.get("backbone"),
             "head": card.get("head"),
             "cam_method": card.get("cam_method") if card.get("method") == "cam" else None,
+            "tta": card.get("tta", "none"),
             "map": _map_description(card, settings.map_class),
             "input_size": size,
             "class_names": list(card.get("class_names", class_names)),
@@ -961,7 +972,12 @@ def calibrated_path(model: Path, out: Path, taken: set[str] | None = None) -> Pa
 
 
 def calibrated_checkpoint(
-    source: Path, target: Path, threshold: float, calibration: dict, cam_method: str | None = None
+    source: Path,
+    target: Path,
+    threshold: float,
+    calibration: dict,
+    cam_method: str | None = None,
+    tta: str | None = None,
 ) -> Path:
     """Write a copy of ``source`` whose card carries the calibrated threshold (never in place).
 
@@ -972,6 +988,8 @@ def calibrated_checkpoint(
         calibration: ``{set, criterion, value, ...}`` stored as ``card["calibration"]``.
         cam_method: the stage-1 CAM method the threshold was chosen with (stored in the card, as
             the threshold belongs to that map).
+        tta: the test-time augmentation the threshold was chosen with (stored in the card, for
+            the same reason).
 
     Returns:
         ``target``.
@@ -992,6 +1010,8 @@ def calibrated_checkpoint(
     card["threshold"] = float(threshold)
     if cam_method is not None and card.get("method") == "cam":
         card["cam_method"] = cam_method
+    if tta is not None:
+        card["tta"] = tta
     card["calibration"] = dict(calibration)
     # a calibrated model is for inference: the optimizer state of a resumable last.pt is dropped
     return save_checkpoint(target, card, ckpt["state_dict"])
@@ -1111,7 +1131,9 @@ def run_evaluate(
     started, t0 = _now(), time.perf_counter()
     argv = list(argv if argv is not None else sys.argv)
     out = Path(settings.out)
-    predictors = [load_model(m, cam_method=settings.cam_method) for m in settings.models]
+    predictors = [
+        load_model(m, cam_method=settings.cam_method, tta=settings.tta) for m in settings.models
+    ]
     names = _display_names([Path(m) for m in settings.models])
     classes = list(predictors[0].card.get("class_names") or [])
     if not classes:
@@ -1200,6 +1222,7 @@ def run_evaluate(
             res.best_threshold,
             calibration,
             cam_method=settings.cam_method,
+            tta=res.card.get("tta"),
         )
         res.metrics["calibration"] = {**calibration, "checkpoint": str(target)}
         calibrations.append(str(target))

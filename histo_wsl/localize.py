@@ -113,6 +113,8 @@ class LocalizeParams:
         model: the checkpoint (``train-classifier`` or ``train-decoder``), a model folder or an
             installed model's name (:func:`histo_wsl.models.resolve_model`).
         cam: CAM method overriding a stage-1 card's (``gradcampp``...).
+        tta: test-time augmentation overriding the card's (``none``, ``flips``: the mean of the
+            four flipped views; :data:`histo_wsl.predictor.TTA_MODES`).
         class_name: the class whose map is made (default: see module docs).
         mpp: resolution the slide is read at (µm/px; default the card's ``mpp``).
         output_mpp: resolution of the output map (µm/px; default ``OUTPUT_FACTOR`` × ``mpp``).
@@ -140,6 +142,7 @@ class LocalizeParams:
 
     model: Path | str | None = None
     cam: str | None = None
+    tta: str | None = None
     class_name: str | None = None
     mpp: float | None = None
     output_mpp: float | None = None
@@ -247,7 +250,9 @@ class Engine:
         if params.cam is not None and params.cam not in CAM_METHODS:
             raise InputError(f"--cam {params.cam!r}: use one of {', '.join(CAM_METHODS)}")
         self.device = resolve_device(params.device)
-        self.predictor = load_model(model_path, map_location="cpu", cam_method=params.cam)
+        self.predictor = load_model(
+            model_path, map_location="cpu", cam_method=params.cam, tta=params.tta
+        )
         self.predictor.to(self.device)
         card = self.predictor.card
         self.card = card
@@ -302,6 +307,7 @@ class Engine:
             "backbone": c.get("backbone"),
             "head": c.get("head"),
             "cam_method": c.get("cam_method") if c.get("method") == "cam" else None,
+            "tta": c.get("tta", "none"),
             "class_names": self.class_names,
             "negative_class": c.get("negative_class"),
             "input_size": self.size,

@@ -546,6 +546,7 @@ _CARD_ORDER = (
     "backbone",
     "head",
     "cam_method",
+    "tta",
     "class_names",
     "negative_class",
     "num_classes",

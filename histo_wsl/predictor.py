@@ -11,6 +11,10 @@ scores and a foreground map in [0, 1] for any method:
   class-agnostic), blended with its k-NN map when the card has ``refine: knn``;
 - ``maxmin``: the pseudo-binary mask M of the localizer (class-agnostic: weighted by the
   localizer's own class probabilities), with the class scores of C(X+).
+
+With ``tta="flips"`` (the card's ``tta``, or ``--tta flips``) every batch is also predicted
+flipped left-right, up-down and both; the class logits and the maps (flipped back) are averaged
+over the four views, and a stage-1 map is that of the class of the averaged logits.
 """
 
 from __future__ import annotations
@@ -28,7 +32,13 @@ from histo_wsl.networks.classifier import WSOLClassifier, build_classifier
 from histo_wsl.networks.knn_refiner import KNNRefiner
 from histo_wsl.networks.negev import NEGEVModel
 
-__all__ = ["Predictor", "classifier_from_card", "load_model"]
+__all__ = ["TTA_MODES", "Predictor", "classifier_from_card", "load_model"]
+
+#: test-time augmentations of :meth:`Predictor.predict`: the flip dimensions of each view
+TTA_MODES: dict[str, tuple[tuple[int, ...], ...]] = {
+    "none": ((),),
+    "flips": ((), (-1,), (-2,), (-2, -1)),
+}
 
 
 def classifier_from_card(card: dict, state_dict: dict, path: str | Path) -> WSOLClassifier:
@@ -95,6 +105,8 @@ class Predictor:
     model: nn.Module
     card: dict
     path: Path
+    #: test-time augmentation, a key of :data:`TTA_MODES`
+    tta: str = "none"
 
     @property
     def method(self) -> str:
@@ -107,26 +119,53 @@ class Predictor:
         return self
 
     def predict(self, images: Tensor, classes: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """(class logits (B,K), foreground map (B,H,W) in [0,1]) of normalised images."""
+        """(class logits (B,K), foreground map (B,H,W) in [0,1]) of normalised images.
+
+        With :attr:`tta` ``flips``, both are means over the four flipped views (maps flipped
+        back); a stage-1 map without ``classes`` is that of the class of the mean logits.
+        """
         self.model.eval()
+        views = TTA_MODES[self.tta]
         if self.method in ("negev", "maxmin"):
             with torch.no_grad():
-                return self.model.localize(images)
+                outs = [self.model.localize(_flip(images, d)) for d in views]
+            return _mean_views(outs, views)
         with torch.no_grad():
-            logits = self.model(images)
+            logits = torch.stack([self.model(_flip(images, d)) for d in views]).mean(0)
         cls = logits.argmax(1) if classes is None else classes
-        maps = compute_cams(
-            self.model,
-            images,
-            cls,
-            method=self.card.get("cam_method", "cam"),
-            size=tuple(images.shape[-2:]),
-        )
-        return logits, maps
+        maps = [
+            compute_cams(
+                self.model,
+                _flip(images, d),
+                cls,
+                method=self.card.get("cam_method", "cam"),
+                size=tuple(images.shape[-2:]),
+            )
+            for d in views
+        ]
+        return logits, torch.stack([_flip(m, d) for m, d in zip(maps, views, strict=True)]).mean(0)
+
+
+def _flip(t: Tensor, dims: tuple[int, ...]) -> Tensor:
+    return t.flip(dims) if dims else t
+
+
+def _mean_views(
+    outs: list[tuple[Tensor, Tensor]], views: tuple[tuple[int, ...], ...]
+) -> tuple[Tensor, Tensor]:
+    """Mean logits and mean maps (each flipped back) of the views' predictions."""
+    if len(outs) == 1:
+        return outs[0]
+    logits = torch.stack([lg for lg, _ in outs]).mean(0)
+    maps = torch.stack([_flip(m, d) for (_, m), d in zip(outs, views, strict=True)]).mean(0)
+    return logits, maps
 
 
 def load_model(
-    path: str | Path, map_location: str | torch.device = "cpu", cam_method: str | None = None
+    path: str | Path,
+    map_location: str | torch.device = "cpu",
+    cam_method: str | None = None,
+    tta: str | None = None,
 ) -> Predictor:
     """Load any histo-wsl checkpoint as a :class:`Predictor` (``weights_only`` loading).
 
@@ -134,13 +173,23 @@ def load_model(
         path: the ``.pt`` file.
         map_location: where the weights go.
         cam_method: override the stage-1 card's CAM method (``--cam gradcampp``...).
+        tta: test-time augmentation (a key of :data:`TTA_MODES`); None: the card's ``tta``
+            (``none`` when it has none). The returned card's ``tta`` is the one in use.
 
     Raises:
-        InputError: not a histo-wsl checkpoint, an unknown method, or weights that do not fit.
+        InputError: not a histo-wsl checkpoint, an unknown method or test-time augmentation,
+            or weights that do not fit.
     """
     path = Path(path)
     ckpt = load_checkpoint(path, map_location=map_location)
     card = dict(ckpt["card"])
+    mode = (card.get("tta") or "none") if tta is None else tta
+    if mode not in TTA_MODES:
+        where = "the model card's tta" if tta is None else "--tta"
+        raise InputError(
+            f"{where} {mode!r} is not one of {', '.join(TTA_MODES)}", path if tta is None else None
+        )
+    card["tta"] = mode
     method = card.get("method")
     if method == "cam":
         model: nn.Module = classifier_from_card(card, ckpt["state_dict"], path)
@@ -167,7 +216,7 @@ def load_model(
     else:
         raise InputError(f"unknown method {method!r} in the model card", path)
     model.eval()
-    return Predictor(model, card, path)
+    return Predictor(model, card, path, mode)
 
 
 def _refiner_from_card(card: dict, path: Path) -> KNNRefiner | None:

@@ -534,3 +534,26 @@ def test_mask_image_annotation_is_resized_to_the_map(tmp_path):
     mask, notes = annotation_mask(path, (40, 50), 4.0)
     assert mask.shape == (40, 50) and mask.sum() == 400 and mask[10:30, 10:30].all()
     assert notes["format"] == "mask-image" and notes["mask_size"] == [200, 160]
+
+
+def test_tta_flips_numbers_equal_the_flipped_predictor(setup, tmp_path):
+    _, csv_path, ckpt = setup
+    out = tmp_path / "tta"
+    settings = EvalSettings(
+        models=[ckpt], data=str(csv_path), out=out, split="all", bootstrap=0, tta="flips"
+    )
+    run_evaluate(settings, argv=["histo-wsl", "evaluate", "test"], quiet=True)
+    m = json.loads((out / "metrics.json").read_text())["models"][0]
+    assert m["tta"] == "flips" and "4 flipped views" in m["map"]
+    pred = load_model(ckpt, tta="flips")
+    items = LabelledImages(load_samples(csv_path).samples, SIZE, eval_transform())
+    batch = [items[i] for i in range(len(items))]
+    _, maps = pred.predict(
+        torch.stack([it["image"] for it in batch]), torch.tensor([it["label"] for it in batch])
+    )
+    px = PxAPMeter()
+    for s, it in zip(maps, batch, strict=True):
+        px.update(s.numpy().astype(np.float64), it["mask"].numpy() == 1)
+    assert m["localization"]["pxap"]["value"] == pytest.approx(px.pxap(), abs=1e-9)
+    r = runner.invoke(app, ["evaluate", str(ckpt), "--data", str(csv_path), "--tta", "rot", "-q"])
+    assert r.exit_code == 2 and "--tta 'rot' is not one of none, flips" in r.stderr

@@ -499,6 +499,19 @@ def test_cli_json_summary_and_errors(tmp_path, synthetic_slide, models, monkeypa
     summary = json.loads(r.stdout)
     assert summary["counts"] == {"done": 1, "skipped": 0, "failed": 0}
     assert summary["items"][0]["roi_class"] == "tumour"
+    rec = json.loads(next(out.glob("*/*.json")).read_text())
+    assert rec["model"]["tta"] == "none"
+    tta = args[:3] + [str(tmp_path / "o-tta")] + args[4:]
+    r = runner.invoke(
+        app, tta + ["--model", str(models / "const.pt"), "--mpp", "4", "--tta", "flips"]
+    )
+    assert r.exit_code == 0, r.stderr
+    assert (
+        json.loads(next((tmp_path / "o-tta").glob("*/*.json")).read_text())["model"]["tta"]
+        == "flips"
+    )
+    r = runner.invoke(app, tta + ["--model", str(models / "const.pt"), "--tta", "rot"])
+    assert r.exit_code == 2 and "--tta 'rot'" in r.stderr
     r = runner.invoke(app, args)
     assert r.exit_code == 2 and "--model is required" in r.stderr
     assert "train-classifier" in r.stderr and "train-decoder" in r.stderr

@@ -105,6 +105,13 @@ def evaluate(
             "xgradcam, layercam."
         ),
     ] = None,
+    tta: Annotated[
+        str | None,
+        typer.Option(
+            help="Test-time augmentation instead of the cards': none, or flips (mean of the image "
+            "and its left-right, up-down and both flips; 4x the compute)."
+        ),
+    ] = None,
     negative_class: Annotated[
         str | None,
         typer.Option(help="Class of fully negative images (default: the model card's)."),
@@ -194,6 +201,7 @@ def evaluate(
         skip_missing=skip_missing,
         map_class=map_class,
         cam_method=cam,
+        tta=tta,
         negative_class=negative_class,
         examples=examples,
         batch_size=batch_size,

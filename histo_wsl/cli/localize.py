@@ -61,6 +61,15 @@ def localize(
             show_default=False,
         ),
     ] = None,
+    tta: Annotated[
+        str | None,
+        typer.Option(
+            "--tta",
+            help="Test-time augmentation, overriding the card's: none, or flips (mean of the "
+            "image and its left-right, up-down and both flips; 4x the compute).",
+            show_default=False,
+        ),
+    ] = None,
     class_name: Annotated[
         str | None,
         typer.Option(
@@ -218,6 +227,7 @@ def localize(
     params = LocalizeParams(
         model=model_path,
         cam=cam,
+        tta=tta,
         class_name=class_name,
         mpp=mpp,
         output_mpp=output_mpp,
