@@ -129,7 +129,8 @@ class Predictor:
         if self.method in ("negev", "maxmin"):
             with torch.no_grad():
                 outs = [self.model.localize(_flip(images, d)) for d in views]
-            return _mean_views(outs, views)
+            logits = torch.stack([lg for lg, _ in outs]).mean(0)
+            return logits, _unflipped_mean([m for _, m in outs], views)
         with torch.no_grad():
             logits = torch.stack([self.model(_flip(images, d)) for d in views]).mean(0)
         cls = logits.argmax(1) if classes is None else classes
@@ -143,22 +144,18 @@ class Predictor:
             )
             for d in views
         ]
-        return logits, torch.stack([_flip(m, d) for m, d in zip(maps, views, strict=True)]).mean(0)
+        return logits, _unflipped_mean(maps, views)
 
 
 def _flip(t: Tensor, dims: tuple[int, ...]) -> Tensor:
     return t.flip(dims) if dims else t
 
 
-def _mean_views(
-    outs: list[tuple[Tensor, Tensor]], views: tuple[tuple[int, ...], ...]
-) -> tuple[Tensor, Tensor]:
-    """Mean logits and mean maps (each flipped back) of the views' predictions."""
-    if len(outs) == 1:
-        return outs[0]
-    logits = torch.stack([lg for lg, _ in outs]).mean(0)
-    maps = torch.stack([_flip(m, d) for (_, m), d in zip(outs, views, strict=True)]).mean(0)
-    return logits, maps
+def _unflipped_mean(maps: list[Tensor], views: tuple[tuple[int, ...], ...]) -> Tensor:
+    """Mean of the views' maps, each flipped back to the image's orientation."""
+    if len(maps) == 1:
+        return maps[0]
+    return torch.stack([_flip(m, d) for m, d in zip(maps, views, strict=True)]).mean(0)
 
 
 def load_model(
