@@ -185,20 +185,31 @@ def test_sigma_and_t_schedules():
 
 
 # -- checkpoints --------------------------------------------------------------------------------
-def test_checkpoint_round_trip_through_the_predictor(tmp_path):
-    from histo_wsl.networks.backbones import build_backbone
-
-    torch.manual_seed(1)
-    model = MaxMinModel(build_backbone("mobilenetv2", False), 2, sigma=0.17, cl_scale=0.8).eval()
-    mm = {"mask": "minmax", "negative_index": None, "w": 5.0, "sigma": 0.15, "cl_scale": 0.8}
-    card = {
+def maxmin_card() -> dict:
+    """The card of a 2-class MobileNetV2 Max-Min checkpoint (min-max mask, w 5, σ 0.15)."""
+    return {
         "method": "maxmin",
         "backbone": "mobilenetv2",
         "head": "wildcat",
         "num_classes": 2,
         "class_names": ["benign", "malignant"],
-        "maxmin": mm,
+        "maxmin": {
+            "mask": "minmax",
+            "negative_index": None,
+            "w": 5.0,
+            "sigma": 0.15,
+            "cl_scale": 0.8,
+        },
     }
+
+
+def test_checkpoint_round_trip_through_the_predictor(tmp_path):
+    from histo_wsl.networks.backbones import build_backbone
+
+    torch.manual_seed(1)
+    model = MaxMinModel(build_backbone("mobilenetv2", False), 2, sigma=0.17, cl_scale=0.8).eval()
+    card = maxmin_card()
+    mm = card["maxmin"]
     path = save_checkpoint(tmp_path / "mm.pt", card, model.state_dict())
     pred = load_model(path)
     assert pred.method == "maxmin" and float(pred.model.sigma) == pytest.approx(0.17)

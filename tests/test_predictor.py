@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from test_evaluate import make_checkpoint  # tests/ is on sys.path under pytest
+from test_maxmin import maxmin_card
 
 from histo_wsl.checkpoint import save_checkpoint
 from histo_wsl.errors import InputError
@@ -19,20 +20,7 @@ VIEWS = [(), (-1,), (-2,), (-2, -1)]
 def _maxmin_checkpoint(path):
     torch.manual_seed(3)
     model = MaxMinModel(build_backbone("mobilenetv2", False), 2, sigma=0.15, cl_scale=0.8).eval()
-    card = {
-        "method": "maxmin",
-        "backbone": "mobilenetv2",
-        "head": "wildcat",
-        "num_classes": 2,
-        "class_names": ["benign", "malignant"],
-        "maxmin": {
-            "mask": "minmax",
-            "negative_index": None,
-            "w": 5.0,
-            "sigma": 0.15,
-            "cl_scale": 0.8,
-        },
-    }
+    card = maxmin_card()
     return save_checkpoint(path, card, model.state_dict()), model
 
 
