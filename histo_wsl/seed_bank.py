@@ -97,14 +97,13 @@ class FeatureBank:
             raise RuntimeError("the k-NN bank is empty")
         b, _, h, w = stages[-1].shape
         queries = self.embed(_stage_pixels(stages, (h, w)))
-        if owners is None:
-            owners = torch.full((b,), -1, dtype=torch.long)
-        own = owners.to(queries.device).repeat_interleave(h * w)
+        own = None if owners is None else owners.to(queries.device).repeat_interleave(h * w)
         k = max(1, min(int(k), len(self) - int((self.owners == self.owners[0]).sum())))
         means = []
         for i in range(0, queries.shape[0], _BLOCK):
             sim = queries[i : i + _BLOCK] @ self.keys.T
-            sim.masked_fill_(own[i : i + _BLOCK, None] == self.owners[None], -math.inf)
+            if own is not None:  # no comparison over the whole bank when nothing is excluded
+                sim.masked_fill_(own[i : i + _BLOCK, None] == self.owners[None], -math.inf)
             idx = sim.topk(k, dim=1).indices
             means.append(self.values[idx].mean(1))
         return torch.cat(means).view(b, h, w)

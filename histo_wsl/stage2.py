@@ -273,7 +273,9 @@ class DecoderTask:
         m.eval()
         size = (self.cfg.crop_size, self.cfg.crop_size)
         return self._train_bank(
-            m, lambda x, y, stages: m.decoder(stages, size).float().softmax(1)[:, 1], device
+            m,
+            lambda x, y, stages: m.foreground(m.decoder(stages, size), stages, refine=False),
+            device,
         )
 
     def param_groups(self, model: nn.Module, lr: float) -> list[dict]:
