@@ -1,4 +1,4 @@
-"""Helpers the NEGEV recipe scripts share: resumable ``histo-wsl`` training runs in child processes.
+"""Helpers the recipe scripts share: resumable ``histo-wsl`` training runs and evaluations.
 
 A run folder is *finished* when its ``run.json`` says ``status: done`` for at least the requested
 epochs; it is *resumable* when it has a ``last.pt`` (then ``--resume --epochs N`` continues it, the
@@ -7,10 +7,12 @@ only options ``--resume`` accepts besides ``--workers``/``--device``); otherwise
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -131,3 +133,126 @@ def card_of(checkpoint: Path) -> dict[str, Any]:
 def resolve_data(data: str | None) -> Path:
     """``--data`` as given, or GlaS next to the repository (whatever the working directory)."""
     return Path(data).expanduser() if data else DEFAULT_GLAS
+
+
+def run_evaluation(
+    cmd: list[str],
+    out: Path,
+    checkpoints: list[Path],
+    log: Path,
+    dry_run: bool,
+    ran: list[str],
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run ``histo-wsl evaluate`` into ``out``, or reuse it when newer than every checkpoint.
+
+    Returns:
+        (the step's status, seconds and exit code; the metrics.json read back, {} when none).
+    """
+    metrics_path = out / "metrics.json"
+    fresh = (
+        not dry_run
+        and metrics_path.is_file()
+        and all(c.is_file() for c in checkpoints)
+        and metrics_path.stat().st_mtime > max(c.stat().st_mtime for c in checkpoints)
+    )
+    if fresh:
+        done = json.loads(metrics_path.read_text(encoding="utf-8"))
+        step = {"status": "reused", "seconds": done.get("seconds"), "exit_code": 0}
+    else:
+        ran.append(shlex.join(cmd))
+        print(f"[{out.name}] {shlex.join(cmd)}", file=sys.stderr)
+        if dry_run:
+            return {"status": "planned", "seconds": None, "exit_code": 0}, {}
+        shutil.rmtree(out, ignore_errors=True)
+        code, seconds = run_logged(cmd, log)
+        step = {
+            "status": "done" if code == 0 else f"failed (exit {code}; see {log})",
+            "seconds": round(seconds, 1),
+            "exit_code": code,
+        }
+        if code != 0:
+            return step, {}
+    return step, json.loads(metrics_path.read_text(encoding="utf-8"))
+
+
+def run_training(
+    command: str,
+    data: str,
+    out: Path,
+    options: dict[str, Any],
+    runtime: dict[str, Any],
+    log: Path,
+    dry_run: bool,
+    ran: list[str],
+) -> dict[str, Any]:
+    """Run (or reuse, or resume) one ``histo-wsl`` training run; returns its status and seconds."""
+    opts = dict(options)
+    epochs = int(opts.pop("epochs"))
+    state = run_state(out, epochs)
+    if state == "done":
+        return {"status": "reused", "seconds": best_of(out)["seconds"], "exit_code": 0}
+    cmd = train_command(command, data, out, epochs, opts, runtime, state)
+    ran.append(shlex.join(cmd))
+    print(f"[{out.name}] {state}: {shlex.join(cmd)}", file=sys.stderr)
+    if dry_run:
+        return {"status": "planned", "seconds": None, "exit_code": 0}
+    code, seconds = run_logged(cmd, log)
+    status = "done" if code == 0 else f"failed (exit {code}; see {log})"
+    return {"status": status, "seconds": round(seconds, 1), "exit_code": code}
+
+
+def add_recipe_options(p: argparse.ArgumentParser, recipes: list[str], name: str) -> None:
+    """The options every GlaS recipe script takes (``name``: the default run folder's stem)."""
+    p.add_argument("--recipe", choices=recipes, default="cpu")
+    p.add_argument("--data", help="GlaS folder (default: ../shared/data/glas next to the repo).")
+    p.add_argument("--fold", type=int, default=0)
+    p.add_argument(
+        "--out", help=f"Run folder (default: runs/{name}-<recipe>[-smoke] in the working dir)."
+    )
+    p.add_argument("--workers", type=int, default=2, help="Data-loader processes.")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps.")
+    p.add_argument("--smoke", action="store_true", help="1 epoch of 1 step per stage.")
+    p.add_argument("--overwrite", action="store_true", help="Start over in --out.")
+    p.add_argument(
+        "--skip-missing", action="store_true", help="Exit 0 with a message when GlaS is absent."
+    )
+    p.add_argument("--dry-run", action="store_true", help="Print the commands; run nothing.")
+
+
+def missing_glas(data: Path, skip_missing: bool) -> int | None:
+    """None when ``data`` is a GlaS folder; else says so and returns the exit status (2, or 0)."""
+    if (data / "splits").is_dir() and (data / "train").is_dir():
+        return None
+    reason = f"GlaS not found: {data} (needs train/ and splits/; give --data)"
+    if skip_missing:
+        print(f"skipped: {reason}", file=sys.stderr)
+        print(json.dumps({"status": "skipped", "reason": reason}))
+        return 0
+    print(f"error: {reason}", file=sys.stderr)
+    return 2
+
+
+def open_run_folder(
+    out: Path, settings: dict[str, Any], subfolders: list[str], overwrite: bool, dry_run: bool
+) -> bool:
+    """Record ``settings`` in ``out/recipe.json``; False when ``out`` holds other settings.
+
+    With ``overwrite`` the ``subfolders`` and the record are removed first (not in a dry run).
+    """
+    record = out / "recipe.json"
+    if overwrite and not dry_run:
+        for sub in subfolders:
+            shutil.rmtree(out / sub, ignore_errors=True)
+        record.unlink(missing_ok=True)
+    if record.is_file():
+        if json.loads(record.read_text(encoding="utf-8")) != settings:
+            print(
+                f"error: {out} holds a run with other settings ({record}); use --overwrite or "
+                "another --out",
+                file=sys.stderr,
+            )
+            return False
+    elif not dry_run:
+        out.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+    return True

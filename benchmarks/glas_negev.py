@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -42,7 +40,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _runs import best_of, histo_wsl, resolve_data, run_logged, run_state, train_command  # noqa: E402
+from _runs import (  # noqa: E402
+    add_recipe_options,
+    best_of,
+    histo_wsl,
+    missing_glas,
+    open_run_folder,
+    resolve_data,
+    run_evaluation,
+    run_training,
+)
 
 #: the two recipes; option names as in ``histo-wsl train-classifier`` / ``train-decoder --help``
 RECIPES: dict[str, dict[str, Any]] = {
@@ -123,51 +130,12 @@ def _pxap(model: dict[str, Any]) -> float | None:
     return ((model.get("localization") or {}).get("pxap") or {}).get("value")
 
 
-def _train(
-    command: str,
-    data: str,
-    out: Path,
-    options: dict[str, Any],
-    runtime: dict[str, Any],
-    log: Path,
-    dry_run: bool,
-    ran: list[str],
-) -> dict[str, Any]:
-    """Run (or reuse, or resume) one training stage; returns its status and seconds."""
-    opts = dict(options)
-    epochs = int(opts.pop("epochs"))
-    state = run_state(out, epochs)
-    if state == "done":
-        return {"status": "reused", "seconds": best_of(out)["seconds"], "exit_code": 0}
-    cmd = train_command(command, data, out, epochs, opts, runtime, state)
-    ran.append(shlex.join(cmd))
-    print(f"[{out.name}] {state}: {shlex.join(cmd)}", file=sys.stderr)
-    if dry_run:
-        return {"status": "planned", "seconds": None, "exit_code": 0}
-    code, seconds = run_logged(cmd, log)
-    status = "done" if code == 0 else f"failed (exit {code}; see {log})"
-    return {"status": status, "seconds": round(seconds, 1), "exit_code": code}
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--recipe", choices=sorted(RECIPES), default="cpu")
-    p.add_argument("--data", help="GlaS folder (default: ../shared/data/glas next to the repo).")
-    p.add_argument("--fold", type=int, default=0)
-    p.add_argument(
-        "--out", help="Run folder (default: runs/glas-negev-<recipe>[-smoke] in the working dir)."
-    )
-    p.add_argument("--workers", type=int, default=2, help="Data-loader processes.")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps.")
-    p.add_argument("--smoke", action="store_true", help="1 epoch of 1 step per stage.")
-    p.add_argument("--overwrite", action="store_true", help="Start over in --out.")
-    p.add_argument(
-        "--skip-missing", action="store_true", help="Exit 0 with a message when GlaS is absent."
-    )
-    p.add_argument("--dry-run", action="store_true", help="Print the commands; run nothing.")
+    add_recipe_options(p, sorted(RECIPES), "glas-negev")
     return p.parse_args(argv)
 
 
@@ -176,34 +144,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     t_start = time.perf_counter()
     data = resolve_data(args.data)
-    if not (data / "splits").is_dir() or not (data / "train").is_dir():
-        reason = f"GlaS not found: {data} (needs train/ and splits/; give --data)"
-        if args.skip_missing:
-            print(f"skipped: {reason}", file=sys.stderr)
-            print(json.dumps({"status": "skipped", "reason": reason}))
-            return 0
-        print(f"error: {reason}", file=sys.stderr)
-        return 2
+    code = missing_glas(data, args.skip_missing)
+    if code is not None:
+        return code
     settings = plan(args)
     suffix = "-smoke" if args.smoke else ""
     out = Path(args.out or f"runs/glas-negev-{args.recipe}{suffix}").resolve()
-    record = out / "recipe.json"
-    if args.overwrite and not args.dry_run:
-        for sub in ("stage1", "eval", "logs", *(p.name for p in out.glob("stage2*"))):
-            shutil.rmtree(out / sub, ignore_errors=True)
-        record.unlink(missing_ok=True)
-    if record.is_file():
-        previous = json.loads(record.read_text(encoding="utf-8"))
-        if previous != settings:
-            print(
-                f"error: {out} holds a run with other settings ({record}); use --overwrite or "
-                "another --out",
-                file=sys.stderr,
-            )
-            return 2
-    elif not args.dry_run:
-        out.mkdir(parents=True, exist_ok=True)
-        record.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+    if not open_run_folder(
+        out,
+        settings,
+        ["stage1", "eval", "logs", *(p.name for p in out.glob("stage2*"))],
+        args.overwrite,
+        args.dry_run,
+    ):
+        return 2
 
     runtime = {"workers": args.workers, "device": args.device}
     common = {"fold": args.fold}
@@ -215,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     cam_ckpt = s1 / settings["stage1_checkpoint"]
     negev_ckpt = rounds[-1] / "best-loc.pt"
 
-    steps["stage1"] = _train(
+    steps["stage1"] = run_training(
         "train-classifier",
         glas,
         s1,
@@ -232,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         options = {**settings["stage2"], **common, "classifier": str(cam_ckpt)}
         if teacher is not None:
             options["seed_teacher"] = str(teacher)
-        steps[folder.name] = _train(
+        steps[folder.name] = run_training(
             "train-decoder",
             glas,
             folder,
@@ -264,33 +218,10 @@ def main(argv: list[str] | None = None) -> int:
             args.device,
             "--quiet",
         )
-        fresh = (
-            not args.dry_run
-            and (ev / "metrics.json").is_file()
-            and cam_ckpt.is_file()
-            and negev_ckpt.is_file()
-            and (ev / "metrics.json").stat().st_mtime
-            > max(cam_ckpt.stat().st_mtime, negev_ckpt.stat().st_mtime)
+        steps["evaluate"], metrics = run_evaluation(
+            eval_cmd, ev, [cam_ckpt, negev_ckpt], out / "logs" / "evaluate.log", args.dry_run, ran
         )
-        if fresh:
-            done = json.loads((ev / "metrics.json").read_text(encoding="utf-8"))
-            steps["evaluate"] = {"status": "reused", "seconds": done.get("seconds"), "exit_code": 0}
-        else:
-            ran.append(shlex.join(eval_cmd))
-            print(f"[eval] {shlex.join(eval_cmd)}", file=sys.stderr)
-            if args.dry_run:
-                steps["evaluate"] = {"status": "planned", "seconds": None, "exit_code": 0}
-            else:
-                shutil.rmtree(ev, ignore_errors=True)
-                code, seconds = run_logged(eval_cmd, out / "logs" / "evaluate.log")
-                steps["evaluate"] = {
-                    "status": "done" if code == 0 else f"failed (exit {code}; see logs)",
-                    "seconds": round(seconds, 1),
-                    "exit_code": code,
-                }
-                failed = code != 0
-        if (ev / "metrics.json").is_file() and not failed:
-            metrics = json.loads((ev / "metrics.json").read_text(encoding="utf-8"))
+        failed = steps["evaluate"]["exit_code"] != 0
 
     models = metrics.get("models") or []
     cam_px = _pxap(models[0]) if len(models) == 2 else None

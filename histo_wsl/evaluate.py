@@ -471,18 +471,21 @@ def _map_description(card: dict, map_class: str) -> str:
 
 
 def _method_map_description(card: dict, map_class: str) -> str:
+    refine = card.get("refine") or {}
+    refined = (
+        f", k-NN refined (α {refine.get('alpha')}, k {refine.get('k')})"
+        if refine.get("method") == "knn"
+        else ""
+    )
     if card.get("method") == "negev":
-        refine = card.get("refine") or {}
-        if refine.get("method") == "knn":
-            return (
-                "NEGEV decoder foreground probability, k-NN refined "
-                f"(α {refine.get('alpha')}, k {refine.get('k')}; class-agnostic)"
-            )
-        return "NEGEV decoder foreground probability (class-agnostic)"
+        return f"NEGEV decoder foreground probability{refined} (class-agnostic)"
     if card.get("method") == "maxmin":
         if (card.get("maxmin") or {}).get("mask") == "absolute":
-            return "Max-Min localizer mask M = sigmoid(w·foreground log-odds) (class-agnostic)"
-        return "Max-Min localizer mask M = sigmoid(w·(M̃ − σ)), M̃ per-image min-max"
+            return (
+                "Max-Min localizer mask M = sigmoid(w·foreground log-odds)"
+                f"{refined} (class-agnostic)"
+            )
+        return f"Max-Min localizer mask M = sigmoid(w·(M̃ − σ)), M̃ per-image min-max{refined}"
     which = "ground-truth" if map_class == "gt" else "predicted"
     return f"{card.get('cam_method', 'cam')} map of the {which} class, per-image min-max normalised"
 

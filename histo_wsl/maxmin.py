@@ -5,6 +5,11 @@
 same data, transforms, selection (``best-cls.pt`` by val accuracy of argmax C(X+), ``best-loc.pt`` by
 PxAP of the mask on ``valpx``) and checkpoint format as the CAM classifier of stage 1.
 
+With ``refine: knn`` (``--refine knn``) the saved model's map is the mask blended with the k-NN
+map of the mask over training pixels (:mod:`histo_wsl.networks.knn_refiner`): the bank is rebuilt
+from the current model at every evaluation, ``best-loc.pt`` is selected by the blended map's
+PxAP, and ``summary.csv`` also has the mask's own (``valpx_pxap_mask``).
+
 Schedules (method.md §2.1-2.2), both pure functions of the epoch, so ``--resume`` is exact:
 σ during epoch e (1-based) = min(σ0 + (e − 1)·step, σ_max); log-barrier t = min(t0·mult^(e − 1),
 t_max). After epoch e the model's σ buffer is set to the value of epoch e + 1, so the checkpoint
@@ -18,19 +23,18 @@ from torch import nn
 
 from histo_wsl import __version__
 from histo_wsl.config import TrainConfig
-from histo_wsl.data.images import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-)
+from histo_wsl.data.images import IMAGENET_MEAN, IMAGENET_STD, LabelledImages, eval_transform
 from histo_wsl.data.sources import Dataset
 from histo_wsl.errors import InputError
 from histo_wsl.maxmin_losses import REGULARIZERS, maxmin_loss
 from histo_wsl.networks.backbones import build_backbone
 from histo_wsl.networks.classifier import unwrap
+from histo_wsl.networks.knn_refiner import KNNRefiner, refine_card, refine_checks
 from histo_wsl.networks.maxmin import MAXMIN_HEAD_OPTS, MaxMinModel, maxmin_param_groups
+from histo_wsl.seed_bank import FeatureBank, run_feature_bank
 from histo_wsl.stage1 import (
     _plain_config,
-    evaluate_maps,
+    evaluate_localizer,
     load_training_data,
     seen_mpp,
     training_images,
@@ -39,8 +43,11 @@ from histo_wsl.stage1 import (
 __all__ = ["MaxMinTask", "check_maxmin_config", "sigma_at", "t_at", "train_maxmin"]
 
 
-def check_maxmin_config(cfg: TrainConfig) -> None:
+def check_maxmin_config(cfg: TrainConfig, n_train: int | None = None) -> None:
     """Reject Max-Min settings that cannot work, before any data is read.
+
+    ``n_train``: training images, once the data is known (``--refine knn`` needs 2); None: the
+    data-independent checks only.
 
     Raises:
         InputError: the first bad value, named with its option and the valid range.
@@ -74,6 +81,7 @@ def check_maxmin_config(cfg: TrainConfig) -> None:
             f"--head {c.head}: Max-Min uses its own two WILDCAT heads; drop --head",
         ),
     ]
+    checks += refine_checks(c, 2 if n_train is None else n_train, bank=c.refine == "knn")
     for ok, message in checks:
         if not ok:
             raise InputError(message)
@@ -95,17 +103,31 @@ class MaxMinTask:
     selection = [("best-loc.pt", "valpx_pxap"), ("best-cls.pt", "val_acc")]
 
     def __init__(self, cfg: TrainConfig, ds: Dataset, notes: list[str] | None = None) -> None:
-        check_maxmin_config(cfg)
+        check_maxmin_config(cfg, len(ds.split("train")) if cfg.refine == "knn" else None)
         self.cfg, self.ds = cfg, ds
         self.notes = notes or []
         self.negative = ds.negative_class
         self.mask_mode = "minmax" if self.negative is None else "absolute"
         self.model: MaxMinModel | None = None
         self._seen_mpp: float | None = None
+        #: the train split at the evaluation preset (the refiner bank's images; decoded once)
+        self._bank_images: LabelledImages | None = None
+
+    @property
+    def refining(self) -> bool:
+        """Whether the saved model's map is k-NN refined (``--refine knn``)."""
+        return self.cfg.refine == "knn"
 
     def build_model(self) -> nn.Module:
-        """Shared backbone (ImageNet weights if ``pretrained``) with the two WILDCAT heads."""
+        """Shared backbone (ImageNet weights if ``pretrained``) with the two WILDCAT heads.
+
+        With ``--refine knn`` also an empty refiner (keys: the backbone's last two stages).
+        """
         backbone = build_backbone(self.cfg.backbone, self.cfg.pretrained)
+        refiner = None
+        if self.refining:
+            stages = min(2, len(backbone.stage_channels))
+            refiner = KNNRefiner(self.cfg.knn_k, self.cfg.refine_alpha, stages)
         self.model = MaxMinModel(
             backbone,
             len(self.ds.class_names),
@@ -114,8 +136,25 @@ class MaxMinTask:
             mask_mode=self.mask_mode,
             negative_index=self.negative,
             cl_scale=self.cfg.maxmin_cl_scale,
+            refiner=refiner,
         )
         return self.model
+
+    def refine_bank(self, m: MaxMinModel, device: torch.device) -> FeatureBank:
+        """Training pixels (eval preset) valued by ``m``'s mask M, for its refiner."""
+        m.eval()
+        if self._bank_images is None:
+            self._bank_images = LabelledImages(
+                self.ds.split("train"), self.cfg.crop_size, eval_transform()
+            )
+        return run_feature_bank(
+            m,
+            self._bank_images,
+            self.cfg,
+            values=lambda x, y, stages: torch.sigmoid(m.locate(x, stages)[1]),
+            negative=self.negative,
+            device=device,
+        )
 
     def param_groups(self, model: nn.Module, lr: float) -> list[dict]:
         """Backbone base layers at ``lr``; deep layers and both heads at ``lr × ratio``."""
@@ -148,21 +187,27 @@ class MaxMinTask:
         return loss, {**stats, "train_acc": 100.0 * float(acc)}
 
     def evaluate(self, model: nn.Module, device: torch.device) -> dict:
-        """Accuracy of argmax C(X+) on val, PxAP of the mask M on valpx."""
-        return evaluate_maps(
-            unwrap(model),
-            self.ds.split("val"),
-            self.ds.split("valpx"),
-            lambda net, x, y: net.localize(x),
+        """Accuracy of argmax C(X+) on val, PxAP of the map on valpx.
+
+        With ``--refine knn`` the refiner's bank is first rebuilt from the current mask, the
+        selection metric ``valpx_pxap`` is the blended map's, and ``valpx_pxap_mask`` the mask's.
+        """
+        m = unwrap(model)
+        if self.refining:
+            m.refiner.set_bank(self.refine_bank(m, device))
+        return evaluate_localizer(
+            m,
+            self.ds,
             device,
-            len(self.ds.class_names),
-            size=self.cfg.crop_size,
+            self.cfg.crop_size,
+            own_key="valpx_pxap_mask" if self.refining else None,
         )
 
     def card(self) -> dict:
         """The model card (DESIGN.md §3), with the Max-Min settings under ``maxmin``."""
         cfg = self.cfg
         sigma = float(self.model.sigma) if self.model is not None else cfg.maxmin_sigma
+        refiner = self.model.refiner if self.model is not None else None
         return {
             "method": "maxmin",
             "stage": 1,
@@ -190,6 +235,12 @@ class MaxMinTask:
                 "size_unit": "fraction of the image",
                 "elb": {"t0": cfg.elb_t0, "t_max": cfg.elb_t_max, "mult": cfg.elb_mult},
             },
+            "refine": refine_card(
+                cfg,
+                len(refiner) if refiner is not None and refiner.ready else None,
+                "the localizer's mask M on the train split (eval preset)",
+                refiner.n_stages if refiner is not None else 2,
+            ),
             "training_data": self.ds.describe(),
             "config": _plain_config(cfg),
             "versions": {"histo-wsl": __version__, "torch": str(torch.__version__)},

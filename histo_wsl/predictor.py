@@ -10,7 +10,8 @@ scores and a foreground map in [0, 1] for any method:
 - ``negev``: the decoder's foreground softmax (the classes only choose nothing: the decoder is
   class-agnostic), blended with its k-NN map when the card has ``refine: knn``;
 - ``maxmin``: the pseudo-binary mask M of the localizer (class-agnostic: weighted by the
-  localizer's own class probabilities), with the class scores of C(X+).
+  localizer's own class probabilities), blended with its k-NN map when the card has
+  ``refine: knn``, with the class scores of C(X+).
 
 With ``tta="flips"`` (the card's ``tta``, or ``--tta flips``) every batch is also predicted
 flipped left-right, up-down and both; the class logits and the maps (flipped back) are averaged
@@ -82,6 +83,7 @@ def _maxmin_from_card(card: dict, state_dict: dict, path: str | Path) -> nn.Modu
             negative_index=mm.get("negative_index"),
             head_opts=card.get("head_opts"),
             cl_scale=float(mm.get("cl_scale", 1.0)),  # cards before cl_scale: full size
+            refiner=_refiner_from_card(card, path),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise InputError(
@@ -216,8 +218,8 @@ def load_model(
     return Predictor(model, card, path, mode)
 
 
-def _refiner_from_card(card: dict, path: Path) -> KNNRefiner | None:
-    """The empty k-NN refiner a NEGEV card asks for (``refine``), filled by the weights."""
+def _refiner_from_card(card: dict, path: str | Path) -> KNNRefiner | None:
+    """The empty k-NN refiner a card asks for (``refine``), filled by the weights."""
     refine = card.get("refine") or {}
     method = refine.get("method", "none")
     if method == "none":

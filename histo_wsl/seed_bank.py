@@ -33,9 +33,10 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
+from histo_wsl.config import TrainConfig
 from histo_wsl.networks.cams import compute_cams
 
-__all__ = ["FeatureBank", "build_feature_bank"]
+__all__ = ["FeatureBank", "build_feature_bank", "run_feature_bank"]
 
 #: query pixels per similarity block (bounds the (block × bank) similarity matrix's memory)
 _BLOCK = 2048
@@ -208,3 +209,31 @@ def build_feature_bank(
     bank = FeatureBank(torch.empty(0), torch.cat(kept), torch.cat(owners), projections)
     bank.keys = bank.embed(stage_rows)
     return bank
+
+
+def run_feature_bank(
+    model: nn.Module,
+    images: torch.utils.data.Dataset,
+    cfg: TrainConfig,
+    *,
+    values: Callable[[Tensor, Tensor, list[Tensor]], Tensor] | None = None,
+    negative: int | None = None,
+    device: torch.device | str = "cpu",
+) -> FeatureBank:
+    """:func:`build_feature_bank` with a training run's settings.
+
+    ``--knn-bank`` pixels, ``--knn-dims`` axes, ``--cam-method`` (when ``values`` is None) and the
+    run's seed; ``model`` is anything with ``forward_features`` (and a CAM head without
+    ``values``).
+    """
+    return build_feature_bank(
+        model,
+        images,
+        values=values,
+        negative=negative,
+        cam_method=cfg.cam_method,
+        max_pixels=cfg.knn_bank,
+        dims=cfg.knn_dims,
+        seed=cfg.seed,
+        device=device,
+    )

@@ -43,7 +43,16 @@ MapFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, to
 
 
 def load_training_data(cfg: TrainConfig) -> tuple[Dataset, list[str]]:
-    """Read and check the dataset of ``cfg`` (bad files raise unless ``skip_errors``)."""
+    """Read and check the dataset of ``cfg`` (bad files raise unless ``skip_errors``).
+
+    Raises:
+        InputError: a crop larger than the resized image, or a bad dataset.
+    """
+    if cfg.crop_size > cfg.resize_size:
+        raise InputError(
+            f"--crop-size {cfg.crop_size} is larger than --resize-size {cfg.resize_size}: the "
+            "random training crop must fit in the resized image"
+        )
     ds = load_samples(
         cfg.data,
         classes=cfg.classes,
@@ -122,6 +131,38 @@ def evaluate_maps(
         out["valpx_pxap"] = float(px.pxap())
         out["valpx_dice_fg@0.5"] = float(px.dice_iou(0.5)["dice_fg"])
     return out
+
+
+def evaluate_localizer(
+    model: nn.Module, ds: Dataset, device: torch.device, size: int, own_key: str | None = None
+) -> dict:
+    """:func:`evaluate_maps` of a model with ``localize(x, refine=...)`` (NEGEV, Max-Min).
+
+    Accuracy on ``val`` and PxAP on ``valpx`` of ``localize(x)`` (the refined map when the model
+    has a ready refiner); with ``own_key``, also the valpx PxAP of the unrefined map under that
+    key.
+    """
+    metrics = evaluate_maps(
+        model,
+        ds.split("val"),
+        ds.split("valpx"),
+        lambda net, x, y: net.localize(x),
+        device,
+        len(ds.class_names),
+        size=size,
+    )
+    if own_key is not None and "valpx_pxap" in metrics:
+        own = evaluate_maps(
+            model,
+            [],
+            ds.split("valpx"),
+            lambda net, x, y: net.localize(x, refine=False),
+            device,
+            len(ds.class_names),
+            size=size,
+        )
+        metrics[own_key] = own["valpx_pxap"]
+    return metrics
 
 
 class ClassifierTask:
@@ -229,6 +270,11 @@ def train_classifier(
         raise InputError(
             f"--method must be one of {', '.join(STAGE1_METHODS)} (got {cfg.method!r}); "
             "the NEGEV decoder is trained with train-decoder"
+        )
+    if cfg.method == "cam" and cfg.refine != "none":
+        raise InputError(
+            f"--refine {cfg.refine} refines a class-agnostic map: use it with --method maxmin, "
+            "or with train-decoder over this classifier"
         )
     if cfg.method == "maxmin":
         from histo_wsl.maxmin import train_maxmin

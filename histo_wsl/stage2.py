@@ -47,19 +47,17 @@ from histo_wsl.losses import (
 from histo_wsl.networks.backbones import X10
 from histo_wsl.networks.cams import compute_cams
 from histo_wsl.networks.classifier import unwrap
-from histo_wsl.networks.knn_refiner import KNNRefiner
+from histo_wsl.networks.knn_refiner import REFINEMENTS, KNNRefiner, refine_card, refine_checks
 from histo_wsl.networks.negev import NEGEVModel
 from histo_wsl.predictor import load_model
-from histo_wsl.seed_bank import FeatureBank, build_feature_bank
-from histo_wsl.stage1 import evaluate_maps, load_training_data, training_images
+from histo_wsl.seed_bank import FeatureBank, run_feature_bank
+from histo_wsl.stage1 import evaluate_localizer, load_training_data, training_images
 
 __all__ = ["DecoderTask", "REFINEMENTS", "SEED_MAPS", "STAGE2_DEFAULTS", "train_decoder"]
 
 #: what the seeds are drawn from (besides ``--seed-teacher``)
 SEED_MAPS = ("cam", "knn")
 
-#: refinements of the saved model's map (``--refine``)
-REFINEMENTS = ("none", "knn")
 
 #: stage-2 defaults that differ from stage 1 (method.md §1.4: lr 0.1 for the decoder)
 STAGE2_DEFAULTS = {"lr": 0.1, "method": "negev", "out": "runs/negev"}
@@ -114,24 +112,8 @@ class DecoderTask:
         ]
         if cfg.seed_map not in SEED_MAPS:
             raise InputError(f"--seed-map must be one of {SEED_MAPS}, got {cfg.seed_map!r}")
-        if cfg.refine not in REFINEMENTS:
-            raise InputError(f"--refine must be one of {REFINEMENTS}, got {cfg.refine!r}")
-        checks.append(
-            (
-                0.0 <= cfg.refine_alpha <= 1.0,
-                f"--refine-alpha must be in [0, 1] (got {cfg.refine_alpha})",
-            )
-        )
-        if cfg.seed_map == "knn" or cfg.refine == "knn":
-            checks += [
-                (cfg.knn_k >= 1, f"--knn-k must be >= 1 (got {cfg.knn_k})"),
-                (cfg.knn_bank >= 1, f"--knn-bank must be >= 1 (got {cfg.knn_bank})"),
-                (cfg.knn_dims >= 1, f"--knn-dims must be >= 1 (got {cfg.knn_dims})"),
-                (
-                    len(ds.split("train")) >= 2,
-                    "--seed-map knn and --refine knn need at least 2 training images",
-                ),
-            ]
+        bank = cfg.seed_map == "knn" or cfg.refine == "knn"
+        checks += refine_checks(cfg, len(ds.split("train")) if bank else 0, bank)
         for ok, message in checks:
             if not ok:
                 raise InputError(message)
@@ -140,6 +122,8 @@ class DecoderTask:
         self.bank: FeatureBank | None = None
         #: pixels in the refiner's bank (``refine: knn``; set at the first evaluation)
         self.refine_pixels: int | None = None
+        #: the train split at the evaluation preset (the k-NN banks' images; decoded once)
+        self._bank_images: LabelledImages | None = None
         #: optional NEGEV model whose foreground map replaces the CAM as the seeds' source
         self.teacher = self._load_teacher(cfg.seed_teacher) if cfg.seed_teacher else None
         #: the teacher was trained over this very classifier: it decodes the student's stages
@@ -195,18 +179,19 @@ class DecoderTask:
     ) -> FeatureBank:
         """A k-NN bank of the train split (eval preset) over ``m``'s frozen encoder.
 
-        ``values``: as for :func:`build_feature_bank` (None: the CAM with ``cam_method``).
+        ``values``: as for :func:`histo_wsl.seed_bank.build_feature_bank` (None: the CAM with
+        ``cam_method``).
         """
-        cfg = self.cfg
-        return build_feature_bank(
+        if self._bank_images is None:
+            self._bank_images = LabelledImages(
+                self.ds.split("train"), self.cfg.crop_size, eval_transform()
+            )
+        return run_feature_bank(
             m.classifier,
-            LabelledImages(self.ds.split("train"), cfg.crop_size, eval_transform()),
+            self._bank_images,
+            self.cfg,
             values=values,
             negative=self.negative,
-            cam_method=cfg.cam_method,
-            max_pixels=cfg.knn_bank,
-            dims=cfg.knn_dims,
-            seed=cfg.seed,
             device=device,
         )
 
@@ -358,27 +343,13 @@ class DecoderTask:
         if self.refining:
             m.refiner.set_bank(self.refine_bank(m, device))
             self.refine_pixels = len(m.refiner)
-        metrics = evaluate_maps(
+        return evaluate_localizer(
             m,
-            self.ds.split("val"),
-            self.ds.split("valpx"),
-            lambda net, x, y: net.localize(x),
+            self.ds,
             device,
-            len(self.ds.class_names),
-            size=self.cfg.crop_size,
+            self.cfg.crop_size,
+            own_key="valpx_pxap_decoder" if self.refining else None,
         )
-        if self.refining and "valpx_pxap" in metrics:
-            own = evaluate_maps(
-                m,
-                [],
-                self.ds.split("valpx"),
-                lambda net, x, y: net.localize(x, refine=False),
-                device,
-                len(self.ds.class_names),
-                size=self.cfg.crop_size,
-            )
-            metrics["valpx_pxap_decoder"] = own["valpx_pxap"]
-        return metrics
 
     def card(self) -> dict:
         """The model card of the NEGEV model (with its classifier's card)."""
@@ -440,18 +411,11 @@ class DecoderTask:
                 "scale": cfg.crf_scale,
                 "window": crf_window(cfg.crf_sigma_xy, cfg.crf_scale),
             },
-            "refine": {"method": "none"}
-            if not self.refining
-            else {
-                "method": "knn",
-                "k": cfg.knn_k,
-                "alpha": cfg.refine_alpha,
-                "stages": 2,
-                "bank_pixels": self.refine_pixels,
-                "dims": cfg.knn_dims,
-                "bank_seed": cfg.seed,
-                "values": "the decoder's foreground map on the train split (eval preset)",
-            },
+            "refine": refine_card(
+                cfg,
+                self.refine_pixels,
+                "the decoder's foreground map on the train split (eval preset)",
+            ),
             "negative_term": self.negative is not None,
             "classifier_checkpoint": str(self.stage1.path),
             "classifier_card": {k: v for k, v in c1.items() if k != "config"},

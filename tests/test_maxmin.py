@@ -1,5 +1,6 @@
 """Max-Min uncertainty: mask, gradients, losses, schedules, training, checkpoints, CLI."""
 
+import csv
 import json
 import math
 
@@ -447,3 +448,62 @@ def test_evaluate_and_localize_take_a_maxmin_checkpoint(tiny_run):
     assert rec["predicted_class"] in ("gland", "normal")
     prob = np.asarray(Image.open(root / "loc" / "gland_000" / "gland_000.prob.png"))
     assert prob.shape == (32, 32)
+
+
+def test_refine_knn_keeps_a_bank_of_the_mask_and_blends_it(tmp_path, synthetic):
+    """--refine knn: the bank holds the saved mask on the train images (0 on negative ones)."""
+    from histo_wsl.data.images import LabelledImages, eval_transform
+    from histo_wsl.stage1 import load_training_data
+
+    out = tmp_path / "run"
+    common = ["train-classifier", str(synthetic), "--method", "maxmin", "--negative-class"]
+    common += ["normal", "--crop-size", "32", "--resize-size", "36", "--no-pretrained"]
+    common += ["--epochs", "2", "--max-steps-per-epoch", "1", *TINY]
+    refine = ["--refine", "knn", "--refine-alpha", "0.6", "--knn-k", "3", "--knn-dims", "4"]
+    r = runner.invoke(app, [*common, "--out", str(out), *refine])
+    assert r.exit_code == 0, r.stderr
+    with open(out / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 and all(row["valpx_pxap_mask"] != "" for row in rows)  # the mask's own
+
+    pred = load_model(out / "best-loc.pt")
+    card, net = pred.card, pred.model
+    assert card["refine"]["method"] == "knn" and card["refine"]["alpha"] == 0.6
+    assert card["refine"]["k"] == 3 and card["refine"]["stages"] == 2
+    assert net.refiner.ready and len(net.refiner) == card["refine"]["bank_pixels"]
+    ds, _ = load_training_data(TrainConfig(data=str(synthetic), negative_class="normal"))
+    train = LabelledImages(ds.split("train"), 32, eval_transform())
+    for index in (0, len(train) - 1):
+        item = train[index]
+        own = net.refiner.values[net.refiner.owners == item["index"]]
+        if ds.class_names[item["label"]] == "normal":
+            assert torch.all(own == 0)  # negative images are background by definition
+        else:  # each kept pixel is the 4×4-pooled mask of the saved model
+            mask = torch.sigmoid(net.locate(item["image"][None])[1])
+            pooled = F.adaptive_avg_pool2d(mask[:, None], (4, 4)).reshape(-1)
+            assert all(torch.isclose(pooled, v, atol=1e-5).any() for v in own)
+    x = torch.stack([train[i]["image"] for i in range(3)])
+    logits, refined = net.localize(x)
+    raw_logits, mask = net.localize(x, refine=False)
+    torch.testing.assert_close(logits, raw_logits)  # the class is still that of C(X ⊙ M)
+    want = 0.4 * mask + 0.6 * net.refiner.knn_map(net.forward_features(x), (32, 32))
+    torch.testing.assert_close(refined, want.clamp(0, 1))
+
+    ev = tmp_path / "ev"
+    r = runner.invoke(
+        app,
+        ["evaluate", str(out / "best-loc.pt"), "--data", str(synthetic), "--split", "val"]
+        + ["--bootstrap", "0", "--examples", "0", "--out", str(ev), "--device", "cpu", "--quiet"],
+    )
+    assert r.exit_code == 0, r.stderr
+    assert (
+        "k-NN refined (α 0.6, k 3)"
+        in json.loads((ev / "metrics.json").read_text())["models"][0]["map"]
+    )
+
+    r = runner.invoke(app, [*common, "--out", str(tmp_path / "bad"), "--refine", "crf"])
+    assert r.exit_code == 2 and "--refine must be one of" in r.stderr
+    cam = [a if a != "maxmin" else "cam" for a in common]
+    r = runner.invoke(app, [*cam, "--out", str(tmp_path / "cam"), "--refine", "knn"])
+    assert r.exit_code == 2 and "use it with --method maxmin" in r.stderr
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "cam").exists()

@@ -135,6 +135,18 @@ def test_config_rejects_unknown_keys_and_flags_override(tmp_path):
     assert r.exit_code == 2 and "learning_rate" in r.stderr
 
 
+def test_input_size_flags_and_a_crop_larger_than_the_resize(tmp_path, tiny_data):
+    data, _ = tiny_data
+    out = tmp_path / "run"
+    sizes = ["--crop-size", "40", "--resize-size", "44", "--max-steps-per-epoch", "1"]
+    r = _train([str(data), "--out", str(out), "--epochs", "1", *sizes, *TINY])
+    assert r.exit_code == 0, r.stderr
+    assert load_checkpoint(out / "last.pt")["card"]["input_size"] == 40
+    r = _train([str(data), "--out", str(tmp_path / "bad"), "--crop-size", "300", *TINY])
+    assert r.exit_code == 2 and "--crop-size 300 is larger than --resize-size 256" in r.stderr
+    assert not (tmp_path / "bad").exists()
+
+
 def test_nan_loss_stops_with_epoch_and_step(tmp_path, tiny_data):
     data, cfg = tiny_data
     out = tmp_path / "nan"

@@ -37,6 +37,21 @@ ValFractionOpt = Annotated[
     ),
 ]
 EpochsOpt = Annotated[int, typer.Option(min=1, help="Epochs (the paper: 1000).")]
+ResizeSizeOpt = Annotated[
+    int,
+    typer.Option(
+        min=8,
+        help="Training images are resized to this square, then cropped at random to --crop-size.",
+    ),
+]
+CropSizeOpt = Annotated[
+    int,
+    typer.Option(
+        min=8,
+        help="Network input: the training crop, and the square evaluation images are resized to "
+        "(the model card's input size).",
+    ),
+]
 BatchSizeOpt = Annotated[int, typer.Option(min=1, help="Images per step (the paper: 32).")]
 StepSizeOpt = Annotated[int, typer.Option(min=1, help="Epochs between learning-rate drops.")]
 GammaOpt = Annotated[float, typer.Option(min=0.0, max=1.0, help="Learning-rate drop factor.")]
@@ -54,6 +69,47 @@ SkipErrorsOpt = Annotated[
 ]
 ResumeOpt = Annotated[
     bool, typer.Option("--resume", help="Continue the interrupted run in --out exactly.")
+]
+# k-NN bank and refinement (train-decoder; train-classifier --method maxmin)
+KnnKOpt = Annotated[
+    int, typer.Option(min=1, rich_help_panel="k-NN", help="Neighbours per pixel (knn).")
+]
+KnnBankOpt = Annotated[
+    int,
+    typer.Option(
+        min=1,
+        rich_help_panel="k-NN",
+        help="Training pixels in the knn bank (seed map and --refine knn; the same number "
+        "from every image; memory and time grow with it).",
+    ),
+]
+KnnDimsOpt = Annotated[
+    int,
+    typer.Option(
+        min=1,
+        rich_help_panel="k-NN",
+        help="Principal axes kept per encoder stage in the knn features.",
+    ),
+]
+RefineOpt = Annotated[
+    str,
+    typer.Option(
+        rich_help_panel="k-NN",
+        help="none, or knn: the saved model's map (NEGEV decoder, Max-Min mask) is blended with "
+        "a k-NN map, each pixel taking the mean of the trained model's map over its --knn-k "
+        "most similar training pixels (the bank, --knn-bank pixels, is kept in the checkpoint; "
+        "selection by the blended map's PxAP).",
+    ),
+]
+RefineAlphaOpt = Annotated[
+    float,
+    typer.Option(
+        min=0.0,
+        max=1.0,
+        rich_help_panel="k-NN",
+        help="Weight of the k-NN map in the blend (1: the k-NN map alone, at the CAM layer's "
+        "resolution; lower keeps more of the model's own boundaries).",
+    ),
 ]
 
 
@@ -158,6 +214,8 @@ def train_classifier(
             "goes into the model card.",
         ),
     ] = None,
+    resize_size: ResizeSizeOpt = 256,
+    crop_size: CropSizeOpt = 224,
     epochs: EpochsOpt = 20,
     batch_size: BatchSizeOpt = 32,
     lr: Annotated[
@@ -267,6 +325,11 @@ def train_classifier(
             min=1.0, rich_help_panel="Max-Min (--method maxmin)", help="t multiplier per epoch."
         ),
     ] = 1.01,
+    refine: RefineOpt = "none",
+    refine_alpha: RefineAlphaOpt = 1.0,
+    knn_k: KnnKOpt = 128,
+    knn_bank: KnnBankOpt = 16384,
+    knn_dims: KnnDimsOpt = 64,
     workers: WorkersOpt = 2,
     device: DeviceOpt = "auto",
     amp: AmpOpt = True,
@@ -456,7 +519,7 @@ def train_decoder(
     seed_map: Annotated[
         str,
         typer.Option(
-            rich_help_panel="Seed map",
+            rich_help_panel="k-NN",
             help="What the seeds are drawn from: cam (the CAM of the true class, the paper, or "
             "the --seed-teacher's map) or knn (each pixel gets the mean of that map over its "
             "--knn-k most similar pixels of the other training images, in the frozen encoder's "
@@ -464,47 +527,13 @@ def train_decoder(
             "images count as 0).",
         ),
     ] = "cam",
-    knn_k: Annotated[
-        int,
-        typer.Option(min=1, rich_help_panel="Seed map", help="Neighbours per pixel (knn)."),
-    ] = 128,
-    knn_bank: Annotated[
-        int,
-        typer.Option(
-            min=1,
-            rich_help_panel="Seed map",
-            help="Training pixels in the knn bank (seed map and --refine knn; the same number "
-            "from every image; memory and time grow with it).",
-        ),
-    ] = 16384,
-    knn_dims: Annotated[
-        int,
-        typer.Option(
-            min=1,
-            rich_help_panel="Seed map",
-            help="Principal axes kept per encoder stage in the knn features.",
-        ),
-    ] = 64,
-    refine: Annotated[
-        str,
-        typer.Option(
-            rich_help_panel="Refinement",
-            help="none, or knn: the saved model's map is blended with a k-NN map, each pixel "
-            "taking the mean of the trained decoder's map over its --knn-k most similar "
-            "training pixels (the bank, --knn-bank pixels, is kept in the checkpoint; "
-            "selection by the blended map's PxAP).",
-        ),
-    ] = "none",
-    refine_alpha: Annotated[
-        float,
-        typer.Option(
-            min=0.0,
-            max=1.0,
-            rich_help_panel="Refinement",
-            help="Weight of the k-NN map in the blend (1: the k-NN map alone, at the CAM "
-            "layer's resolution; lower keeps more of the decoder's boundaries).",
-        ),
-    ] = 1.0,
+    knn_k: KnnKOpt = 128,
+    knn_bank: KnnBankOpt = 16384,
+    knn_dims: KnnDimsOpt = 64,
+    refine: RefineOpt = "none",
+    refine_alpha: RefineAlphaOpt = 1.0,
+    resize_size: ResizeSizeOpt = 256,
+    crop_size: CropSizeOpt = 224,
     epochs: EpochsOpt = 20,
     batch_size: BatchSizeOpt = 32,
     lr: Annotated[

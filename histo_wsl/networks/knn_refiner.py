@@ -1,11 +1,13 @@
-"""k-NN refinement of a NEGEV map: each pixel takes the decoder's map of its look-alike pixels.
+"""k-NN refinement of a model's map: each pixel takes the model's map of its look-alike pixels.
 
-``train-decoder --refine knn`` attaches a :class:`KNNRefiner` to the NEGEV model. Its bank is a
-:class:`histo_wsl.seed_bank.FeatureBank` of training pixels (the frozen encoder's last two
-stages, the same keys as the k-NN seed map) whose values are the trained decoder's foreground
-probability on those training images (average-pooled to the CAM layer's resolution). At
-inference each pixel's map is the mean value of its ``k`` most similar bank pixels, upsampled
-bilinearly, blended with the decoder's own map: ``(1 − alpha)·decoder + alpha·k-NN``.
+``train-decoder --refine knn`` attaches a :class:`KNNRefiner` to the NEGEV model, and
+``train-classifier --method maxmin --refine knn`` to the Max-Min model. Its bank is a
+:class:`histo_wsl.seed_bank.FeatureBank` of training pixels (the encoder's last two stages, the
+same keys as the k-NN seed map) whose values are the trained model's own map on those training
+images (NEGEV: the decoder's foreground probability; Max-Min: the localizer's mask M;
+average-pooled to the CAM layer's resolution). At inference each pixel's map is the mean value of
+its ``k`` most similar bank pixels, upsampled bilinearly, blended with the model's own map:
+``(1 − alpha)·map + alpha·k-NN``.
 
 The k-NN map averages the decoder's verdicts over look-alike tissue of many images (on GlaS it
 scores above the decoder itself: README, "Train the NEGEV decoder"). It lives at the CAM
@@ -23,13 +25,65 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
+from histo_wsl.config import TrainConfig
 from histo_wsl.seed_bank import FeatureBank
 
-__all__ = ["KNNRefiner"]
+__all__ = ["REFINEMENTS", "KNNRefiner", "refine_card", "refine_checks"]
+
+#: refinements of the saved model's map (``--refine``)
+REFINEMENTS = ("none", "knn")
+
+
+def refine_checks(cfg: TrainConfig, n_train: int, bank: bool) -> list[tuple[bool, str]]:
+    """(ok, message) pairs for ``--refine`` and, when a k-NN bank is used, the ``--knn-*`` options.
+
+    Args:
+        cfg: the training settings.
+        n_train: training images (a bank needs 2: a pixel's neighbours come from other images).
+        bank: whether the run builds a k-NN bank (``--refine knn`` or ``--seed-map knn``).
+    """
+    checks = [
+        (cfg.refine in REFINEMENTS, f"--refine must be one of {REFINEMENTS} (got {cfg.refine!r})"),
+        (
+            0.0 <= cfg.refine_alpha <= 1.0,
+            f"--refine-alpha must be in [0, 1] (got {cfg.refine_alpha})",
+        ),
+    ]
+    if bank:
+        checks += [
+            (cfg.knn_k >= 1, f"--knn-k must be >= 1 (got {cfg.knn_k})"),
+            (cfg.knn_bank >= 1, f"--knn-bank must be >= 1 (got {cfg.knn_bank})"),
+            (cfg.knn_dims >= 1, f"--knn-dims must be >= 1 (got {cfg.knn_dims})"),
+            (n_train >= 2, "--seed-map knn and --refine knn need at least 2 training images"),
+        ]
+    return checks
+
+
+def refine_card(cfg: TrainConfig, bank_pixels: int | None, values: str, stages: int = 2) -> dict:
+    """The model card's ``refine`` entry (``{"method": "none"}`` unless ``--refine knn``).
+
+    Args:
+        cfg: the training settings (k, alpha, bank size and seed).
+        bank_pixels: pixels in the refiner's bank (None: not built yet).
+        values: what the bank's values are, in words.
+        stages: encoder stages in the keys (the refiner's ``n_stages``).
+    """
+    if cfg.refine != "knn":
+        return {"method": "none"}
+    return {
+        "method": "knn",
+        "k": cfg.knn_k,
+        "alpha": cfg.refine_alpha,
+        "stages": stages,
+        "bank_pixels": bank_pixels,
+        "dims": cfg.knn_dims,
+        "bank_seed": cfg.seed,
+        "values": values,
+    }
 
 
 class KNNRefiner(nn.Module):
-    """Bank of training pixels labelled by the decoder, and the blend of its k-NN map.
+    """Bank of training pixels labelled by the model's map, and the blend of its k-NN map.
 
     Args:
         k: neighbours per pixel.
@@ -92,15 +146,17 @@ class KNNRefiner(nn.Module):
 
     @torch.no_grad()
     def knn_map(self, stages: list[Tensor], size: tuple[int, int]) -> Tensor:
-        """(B,H,W) mean decoder value of each pixel's ``k`` nearest bank pixels, upsampled."""
+        """(B,H,W) mean bank value of each pixel's ``k`` nearest bank pixels, upsampled."""
         if not self.ready:
-            raise RuntimeError("the k-NN refiner has no bank (train-decoder builds it)")
+            raise RuntimeError(
+                "the k-NN refiner has no bank (training with --refine knn builds it)"
+            )
         means = self.bank.neighbour_means(stages, self.k)
         return F.interpolate(means[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
 
-    def forward(self, decoder_map: Tensor, stages: list[Tensor]) -> Tensor:
-        """The blend ``(1 − alpha)·decoder_map + alpha·k-NN map`` (B,H,W) in [0,1]."""
+    def forward(self, own_map: Tensor, stages: list[Tensor]) -> Tensor:
+        """The blend ``(1 − alpha)·own_map + alpha·k-NN map`` (B,H,W) in [0,1]."""
         if self.alpha == 0.0:
-            return decoder_map
-        knn = self.knn_map(stages, tuple(decoder_map.shape[-2:])).to(decoder_map.dtype)
-        return ((1.0 - self.alpha) * decoder_map + self.alpha * knn).clamp(0.0, 1.0)
+            return own_map
+        knn = self.knn_map(stages, tuple(own_map.shape[-2:])).to(own_map.dtype)
+        return ((1.0 - self.alpha) * own_map + self.alpha * knn).clamp(0.0, 1.0)

@@ -21,7 +21,9 @@ less compute for two of the three backbone passes; 1 = full size).
 
 Gradients reach the localizer through the mask (nothing is detached). ``σ`` and ``w`` are buffers,
 so a checkpoint carries the values its model was evaluated with. At inference the class is
-argmax C(X+) and the localization map is M (in [0, 1], at the input size; 0.5 ⇔ M̃ ≥ σ).
+argmax C(X+) and the localization map is M (in [0, 1], at the input size; 0.5 ⇔ M̃ ≥ σ). With a
+``refiner`` (``--refine knn``, :mod:`histo_wsl.networks.knn_refiner`) the map is M blended with
+the k-NN map of M over training pixels; the class stays that of C(X ⊙ M).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from torch import Tensor, nn
 
 from histo_wsl.networks.backbones import BASE, X10, Backbone
 from histo_wsl.networks.heads import WildcatHead, wildcat_pool
+from histo_wsl.networks.knn_refiner import KNNRefiner
 
 __all__ = ["MASK_MODES", "MAXMIN_HEAD_OPTS", "MaxMinModel", "MaxMinOutput", "maxmin_param_groups"]
 
@@ -73,6 +76,8 @@ class MaxMinModel(nn.Module):
         negative_index: index of the negative class (``absolute`` mode only).
         head_opts: WILDCAT options of both heads (default :data:`MAXMIN_HEAD_OPTS`).
         cl_scale: size factor of the classifier's inputs X± (0 < cl_scale <= 1).
+        refiner: k-NN refinement of the map :meth:`localize` returns (filled by training or
+            by the checkpoint's weights).
     """
 
     def __init__(
@@ -86,6 +91,7 @@ class MaxMinModel(nn.Module):
         negative_index: int | None = None,
         head_opts: dict | None = None,
         cl_scale: float = 1.0,
+        refiner: KNNRefiner | None = None,
     ) -> None:
         super().__init__()
         if not 0 < cl_scale <= 1:
@@ -103,6 +109,7 @@ class MaxMinModel(nn.Module):
         self.mask_mode = mask_mode
         self.negative_index = negative_index
         self.cl_scale = float(cl_scale)
+        self.refiner = refiner
         self.register_buffer("sigma", torch.tensor(float(sigma)))
         self.register_buffer("w", torch.tensor(float(w)))
 
@@ -111,9 +118,18 @@ class MaxMinModel(nn.Module):
         """Number of classes K."""
         return self.head.num_classes
 
-    def locate(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(localizer scores s_M (B,K), mask logits (B,H,W) at the input size)."""
-        maps = self.head.cams(self.backbone(x)[-1])  # (B,K,h,w)
+    def forward_features(self, x: Tensor) -> list[Tensor]:
+        """The shared backbone's stages of ``x`` (the k-NN bank's keys come from them)."""
+        return self.backbone(x)
+
+    def locate(self, x: Tensor, stages: list[Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        """(localizer scores s_M (B,K), mask logits (B,H,W) at the input size).
+
+        ``stages``: the backbone's stages of ``x`` when already computed.
+        """
+        if stages is None:
+            stages = self.backbone(x)
+        maps = self.head.cams(stages[-1])  # (B,K,h,w)
         scores = wildcat_pool(maps, self.head.kmax, self.head.kmin, self.head.alpha)
         size = tuple(x.shape[-2:])
         if self.mask_mode == "minmax":
@@ -156,11 +172,18 @@ class MaxMinModel(nn.Module):
             return self.branches(x)
         return self.localize(x)[0]
 
-    def localize(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(C(X+) logits (B,K), mask M (B,H,W) in [0,1]): what ``localize``/``evaluate`` use."""
-        _, logits = self.locate(x)
-        mask = torch.sigmoid(logits)
-        return self.classify(x * mask[:, None].to(x.dtype)), mask
+    def localize(self, x: Tensor, refine: bool = True) -> tuple[Tensor, Tensor]:
+        """(C(X+) logits (B,K), map (B,H,W) in [0,1]): what ``localize``/``evaluate`` use.
+
+        The map is the mask M, or with a ready refiner and ``refine`` its blend with the k-NN
+        map; X+ is always X ⊙ M.
+        """
+        stages = self.backbone(x)
+        mask = torch.sigmoid(self.locate(x, stages)[1])
+        logits = self.classify(x * mask[:, None].to(x.dtype))
+        if refine and self.refiner is not None and self.refiner.ready:
+            mask = self.refiner(mask, stages)
+        return logits, mask
 
 
 def maxmin_param_groups(model: nn.Module, lr: float, ratio: float = 10.0) -> list[dict]:
