@@ -30,13 +30,13 @@ def test_missing_glas_is_an_error_unless_skipped(tmp_path, capsys):
 def test_gpu_plan_and_set_overrides(tmp_path, capsys):
     glas = _glas(tmp_path)
     args = ["--data", str(glas), "--recipe", "gpu", "--out", str(tmp_path / "o"), "--dry-run"]
-    args += ["--set", "maxmin_lambda=0.3", "--set", "pretrained=false"]
+    args += ["--set", "maxmin_lambda=0.05", "--set", "pretrained=false"]
     assert glas_maxmin.main(args) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["status"] == "planned" and len(res["commands"]) == 3
     train, ev, flips = res["commands"]
     assert "--method maxmin" in train and "--crop-size 416" in train and "--amp" in train
-    assert "--maxmin-lambda 0.3" in train and "--no-pretrained" in train
+    assert "--maxmin-lambda 0.05" in train and "--no-pretrained" in train
     assert "--refine knn" in train and "--fold 0" in train
     for cmd, tta in ((ev, "none"), (flips, "flips")):
         assert "evaluate --compare" in cmd and "--protocol native" in cmd
