@@ -23,7 +23,7 @@ from torch import nn
 
 from histo_wsl import __version__
 from histo_wsl.config import TrainConfig
-from histo_wsl.data.images import IMAGENET_MEAN, IMAGENET_STD, LabelledImages, eval_transform
+from histo_wsl.data.images import IMAGENET_MEAN, IMAGENET_STD
 from histo_wsl.data.sources import Dataset
 from histo_wsl.errors import InputError
 from histo_wsl.maxmin_losses import REGULARIZERS, maxmin_loss
@@ -31,7 +31,7 @@ from histo_wsl.networks.backbones import build_backbone
 from histo_wsl.networks.classifier import unwrap
 from histo_wsl.networks.knn_refiner import KNNRefiner, refine_card, refine_checks
 from histo_wsl.networks.maxmin import MAXMIN_HEAD_OPTS, MaxMinModel, maxmin_param_groups
-from histo_wsl.seed_bank import FeatureBank, run_feature_bank
+from histo_wsl.seed_bank import FeatureBank, TrainSplitBanks
 from histo_wsl.stage1 import (
     _plain_config,
     evaluate_localizer,
@@ -110,8 +110,8 @@ class MaxMinTask:
         self.mask_mode = "minmax" if self.negative is None else "absolute"
         self.model: MaxMinModel | None = None
         self._seen_mpp: float | None = None
-        #: the train split at the evaluation preset (the refiner bank's images; decoded once)
-        self._bank_images: LabelledImages | None = None
+        #: builds the refiner's k-NN bank of the train split
+        self._banks = TrainSplitBanks(ds, cfg, self.negative)
 
     @property
     def refining(self) -> bool:
@@ -143,17 +143,8 @@ class MaxMinTask:
     def refine_bank(self, m: MaxMinModel, device: torch.device) -> FeatureBank:
         """Training pixels (eval preset) valued by ``m``'s mask M, for its refiner."""
         m.eval()
-        if self._bank_images is None:
-            self._bank_images = LabelledImages(
-                self.ds.split("train"), self.cfg.crop_size, eval_transform()
-            )
-        return run_feature_bank(
-            m,
-            self._bank_images,
-            self.cfg,
-            values=lambda x, y, stages: torch.sigmoid(m.locate(x, stages)[1]),
-            negative=self.negative,
-            device=device,
+        return self._banks.build(
+            m, lambda x, y, stages: torch.sigmoid(m.locate(x, stages)[1]), device
         )
 
     def param_groups(self, model: nn.Module, lr: float) -> list[dict]:

@@ -34,9 +34,11 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
 from histo_wsl.config import TrainConfig
+from histo_wsl.data.images import LabelledImages, eval_transform
+from histo_wsl.data.sources import Dataset
 from histo_wsl.networks.cams import compute_cams
 
-__all__ = ["FeatureBank", "build_feature_bank", "run_feature_bank"]
+__all__ = ["FeatureBank", "TrainSplitBanks", "build_feature_bank"]
 
 #: query pixels per similarity block (bounds the (block × bank) similarity matrix's memory)
 _BLOCK = 2048
@@ -211,29 +213,39 @@ def build_feature_bank(
     return bank
 
 
-def run_feature_bank(
-    model: nn.Module,
-    images: torch.utils.data.Dataset,
-    cfg: TrainConfig,
-    *,
-    values: Callable[[Tensor, Tensor, list[Tensor]], Tensor] | None = None,
-    negative: int | None = None,
-    device: torch.device | str = "cpu",
-) -> FeatureBank:
-    """:func:`build_feature_bank` with a training run's settings.
+class TrainSplitBanks:
+    """Builds k-NN banks of a training run's ``train`` split with the run's settings.
 
-    ``--knn-bank`` pixels, ``--knn-dims`` axes, ``--cam-method`` (when ``values`` is None) and the
-    run's seed; ``model`` is anything with ``forward_features`` (and a CAM head without
-    ``values``).
+    The images (evaluation preset: resized to ``crop_size``, no augmentation) are decoded at the
+    first build and kept, so a bank rebuilt at every evaluation reads no file again. Each bank has
+    ``--knn-bank`` pixels, ``--knn-dims`` axes, the run's seed, and without ``values`` the CAM
+    of ``--cam-method``; pixels of the negative class get value 0.
     """
-    return build_feature_bank(
-        model,
-        images,
-        values=values,
-        negative=negative,
-        cam_method=cfg.cam_method,
-        max_pixels=cfg.knn_bank,
-        dims=cfg.knn_dims,
-        seed=cfg.seed,
-        device=device,
-    )
+
+    def __init__(self, ds: Dataset, cfg: TrainConfig, negative: int | None = None) -> None:
+        self.ds, self.cfg, self.negative = ds, cfg, negative
+        self._images: LabelledImages | None = None
+
+    def build(
+        self,
+        model: nn.Module,
+        values: Callable[[Tensor, Tensor, list[Tensor]], Tensor] | None = None,
+        device: torch.device | str = "cpu",
+    ) -> FeatureBank:
+        """A bank over ``model``'s ``forward_features``; ``values`` as for :func:`build_feature_bank`."""
+        if self._images is None:
+            self._images = LabelledImages(
+                self.ds.split("train"), self.cfg.crop_size, eval_transform()
+            )
+        cfg = self.cfg
+        return build_feature_bank(
+            model,
+            self._images,
+            values=values,
+            negative=self.negative,
+            cam_method=cfg.cam_method,
+            max_pixels=cfg.knn_bank,
+            dims=cfg.knn_dims,
+            seed=cfg.seed,
+            device=device,
+        )

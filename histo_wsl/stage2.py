@@ -29,7 +29,7 @@ from torch import nn
 
 from histo_wsl import __version__
 from histo_wsl.config import TrainConfig
-from histo_wsl.data.images import IMAGENET_MEAN, IMAGENET_STD, LabelledImages, eval_transform
+from histo_wsl.data.images import IMAGENET_MEAN, IMAGENET_STD
 from histo_wsl.data.sources import Dataset
 from histo_wsl.errors import InputError
 from histo_wsl.losses import (
@@ -50,7 +50,7 @@ from histo_wsl.networks.classifier import unwrap
 from histo_wsl.networks.knn_refiner import REFINEMENTS, KNNRefiner, refine_card, refine_checks
 from histo_wsl.networks.negev import NEGEVModel
 from histo_wsl.predictor import load_model
-from histo_wsl.seed_bank import FeatureBank, run_feature_bank
+from histo_wsl.seed_bank import FeatureBank, TrainSplitBanks
 from histo_wsl.stage1 import evaluate_localizer, load_training_data, training_images
 
 __all__ = ["DecoderTask", "REFINEMENTS", "SEED_MAPS", "STAGE2_DEFAULTS", "train_decoder"]
@@ -122,8 +122,8 @@ class DecoderTask:
         self.bank: FeatureBank | None = None
         #: pixels in the refiner's bank (``refine: knn``; set at the first evaluation)
         self.refine_pixels: int | None = None
-        #: the train split at the evaluation preset (the k-NN banks' images; decoded once)
-        self._bank_images: LabelledImages | None = None
+        #: builds the k-NN banks (seed map, refiner) of the train split
+        self._banks = TrainSplitBanks(ds, cfg, self.negative)
         #: optional NEGEV model whose foreground map replaces the CAM as the seeds' source
         self.teacher = self._load_teacher(cfg.seed_teacher) if cfg.seed_teacher else None
         #: the teacher was trained over this very classifier: it decodes the student's stages
@@ -182,18 +182,7 @@ class DecoderTask:
         ``values``: as for :func:`histo_wsl.seed_bank.build_feature_bank` (None: the CAM with
         ``cam_method``).
         """
-        if self._bank_images is None:
-            self._bank_images = LabelledImages(
-                self.ds.split("train"), self.cfg.crop_size, eval_transform()
-            )
-        return run_feature_bank(
-            m.classifier,
-            self._bank_images,
-            self.cfg,
-            values=values,
-            negative=self.negative,
-            device=device,
-        )
+        return self._banks.build(m.classifier, values, device)
 
     def seed_maps(
         self,
