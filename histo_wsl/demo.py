@@ -46,8 +46,13 @@ class DemoRecipe:
         head: the stage-1 pooling head.
         classifier_epochs: stage-1 epochs.
         classifier_lr: stage-1 base learning rate.
+        classifier_lr_ratio: the stage-1 head's learning rate over the base one.
         decoder_epochs: stage-2 (NEGEV) epochs.
         decoder_lr: stage-2 learning rate.
+        seeds: foreground and background seed pixels drawn per image at every stage-2 step.
+        seed_map: what stage 2 draws the seeds from (``cam``, or ``knn``: the CAM averaged over
+            look-alike pixels of the other training images, 0 on the negative images).
+        knn_k: neighbours of each pixel in the k-NN seed map.
         batch_size: images per step in both stages.
     """
 
@@ -62,8 +67,12 @@ class DemoRecipe:
     head: str = "wildcat"
     classifier_epochs: int = 10
     classifier_lr: float = 0.01
+    classifier_lr_ratio: float = 10.0
     decoder_epochs: int = 24
     decoder_lr: float = 0.05
+    seeds: int = 1
+    seed_map: str = "cam"
+    knn_k: int = 128
     batch_size: int = 8
 
 
@@ -247,6 +256,7 @@ def run_demo(
                 out=str(cam_dir),
                 epochs=recipe.classifier_epochs,
                 lr=recipe.classifier_lr,
+                lr_classifier_ratio=recipe.classifier_lr_ratio,
                 **common,
             ),
             quiet=quiet,
@@ -268,6 +278,10 @@ def run_demo(
                 negative_class="normal",
                 epochs=recipe.decoder_epochs,
                 lr=recipe.decoder_lr,
+                seeds_fg=recipe.seeds,
+                seeds_bg=recipe.seeds,
+                seed_map=recipe.seed_map,
+                knn_k=recipe.knn_k,
                 **common,
             ),
             quiet=quiet,

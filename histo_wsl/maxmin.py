@@ -39,6 +39,7 @@ from histo_wsl.stage1 import (
     seen_mpp,
     training_images,
 )
+from histo_wsl.training import VAL_ACC, VALPX_PXAP, Selection
 
 __all__ = ["MaxMinTask", "check_maxmin_config", "sigma_at", "t_at", "train_maxmin"]
 
@@ -100,7 +101,10 @@ def t_at(cfg: TrainConfig, epoch: int) -> float:
 class MaxMinTask:
     """Max-Min training for the engine (see the module docstring)."""
 
-    selection = [("best-loc.pt", "valpx_pxap"), ("best-cls.pt", "val_acc")]
+    selection = [
+        Selection("best-loc.pt", (VALPX_PXAP, VAL_ACC)),
+        Selection("best-cls.pt", (VAL_ACC,)),
+    ]
 
     def __init__(self, cfg: TrainConfig, ds: Dataset, notes: list[str] | None = None) -> None:
         check_maxmin_config(cfg, len(ds.split("train")) if cfg.refine == "knn" else None)

@@ -32,6 +32,7 @@ from histo_wsl.errors import InputError
 from histo_wsl.metrics import ClassificationMeter, PxAPMeter
 from histo_wsl.networks.cams import compute_cams
 from histo_wsl.networks.classifier import build_classifier, param_groups
+from histo_wsl.training import VAL_ACC, VALPX_PXAP, Selection
 
 __all__ = ["STAGE1_METHODS", "ClassifierTask", "evaluate_maps", "load_training_data", "seen_mpp"]
 
@@ -168,7 +169,10 @@ def evaluate_localizer(
 class ClassifierTask:
     """Stage-1 WSOL classifier (CAM and the other pooling heads) for the training engine."""
 
-    selection = [("best-loc.pt", "valpx_pxap"), ("best-cls.pt", "val_acc")]
+    selection = [
+        Selection("best-loc.pt", (VALPX_PXAP, VAL_ACC)),
+        Selection("best-cls.pt", (VAL_ACC,)),
+    ]
 
     def __init__(self, cfg: TrainConfig, ds: Dataset, notes: list[str] | None = None) -> None:
         self.cfg, self.ds = cfg, ds

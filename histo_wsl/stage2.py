@@ -52,6 +52,7 @@ from histo_wsl.networks.negev import NEGEVModel
 from histo_wsl.predictor import load_model
 from histo_wsl.seed_bank import FeatureBank, TrainSplitBanks
 from histo_wsl.stage1 import evaluate_localizer, load_training_data, training_images
+from histo_wsl.training import LAST_EPOCH, VALPX_PXAP, Selection
 
 __all__ = ["DecoderTask", "REFINEMENTS", "SEED_MAPS", "STAGE2_DEFAULTS", "train_decoder"]
 
@@ -66,7 +67,7 @@ STAGE2_DEFAULTS = {"lr": 0.1, "method": "negev", "out": "runs/negev"}
 class DecoderTask:
     """NEGEV decoder training for the engine."""
 
-    selection = [("best-loc.pt", "valpx_pxap")]
+    selection = [Selection("best-loc.pt", (VALPX_PXAP, LAST_EPOCH))]
 
     def __init__(self, cfg: TrainConfig, ds: Dataset, stage1) -> None:
         self.cfg, self.ds, self.stage1 = cfg, ds, stage1

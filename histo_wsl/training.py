@@ -9,6 +9,13 @@ Reproducibility: every epoch reseeds torch, numpy and the data order from ``(see
 resumed after epoch *k* draws the same batches and augmentations as one that never stopped.
 Checkpoints are written at the end of each epoch (``last.pt``, with optimizer/scheduler state) and
 when a selection metric improves (``best-loc.pt``, ``best-cls.pt``; ties go to the later epoch).
+
+Model selection (:class:`Selection`): each kept checkpoint names its criteria in order of preference;
+the first one the validation data can measure is used for the whole run. ``best-loc.pt``, the
+checkpoint every later step takes, is selected by PxAP on the validation images with masks
+(``valpx``) and, when no validation image has a mask (the weakly-supervised case: image labels
+only), by the method's mask-free criterion. The card (``selection``), ``run.json`` and the closing
+summary say which.
 """
 
 from __future__ import annotations
@@ -37,7 +44,12 @@ from histo_wsl.console import stderr_console
 from histo_wsl.errors import HistoWSLError, InputError
 
 __all__ = [
+    "LAST_EPOCH",
+    "VAL_ACC",
+    "VALPX_PXAP",
+    "Criterion",
     "FillingSampler",
+    "Selection",
     "Task",
     "TrainingError",
     "fit",
@@ -52,11 +64,61 @@ class TrainingError(HistoWSLError):
     exit_code = 1
 
 
+@dataclasses.dataclass(frozen=True)
+class Criterion:
+    """A model-selection rule: the epoch whose ``key`` is highest (ties go to the later epoch).
+
+    Attributes:
+        key: a column of ``summary.csv`` (a validation metric, or ``epoch``).
+        masks: whether it needs validation masks.
+        rule: what it selects, in words (card, ``run.json`` and the closing summary).
+    """
+
+    key: str
+    masks: bool
+    rule: str
+
+    def describe(self) -> dict:
+        """The card's ``selection`` entry."""
+        return {"criterion": self.key, "needs_masks": self.masks, "rule": self.rule}
+
+
+#: PxAP of the model's map on the validation images with masks
+VALPX_PXAP = Criterion(
+    "valpx_pxap", True, "highest PxAP on the validation images with masks (valpx)"
+)
+#: image-level accuracy on the validation split (no masks needed)
+VAL_ACC = Criterion(
+    "val_acc", False, "highest validation accuracy, ties to the later epoch (no masks needed)"
+)
+#: the end of the fixed schedule (no masks needed)
+LAST_EPOCH = Criterion("epoch", False, "the last epoch of the fixed schedule (no masks needed)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """A kept best checkpoint: its file and its criteria, in order of preference.
+
+    The first criterion that the epoch-0 evaluation reports (e.g. ``valpx_pxap`` only exists when
+    validation images have masks) is used for the whole run.
+    """
+
+    file: str
+    criteria: tuple[Criterion, ...]
+
+    def resolve(self, row: dict) -> Criterion | None:
+        """The first criterion ``row`` (an evaluation row) can measure, None if none."""
+        for c in self.criteria:
+            if _finite_number(row.get(c.key)):
+                return c
+        return None
+
+
 class Task(Protocol):
     """What a recipe gives the engine."""
 
-    #: (checkpoint file name, metric key, higher is better) for each kept best model
-    selection: list[tuple[str, str]]
+    #: the kept best checkpoints; the first is the one the next step takes
+    selection: list[Selection]
 
     def build_model(self) -> nn.Module:
         """The network (on CPU); the engine moves it to the device."""
@@ -164,8 +226,8 @@ def _rng_state() -> dict:
     return {"torch": torch.get_rng_state()}
 
 
-def _finite(x: float) -> bool:
-    return isinstance(x, float) and math.isfinite(x)
+def _finite_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _better(value: float | None, best: float | None) -> bool:
@@ -223,8 +285,10 @@ def fit(
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
     start_epoch = 1
-    best: dict[str, float | None] = {key: None for _, key in task.selection}
-    best_epoch: dict[str, int | None] = {key: None for _, key in task.selection}
+    #: per kept file: its criterion's key (chosen at the first evaluation), best value and epoch
+    chosen: dict[str, str | None] = {sel.file: None for sel in task.selection}
+    best: dict[str, float | None] = {sel.file: None for sel in task.selection}
+    best_epoch: dict[str, int | None] = {sel.file: None for sel in task.selection}
     history: list[dict] = []
     last = out / "last.pt"
     if resume:
@@ -243,9 +307,8 @@ def fit(
             scaler.load_state_dict(training["scaler"])
         task.load_state_dict(training.get("task", {}))
         start_epoch = int(training["epoch"]) + 1
-        best = dict(training["best"])
-        best_epoch = dict(training["best_epoch"])
         history = list(training["history"])
+        chosen, best, best_epoch = _resumed_selection(task.selection, training, history)
         if main:
             console.print(f"resuming {out} after epoch {start_epoch - 1}")
     elif main:
@@ -294,15 +357,20 @@ def fit(
             return row
         history.append(row)
         card = task.card()
-        for fname, key in task.selection:
-            if _better(metrics.get(key), best[key]):
-                best[key], best_epoch[key] = metrics[key], epoch
+        for sel in task.selection:
+            if chosen[sel.file] is None:
+                crit = sel.resolve(row)
+                chosen[sel.file] = None if crit is None else crit.key
+            crit = _criterion(sel, chosen[sel.file])
+            if crit is not None and _better(row.get(crit.key), best[sel.file]):
+                best[sel.file], best_epoch[sel.file] = float(row[crit.key]), epoch
                 save_checkpoint(
-                    out / fname,
+                    out / sel.file,
                     {
                         **card,
                         "epoch": epoch,
-                        "selected_by": key,
+                        "selected_by": crit.key,
+                        "selection": crit.describe(),
                         "metrics": metrics,
                         "seed": cfg.seed,
                     },
@@ -370,6 +438,7 @@ def fit(
                     "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict() if use_amp else {},
                     "task": task.state_dict(),
+                    "selection": chosen,
                     "best": best,
                     "best_epoch": best_epoch,
                     "history": history,
@@ -379,13 +448,21 @@ def fit(
         if world > 1:
             torch.distributed.barrier()
 
+    kept = {}
+    for sel in task.selection:
+        crit = _criterion(sel, chosen[sel.file])
+        kept[sel.file] = {
+            "path": str(out / sel.file) if best_epoch[sel.file] is not None else None,
+            "epoch": best_epoch[sel.file],
+            "value": best[sel.file],
+            **(crit.describe() if crit else {"criterion": None, "rule": "nothing to select by"}),
+        }
+    use = task.selection[0].file
     summary = {
         "out": str(out),
         "epochs": cfg.epochs,
-        "best": {
-            key: {"value": best[key], "epoch": best_epoch[key], "checkpoint": fname}
-            for fname, key in task.selection
-        },
+        "checkpoints": kept,
+        "use_next": kept[use]["path"],
         "last": str(last),
         "seconds": round(time.perf_counter() - t_run, 1),
         "device": str(device),
@@ -393,9 +470,63 @@ def fit(
     if main:
         run_record.update({"finished": _now(), "summary": summary, "status": "done"})
         write_json(out / "run.json", run_record)
+        if not quiet:
+            _print_closing(console, summary, history, use)
     if world > 1:
         torch.distributed.destroy_process_group()
     return summary
+
+
+def _criterion(sel: Selection, key: str | None) -> Criterion | None:
+    return next((c for c in sel.criteria if c.key == key), None)
+
+
+def _resumed_selection(
+    selection: list[Selection], training: dict, history: list[dict]
+) -> tuple[dict, dict, dict]:
+    """Chosen criteria, best values and epochs from a ``last.pt`` training state.
+
+    A state written before the criteria were recorded keys its bests by metric; the criterion is
+    then re-resolved from the epoch-0 row.
+    """
+    chosen, best, best_epoch = {}, {}, {}
+    saved = training.get("selection") or {}
+    for sel in selection:
+        if sel.file in saved:
+            key = saved[sel.file]
+            best[sel.file] = training["best"].get(sel.file)
+            best_epoch[sel.file] = training["best_epoch"].get(sel.file)
+        else:
+            crit = sel.resolve(history[0]) if history else None
+            key = None if crit is None else crit.key
+            best[sel.file] = training["best"].get(key)
+            best_epoch[sel.file] = training["best_epoch"].get(key)
+        chosen[sel.file] = key
+    return chosen, best, best_epoch
+
+
+def _print_closing(console: Any, summary: dict, history: list[dict], use: str) -> None:
+    """The end-of-training summary: epochs run, the checkpoint to use next and why, its numbers."""
+    kept = summary["checkpoints"][use]
+    lines = [f"[green]Done[/green]: {len(history) - 1} epochs in {summary['seconds']:.0f} s."]
+    if kept["path"] is None:
+        lines.append(f"  No {use} was written: {kept['rule']}.")
+    else:
+        row = next((r for r in history if r["epoch"] == kept["epoch"]), {})
+        numbers = ", ".join(
+            f"{k} {v:.4g}"
+            for k, v in row.items()
+            if k.startswith("val") and isinstance(v, (int, float)) and math.isfinite(v)
+        )
+        lines.append(f"  Use next:  {kept['path']} (epoch {kept['epoch']}: {kept['rule']})")
+        if numbers:
+            lines.append(f"  Its validation numbers: {numbers}")
+    for name, k in summary["checkpoints"].items():
+        if name != use and k["path"] is not None:
+            lines.append(f"  Also kept: {k['path']} (epoch {k['epoch']}: {k['rule']})")
+    out = Path(summary["out"])
+    lines.append(f"  Per epoch: {out / 'summary.csv'}; run record: {out / 'run.json'}")
+    console.print("\n".join(lines), highlight=False, soft_wrap=True)
 
 
 def _cpu_state(model: nn.Module) -> dict:

@@ -54,7 +54,7 @@ def test_quick_demo_decoder_beats_the_cam_it_starts_from(tmp_path):
     assert result.exit_code == 0, result.stderr
     summary = json.loads(result.stdout)
     run = json.loads((tmp_path / "d" / "runs" / "negev" / "run.json").read_text())
-    assert run["summary"]["best"]["valpx_pxap"]["epoch"] > 0
+    assert run["summary"]["checkpoints"]["best-loc.pt"]["epoch"] > 0
     assert summary["test"]["negev_pxap"] > summary["test"]["cam_pxap"] + 5, summary["test"]
     assert "report.html" in summary["report"] and "QuPath" in result.stderr
 

@@ -236,3 +236,63 @@ def test_ddp_two_cpu_processes(tmp_path, tiny_data):
     run = json.loads((out / "run.json").read_text())
     assert run["world_size"] == 2
     assert [r["epoch"] for r in _summary(out)] == ["0", "1"]
+
+
+def _labels_only(csv_path, tmp_path):
+    """The same patches without their masks: image labels only."""
+    rows = list(csv.DictReader(open(csv_path)))
+    out = tmp_path / "labels-only.csv"
+    with open(out, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["image", "label", "split"])
+        for r in rows:
+            w.writerow([str(csv_path.parent / r["image"]), r["label"], r["split"]])
+    return out
+
+
+def test_without_masks_best_loc_is_selected_by_validation_accuracy(tmp_path, tiny_data):
+    data, cfg = tiny_data
+    labels = _labels_only(data, tmp_path)
+    out = tmp_path / "run"
+    r = runner.invoke(
+        app,
+        ["train-classifier", str(labels), "--out", str(out), "--config", str(cfg), "--epochs",
+         "2", *[a for a in TINY if a != "--quiet"]],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    assert "valpx_pxap" not in _summary(out)[0]
+    card = load_checkpoint(out / "best-loc.pt")["card"]
+    assert card["selected_by"] == "val_acc"
+    assert card["selection"] == {
+        "criterion": "val_acc",
+        "needs_masks": False,
+        "rule": "highest validation accuracy, ties to the later epoch (no masks needed)",
+    }
+    # the same epoch as best-cls.pt: one criterion, one choice
+    assert card["epoch"] == load_checkpoint(out / "best-cls.pt")["card"]["epoch"]
+    import json
+
+    summary = json.loads((out / "run.json").read_text())["summary"]
+    assert summary["use_next"] == str(out / "best-loc.pt")
+    assert summary["checkpoints"]["best-loc.pt"]["criterion"] == "val_acc"
+    # the closing summary names the checkpoint to use next, why, and where the report is
+    assert "Use next:" in r.stderr and "best-loc.pt" in r.stderr
+    assert "highest validation accuracy" in r.stderr and "summary.csv" in r.stderr
+
+
+def test_resume_of_a_state_saved_before_named_criteria(tmp_path, tiny_data):
+    """A last.pt whose bests are keyed by metric (older runs) resumes with the same choices."""
+    data, cfg = tiny_data
+    out = tmp_path / "old"
+    common = [str(data), "--config", str(cfg), "--deterministic", *TINY]
+    assert _train([*common, "--out", str(out), "--epochs", "1"]).exit_code == 0
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    tr = ckpt["training"]
+    files = {"best-loc.pt": "valpx_pxap", "best-cls.pt": "val_acc"}
+    tr["best"] = {files[f]: v for f, v in tr["best"].items()}
+    tr["best_epoch"] = {files[f]: v for f, v in tr["best_epoch"].items()}
+    del tr["selection"]
+    torch.save(ckpt, out / "last.pt")
+    r = _train([str(data), "--out", str(out), "--resume", "--epochs", "2", "--quiet"])
+    assert r.exit_code == 0, r.stderr
+    assert load_checkpoint(out / "best-loc.pt")["card"]["selected_by"] == "valpx_pxap"

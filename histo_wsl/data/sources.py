@@ -251,6 +251,17 @@ def _from_glas(root: Path, fold: int) -> Dataset:
     return Dataset(samples, names, source=f"{root} (fold {fold})", layout="glas", data_mpp=0.62)
 
 
+def _n_val(n: int, val_fraction: float) -> int:
+    """Validation share of ``n`` items (slides or images) of one class.
+
+    At least one when there are two or more and ``val_fraction`` > 0 (a lab with two slides of a
+    class still validates on one), and always at least one left for training.
+    """
+    if n < 2 or val_fraction <= 0:
+        return 0
+    return min(n - 1, max(1, int(round(n * val_fraction))))
+
+
 def _draw_split(ds: Dataset, val_fraction: float, seed: int) -> None:
     """Seeded stratified split (grouped by slide for patch folders); valpx = val images with masks."""
     rng = np.random.default_rng(seed)
@@ -262,12 +273,12 @@ def _draw_split(ds: Dataset, val_fraction: float, seed: int) -> None:
         if groups is not None:
             keys = sorted({groups[i] for i in idx})
             rng.shuffle(keys)
-            n_val = int(round(len(keys) * val_fraction)) if len(keys) > 1 else 0
+            n_val = _n_val(len(keys), val_fraction)
             val_keys = set(keys[:n_val])
             val = {i for i in idx if groups[i] in val_keys}
         else:
             order = rng.permutation(idx)
-            n_val = int(round(len(idx) * val_fraction)) if len(idx) > 1 else 0
+            n_val = _n_val(len(idx), val_fraction)
             val = set(order[:n_val].tolist())
         for i in idx:
             new[i] = replace(samples[i], split="val" if i in val else "train")
