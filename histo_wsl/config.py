@@ -58,6 +58,7 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = False
     max_steps_per_epoch: int | None = None
+    clip_grad_norm: float | None = None  # cap on the gradients' global L2 norm (None: no cap)
     skip_errors: bool = False
     # stage 2 (NEGEV): the frozen stage-1 checkpoint and the pixel-evidence settings
     classifier: str | None = None
@@ -88,7 +89,7 @@ class TrainConfig:
     crf_scale: float = 0.25
     # Max-Min (TMI 2022, method.md §2): train-classifier --method maxmin
     # GlaS fold-0 val PxAP after 3 epochs: 1e-7 66.9, 0.1 75.4, 1 55.6; 50-epoch CPU recipe with
-    # --refine knn (best-loc, native protocol): 0.1 78.5, 0.3 81.9 (README, Max-Min)
+    # --refine knn (best-loc, native protocol): 0.1 78.5, 0.3 81.9 (docs/results.md, Max-Min)
     maxmin_lambda: float = 0.3
     maxmin_regularizer: str = "sem"
     maxmin_w: float = 5.0

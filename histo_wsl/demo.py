@@ -46,13 +46,11 @@ class DemoRecipe:
         head: the stage-1 pooling head.
         classifier_epochs: stage-1 epochs.
         classifier_lr: stage-1 base learning rate.
-        classifier_lr_ratio: the stage-1 head's learning rate over the base one.
         decoder_epochs: stage-2 (NEGEV) epochs.
         decoder_lr: stage-2 learning rate.
         seeds: foreground and background seed pixels drawn per image at every stage-2 step.
-        seed_map: what stage 2 draws the seeds from (``cam``, or ``knn``: the CAM averaged over
-            look-alike pixels of the other training images, 0 on the negative images).
-        knn_k: neighbours of each pixel in the k-NN seed map.
+        clip_grad_norm: cap on each step's gradient norm in both stages (None: no cap); a
+            from-scratch classifier without it can be thrown back to chance by one bad batch.
         batch_size: images per step in both stages.
     """
 
@@ -67,12 +65,10 @@ class DemoRecipe:
     head: str = "wildcat"
     classifier_epochs: int = 10
     classifier_lr: float = 0.01
-    classifier_lr_ratio: float = 10.0
     decoder_epochs: int = 24
     decoder_lr: float = 0.05
-    seeds: int = 1
-    seed_map: str = "cam"
-    knn_k: int = 128
+    seeds: int = 20
+    clip_grad_norm: float | None = 1.0
     batch_size: int = 8
 
 
@@ -237,6 +233,7 @@ def run_demo(
         "pretrained": False,
         "data_mpp": SLIDE_MPP * recipe.patch_downsample,
         "batch_size": recipe.batch_size,
+        "clip_grad_norm": recipe.clip_grad_norm,
         "crop_size": recipe.crop_size,
         "resize_size": recipe.patch_size,
         "step_size": 1000,
@@ -256,7 +253,6 @@ def run_demo(
                 out=str(cam_dir),
                 epochs=recipe.classifier_epochs,
                 lr=recipe.classifier_lr,
-                lr_classifier_ratio=recipe.classifier_lr_ratio,
                 **common,
             ),
             quiet=quiet,
@@ -280,8 +276,6 @@ def run_demo(
                 lr=recipe.decoder_lr,
                 seeds_fg=recipe.seeds,
                 seeds_bg=recipe.seeds,
-                seed_map=recipe.seed_map,
-                knn_k=recipe.knn_k,
                 **common,
             ),
             quiet=quiet,

@@ -409,6 +409,11 @@ def fit(
                 )
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            if cfg.clip_grad_norm is not None:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(
+                    [p for g in optimizer.param_groups for p in g["params"]], cfg.clip_grad_norm
+                )
             scaler.step(optimizer)
             scaler.update()
             n_steps += 1

@@ -3,6 +3,7 @@
 import json
 
 import openslide
+import pytest
 from typer.testing import CliRunner
 
 from histo_wsl.cli.app import app
@@ -59,14 +60,23 @@ def test_quick_demo_decoder_beats_the_cam_it_starts_from(tmp_path):
     assert "report.html" in summary["report"] and "QuPath" in result.stderr
 
 
-def test_demo_geojson_lies_on_the_drawn_glands(tmp_path):
-    """Issue 7: localize's QuPath polygons overlap the slide's true glands, for a model trained on them."""
+@pytest.mark.slow
+def test_full_demo_holds_its_band_and_its_geojson_lies_on_the_glands(tmp_path):
+    """The full demo (seed 0) stays inside the band measured across seeds and thread counts.
+
+    Measured (docs/results.md, Demo): held-out NEGEV PxAP 80.7–86.7 (gain over the CAM 62.0–71.6),
+    slide PxAP 82.3–89.8 and Dice 0.744–0.817 over seeds 0–3 with 1 and 2 threads. The lower edges
+    below sit just under those minima. Issue 7: localize's QuPath polygons overlap the true glands.
+    """
     import numpy as np
     import openslide
 
     from histo_wsl.annotations import annotation_mask
 
     summary = run_demo(tmp_path / "d", quiet=True)  # the full demo recipe
+    test, on_slide = summary["test"], summary["slide_metrics"]
+    assert test["negev_pxap"] >= 78 and test["negev_pxap"] - test["cam_pxap"] >= 60, test
+    assert on_slide["pxap"] >= 80 and on_slide["dice_fg@card"] >= 0.72, on_slide
     slide = openslide.OpenSlide(summary["slide"])
     ds = 8.0
     shape = (int(slide.dimensions[1] / ds), int(slide.dimensions[0] / ds))

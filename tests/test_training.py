@@ -296,3 +296,19 @@ def test_resume_of_a_state_saved_before_named_criteria(tmp_path, tiny_data):
     r = _train([str(data), "--out", str(out), "--resume", "--epochs", "2", "--quiet"])
     assert r.exit_code == 0, r.stderr
     assert load_checkpoint(out / "best-loc.pt")["card"]["selected_by"] == "valpx_pxap"
+
+
+def test_clip_grad_norm_bounds_every_step(tmp_path, tiny_data):
+    """--clip-grad-norm caps the gradient's norm: a learning rate that makes the loss NaN without
+    it (test above) leaves the weights nearly where they were with a tiny cap."""
+    data, _ = tiny_data
+    cfg = tmp_path / "nowd.yaml"
+    cfg.write_text("crop_size: 48\nresize_size: 56\nmax_steps_per_epoch: 2\nweight_decay: 0\n")
+    out = tmp_path / "clipped"
+    args = [a for a in TINY if a not in ("--lr", "0.01")]
+    r = _train([str(data), "--out", str(out), "--config", str(cfg), "--epochs", "1", *args,
+                "--lr", "1e6", "--clip-grad-norm", "1e-9"])  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    rows = _summary(out)
+    assert float(rows[1]["train_loss"]) < 10
+    assert load_config(out / "config.yaml")["clip_grad_norm"] == 1e-9

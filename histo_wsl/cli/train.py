@@ -64,6 +64,14 @@ DeterministicOpt = Annotated[
 MaxStepsOpt = Annotated[
     int | None, typer.Option(min=1, help="Cap on steps per epoch (quick runs).")
 ]
+ClipGradOpt = Annotated[
+    float | None,
+    typer.Option(
+        min=0.0,
+        help="Cap on the global L2 norm of each step's gradients (e.g. 1.0): one bad batch cannot "
+        "throw a model trained from scratch off; default no cap.",
+    ),
+]
 SkipErrorsOpt = Annotated[
     bool, typer.Option("--skip-errors", help="Leave out unreadable images (listed) and go on.")
 ]
@@ -337,6 +345,7 @@ def train_classifier(
     seed: Annotated[int, typer.Option(help="Seed of weights, data order and augmentation.")] = 0,
     deterministic: DeterministicOpt = False,
     max_steps_per_epoch: MaxStepsOpt = None,
+    clip_grad_norm: ClipGradOpt = None,
     skip_errors: SkipErrorsOpt = False,
     resume: ResumeOpt = False,
     json_out: JsonOpt = False,
@@ -548,6 +557,7 @@ def train_decoder(
     seed: Annotated[int, typer.Option(help="Seed of the decoder weights, data order, seeds.")] = 0,
     deterministic: DeterministicOpt = False,
     max_steps_per_epoch: MaxStepsOpt = None,
+    clip_grad_norm: ClipGradOpt = None,
     skip_errors: SkipErrorsOpt = False,
     resume: ResumeOpt = False,
     json_out: JsonOpt = False,

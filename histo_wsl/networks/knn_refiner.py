@@ -10,7 +10,7 @@ its ``k`` most similar bank pixels, upsampled bilinearly, blended with the model
 ``(1 − alpha)·map + alpha·k-NN``.
 
 The k-NN map averages the decoder's verdicts over look-alike tissue of many images (on GlaS it
-scores above the decoder itself: README, "Train the NEGEV decoder"). It lives at the CAM
+scores above the decoder itself: docs/results.md). It lives at the CAM
 layer's resolution (stride 8 for the stride-8 backbones); ``alpha`` < 1 keeps the decoder's finer
 boundaries in the blend.
 
