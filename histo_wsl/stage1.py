@@ -2,8 +2,9 @@
 
 :class:`ClassifierTask` is the recipe the training engine (:func:`histo_wsl.training.fit`) runs for
 ``histo-wsl train-classifier``: cross-entropy on image labels; each epoch, accuracy on ``val`` and
-PxAP of the ground-truth class's CAM on ``valpx``; ``best-loc.pt`` (PxAP) and ``best-cls.pt``
-(accuracy) kept. :func:`evaluate_maps` is the validation loop every method shares.
+PxAP of the ground-truth class's CAM on ``valpx``; ``best-loc.pt`` (PxAP, or accuracy when no
+validation image has a mask) and ``best-cls.pt`` (accuracy) kept. :func:`evaluate_maps` is the
+validation loop every method shares.
 """
 
 from __future__ import annotations

@@ -15,8 +15,9 @@ of the decoder's map non-empty on the other images; its log-barrier t follows t0
 to t_max and is part of the task state, so ``--resume`` continues it. An optional colour-affinity
 term (``crf_lambda`` > 0, :func:`histo_wsl.losses.crf_loss`) asks neighbours of similar colour to
 get the same label.
-Selection: PxAP on ``valpx``; the checkpoint holds the classifier too, so it is all ``localize``
-and ``evaluate`` need.
+Selection: PxAP on ``valpx``, or the last epoch of the fixed schedule when no validation image has
+a mask (a mask-free criterion: the frozen classifier's accuracy cannot change); the checkpoint
+holds the classifier too, so it is all ``localize`` and ``evaluate`` need.
 """
 
 from __future__ import annotations

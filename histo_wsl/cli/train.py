@@ -353,8 +353,10 @@ def train_classifier(
 ) -> None:
     """Train a stage-1 model on image-level labels: the CAM classifier, or Max-Min (--method maxmin).
 
-    Writes <out>/best-loc.pt (best PxAP on valpx), best-cls.pt (best val accuracy), last.pt,
-    summary.csv (one row per epoch; epoch 0 = before training), config.yaml and run.json.
+    Writes <out>/best-loc.pt (the checkpoint the next step takes: best PxAP on the validation
+    images with masks, or without masks best validation accuracy), best-cls.pt (best val accuracy),
+    last.pt, summary.csv (one row per epoch; epoch 0 = before training), config.yaml and run.json;
+    a closing summary names the checkpoint to use next and why.
     A Max-Min checkpoint's map is its localizer mask and its class argmax C(X+); localize and
     evaluate take it as they take a CAM checkpoint.
     """
@@ -565,8 +567,9 @@ def train_decoder(
 ) -> None:
     """Train the NEGEV decoder over a frozen stage-1 classifier (CAM seeds + negative images).
 
-    Writes <out>/best-loc.pt (best decoder PxAP on valpx; self-contained: classifier + decoder),
-    last.pt, summary.csv, config.yaml and run.json.
+    Writes <out>/best-loc.pt (self-contained: classifier + decoder; best PxAP on the validation
+    images with masks, or without masks the last epoch of the fixed schedule), last.pt,
+    summary.csv, config.yaml and run.json; a closing summary names the checkpoint and why.
     """
     from histo_wsl.stage2 import STAGE2_DEFAULTS
     from histo_wsl.stage2 import train_decoder as run
