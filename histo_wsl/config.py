@@ -40,7 +40,7 @@ class TrainConfig:
     val_fraction: float = 0.2
     data_mpp: float | None = None
     epochs: int = 20
-    batch_size: int = 32
+    batch_size: int = 16  # 32 peaks at 7.4 GB on CPU (MobileNetV2, 224 px): train_memory.py
     lr: float = 0.003
     lr_classifier_ratio: float = 10.0
     momentum: float = 0.9
