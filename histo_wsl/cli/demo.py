@@ -11,7 +11,7 @@ from histo_wsl.cli.common import JsonOpt, QuietOpt, SeedOpt, print_json, reports
 
 EPILOG = """Examples:
 
-  histo-wsl demo                       # about 3 minutes on a 2-core CPU
+  histo-wsl demo                       # under a minute on a 2-core CPU
 
   histo-wsl demo --quick --out /tmp/d  # a shortened run (smaller data, fewer epochs)
 """
