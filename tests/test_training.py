@@ -119,7 +119,12 @@ def test_resume_refuses_changed_settings_and_missing_run(tmp_path, tiny_data):
         == 0
     )
     r = _train([str(data), "--out", str(out), "--resume", "--lr", "0.5"])
-    assert r.exit_code == 2 and "cannot change" in r.stderr
+    assert r.exit_code == 2 and "--lr 0.01 -> 0.5" in r.stderr
+    # the interrupted command line itself, plus --resume: nothing changed, so it resumes
+    same = [str(data), "--out", str(out), "--config", str(cfg), "--epochs", "2", *TINY]
+    r = _train([*same, "--resume"])
+    assert r.exit_code == 0, r.stderr
+    assert [row["epoch"] for row in _summary(out)] == ["0", "1", "2"]
 
 
 def test_config_rejects_unknown_keys_and_flags_override(tmp_path):

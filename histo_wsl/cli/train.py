@@ -140,6 +140,17 @@ def explicit_options(ctx: typer.Context, values: dict) -> dict:
     return out
 
 
+def _same_value(saved: object, given: object) -> bool:
+    """Whether a flag repeats the run's saved setting (numbers by value, paths as text)."""
+    if isinstance(saved, bool) or isinstance(given, bool):
+        return saved is given
+    if isinstance(saved, (int, float)) and isinstance(given, (int, float)):
+        return saved == given
+    if isinstance(saved, list) or isinstance(given, (list, tuple)):
+        return list(saved or []) == list(given or [])
+    return saved == given or (saved is not None and str(saved) == str(given))
+
+
 def resolve_config(
     ctx: typer.Context,
     values: dict,
@@ -157,14 +168,19 @@ def resolve_config(
         saved = out / "config.yaml"
         if not saved.is_file():
             raise InputError("nothing to resume: no config.yaml in the output folder", out)
-        changed = sorted(set(flags) - _RESUMABLE)
+        run = load_config(saved)
+        changed = [
+            f"--{k.replace('_', '-')} {run.get(k)!r} -> {v!r}"
+            for k, v in sorted(flags.items())
+            if k not in _RESUMABLE and not _same_value(run.get(k), v)
+        ]
         if changed:
             raise InputError(
-                f"--resume continues the run as configured; these options cannot change: {changed} "
-                "(only --epochs, --workers and --device can)",
+                "--resume continues the run as configured; these options differ from the run's: "
+                f"{', '.join(changed)} (only --epochs, --workers and --device can change)",
                 saved,
             )
-        return merge_config(TrainConfig, load_config(saved), flags)
+        return merge_config(TrainConfig, run, flags)
     layers = [base or {}] + ([load_config(config)] if config is not None else [])
     return merge_config(TrainConfig, *layers, flags)
 
