@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from histo_wsl.errors import InputError
+
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -41,3 +43,27 @@ def write_text(path: str | Path, text: str) -> None:
 def write_json(path: str | Path, data: object) -> None:
     """Write ``data`` as indented JSON to ``path`` atomically."""
     write_text(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def ensure_writable_dir(path: str | Path, option: str = "--out") -> Path:
+    """Create the output folder ``path`` and check that a file can be written in it.
+
+    Called before any work, so that a read-only disk or a file where a folder is expected stops a
+    command at once instead of after a training or an evaluation.
+
+    Raises:
+        InputError: the folder cannot be created or written (names ``option``, the fix).
+    """
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise InputError(
+            f"the output folder cannot be written ({exc.strerror or exc}); choose another "
+            f"{option} or fix its permissions",
+            path,
+        ) from exc
+    return path

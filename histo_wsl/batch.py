@@ -24,7 +24,7 @@ from importlib import metadata
 from pathlib import Path
 
 from histo_wsl import __version__, atomic
-from histo_wsl.errors import HistoWSLError, InputError
+from histo_wsl.errors import HistoWSLError
 from histo_wsl.inputs import InputItem
 
 #: Folder (inside the output folder) where items are assembled before they are moved into place.
@@ -214,17 +214,7 @@ class BatchRunner:
         Raises:
             InputError: the folder cannot be created or written.
         """
-        try:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            probe = self.out_dir / f".write-test-{os.getpid()}"
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as exc:
-            raise InputError(
-                f"the output folder cannot be written ({exc.strerror or exc}); choose another --out "
-                "or fix its permissions",
-                self.out_dir,
-            ) from exc
+        atomic.ensure_writable_dir(self.out_dir)
 
     def is_done(self, name: str) -> bool:
         """Whether ``name`` finished in an earlier run."""

@@ -1133,7 +1133,7 @@ def run_evaluate(
     settings.check()
     started, t0 = _now(), time.perf_counter()
     argv = list(argv if argv is not None else sys.argv)
-    out = Path(settings.out)
+    out = atomic.ensure_writable_dir(settings.out)  # before the evaluation, not after it
     predictors = [
         load_model(m, cam_method=settings.cam_method, tta=settings.tta) for m in settings.models
     ]

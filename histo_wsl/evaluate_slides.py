@@ -185,6 +185,7 @@ def run_evaluate_slides(
     argv = list(argv if argv is not None else sys.argv)
     if not 0.0 <= threshold <= 1.0:
         raise InputError(f"--threshold {threshold} is not in [0, 1]")
+    atomic.ensure_writable_dir(out)  # before the evaluation, not after it
     slides = find_predictions(Path(predictions))
     annotations = Path(annotations)
     if not annotations.exists():

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from histo_wsl.atomic import atomic_path, write_json
+from histo_wsl.atomic import atomic_path, ensure_writable_dir, write_json
 from histo_wsl.batch import environment
 from histo_wsl.checkpoint import load_checkpoint, save_checkpoint
 from histo_wsl.config import TrainConfig, save_config
@@ -256,6 +256,8 @@ def fit(
         TrainingError: the loss became NaN/inf (the epoch and step are named; earlier checkpoints
             stay).
     """
+    if int(os.environ.get("RANK", "0")) == 0:
+        ensure_writable_dir(cfg.out)  # before anything is trained
     rank, world, local_rank = _distributed()
     if world > 1 and not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo"

@@ -337,6 +337,13 @@ def test_bad_settings_exit_2(setup, tmp_path):
         assert needle in result.stderr, (extra, result.stderr)
     result = runner.invoke(app, ["evaluate", str(tmp_path / "nope.pt"), "--data", str(csv_path)])
     assert result.exit_code == 2 and "checkpoint not found" in result.stderr
+    # an --out that cannot be written is refused before the evaluation runs
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    bad_out = ["evaluate", str(ckpt), "--data", str(csv_path), "--out", str(blocker / "o"), "-q"]
+    result = runner.invoke(app, bad_out)
+    assert result.exit_code == 2 and "the output folder cannot be written" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 # --------------------------------------------------------------------------------------------------
@@ -471,6 +478,10 @@ def test_slides_without_annotation_are_named_or_skipped(slides, tmp_path):
         + ["--out", str(tmp_path / "c")],
     )
     assert result.exit_code == 2 and "share no slide" in result.stderr
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    result = runner.invoke(app, args + ["--out", str(blocker / "d"), "-q"])
+    assert result.exit_code == 2 and "the output folder cannot be written" in result.stderr
 
 
 def test_xml_with_an_external_entity_is_refused(slides, tmp_path):

@@ -317,3 +317,13 @@ def test_clip_grad_norm_bounds_every_step(tmp_path, tiny_data):
     rows = _summary(out)
     assert float(rows[1]["train_loss"]) < 10
     assert load_config(out / "config.yaml")["clip_grad_norm"] == 1e-9
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_before_training(tmp_path, tiny_data):
+    data, _ = tiny_data
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    r = runner.invoke(app, ["train-classifier", str(data), "--out", str(blocker / "run"), *TINY])
+    assert r.exit_code == 2, r.stderr
+    assert "the output folder cannot be written" in r.stderr and "--out" in r.stderr
+    assert "Traceback" not in r.stderr and blocker.read_text() == "not a folder"
