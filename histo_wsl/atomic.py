@@ -12,6 +12,19 @@ from pathlib import Path
 from histo_wsl.errors import InputError
 
 
+def shared_mode(path: str | Path) -> None:
+    """Give ``path`` the mode a new file (or folder) gets under the umask.
+
+    Temporary files are created owner-only (0600); an output moved into place keeps that mode, so
+    colleagues and viewer services on a shared lab disk could not read it. Under ``umask 022`` files
+    become 0644 and folders 0755, as any other tool writes them.
+    """
+    path = Path(path)
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is renamed to ``path``.
@@ -28,6 +41,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        shared_mode(tmp_path)
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from histo_wsl import __version__
+from histo_wsl.atomic import shared_mode
 from histo_wsl.errors import InputError
 
 __all__ = [
@@ -614,11 +615,9 @@ def _prediction_diff(a: Path, b: Path, card: dict) -> float:
 
 def _share(folder: Path) -> None:
     """Give the folder and its files the umask's usual modes (temporary files are owner-only)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
+    shared_mode(folder)
     for f in folder.iterdir():
-        f.chmod(0o666 & ~umask)
+        shared_mode(f)
 
 
 def _swap_in(staging: Path, final: Path) -> None:

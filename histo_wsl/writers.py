@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from histo_wsl.atomic import atomic_path
+from histo_wsl.atomic import atomic_path, shared_mode
 
 __all__ = [
     "TILE",
@@ -370,6 +370,7 @@ class PngStream:
             self._chunk(b"IDAT", self._zip.flush())
             self._chunk(b"IEND", b"")
             self._fh.close()
+            shared_mode(self._tmp)
             os.replace(self._tmp, self.path)
         except BaseException:
             self.abort()

@@ -97,3 +97,34 @@ def test_overlay_tints_by_probability_and_outlines_mask():
     assert (out[0, 0] == 200).all()  # no probability: untouched
     assert out[20, 30, 0] > 200 and out[20, 30, 1] < 150  # tinted red inside
     assert tuple(out[10, 20]) == (255, 0, 0)  # contour
+
+
+def test_outputs_honour_the_umask(tmp_path, synthetic_slide):
+    """Under umask 022 every output is readable by group and others (0644), like any tool's."""
+    import os
+    import stat
+
+    import torch
+
+    from histo_wsl import atomic
+    from histo_wsl.checkpoint import save_checkpoint
+    from histo_wsl.extract import ExtractParams, extract_patches
+    from histo_wsl.inputs import InputItem
+    from histo_wsl.writers import PngStream
+
+    old = os.umask(0o022)
+    try:
+        atomic.write_text(tmp_path / "a.txt", "x")
+        save_checkpoint(tmp_path / "c.pt", {"method": "cam"}, {"w": torch.ones(1)})
+        png = PngStream(tmp_path / "s.png", 2, 1, channels=1)
+        png.write_rows(np.zeros((1, 2), np.uint8))
+        png.close()
+        out = tmp_path / "patches"
+        extract_patches([InputItem(synthetic_slide, "s")], out, ExtractParams(mpp=4.0), quiet=True)
+    finally:
+        os.umask(old)
+    files = [tmp_path / "a.txt", tmp_path / "c.pt", tmp_path / "s.png"]
+    files += [p for p in out.rglob("*") if p.is_file()]
+    assert len(files) > 6
+    for p in files:
+        assert stat.S_IMODE(p.stat().st_mode) == 0o644, (p, oct(p.stat().st_mode))
