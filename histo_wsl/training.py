@@ -425,6 +425,14 @@ def fit(
             sums["train_loss"] = sums.get("train_loss", 0.0) + float(loss.detach())
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
+        bad = _non_finite_weights(model)
+        if bad:
+            raise TrainingError(
+                f"the weights became non-finite at epoch {epoch} ({bad}), although every step's "
+                f"loss was finite; training stopped before this epoch was saved or selected "
+                f"(checkpoints of epoch {epoch - 1} and earlier are kept in {out}). Lower --lr, or "
+                "cap the gradients with --clip-grad-norm"
+            )
         scheduler.step()
         task.on_epoch_end(epoch)
         train_stats = {k: v / max(n_steps, 1) for k, v in sums.items()}
@@ -504,6 +512,14 @@ def release_free_heap() -> None:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
         except (OSError, AttributeError):  # not glibc (musl): nothing to trim
             pass
+
+
+def _non_finite_weights(model: nn.Module) -> str | None:
+    """The first parameter or buffer holding NaN or inf (its name), None when all are finite."""
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    return None
 
 
 def _criterion(sel: Selection, key: str | None) -> Criterion | None:

@@ -327,3 +327,58 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_training(tmp_
     assert r.exit_code == 2, r.stderr
     assert "the output folder cannot be written" in r.stderr and "--out" in r.stderr
     assert "Traceback" not in r.stderr and blocker.read_text() == "not a folder"
+
+
+class _PoisonTask:
+    """A tiny task whose last step of epoch 1 leaves a NaN weight behind a finite loss."""
+
+    from histo_wsl.training import VAL_ACC, Selection
+
+    selection = [Selection("best-cls.pt", (VAL_ACC,))]
+
+    def build_model(self):
+        return torch.nn.Linear(2, 2)
+
+    def param_groups(self, model, lr):
+        return [{"params": list(model.parameters()), "lr": lr}]
+
+    def train_dataset(self):
+        return [{"x": torch.ones(2), "y": torch.tensor(0)} for _ in range(4)]
+
+    def training_step(self, model, batch, epoch):
+        loss = torch.nn.functional.cross_entropy(model(batch["x"]), batch["y"])
+        self.steps = getattr(self, "steps", 0) + 1
+        if self.steps == 2:  # the last of epoch 1's two steps
+            with torch.no_grad():
+                model.weight[0, 0] = float("nan")  # what an overflowing update leaves
+        return loss, {}
+
+    def evaluate(self, model, device):
+        return {"val_acc": 50.0}  # a diverged model's chance accuracy would tie epoch 0's
+
+    def card(self):
+        return {"method": "test"}
+
+    def on_epoch_end(self, epoch):
+        pass
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+def test_a_diverged_epoch_never_becomes_a_checkpoint(tmp_path):
+    """Every step's loss finite, but the weights hold NaN after the epoch: the epoch is neither
+    saved nor selected, and the run stops with exit code 1 (issue 26, item 6)."""
+    from histo_wsl.training import TrainingError, fit
+
+    out = tmp_path / "diverged"
+    cfg = TrainConfig(out=str(out), epochs=2, batch_size=2, workers=0, device="cpu", lr=0.1)
+    with pytest.raises(TrainingError, match="weights became non-finite at epoch 1"):
+        fit(cfg, _PoisonTask(), quiet=True)
+    assert not (out / "last.pt").exists()
+    ckpt = load_checkpoint(out / "best-cls.pt")
+    assert ckpt["card"]["epoch"] == 0
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
