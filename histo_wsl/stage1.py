@@ -20,6 +20,7 @@ from torch import nn
 
 from histo_wsl import __version__
 from histo_wsl.config import TrainConfig
+from histo_wsl.console import warn
 from histo_wsl.data.images import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -64,7 +65,9 @@ def load_training_data(cfg: TrainConfig) -> tuple[Dataset, list[str]]:
         seed=cfg.seed,
     )
     good, dropped = check_samples(ds.samples, skip_errors=cfg.skip_errors)
-    ds.samples = good
+    ds.samples, ds.skipped_files = good, dropped
+    for message in dropped:
+        warn(f"left out (--skip-errors): {message}")
     return ds, dropped
 
 

@@ -486,7 +486,14 @@ def fit(
         "device": str(device),
     }
     if main:
-        run_record.update({"finished": _now(), "summary": summary, "status": "done"})
+        run_record.update(
+            {
+                "finished": _now(),
+                "summary": summary,
+                "training_data": task.card().get("training_data"),
+                "status": "done",
+            }
+        )
         write_json(out / "run.json", run_record)
         if not quiet:
             _print_closing(console, summary, history, use)

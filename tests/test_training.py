@@ -382,3 +382,31 @@ def test_a_diverged_epoch_never_becomes_a_checkpoint(tmp_path):
     ckpt = load_checkpoint(out / "best-cls.pt")
     assert ckpt["card"]["epoch"] == 0
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
+
+
+def test_skip_errors_lists_every_dropped_file(tmp_path, tiny_data):
+    """--skip-errors says which files it left out: on stderr, in run.json and in the card."""
+    import json
+
+    data, cfg = tiny_data
+    rows = list(csv.DictReader(open(data)))
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"cut short")
+    copy = tmp_path / "with-a-broken-image.csv"
+    with open(copy, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        for r in rows:
+            w.writerow({**r, "image": str(data.parent / r["image"]),
+                        "mask": str(data.parent / r["mask"])})  # fmt: skip
+        w.writerow({**rows[0], "image": str(broken), "mask": str(data.parent / rows[0]["mask"])})
+    out = tmp_path / "run"
+    args = [a for a in TINY if a != "--quiet"]
+    r = _train([str(copy), "--out", str(out), "--config", str(cfg), "--epochs", "1",
+                "--skip-errors", *args])  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    assert "left out (--skip-errors)" in r.stderr and "broken.png" in r.stderr
+    run = json.loads((out / "run.json").read_text())
+    assert any("broken.png" in m for m in run["training_data"]["skipped_files"])
+    card = load_checkpoint(out / "best-loc.pt")["card"]
+    assert any("broken.png" in m for m in card["training_data"]["skipped_files"])

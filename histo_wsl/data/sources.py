@@ -59,6 +59,8 @@ class Dataset:
     data_mpp: float | None = None
     #: whether the source gave the splits (GlaS fold file, CSV split column) rather than drawn
     splits_given: bool = True
+    #: files left out with --skip-errors, one message each (why, and which file)
+    skipped_files: list[str] = field(default_factory=list)
 
     def split(self, name: str) -> list[Sample]:
         """The samples of one split (``train``, ``val`` or ``valpx``)."""
@@ -76,6 +78,7 @@ class Dataset:
             items = self.split(name)
             counts = np.bincount([s.label for s in items], minlength=len(self.class_names))
             out[name] = {c: int(n) for c, n in zip(self.class_names, counts, strict=True)}
+        out["skipped_files"] = list(self.skipped_files)
         return out
 
 
