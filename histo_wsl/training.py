@@ -508,7 +508,7 @@ def release_free_heap() -> None:
     The data-loader workers of each epoch are forked from the training process; after a training
     epoch its heap holds gigabytes of freed activation memory, which every worker would inherit
     and, as the parent reuses those pages, copy. Measured with ``benchmarks/train_memory.py``
-    (GlaS, batch 16, 2 workers, 2 epochs): 10.5 GB of summed RSS without the trim, 5.4 GB with it.
+    (GlaS, batch 16, 2 workers, 2 epochs): 10.5 GB of summed RSS without the trim, 5.5 GB with it.
     """
     import ctypes
     import gc
