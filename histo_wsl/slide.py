@@ -237,6 +237,17 @@ def _float_or_none(text: str | None) -> float | None:
         return None
 
 
+def _starts_like_a_slide(path: Path) -> bool:
+    """Whether the file begins as the formats most slides are (TIFF, BigTIFF, DICOM)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    tiff = head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+    return tiff or head[128:132] == b"DICM"
+
+
 def open_slide(path: str | Path, mpp: float | None = None) -> Slide:
     """Open a whole-slide image or a plain image.
 
@@ -270,6 +281,13 @@ def open_slide(path: str | Path, mpp: float | None = None) -> Slide:
     if vendor is None:
         if path.suffix.lower() in IMAGE_SUFFIXES:
             return _open_plain(path, mpp)
+        if _starts_like_a_slide(path):
+            raise InputError(
+                f"looks truncated or corrupt: it begins like a TIFF- or DICOM-based slide but "
+                f"OpenSlide cannot read its structure ({path.stat().st_size:,} bytes; often an "
+                "interrupted copy); copy it again from the scanner or archive",
+                path,
+            )
         raise InputError(
             "not a slide or image histo-wsl can read (OpenSlide does not recognise it and it is not "
             "a PNG/JPEG/BMP/TIFF image); check the file, or convert it to a pyramidal TIFF",

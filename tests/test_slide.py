@@ -194,3 +194,22 @@ def test_thumbnail_rows_equal_the_whole_thumbnail(synthetic_slide, synthetic_sli
             for y0, y1 in ((0, 7), (5, 300), (250, 10_000), (-3, 2)):
                 rows = read_thumbnail_rows(s, geometry, y0, y1)
                 np.testing.assert_array_equal(rows, whole[max(0, y0) : y1])
+
+
+def test_a_slide_cut_short_is_called_truncated_not_foreign(tmp_path, synthetic_slide, not_a_slide):
+    """Issue 26, item 1: an interrupted copy of a slide is named as such, with the fix."""
+    data = synthetic_slide.read_bytes()
+    cut = tmp_path / "case.svs"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match="looks truncated or corrupt.*copy it again"):
+        open_slide(cut)
+    with pytest.raises(InputError, match="not a slide or image"):
+        open_slide(not_a_slide)
+
+
+def test_a_real_svs_cut_at_90_percent_is_called_truncated(tmp_path, wsi_dir):
+    data = (wsi_dir / "cmu-1-small-region.svs").read_bytes()
+    cut = tmp_path / "cmu-1-cut.svs"
+    cut.write_bytes(data[: int(len(data) * 0.9)])
+    with pytest.raises(InputError, match="looks truncated or corrupt"):
+        open_slide(cut)
