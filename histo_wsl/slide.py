@@ -352,6 +352,30 @@ def open_slide(path: str | Path, mpp: float | None = None) -> Slide:
     )
 
 
+def _to_rgb8(image: Image.Image) -> tuple[Image.Image, str | None]:
+    """8-bit RGB of a plain image, and a note when its bit depth was scaled.
+
+    Pillow's own conversion clips 16-bit and 32-bit greyscale values above 255, so a 16-bit scan
+    would come out all white. Integer images are scaled by the smallest bit depth (8 to 16 bits) that
+    holds their maximum, so 12-bit data stored in 16 bits keeps its contrast; float images in [0, 1]
+    by 255, others clipped to [0, 255].
+    """
+    if image.mode == "RGB":
+        return image, None
+    if not (image.mode.startswith("I") or image.mode == "F"):
+        return image.convert("RGB"), None
+    arr = np.asarray(image)
+    top = float(arr.max()) if arr.size else 0.0
+    if image.mode == "F":
+        scale, how = (255.0, "float [0, 1] x 255") if top <= 1.0 else (1.0, "float clipped")
+    else:
+        bits = min(16, max(8, int(np.ceil(np.log2(top + 1))))) if top > 0 else 8
+        scale, how = 255.0 / (2**bits - 1), f"{bits}-bit range"
+    grey = np.clip(np.rint(arr.astype(np.float64) * scale), 0, 255).astype(np.uint8)
+    note = f"{image.mode} greyscale image scaled to 8-bit RGB ({how}; maximum {top:g})"
+    return Image.fromarray(np.stack([grey] * 3, axis=-1)), note
+
+
 def _open_plain(path: Path, mpp: float | None) -> Slide:
     """Open a plain image as a one-level slide, held in memory."""
     try:
@@ -365,7 +389,7 @@ def _open_plain(path: Path, mpp: float | None) -> Slide:
             )
         info_dpi = image.info.get("dpi")
         image.load()
-        rgb = image.convert("RGB") if image.mode != "RGB" else image
+        rgb, depth_note = _to_rgb8(image)
     except InputError:
         raise
     except Exception as exc:
@@ -373,7 +397,7 @@ def _open_plain(path: Path, mpp: float | None) -> Slide:
             f"cannot be read as an image ({exc}); the file is corrupt or truncated: re-export it",
             path,
         ) from exc
-    notes: list[str] = []
+    notes: list[str] = [depth_note] if depth_note else []
     meta_mpp = None
     if info_dpi:
         try:

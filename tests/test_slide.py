@@ -213,3 +213,20 @@ def test_a_real_svs_cut_at_90_percent_is_called_truncated(tmp_path, wsi_dir):
     cut.write_bytes(data[: int(len(data) * 0.9)])
     with pytest.raises(InputError, match="looks truncated or corrupt"):
         open_slide(cut)
+
+
+@pytest.mark.parametrize("top", [65535, 4095])
+def test_a_16_bit_greyscale_tiff_keeps_its_contrast(tmp_path, top):
+    """Issue 26, item 7: 16-bit (and 12-bit-in-16) greyscale was read as an all-white picture."""
+    import tifffile
+
+    arr = np.full((200, 300), top, dtype=np.uint16)  # bright glass
+    arr[50:150, 80:220] = top // 4  # dark tissue
+    path = tmp_path / "grey16.tif"
+    tifffile.imwrite(path, arr)
+    slide = open_slide(path, mpp=1.0)
+    rgb = np.asarray(slide.read_region((0, 0), 0, (300, 200)))
+    assert rgb.shape == (200, 300, 3)
+    assert rgb[0, 0].tolist() == [255, 255, 255]
+    assert abs(int(rgb[100, 150, 0]) - 64) <= 1  # a quarter of the range, not clipped to white
+    assert any("scaled to 8-bit" in n for n in slide.notes)
