@@ -20,9 +20,25 @@ def shared_mode(path: str | Path) -> None:
     become 0644 and folders 0755, as any other tool writes them.
     """
     path = Path(path)
+    path.chmod((0o777 if path.is_dir() else 0o666) & ~_umask())
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where the system allows (Linux).
+
+    Setting it to 0 and back, the only portable way, would for that instant let another thread
+    create world-writable files.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     umask = os.umask(0)
     os.umask(umask)
-    path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+    return umask
 
 
 @contextmanager

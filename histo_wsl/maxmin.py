@@ -106,10 +106,9 @@ class MaxMinTask:
         Selection("best-cls.pt", (VAL_ACC,)),
     ]
 
-    def __init__(self, cfg: TrainConfig, ds: Dataset, notes: list[str] | None = None) -> None:
+    def __init__(self, cfg: TrainConfig, ds: Dataset) -> None:
         check_maxmin_config(cfg, len(ds.split("train")) if cfg.refine == "knn" else None)
         self.cfg, self.ds = cfg, ds
-        self.notes = notes or []
         self.negative = ds.negative_class
         self.mask_mode = "minmax" if self.negative is None else "absolute"
         self.model: MaxMinModel | None = None
@@ -265,10 +264,10 @@ def train_maxmin(
     from histo_wsl.training import fit
 
     check_maxmin_config(cfg)
-    ds, dropped = load_training_data(cfg)
+    ds = load_training_data(cfg)
     if cfg.data_mpp is None:
         cfg.data_mpp = ds.data_mpp
-    task = MaxMinTask(cfg, ds, dropped)
+    task = MaxMinTask(cfg, ds)
     task._seen_mpp = seen_mpp(ds, cfg.data_mpp, cfg.resize_size)
     summary = fit(cfg, task, resume=resume, quiet=quiet, argv=argv)
-    return {**summary, "data": ds.describe(), "skipped_files": dropped, "notes": ds.notes}
+    return {**summary, "data": ds.describe(), "skipped_files": ds.skipped_files, "notes": ds.notes}

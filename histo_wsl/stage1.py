@@ -45,8 +45,10 @@ STAGE1_METHODS = ("cam", "maxmin")
 MapFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-def load_training_data(cfg: TrainConfig) -> tuple[Dataset, list[str]]:
+def load_training_data(cfg: TrainConfig) -> Dataset:
     """Read and check the dataset of ``cfg`` (bad files raise unless ``skip_errors``).
+
+    Files left out with ``skip_errors`` are warned about and kept in ``skipped_files``.
 
     Raises:
         InputError: a crop larger than the resized image, or a bad dataset.
@@ -68,7 +70,7 @@ def load_training_data(cfg: TrainConfig) -> tuple[Dataset, list[str]]:
     ds.samples, ds.skipped_files = good, dropped
     for message in dropped:
         warn(f"left out (--skip-errors): {message}")
-    return ds, dropped
+    return ds
 
 
 def training_images(ds: Dataset, cfg: TrainConfig) -> LabelledImages:
@@ -178,9 +180,8 @@ class ClassifierTask:
         Selection("best-cls.pt", (VAL_ACC,)),
     ]
 
-    def __init__(self, cfg: TrainConfig, ds: Dataset, notes: list[str] | None = None) -> None:
+    def __init__(self, cfg: TrainConfig, ds: Dataset) -> None:
         self.cfg, self.ds = cfg, ds
-        self.notes = notes or []
 
     def build_model(self) -> nn.Module:
         """The classifier of ``cfg`` (backbone, head, pretrained weights)."""
@@ -288,13 +289,13 @@ def train_classifier(
         from histo_wsl.maxmin import train_maxmin
 
         return train_maxmin(cfg, resume=resume, quiet=quiet, argv=argv)
-    ds, dropped = load_training_data(cfg)
+    ds = load_training_data(cfg)
     if cfg.data_mpp is None:
         cfg.data_mpp = ds.data_mpp
-    task = ClassifierTask(cfg, ds, dropped)
+    task = ClassifierTask(cfg, ds)
     task._seen_mpp = seen_mpp(ds, cfg.data_mpp, cfg.resize_size)
     summary = fit(cfg, task, resume=resume, quiet=quiet, argv=argv)
-    return {**summary, "data": ds.describe(), "skipped_files": dropped, "notes": ds.notes}
+    return {**summary, "data": ds.describe(), "skipped_files": ds.skipped_files, "notes": ds.notes}
 
 
 def _plain_config(cfg: TrainConfig) -> dict:

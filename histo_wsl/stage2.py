@@ -455,13 +455,13 @@ def train_decoder(
     stage1 = load_model(cfg.classifier)
     if cfg.classes is None:
         cfg.classes = list(stage1.card["class_names"])
-    ds, dropped = load_training_data(cfg)
+    ds = load_training_data(cfg)
     task = DecoderTask(cfg, ds, stage1)
     summary = fit(cfg, task, resume=resume, quiet=quiet, argv=argv)
     return {
         **summary,
         "data": ds.describe(),
-        "skipped_files": dropped,
+        "skipped_files": ds.skipped_files,
         "classifier": str(stage1.path),
         "classifier_metrics": stage1.card.get("metrics", {}),
     }

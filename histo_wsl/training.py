@@ -256,9 +256,9 @@ def fit(
         TrainingError: the loss became NaN/inf (the epoch and step are named; earlier checkpoints
             stay).
     """
-    if int(os.environ.get("RANK", "0")) == 0:
-        ensure_writable_dir(cfg.out)  # before anything is trained
     rank, world, local_rank = _distributed()
+    if rank == 0:
+        ensure_writable_dir(cfg.out)  # before anything is trained
     if world > 1 and not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo"
         torch.distributed.init_process_group(backend)

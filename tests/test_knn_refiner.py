@@ -79,7 +79,7 @@ def test_train_decoder_refine_knn_saves_a_self_contained_refined_model(tmp_path)
     from histo_wsl.config import TrainConfig
     from histo_wsl.stage1 import load_training_data
 
-    ds, _ = load_training_data(TrainConfig(data=str(data), crop_size=48))
+    ds = load_training_data(TrainConfig(data=str(data), crop_size=48))
     train = LabelledImages(ds.split("train"), 48, eval_transform())
     item = train[0]
     x = item["image"][None]

@@ -471,7 +471,7 @@ def test_refine_knn_keeps_a_bank_of_the_mask_and_blends_it(tmp_path, synthetic):
     assert card["refine"]["method"] == "knn" and card["refine"]["alpha"] == 0.6
     assert card["refine"]["k"] == 3 and card["refine"]["stages"] == 2
     assert net.refiner.ready and len(net.refiner) == card["refine"]["bank_pixels"]
-    ds, _ = load_training_data(TrainConfig(data=str(synthetic), negative_class="normal"))
+    ds = load_training_data(TrainConfig(data=str(synthetic), negative_class="normal"))
     train = LabelledImages(ds.split("train"), 32, eval_transform())
     for index in (0, len(train) - 1):
         item = train[index]

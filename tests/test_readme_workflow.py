@@ -88,15 +88,9 @@ def lab(tmp_path_factory):
         (root / "annotations" / f"case-{i}.geojson").write_text(json.dumps(geo))
     (root / "slides.csv").write_text("\n".join(rows) + "\n")
     torch_home = root / "torch-home"
-    old = os.environ.get("TORCH_HOME")
-    os.environ["TORCH_HOME"] = str(torch_home)
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TORCH_HOME", str(torch_home))
         target = weights_path("mobilenetv2")
-    finally:
-        if old is None:
-            del os.environ["TORCH_HOME"]
-        else:
-            os.environ["TORCH_HOME"] = old
     target.parent.mkdir(parents=True)
     torch.manual_seed(0)
     torch.save(mobilenet_v2().state_dict(), target)
@@ -128,9 +122,9 @@ def test_readme_lab_path_runs_on_labels_only_slides(lab):
             assert "Use next:" in r.stderr and "best-loc.pt" in r.stderr, r.stderr[-2000:]
             assert "last epoch of the fixed schedule" in r.stderr
     # no patch had a mask: both stages still wrote best-loc.pt, selected without masks
-    cam = torch_load_card(root / "runs" / "cam" / "best-loc.pt")
+    cam = _card(root / "runs" / "cam" / "best-loc.pt")
     assert cam["selection"]["criterion"] == "val_acc" and not cam["selection"]["needs_masks"]
-    negev = torch_load_card(root / "runs" / "negev" / "best-loc.pt")
+    negev = _card(root / "runs" / "negev" / "best-loc.pt")
     assert negev["selection"]["criterion"] == "epoch" and negev["epoch"] == 2
     run = json.loads((root / "runs" / "negev" / "run.json").read_text())
     assert run["summary"]["use_next"].endswith("best-loc.pt")
@@ -140,7 +134,8 @@ def test_readme_lab_path_runs_on_labels_only_slides(lab):
     assert metrics["models"][0]["localization"]["pxap"]["value"] >= 0
 
 
-def torch_load_card(path: Path) -> dict:
+def _card(path: Path) -> dict:
+    """The model card of a checkpoint."""
     from histo_wsl.checkpoint import load_checkpoint
 
     return load_checkpoint(path)["card"]

@@ -99,7 +99,7 @@ def test_train_decoder_with_knn_seed_map(tmp_path):
     tcfg = TrainConfig(
         data=str(data), seed_teacher=str(teacher), seed_map="knn", knn_bank=10**6, crop_size=48
     )
-    ds, _ = load_training_data(tcfg)
+    ds = load_training_data(tcfg)
     task = DecoderTask(tcfg, ds, load_model(ckpt))
     student = load_model(teacher).model  # same classifier; its decoder is not used here
     bank = task.feature_bank(student, torch.device("cpu"))
