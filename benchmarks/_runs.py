@@ -256,3 +256,22 @@ def open_run_folder(
         out.mkdir(parents=True, exist_ok=True)
         record.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
     return True
+
+
+def eval_numbers(model: dict[str, Any]) -> dict[str, Any]:
+    """PxAP, F1+ / F1− (in %), accuracy and error of one model of an evaluate metrics.json."""
+    loc = model.get("localization") or {}
+    f1 = loc.get("f1") or {}
+    cls = model.get("classification") or {}
+
+    def pct(entry: dict | None) -> float | None:
+        value = (entry or {}).get("value")
+        return None if value is None else round(100.0 * value, 2)
+
+    return {
+        "pxap": round(loc["pxap"]["value"], 2) if loc.get("pxap") else None,
+        "f1_pos": pct(f1.get("f1_pos")),
+        "f1_neg": pct(f1.get("f1_neg")),
+        "accuracy": (cls.get("accuracy") or {}).get("value"),
+        "error": (cls.get("error") or {}).get("value"),
+    }

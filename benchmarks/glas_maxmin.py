@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _runs import (  # noqa: E402
     add_recipe_options,
     best_of,
+    eval_numbers,
     histo_wsl,
     missing_glas,
     open_run_folder,
@@ -133,25 +134,6 @@ def plan(args: argparse.Namespace) -> dict[str, Any]:
         "data": str(resolve_data(args.data).resolve()),
         "fold": args.fold,
         "train": train,
-    }
-
-
-def _numbers(model: dict[str, Any]) -> dict[str, Any]:
-    """PxAP, F1+ / F1− (in %), accuracy and error of one model of an evaluate metrics.json."""
-    loc = model.get("localization") or {}
-    f1 = loc.get("f1") or {}
-    cls = model.get("classification") or {}
-
-    def pct(entry: dict | None) -> float | None:
-        value = (entry or {}).get("value")
-        return None if value is None else round(100.0 * value, 2)
-
-    return {
-        "pxap": round(loc["pxap"]["value"], 2) if loc.get("pxap") else None,
-        "f1_pos": pct(f1.get("f1_pos")),
-        "f1_neg": pct(f1.get("f1_neg")),
-        "accuracy": (cls.get("accuracy") or {}).get("value"),
-        "error": (cls.get("error") or {}).get("value"),
     }
 
 
@@ -242,7 +224,10 @@ def main(argv: list[str] | None = None) -> int:
         failed = steps[folder.name]["exit_code"] != 0
         models = metrics.get("models") or []
         if len(models) == 2:
-            results[tta] = {"best-loc": _numbers(models[0]), "best-cls": _numbers(models[1])}
+            results[tta] = {
+                "best-loc": eval_numbers(models[0]),
+                "best-cls": eval_numbers(models[1]),
+            }
 
     regularizer = str(settings["train"].get("maxmin_regularizer", "sem"))
     f1_pos, f1_neg = TARGET_F1.get(regularizer, TARGET_F1["sem"])

@@ -59,6 +59,10 @@ class TrainConfig:
     deterministic: bool = False
     max_steps_per_epoch: int | None = None
     clip_grad_norm: float | None = None  # cap on the gradients' global L2 norm (None: no cap)
+    eval_every: int = 1  # validation, selection and last.pt every N epochs and at the last
+    data_on_device: bool = False  # training set kept and augmented on the device
+    channels_last: bool = False
+    time_limit: float | None = None  # minutes; stop (resumable) after the epoch that passes it
     skip_errors: bool = False
     # stage 2 (NEGEV): the frozen stage-1 checkpoint and the pixel-evidence settings
     classifier: str | None = None

@@ -275,6 +275,11 @@ def fit(
     seed_everything(cfg.seed)
 
     model = task.build_model().to(device)
+    channels_last = cfg.channels_last and device.type != "mps"
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    if device.type == "cuda" and not cfg.deterministic:
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: pick the fastest kernels once
     groups = task.param_groups(model, cfg.lr)
     optimizer = torch.optim.SGD(
         groups,
@@ -326,6 +331,11 @@ def fit(
 
     dataset = task.train_dataset()
     sampler = FillingSampler(len(dataset), cfg.batch_size, cfg.seed, rank, world)
+    on_device = None
+    if cfg.data_on_device:
+        from histo_wsl.data.device_batches import DeviceBatches
+
+        on_device = DeviceBatches(dataset, device, cfg.crop_size, cfg.color_jitter)
     loader_kwargs: dict[str, Any] = {
         "batch_size": cfg.batch_size,
         "sampler": sampler,
@@ -347,8 +357,10 @@ def fit(
         "started": _now(),
     }
 
-    def evaluate_and_select(epoch: int, train_stats: dict, seconds: float) -> dict:
-        metrics = task.evaluate(model, device) if main else {}
+    def evaluate_and_select(
+        epoch: int, train_stats: dict, seconds: float, evaluate: bool = True
+    ) -> dict:
+        metrics = task.evaluate(model, device) if main and evaluate else {}
         row = {
             "epoch": epoch,
             "lr": optimizer.param_groups[0]["lr"],
@@ -360,7 +372,7 @@ def fit(
             return row
         history.append(row)
         card = task.card()
-        for sel in task.selection:
+        for sel in task.selection if evaluate else ():
             if chosen[sel.file] is None:
                 crit = sel.resolve(row)
                 chosen[sel.file] = None if crit is None else crit.key
@@ -386,14 +398,20 @@ def fit(
     t_run = time.perf_counter()
     if start_epoch == 1:
         _print_row(progress_console, evaluate_and_select(0, {}, 0.0))
+    deadline = None if cfg.time_limit is None else t_run + 60.0 * cfg.time_limit
+    stopped_after: int | None = None  # the epoch the time limit stopped the run after
     for epoch in range(start_epoch, cfg.epochs + 1):
         t0 = time.perf_counter()
         seed_everything(_epoch_seed(cfg.seed, epoch))
         sampler.set_epoch(epoch)
         g = torch.Generator().manual_seed(_epoch_seed(cfg.seed, epoch))
-        if cfg.workers > 0:
-            release_free_heap()  # the workers fork now: give them a small parent to copy
-        loader = torch.utils.data.DataLoader(dataset, generator=g, **loader_kwargs)
+        if on_device is not None:
+            loader: Any = list(sampler)
+            loader = _Batches(on_device, loader, cfg.batch_size)
+        else:
+            if cfg.workers > 0:
+                release_free_heap()  # the workers fork now: give them a small parent to copy
+            loader = torch.utils.data.DataLoader(dataset, generator=g, **loader_kwargs)
         ddp_model.train()
         sums: dict[str, float] = {}
         n_steps = 0
@@ -404,6 +422,8 @@ def fit(
                 k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
                 for k, v in batch.items()
             }
+            if channels_last:
+                batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
                 loss, stats = task.training_step(ddp_model, batch, epoch)
             if not torch.isfinite(loss.detach()).item():
@@ -422,9 +442,9 @@ def fit(
             scaler.step(optimizer)
             scaler.update()
             n_steps += 1
-            sums["train_loss"] = sums.get("train_loss", 0.0) + float(loss.detach())
+            sums["train_loss"] = sums.get("train_loss", 0.0) + loss.detach().float()
             for k, v in stats.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
+                sums[k] = sums.get(k, 0.0) + (v.detach().float() if torch.is_tensor(v) else v)
         bad = _non_finite_weights(model)
         if bad:
             raise TrainingError(
@@ -435,12 +455,16 @@ def fit(
             )
         scheduler.step()
         task.on_epoch_end(epoch)
-        train_stats = {k: v / max(n_steps, 1) for k, v in sums.items()}
+        train_stats = {k: float(v) / max(n_steps, 1) for k, v in sums.items()}
         if world > 1:
             torch.distributed.barrier()
-        row = evaluate_and_select(epoch, train_stats, time.perf_counter() - t0)
+        out_of_time = _agreed(
+            deadline is not None and time.perf_counter() >= deadline, world, device
+        )
+        checkpointed = epoch % cfg.eval_every == 0 or epoch == cfg.epochs or out_of_time
+        row = evaluate_and_select(epoch, train_stats, time.perf_counter() - t0, checkpointed)
         _print_row(progress_console, row)
-        if main:
+        if main and checkpointed:
             save_checkpoint(
                 last,
                 {
@@ -465,6 +489,9 @@ def fit(
             )
         if world > 1:
             torch.distributed.barrier()
+        if out_of_time and epoch < cfg.epochs:
+            stopped_after = epoch
+            break
 
     kept = {}
     for sel in task.selection:
@@ -479,6 +506,8 @@ def fit(
     summary = {
         "out": str(out),
         "epochs": cfg.epochs,
+        "epochs_run": stopped_after if stopped_after is not None else cfg.epochs,
+        "stopped": None if stopped_after is None else f"time limit ({cfg.time_limit:g} min)",
         "checkpoints": kept,
         "use_next": kept[use]["path"],
         "last": str(last),
@@ -491,7 +520,7 @@ def fit(
                 "finished": _now(),
                 "summary": summary,
                 "training_data": task.card().get("training_data"),
-                "status": "done",
+                "status": "done" if stopped_after is None else "stopped",
             }
         )
         write_json(out / "run.json", run_record)
@@ -560,7 +589,14 @@ def _resumed_selection(
 def _print_closing(console: Any, summary: dict, history: list[dict], use: str) -> None:
     """The end-of-training summary: epochs run, the checkpoint to use next and why, its numbers."""
     kept = summary["checkpoints"][use]
-    lines = [f"[green]Done[/green]: {len(history) - 1} epochs in {summary['seconds']:.0f} s."]
+    if summary.get("stopped"):
+        lines = [
+            f"[yellow]Stopped[/yellow] at the {summary['stopped']} after epoch "
+            f"{summary['epochs_run']} of {summary['epochs']}, {summary['seconds']:.0f} s; "
+            "continue with the same command and --resume."
+        ]
+    else:
+        lines = [f"[green]Done[/green]: {len(history) - 1} epochs in {summary['seconds']:.0f} s."]
     if kept["path"] is None:
         lines.append(f"  No {use} was written: {kept['rule']}.")
     else:
@@ -579,6 +615,15 @@ def _print_closing(console: Any, summary: dict, history: list[dict], use: str) -
     out = Path(summary["out"])
     lines.append(f"  Per epoch: {out / 'summary.csv'}; run record: {out / 'run.json'}")
     console.print("\n".join(lines), highlight=False, soft_wrap=True)
+
+
+def _agreed(flag: bool, world: int, device: torch.device) -> bool:
+    """Rank 0's ``flag`` on every rank (distributed runs stop together)."""
+    if world <= 1:
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    torch.distributed.broadcast(t, src=0)
+    return bool(t.item())
 
 
 def _cpu_state(model: nn.Module) -> dict:
@@ -605,6 +650,19 @@ def _print_row(console: Any, row: dict) -> None:
             continue
         parts.append(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}")
     console.print("  ".join(parts), highlight=False)
+
+
+class _Batches:
+    """One epoch of :class:`DeviceBatches` over the sampler's indices (sized, for the progress)."""
+
+    def __init__(self, source: Any, indices: list[int], batch_size: int) -> None:
+        self.source, self.indices, self.batch_size = source, indices, batch_size
+
+    def __len__(self) -> int:
+        return len(self.indices) // self.batch_size
+
+    def __iter__(self) -> Iterator[dict]:
+        return self.source.batches(self.indices, self.batch_size)
 
 
 def _progress(loader: Any, console: Any, epoch: int, epochs: int) -> Iterator[Any]:

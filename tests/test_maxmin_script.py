@@ -75,7 +75,7 @@ def test_values_and_numbers():
         },
         "classification": {"accuracy": {"value": 100.0}, "error": {"value": 0.0}},
     }
-    assert glas_maxmin._numbers(model) == {
+    assert glas_maxmin.eval_numbers(model) == {
         "pxap": 80.12,
         "f1_pos": 72.14,
         "f1_neg": 69.0,

@@ -1,4 +1,5 @@
 import csv
+import json
 import os
 import pickle
 import subprocess
@@ -410,3 +411,43 @@ def test_skip_errors_lists_every_dropped_file(tmp_path, tiny_data):
     assert any("broken.png" in m for m in run["training_data"]["skipped_files"])
     card = load_checkpoint(out / "best-loc.pt")["card"]
     assert any("broken.png" in m for m in card["training_data"]["skipped_files"])
+
+
+def test_eval_every_validates_and_saves_every_n_epochs_and_at_the_last(tmp_path, tiny_data):
+    data, cfg = tiny_data
+    out = tmp_path / "run"
+    args = [str(data), "--config", str(cfg), *TINY, "--out", str(out), "--epochs", "5"]
+    r = _train([*args, "--eval-every", "2", "--data-on-device", "--channels-last"])
+    assert r.exit_code == 0, r.stderr
+    rows = _summary(out)
+    validated = [int(x["epoch"]) for x in rows if x["val_acc"] != ""]
+    assert validated == [0, 2, 4, 5]  # epoch 0, every 2nd, and the last
+    assert all(x["train_loss"] != "" for x in rows[1:])
+    assert load_checkpoint(out / "last.pt")["training"]["epoch"] == 5
+    best = load_checkpoint(out / "best-cls.pt")["card"]["epoch"]
+    assert best in validated
+    saved = load_config(out / "config.yaml")
+    assert saved["eval_every"] == 2 and saved["data_on_device"] and saved["channels_last"]
+
+
+def test_time_limit_stops_a_run_resumably(tmp_path, tiny_data):
+    data, cfg = tiny_data
+    out = tmp_path / "run"
+    args = [str(data), "--config", str(cfg), *TINY, "--out", str(out), "--epochs", "4"]
+    r = _train([*args, "--eval-every", "3", "--time-limit", "0", "--json"])
+    assert r.exit_code == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["epochs_run"] == 1 and summary["stopped"].startswith("time limit")
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "stopped"
+    # the stopped epoch is validated and saved although --eval-every skips it
+    assert load_checkpoint(out / "last.pt")["training"]["epoch"] == 1
+    assert _summary(out)[-1]["val_acc"] != ""
+    # resumed under the same limit it stops again after one epoch; the next job's limit is its own
+    resume = [str(data), "--out", str(out), "--resume", "--epochs", "4", "--quiet"]
+    assert _train(resume).exit_code == 0
+    assert load_checkpoint(out / "last.pt")["training"]["epoch"] == 2
+    r = _train([*resume, "--time-limit", "60"])
+    assert r.exit_code == 0, r.stderr
+    assert json.loads((out / "run.json").read_text())["status"] == "done"
+    assert [int(x["epoch"]) for x in _summary(out)] == [0, 1, 2, 3, 4]

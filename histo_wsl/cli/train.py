@@ -21,7 +21,17 @@ EPILOG = (
 #: options that are not training settings (never stored in the config)
 _NOT_CONFIG = {"config", "resume", "json_out", "quiet", "ctx"}
 #: settings that may change when a run is resumed
-_RESUMABLE = {"epochs", "workers", "device", "out", "data"}
+_RESUMABLE = {
+    "epochs",
+    "workers",
+    "device",
+    "out",
+    "data",
+    "eval_every",
+    "data_on_device",
+    "channels_last",
+    "time_limit",
+}
 
 
 # Options both training commands take (same name, unit, range and help).
@@ -77,6 +87,38 @@ ClipGradOpt = Annotated[
         min=0.0,
         help="Cap on the global L2 norm of each step's gradients (e.g. 1.0): one bad batch cannot "
         "throw a model trained from scratch off; default no cap.",
+    ),
+]
+EvalEveryOpt = Annotated[
+    int,
+    typer.Option(
+        min=1,
+        help="Validate, select and save last.pt every N epochs (and at the last): long GPU "
+        "schedules spend their time training; --resume restarts after the last saved epoch.",
+    ),
+]
+DataOnDeviceOpt = Annotated[
+    bool,
+    typer.Option(
+        "--data-on-device/--no-data-on-device",
+        help="Decode the training images once and keep them on the training device, cropping, "
+        "flipping and jittering each batch there (a GPU no longer waits for the data loader; "
+        "needs the training set in device memory: GlaS takes 17 MB).",
+    ),
+]
+TimeLimitOpt = Annotated[
+    float | None,
+    typer.Option(
+        min=0.0,
+        help="Minutes of training after which the run stops at the end of the epoch, saved and "
+        "selected as far as it got (a cluster job's wall time); continue with --resume.",
+    ),
+]
+ChannelsLastOpt = Annotated[
+    bool,
+    typer.Option(
+        "--channels-last/--no-channels-last",
+        help="Channels-last memory layout (faster convolutions under --amp).",
     ),
 ]
 SkipErrorsOpt = Annotated[
@@ -177,7 +219,8 @@ def resolve_config(
         if changed:
             raise InputError(
                 "--resume continues the run as configured; these options differ from the run's: "
-                f"{', '.join(changed)} (only --epochs, --workers and --device can change)",
+                f"{', '.join(changed)} (only --epochs, --workers, --device, --eval-every, "
+                "--data-on-device, --channels-last and --time-limit can change)",
                 saved,
             )
         return merge_config(TrainConfig, run, flags)
@@ -369,6 +412,10 @@ def train_classifier(
     deterministic: DeterministicOpt = False,
     max_steps_per_epoch: MaxStepsOpt = None,
     clip_grad_norm: ClipGradOpt = None,
+    eval_every: EvalEveryOpt = 1,
+    data_on_device: DataOnDeviceOpt = False,
+    channels_last: ChannelsLastOpt = False,
+    time_limit: TimeLimitOpt = None,
     skip_errors: SkipErrorsOpt = False,
     resume: ResumeOpt = False,
     json_out: JsonOpt = False,
@@ -583,6 +630,10 @@ def train_decoder(
     deterministic: DeterministicOpt = False,
     max_steps_per_epoch: MaxStepsOpt = None,
     clip_grad_norm: ClipGradOpt = None,
+    eval_every: EvalEveryOpt = 1,
+    data_on_device: DataOnDeviceOpt = False,
+    channels_last: ChannelsLastOpt = False,
+    time_limit: TimeLimitOpt = None,
     skip_errors: SkipErrorsOpt = False,
     resume: ResumeOpt = False,
     json_out: JsonOpt = False,

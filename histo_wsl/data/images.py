@@ -26,6 +26,7 @@ __all__ = [
     "LabelledImages",
     "check_samples",
     "eval_transform",
+    "jitter_transform",
     "train_transform",
 ]
 
@@ -41,9 +42,14 @@ def train_transform(crop: int = 224, resize: int = 256, jitter: bool = True) -> 
         v2.RandomVerticalFlip(),
     ]
     if jitter:
-        steps.append(v2.ColorJitter(brightness=0.5, contrast=0.5, saturation=0.5, hue=0.05))
+        steps.append(jitter_transform())
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     return v2.Compose(steps)
+
+
+def jitter_transform() -> v2.Transform:
+    """The training preset's colour jitter (NEGEV protocol): brightness/contrast/saturation .5."""
+    return v2.ColorJitter(brightness=0.5, contrast=0.5, saturation=0.5, hue=0.05)  # hue .05
 
 
 def eval_transform() -> v2.Transform:
@@ -161,6 +167,12 @@ class LabelledImages(torch.utils.data.Dataset):
         else:
             mask = torch.full(size, 255, dtype=torch.uint8)
         return image, mask
+
+    def cached(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The decoded (image uint8 3×S×S, mask uint8 S×S) pairs, decoding them now if needed."""
+        if self._cache is None:
+            self._cache = [self._decode(i) for i in range(len(self.samples))]
+        return self._cache
 
     def __getitem__(self, i: int) -> dict:
         image, mask = self._cache[i] if self._cache is not None else self._decode(i)

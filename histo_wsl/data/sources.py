@@ -15,6 +15,7 @@ Without a split, a seeded stratified validation split is drawn.
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -224,6 +225,19 @@ def _from_class_folders(root: Path, classes: list[str] | None) -> Dataset:
     return ds
 
 
+#: GlaS image files as released (.bmp), as commonly converted (.png), or packed (.jpg)
+_GLAS_IMAGE_SUFFIXES = (".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff")
+
+
+def _first_file(folder: Path, stem: str, suffixes: Sequence[str]) -> Path:
+    """``folder/stem`` with the first of ``suffixes`` that exists (else the first: named if missing)."""
+    for suffix in suffixes:
+        path = folder / f"{stem}{suffix}"
+        if path.is_file():
+            return path
+    return folder / f"{stem}{suffixes[0]}"
+
+
 def _from_glas(root: Path, fold: int) -> Dataset:
     split_csv = root / "splits" / f"fold-{fold}.csv"
     if not split_csv.is_file():
@@ -232,12 +246,8 @@ def _from_glas(root: Path, fold: int) -> Dataset:
     names = ["benign", "malignant"]
     samples = []
     for i, r in enumerate(rows, start=2):
-        image = root / "train" / f"{r['image']}.png"
-        if not image.is_file():
-            image = root / "train" / f"{r['image']}.bmp"
-        mask = root / "train" / f"{r['image']}_anno.png"
-        if not mask.is_file():
-            mask = mask.with_suffix(".bmp")
+        image = _first_file(root / "train", r["image"], _GLAS_IMAGE_SUFFIXES)
+        mask = _first_file(root / "train", f"{r['image']}_anno", (".png", ".bmp"))
         label = int(r["label"])
         if label not in (0, 1):
             raise InputError(f"line {i}: GlaS label must be 0 (benign) or 1 (malignant)", split_csv)
