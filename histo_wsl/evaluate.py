@@ -300,12 +300,27 @@ def select_data(
                 f"the {split} split of the data is empty; choose another --split", path
             )
     missing: list[Sample] = []
+    mismatched: list[tuple[Sample, dict[str, list[int]]]] = []
     kept: list[Sample] = []
     for s in samples:
-        if (s.mask is None or not s.mask.is_file()) and s.label != neg:
+        has_mask = s.mask is not None and s.mask.is_file()
+        if not has_mask and s.label != neg:
             missing.append(s)
-        else:
-            kept.append(s)
+            continue
+        if has_mask:
+            sizes = _image_and_mask_sizes(s)
+            if sizes[0] != sizes[1]:
+                if not skip_missing:
+                    (iw, ih), (mw, mh) = sizes
+                    raise InputError(
+                        f"the mask is {mw}x{mh} px but its image {s.image.name} is {iw}x{ih}; "
+                        "give each image a mask of its own size, or pass --skip-missing to "
+                        "leave such images out (listed)",
+                        s.mask,
+                    )
+                mismatched.append((s, {"image": list(sizes[0]), "mask": list(sizes[1])}))
+                continue
+        kept.append(s)
     if missing and not skip_missing:
         s = missing[0]
         where = f" (expected {s.mask})" if s.mask is not None else ""
@@ -330,8 +345,23 @@ def select_data(
         "negative_class": None if neg is None else class_names[neg],
         "negative_without_mask": "taken as all background",
         "skipped_missing_masks": [ev.name(s) for s in missing],
+        "skipped_mask_size_mismatch": {ev.name(s): sizes for s, sizes in mismatched},
     }
     return ev
+
+
+def _image_and_mask_sizes(s: Sample) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(image, mask) sizes (w, h) read from the file headers."""
+    from PIL import Image, UnidentifiedImageError
+
+    sizes = []
+    for path, what in ((s.image, "image"), (s.mask, "mask")):
+        try:
+            with Image.open(path) as im:
+                sizes.append(im.size)
+        except (OSError, UnidentifiedImageError, ValueError) as exc:
+            raise InputError(f"cannot read the {what} ({exc}); replace it", path) from None
+    return sizes[0], sizes[1]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -425,13 +455,11 @@ class _EvalImages:
         native = img.size  # (w, h)
         small = np.asarray(img.resize((self.size, self.size), Image.Resampling.BILINEAR))
         x = self.transform(torch.from_numpy(small.copy()).permute(2, 0, 1))
-        mask_size: tuple[int, int] | None = None
         if s.mask is None or not s.mask.is_file():  # negative class: all background
             shape = (self.size, self.size) if self.protocol == "resize" else native[::-1]
             mask = np.zeros(shape, dtype=np.uint8)
         else:
-            m = _load_mask(s.mask)
-            mask_size = m.size
+            m = _load_mask(s.mask)  # of its image's size (select_data)
             target = (self.size, self.size) if self.protocol == "resize" else native
             if m.size != target:
                 m = m.resize(target, Image.Resampling.NEAREST)
@@ -441,8 +469,6 @@ class _EvalImages:
             "label": int(s.label),
             "mask": mask,
             "index": i,
-            "mask_resized": mask_size is not None and mask_size != native,
-            "sizes": (native, mask_size),
         }
 
 
@@ -454,8 +480,6 @@ def _collate(items: list[dict]) -> dict:
         "label": torch.tensor([it["label"] for it in items], dtype=torch.long),
         "mask": [it["mask"] for it in items],
         "index": [it["index"] for it in items],
-        "mask_resized": [it["mask_resized"] for it in items],
-        "sizes": [it["sizes"] for it in items],
     }
 
 
@@ -691,7 +715,6 @@ def evaluate_model(
     *,
     name: str | None = None,
     quiet: bool = False,
-    mask_notes: dict | None = None,
 ) -> ModelResult:
     """Evaluate one loaded model on the images in one streaming pass.
 
@@ -703,8 +726,6 @@ def evaluate_model(
         work_dir: folder for the temporary per-image histograms (the output folder).
         name: the model's display name (default: the checkpoint's stem).
         quiet: no progress bar.
-        mask_notes: dict filled with the names of images whose mask had another size than the
-            image (key ``resized``) and their sizes.
 
     Returns:
         The model's numbers, per-image rows, curves and example images.
@@ -767,16 +788,9 @@ def evaluate_model(
                     extra={
                         "p_label": round(float(probs[j, label]), 6),
                         "p_predicted": round(float(probs[j, pred]), 6),
-                        "mask_resized": bool(batch["mask_resized"][j]),
                     },
                     thumbnail=(maps[j].numpy() * 255 + 0.5).astype(np.uint8),
                 )
-                if batch["mask_resized"][j] and mask_notes is not None:
-                    native, msize = batch["sizes"][j]
-                    mask_notes.setdefault("resized", {})[image_name] = {
-                        "image": list(native),
-                        "mask": list(msize),
-                    }
         seconds = time.perf_counter() - t0
         metrics, curves, best_t = acc.summarise()
     finally:
@@ -1176,12 +1190,14 @@ def run_evaluate(
             f"{len(data.info['skipped_missing_masks'])} image(s) without a mask left out "
             "(--skip-missing); listed in metrics.json"
         )
+    for name, sizes in data.info["skipped_mask_size_mismatch"].items():
+        (iw, ih), (mw, mh) = sizes["image"], sizes["mask"]
+        warn(f"{name}: left out (--skip-missing): its mask is {mw}x{mh} px, the image {iw}x{ih}")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise InputError(f"the output folder cannot be created ({exc})", out) from None
     device = resolve_device(settings.device)
-    mask_notes: dict = {}
     results = []
     for predictor, name in zip(predictors, names, strict=True):
         results.append(
@@ -1193,16 +1209,7 @@ def run_evaluate(
                 out,
                 name=name,
                 quiet=quiet,
-                mask_notes=mask_notes,
             )
-        )
-    resized = mask_notes.get("resized", {})
-    if resized:
-        first = next(iter(resized))
-        warn(
-            f"{len(resized)} mask(s) have another size than their image (e.g. {first}: image "
-            f"{resized[first]['image']}, mask {resized[first]['mask']}); they were resized "
-            "nearest-neighbour to the image (recorded in metrics.json)"
         )
     calibrations = []
     for res, target in zip(results, targets, strict=False):
@@ -1249,11 +1256,6 @@ def run_evaluate(
         **env,
         "data": {
             **data.info,
-            "mask_size_mismatch": {
-                "policy": "resized nearest-neighbour to the image size, with a warning",
-                "count": len(resized),
-                "images": resized,
-            },
         },
         "protocol": {"name": settings.protocol, "description": PROTOCOLS[settings.protocol]},
         "definitions": DEFINITIONS,

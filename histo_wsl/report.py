@@ -388,9 +388,11 @@ def _summary_lines(metrics: dict) -> list[tuple[str, str]]:
     skipped = d.get("skipped_missing_masks") or []
     if skipped:
         lines.append(("left out (no mask)", f"{len(skipped)}: " + ", ".join(skipped[:10])))
-    mm = d.get("mask_size_mismatch") or {}
-    if mm.get("count"):
-        lines.append(("masks resized", f"{mm['count']} mask(s) of another size: {mm['policy']}"))
+    mm = d.get("skipped_mask_size_mismatch") or {}
+    if mm:
+        lines.append(
+            ("left out (mask of another size)", f"{len(mm)}: " + ", ".join(list(mm)[:10]))
+        )
     return lines
 
 

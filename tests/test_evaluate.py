@@ -282,28 +282,27 @@ def test_missing_mask_is_named_and_skip_missing_works(setup, tmp_path):
     assert metrics["models"][0]["n_images"] == 11
 
 
-def test_mask_of_another_size_is_resized_with_a_warning(setup, tmp_path):
+def test_a_mask_of_another_size_is_refused_or_left_out_and_listed(setup, tmp_path):
     _, csv_path, ckpt = setup
     data = _copy_data(csv_path, tmp_path / "data")
     mask = data.parent / "masks" / "gland_001.png"
     Image.open(mask).resize((32, 32), Image.Resampling.NEAREST).save(mask)
     out = tmp_path / "o"
-    result = runner.invoke(
-        app,
-        ["evaluate", str(ckpt), "--data", str(data), "--split", "all", "--bootstrap", "0"]
-        + ["--protocol", "native", "--out", str(out), "--examples", "0", "-q"],
-    )
+    args = ["evaluate", str(ckpt), "--data", str(data), "--split", "all", "--bootstrap", "0"]
+    args += ["--protocol", "native", "--out", str(out), "--examples", "0", "-q"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert "gland_001.png" in result.stderr and "32x32" in result.stderr
+    assert "64x64" in result.stderr and "--skip-missing" in result.stderr
+    assert not out.exists() or not any(out.iterdir())  # refused before anything was evaluated
+    result = runner.invoke(app, [*args, "--skip-missing"])
     assert result.exit_code == 0, result.output
-    assert "another size" in result.stderr and "gland_001.png" in result.stderr
+    assert "gland_001.png: left out" in result.stderr
     metrics = json.loads((out / "metrics.json").read_text())
-    mm = metrics["data"]["mask_size_mismatch"]
-    assert mm["count"] == 1 and "resized nearest" in mm["policy"]
-    assert mm["images"]["images/gland_001.png"] == {"image": [64, 64], "mask": [32, 32]}
-    # native protocol: maps back at the images' own size
+    skipped = metrics["data"]["skipped_mask_size_mismatch"]
+    assert skipped == {"images/gland_001.png": {"image": [64, 64], "mask": [32, 32]}}
     m = metrics["models"][0]
-    assert m["n_pixels"]["positive"] + m["n_pixels"]["negative"] == 12 * 64 * 64
-    rows = list(csv.DictReader(open(out / "per_image.csv", encoding="utf-8")))
-    assert [r["mask_resized"] for r in rows].count("True") == 1
+    assert m["n_pixels"]["positive"] + m["n_pixels"]["negative"] == 11 * 64 * 64
 
 
 def test_compare_puts_models_side_by_side(setup, tmp_path):

@@ -89,7 +89,9 @@ def evaluate(
     skip_missing: Annotated[
         bool,
         typer.Option(
-            "--skip-missing", help="Leave out images without a mask (listed) instead of failing."
+            "--skip-missing",
+            help="Leave out images without a usable mask (none, or of another size than the "
+            "image; listed) instead of failing.",
         ),
     ] = False,
     map_class: Annotated[
