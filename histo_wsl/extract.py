@@ -29,6 +29,7 @@ import numpy as np
 
 from histo_wsl import atomic, tissue
 from histo_wsl.batch import BatchRunner, Progress, RunSummary
+from histo_wsl.console import warn
 from histo_wsl.errors import InputError
 from histo_wsl.grid import PatchGrid, make_grid
 from histo_wsl.inputs import InputItem
@@ -323,6 +324,18 @@ def extract_slide(
         )
         if params.coords_only:
             patch_dir.rmdir()
+        notes = list(slide.notes)
+        if n == 0:
+            why = (
+                "no tissue found"
+                if found.fraction == 0
+                else f"no grid position has --min-tissue {params.min_tissue:g} of tissue"
+            )
+            notes.append(f"0 patches: {why}")
+            warn(
+                f"{item.path}: 0 patches ({why}; tissue on {found.fraction:.1%} of the "
+                f"thumbnail); see {item.name}/thumbnail.png, or give the tissue with --tissue-geojson"
+            )
         return {
             "patches": n,
             "grid_patches": grid_patches,
@@ -337,7 +350,7 @@ def extract_slide(
             "thumbnail_downsample": ds,
             "thumbnail_size": [found.geometry.width, found.geometry.height],
             "tissue_mpp": round(found.tissue_mpp, 6),
-            "notes": slide.notes,
+            "notes": notes,
         }
 
 

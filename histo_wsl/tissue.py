@@ -419,6 +419,22 @@ def _flip_components_strips(
     return out
 
 
+#: a thumbnail whose non-glass, non-black pixels have 99.5 % of their saturation at or below this
+#: (0-255) is greyscale (a 16-bit greyscale scan, a grey export; JPEG leaves a little chroma noise)
+GREY_SATURATION = 3
+#: the least share of glass (lit pixels paler than ``bright_value``) a greyscale thumbnail needs for
+#: its darker pixels to be told apart as tissue
+GREY_MIN_GLASS = 0.01
+
+
+def is_greyscale(saturation_hist: np.ndarray) -> bool:
+    """Whether a saturation histogram (0-255 counts over the tissue candidates) is of a grey image."""
+    total = int(saturation_hist.sum())
+    if total == 0:
+        return False
+    return int(saturation_hist[: GREY_SATURATION + 1].sum()) >= 0.995 * total
+
+
 def detect_tissue_strips(
     read_rows: RowReader,
     shape: tuple[int, int],
@@ -463,7 +479,9 @@ def detect_tissue_strips(
     halo = k // 2
 
     saturation = np.zeros((h, w), dtype=np.uint8)  # 0 outside candidates: never above a threshold
+    darkness = np.zeros((h, w), dtype=np.uint8)  # 255 - V, 0 on black: a greyscale slide's signal
     hist = np.zeros(256, dtype=np.int64)
+    hist_dark = np.zeros(256, dtype=np.int64)
     for y0, y1 in _strips(h, strip_rows):
         lo, hi = max(0, y0 - halo), min(h, y1 + halo)
         rgb = _as_rgb_uint8(read_rows(lo, hi))
@@ -480,15 +498,27 @@ def detect_tissue_strips(
         )
         hist += np.bincount(sat[candidate], minlength=256)
         saturation[y0:y1] = np.where(candidate, sat, 0)
-        del smooth, hsv, sat, candidate
+        lit = hsv[:, :, 2] >= params.dark_value
+        dark = np.where(lit, 255 - hsv[:, :, 2], 0).astype(np.uint8)
+        hist_dark += np.bincount(dark[lit], minlength=256)
+        darkness[y0:y1] = dark
+        del smooth, hsv, sat, candidate, lit, dark
     if hist.sum() == 0:
         return PackedMask((h, w))
 
     threshold = otsu_from_histogram(hist)
     threshold = min(max(threshold, params.min_saturation), params.max_saturation)
-
-    held = [saturation]  # released (below) as soon as the thresholded mask is packed
-    del saturation
+    if is_greyscale(hist):
+        # no colour to threshold: tissue is darker than the glass (brightfield), by Otsu on the
+        # darkness of every lit pixel; a grey field without glass has no tissue to tell apart
+        glass_dark = 255.0 - params.bright_value
+        if hist_dark[: int(glass_dark)].sum() < GREY_MIN_GLASS * hist_dark.sum():
+            return PackedMask((h, w))
+        held = [darkness]
+        threshold = max(otsu_from_histogram(hist_dark), glass_dark)
+    else:
+        held = [saturation]  # released (below) as soon as the thresholded mask is packed
+    del saturation, darkness
 
     def thresholded(y0: int, y1: int) -> np.ndarray:
         return held[0][y0:y1] > threshold
@@ -531,8 +561,10 @@ def detect_tissue(rgb: np.ndarray, mpp: float, params: TissueParams = TissuePara
     candidates are pixels that are neither dark (V < ``dark_value``) nor glass
     (min(R, G, B) > ``bright_value``) -> Otsu threshold of the saturation over the candidates, clipped
     to [``min_saturation``, ``max_saturation``] -> tissue = candidate and saturation above the
-    threshold -> closing (``closing_um``) -> drop components below ``min_object_um2`` -> fill holes
-    below ``min_hole_um2``.
+    threshold (a greyscale thumbnail, :func:`is_greyscale`, has no saturation: there tissue = pixels
+    darker than an Otsu threshold of the lit pixels' darkness, at least as dark as glass's limit, on
+    a thumbnail with some glass) -> closing (``closing_um``) -> drop components below
+    ``min_object_um2`` -> fill holes below ``min_hole_um2``.
 
     The median filter is applied to the RGB channels before the saturation is computed: saturation
     (max - min) / max amplifies noise in dark and grey pixels, so filtering first keeps noisy black

@@ -379,3 +379,22 @@ def test_scan_tissue_matches_whole_thumbnail_detection(
     np.testing.assert_array_equal(
         np.asarray(Image.open(tmp_path / "tissue.png")), draw_tissue(found.thumbnail, found.mask)
     )
+
+
+def test_a_16_bit_greyscale_tiff_gives_patches_and_no_tissue_is_said(tmp_path, blank_slide, capsys):
+    """Issue 26, item 7: a 16-bit greyscale TIFF gave 0 patches, exit 0 and no word."""
+    import tifffile
+
+    arr = np.full((1200, 1600), 65535, dtype=np.uint16)  # glass
+    arr[300:900, 400:1200] = 20000  # tissue
+    path = tmp_path / "grey16.tif"
+    tifffile.imwrite(path, arr)
+    out = tmp_path / "out"
+    s = extract_patches([_item(path)], out, ExtractParams(slide_mpp=0.5), quiet=True)
+    assert s.exit_code == 0 and s.items[0].details["patches"] > 0
+    assert any("greyscale" in n for n in s.items[0].details["notes"])
+    capsys.readouterr()
+    s = extract_patches([_item(blank_slide)], tmp_path / "blank", ExtractParams(), quiet=True)
+    assert s.items[0].details["patches"] == 0
+    assert "0 patches (no tissue found" in capsys.readouterr().err
+    assert "0 patches: no tissue found" in s.items[0].details["notes"]

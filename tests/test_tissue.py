@@ -683,3 +683,16 @@ def test_banded_fraction_map_equals_one_table(band_rows):
         assert banded.fraction(b, a, b + 6, a + 6) == pytest.approx(
             mask[a : a + 6, b : b + 6].mean()
         )
+
+
+def test_a_greyscale_thumbnail_finds_tissue_darker_than_its_glass():
+    """Issue 26, item 7: greyscale has no saturation; tissue is told from glass by brightness."""
+    rng = np.random.default_rng(4)
+    grey = np.clip(rng.normal(245, 2, (150, 200)), 0, 255)
+    grey[40:110, 50:150] = np.clip(rng.normal(110, 8, (70, 100)), 0, 255)  # tissue
+    grey[0:10, :] = 5  # a black scanner border is never tissue
+    img = np.repeat(grey.astype(np.uint8)[..., None], 3, axis=2)
+    mask = detect_tissue(img, 8.0)
+    inside = mask[45:105, 55:145].mean()
+    outside = np.concatenate([mask[10:35].ravel(), mask[115:].ravel()]).mean()
+    assert inside > 0.95 and outside < 0.01 and not mask[:10].any()
