@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from histo_wsl.errors import InputError
+from histo_wsl.errors import DiskFullError, InputError, is_disk_full
 
 
 def shared_mode(path: str | Path) -> None:
@@ -42,11 +42,13 @@ def _umask() -> int:
 
 
 @contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
+def atomic_path(path: str | Path, needed: int | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is renamed to ``path``.
 
     The temporary name keeps the suffix, so writers that choose a format by suffix still work.
-    On an exception the temporary file is removed and ``path`` is left as it was.
+    On an exception the temporary file is removed and ``path`` is left as it was; a full disk is
+    raised as :class:`~histo_wsl.errors.DiskFullError` (one line: the folder, the free space and,
+    given ``needed`` bytes, what the file needs).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -59,8 +61,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield tmp_path
         shared_mode(tmp_path)
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as exc:
         tmp_path.unlink(missing_ok=True)
+        if is_disk_full(exc, path, needed):
+            raise DiskFullError(path, needed) from None
         raise
 
 

@@ -24,7 +24,14 @@ from importlib import metadata
 from pathlib import Path
 
 from histo_wsl import __version__, atomic
-from histo_wsl.errors import HistoWSLError
+from histo_wsl.errors import (
+    EXIT_INTERNAL,
+    EXIT_SOME_FAILED,
+    DiskFullError,
+    FaultError,
+    HistoWSLError,
+    is_disk_full,
+)
 from histo_wsl.inputs import InputItem
 
 #: Folder (inside the output folder) where items are assembled before they are moved into place.
@@ -173,7 +180,8 @@ class BatchRunner:
         marker: maps an item name to the path (relative to ``out_dir``) of its completion record;
             an item is finished when that JSON file exists with ``"status": "done"``.
         overwrite: redo finished items (their old outputs stay until the new ones are complete).
-        skip_errors: record failures and go on (exit code 1) instead of stopping (exit code 2).
+        skip_errors: record failures and go on (exit code 1) instead of stopping (exit code 2, a
+            fault such as a full disk 3 and stopping even so, an internal error 4).
         shard: (K, N) when this process runs one shard; recorded, and names the run file.
         seed: the run's random seed, recorded.
         quiet: no progress bar.
@@ -346,8 +354,15 @@ class BatchRunner:
                     )
                 except Exception as exc:  # one item's failure is recorded, never silent
                     shutil.rmtree(self.out_dir / STAGING / item.name, ignore_errors=True)
+                    if not isinstance(exc, HistoWSLError) and is_disk_full(exc):
+                        exc = DiskFullError(Path(getattr(exc, "filename", None) or self.out_dir))
                     expected = isinstance(exc, HistoWSLError)
-                    message = str(exc) if expected else f"{item.path}: {type(exc).__name__}: {exc}"
+                    message = (
+                        str(exc)
+                        if expected
+                        else f"{item.path}: internal error {type(exc).__name__}: {exc} (a bug: "
+                        f"the traceback is in {self.run_file}; please report it)"
+                    )
                     details = {} if expected else {"traceback": traceback.format_exc()}
                     results.append(
                         ItemResult(
@@ -370,11 +385,12 @@ class BatchRunner:
                         stderr_console().print(
                             f"error: {message}", markup=False, highlight=False, soft_wrap=True
                         )
-                    if not self.skip_errors:
-                        exit_code = 2 if expected else 1
+                    fault = isinstance(exc, FaultError)  # a full disk fails every item after
+                    if not self.skip_errors or fault:
+                        exit_code = exc.exit_code if expected else EXIT_INTERNAL
                         save(_now())
                         break
-                    exit_code = 1
+                    exit_code = EXIT_SOME_FAILED
                 else:
                     results.append(result)
                 save(None)

@@ -39,9 +39,20 @@ def save_checkpoint(path: str | Path, card: dict, state_dict: dict, **extra: Any
     """
     path = Path(path)
     payload = {"format": FORMAT, "card": card, "state_dict": state_dict, **extra}
-    with atomic_path(path) as tmp:
+    with atomic_path(path, needed=_tensor_bytes(payload)) as tmp:
         torch.save(payload, tmp)
     return path
+
+
+def _tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in a nested payload (what its file needs, roughly)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
 
 
 def _first_line(exc: BaseException) -> str:

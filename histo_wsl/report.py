@@ -390,9 +390,7 @@ def _summary_lines(metrics: dict) -> list[tuple[str, str]]:
         lines.append(("left out (no mask)", f"{len(skipped)}: " + ", ".join(skipped[:10])))
     mm = d.get("skipped_mask_size_mismatch") or {}
     if mm:
-        lines.append(
-            ("left out (mask of another size)", f"{len(mm)}: " + ", ".join(list(mm)[:10]))
-        )
+        lines.append(("left out (mask of another size)", f"{len(mm)}: " + ", ".join(list(mm)[:10])))
     return lines
 
 

@@ -41,7 +41,7 @@ from histo_wsl.batch import environment
 from histo_wsl.checkpoint import load_checkpoint, save_checkpoint
 from histo_wsl.config import TrainConfig, save_config
 from histo_wsl.console import stderr_console
-from histo_wsl.errors import HistoWSLError, InputError
+from histo_wsl.errors import FaultError, InputError
 
 __all__ = [
     "LAST_EPOCH",
@@ -59,10 +59,8 @@ __all__ = [
 ]
 
 
-class TrainingError(HistoWSLError):
-    """Training stopped (e.g. a NaN loss); the last good checkpoint is kept. Exit code 1."""
-
-    exit_code = 1
+class TrainingError(FaultError):
+    """Training stopped (e.g. a NaN loss); the last good checkpoint is kept. Exit code 3."""
 
 
 @dataclasses.dataclass(frozen=True)

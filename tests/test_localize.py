@@ -387,7 +387,7 @@ def test_failure_mid_slide_leaves_nothing_under_the_final_name(
     monkeypatch.setattr(lz.tissue_mod, "write_geojson", boom)
     out = tmp_path / "o"
     s = _run([_item(synthetic_slide)], out, models / "const.pt", mpp=4.0)
-    assert s.exit_code == 1 and s.items[0].status == "failed" and "disk gone" in s.items[0].error
+    assert s.exit_code == 4 and s.items[0].status == "failed" and "disk gone" in s.items[0].error
     assert not (out / "synth").exists()
     assert sorted(p.name for p in out.iterdir()) == ["run.json"]
 

@@ -170,7 +170,7 @@ def test_nan_loss_stops_with_epoch_and_step(tmp_path, tiny_data):
             "1e30",
         ]
     )
-    assert r.exit_code == 1, r.stderr
+    assert r.exit_code == 3, r.stderr
     assert "epoch 1, step" in r.stderr and "loss became" in r.stderr
     assert (out / "best-cls.pt").is_file()  # the epoch-0 model is kept
 

@@ -14,7 +14,9 @@ app = typer.Typer(
     help="Weakly-supervised localization for histology: from image-level labels to pixel-accurate "
     "regions of interest on whole-slide images (NEGEV, Max-Min uncertainty).\n\n"
     "Coordinates in every output are level-0 pixels; resolutions are µm/px (mpp). Exit codes: 0 all "
-    "done, 1 some items failed (with --skip-errors), 2 bad usage or bad input.",
+    "done, 1 some items failed (with --skip-errors), 2 bad usage or bad input, 3 stopped by a "
+    "fault (NaN, disk full; saved outputs intact), 4 internal error (traceback saved), 130 "
+    "interrupted.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

@@ -11,12 +11,19 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from histo_wsl.errors import HistoWSLError
+from histo_wsl.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_FAULT,
+    EXIT_INTERNAL,
+    DiskFullError,
+    HistoWSLError,
+    is_disk_full,
+)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-#: Exit codes (DESIGN.md): 0 all done, 1 some items failed (with --skip-errors), 2 bad usage/input.
-EXIT_OK, EXIT_SOME_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+#: exit code of a command interrupted with Ctrl-C (128 + SIGINT, as shells report it)
+EXIT_INTERRUPTED = 130
 
 
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
@@ -34,8 +41,83 @@ def reports_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except HistoWSLError as exc:
             raise fail(str(exc), exc.exit_code) from None
+        except _cli_exceptions():
+            raise
+        except KeyboardInterrupt:
+            raise fail("interrupted; outputs finished so far are kept", EXIT_INTERRUPTED) from None
+        except Exception as exc:
+            if is_disk_full(exc):
+                full = DiskFullError(Path(getattr(exc, "filename", None) or Path.cwd() / "?"))
+                raise fail(str(full), EXIT_FAULT) from None
+            saved = save_traceback(exc)
+            raise fail(
+                f"internal error: {type(exc).__name__}: {_first_line(exc)} (a bug in histo-wsl, "
+                f"not in your data; the traceback is in {saved}: please report it)",
+                EXIT_INTERNAL,
+            ) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+@functools.cache
+def _cli_exceptions() -> tuple[type[BaseException], ...]:
+    """The exceptions the command-line framework handles itself (exits, usage errors, aborts)."""
+    kinds: list[type[BaseException]] = [typer.Exit, typer.Abort]
+    for module in ("click.exceptions", "typer._click.exceptions"):  # older / newer Typer
+        try:
+            mod = __import__(module, fromlist=["ClickException"])
+        except ImportError:
+            continue
+        kinds += [getattr(mod, n) for n in ("ClickException", "Exit", "Abort") if hasattr(mod, n)]
+    return tuple(kinds)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else ""
+
+
+def crash_dir() -> Path:
+    """Where internal-error tracebacks go.
+
+    ``$HISTO_WSL_CRASH_DIR``, else the user's state folder (``$XDG_STATE_HOME/histo-wsl/crashes``,
+    default ``~/.local/state/histo-wsl/crashes``).
+    """
+    import os
+
+    if os.environ.get("HISTO_WSL_CRASH_DIR"):
+        return Path(os.environ["HISTO_WSL_CRASH_DIR"])
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "histo-wsl" / "crashes"
+
+
+def save_traceback(exc: BaseException) -> Path:
+    """Write the command line, versions and traceback of ``exc`` to a new file; returns its path.
+
+    Falls back to the temporary folder when the crash folder cannot be written.
+    """
+    import os
+    import tempfile
+    import time
+    import traceback
+
+    from histo_wsl import __version__
+
+    text = (
+        f"histo-wsl {__version__}, python {sys.version.split()[0]}\n"
+        f"command: {' '.join(sys.argv)}\ncwd: {os.getcwd()}\n\n"
+        + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    )
+    name = f"crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt"
+    for folder in (crash_dir(), Path(tempfile.gettempdir())):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / name
+            path.write_text(text, encoding="utf-8")
+            return path
+        except OSError:
+            continue
+    return Path("(nowhere: no writable folder)")
 
 
 def print_json(data: object) -> None:

@@ -7,14 +7,8 @@ from typing import Annotated
 
 import typer
 
-from histo_wsl.cli.common import (
-    EXIT_BAD_INPUT,
-    EXIT_OK,
-    JsonOpt,
-    SlideMppOpt,
-    print_json,
-    reports_errors,
-)
+from histo_wsl.cli.common import JsonOpt, SlideMppOpt, print_json, reports_errors
+from histo_wsl.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_SOME_FAILED
 
 
 @reports_errors
@@ -89,5 +83,5 @@ def slide_info(
             for note in info["notes"]:
                 console.print(f"[yellow]note:[/yellow] {note}", soft_wrap=True)
     if failed:
-        raise typer.Exit(EXIT_BAD_INPUT if failed == len(infos) else 1)
+        raise typer.Exit(EXIT_BAD_INPUT if failed == len(infos) else EXIT_SOME_FAILED)
     raise typer.Exit(EXIT_OK)
