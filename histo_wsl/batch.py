@@ -10,6 +10,7 @@ seed and each item's status and timings.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 from histo_wsl import __version__, atomic
 from histo_wsl.errors import (
@@ -36,6 +38,8 @@ from histo_wsl.inputs import InputItem
 
 #: Folder (inside the output folder) where items are assembled before they are moved into place.
 STAGING = ".histo-wsl-partial"
+#: folder (in the output folder) of the per-item lock files that keep concurrent runs apart
+LOCKS = ".histo-wsl-locks"
 
 _PACKAGES = (
     "numpy",
@@ -154,6 +158,18 @@ class RunSummary:
             counts[item.status] = counts.get(item.status, 0) + 1
         return counts
 
+    def skipped_phrase(self) -> str:
+        """``N skipped (...)``: how many items were skipped and why, for the closing line."""
+        held = sum(
+            1
+            for it in self.items
+            if it.status == "skipped" and "another run" in str(it.details.get("reason", ""))
+        )
+        n = self.counts["skipped"]
+        if not held:
+            return f"{n} skipped (finished earlier)"
+        return f"{n} skipped ({n - held} finished earlier, {held} held by another run)"
+
     def as_dict(self) -> dict:
         """JSON-ready summary (what ``--json`` prints)."""
         return {
@@ -231,6 +247,23 @@ class BatchRunner:
             return json.loads(record.read_text(encoding="utf-8")).get("status") == "done"
         except (OSError, ValueError, AttributeError):
             return False
+
+    def _lock(self, name: str) -> Any:
+        """The item's lock (``filelock``), held; None when another live process holds it.
+
+        The lock is the operating system's (``flock``): a run that dies releases it, so a lock
+        file left by a killed run is simply taken over.
+        """
+        from filelock import FileLock, Timeout
+
+        folder = self.out_dir / LOCKS
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(folder / f"{name}.lock", timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            return None
+        return lock
 
     def _stage(self, name: str) -> Path:
         stage = self.out_dir / STAGING / name
@@ -334,6 +367,35 @@ class BatchRunner:
                     if bar:
                         bar.advance(overall)
                     continue
+                lock = self._lock(item.name)
+                if lock is None:  # another live run is on it: leave it to that run
+                    held = self.out_dir / LOCKS / f"{item.name}.lock"
+                    reason = f"another run is processing it (lock {held}); rerun when it ends"
+                    results.append(
+                        ItemResult(item.name, str(item.path), "skipped", details={"reason": reason})
+                    )
+                    stderr_console().print(
+                        f"skipped: {item.path}: {reason}",
+                        markup=False,
+                        highlight=False,
+                        soft_wrap=True,
+                    )
+                    if bar:
+                        bar.advance(overall)
+                    continue
+                if not self.overwrite and self.is_done(item.name):  # finished while we waited
+                    lock.release()
+                    results.append(
+                        ItemResult(
+                            item.name,
+                            str(item.path),
+                            "skipped",
+                            details={"reason": "finished by another run"},
+                        )
+                    )
+                    if bar:
+                        bar.advance(overall)
+                    continue
                 t_item = time.perf_counter()
                 try:
                     stage = self._stage(item.name)
@@ -393,6 +455,8 @@ class BatchRunner:
                     exit_code = EXIT_SOME_FAILED
                 else:
                     results.append(result)
+                finally:
+                    lock.release()
                 save(None)
                 if bar:
                     bar.update(current, visible=False)
@@ -404,5 +468,6 @@ class BatchRunner:
                 bar.stop()
             staging = self.out_dir / STAGING
             if staging.exists() and not any(staging.iterdir()):
-                staging.rmdir()
+                with contextlib.suppress(OSError):  # another run may have staged an item since
+                    staging.rmdir()
         return RunSummary(self.out_dir, self.run_file, results, exit_code, time.perf_counter() - t0)

@@ -133,3 +133,38 @@ def test_processor_name_from_cpuinfo_and_fallback(tmp_path, monkeypatch):
     assert processor_name(info) is None
     env = environment()
     assert set(env) == {"versions", "platform", "host", "processor", "cpu_count"}
+
+
+def test_an_item_another_run_holds_is_skipped_and_a_dead_runs_lock_taken_over(tmp_path):
+    """Issue 26, item 9: two runs into one --out must not destroy each other's item."""
+    import subprocess
+    import sys
+
+    from histo_wsl.batch import LOCKS
+
+    out, calls = tmp_path / "out", []
+    (out / LOCKS).mkdir(parents=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, filelock; lock = filelock.FileLock(sys.argv[1]); lock.acquire(); "
+            "print('held', flush=True); sys.stdin.read()",
+            str(out / LOCKS / "a.lock"),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        s = _runner(out).run(_items(tmp_path, ["a", "b"]), _writer(calls))
+        assert s.exit_code == 0 and calls == ["b"]
+        assert s.items[0].status == "skipped" and "another run" in s.items[0].details["reason"]
+        assert not (out / "a").exists()
+    finally:
+        holder.kill()  # dies holding the lock: the operating system releases it
+        holder.wait()
+    s = _runner(out).run(_items(tmp_path, ["a", "b"]), _writer(calls))
+    assert calls == ["b", "a"] and [i.status for i in s.items] == ["done", "skipped"]
+    assert (out / "a" / "out.txt").is_file()

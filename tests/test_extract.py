@@ -398,3 +398,40 @@ def test_a_16_bit_greyscale_tiff_gives_patches_and_no_tissue_is_said(tmp_path, b
     assert s.items[0].details["patches"] == 0
     assert "0 patches (no tissue found" in capsys.readouterr().err
     assert "0 patches: no tissue found" in s.items[0].details["notes"]
+
+
+def test_a_second_run_into_the_same_out_leaves_the_first_runs_slide_alone(
+    tmp_path, synthetic_slide
+):
+    """Issue 26, item 9: the second run deleted the first's staging and both exited 0."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from histo_wsl.batch import STAGING
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "histo_wsl", "extract-patches", str(synthetic_slide)]
+    cmd += ["--out", str(out), "--mpp", "1.0", "--quiet"]
+    first = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    staged = out / STAGING / synthetic_slide.stem
+    deadline = time.monotonic() + 120
+    while not any(staged.glob("*/*")) and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if first.poll() is not None:
+        pytest.skip("the first run finished before it could be paused")
+    os.kill(first.pid, signal.SIGSTOP)  # the first run, paused in the middle of the slide
+    try:
+        second = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 0, second.stderr
+        assert "another run is processing it" in second.stderr
+        assert staged.is_dir() and not (out / synthetic_slide.stem).exists()
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    assert first.wait(timeout=120) == 0, first.stderr.read()
+    record = json.loads((out / synthetic_slide.stem / "slide.json").read_text())
+    rows = _manifest(out)
+    assert record["status"] == "done" and record["patches"] == len(rows) > 0
+    assert all((out / r["path"]).is_file() for r in rows)

@@ -210,7 +210,7 @@ def extract_patches(
         c = summary.counts
         total = sum(it.details.get("patches", 0) for it in summary.items)
         return (
-            f"{c['done']} slide(s) done, {c['skipped']} skipped (finished earlier), {c['failed']} "
+            f"{c['done']} slide(s) done, {summary.skipped_phrase()}, {c['failed']} "
             f"failed; {total} patches written; manifest: {out / 'manifest.csv'}; run record: "
             f"{summary.run_file}"
         )

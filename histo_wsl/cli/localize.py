@@ -253,7 +253,7 @@ def localize(
     def describe(summary) -> str:
         c = summary.counts
         return (
-            f"{c['done']} input(s) done, {c['skipped']} skipped (finished earlier), {c['failed']} "
+            f"{c['done']} input(s) done, {summary.skipped_phrase()}, {c['failed']} "
             f"failed; outputs in {out}/<name>/; run record: {summary.run_file}"
         )
 
