@@ -46,6 +46,7 @@ decoders give a class-agnostic foreground probability.
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
 import queue
@@ -662,17 +663,29 @@ def _mpp_notes(slide: Slide, model_mpp: float, plan: ReadPlan) -> list[str]:
     return notes
 
 
-def _check_mpp(slide: Slide, model_mpp: float, path: Path) -> float:
+def _check_mpp(slide: Slide, model_mpp: float | None, path: Path) -> float:
     """The model's mpp, once the slide is known to have one (else a clear error)."""
     if slide.mpp is None:
+        reads = (
+            "" if model_mpp is None else f", and the model reads slides at {model_mpp:.4g} µm/px"
+        )
         raise InputError(
-            f"has no resolution (mpp) in its metadata, and the model reads slides at "
-            f"{model_mpp:.4g} µm/px; give the slide's level-0 µm/px with --slide-mpp (or a "
-            "slide_mpp column in the input CSV)"
+            f"has no resolution (mpp) in its metadata{reads}; give the slide's level-0 µm/px with "
+            "--slide-mpp (or a slide_mpp column in the input CSV)"
             + (", or use --whole-image for a plain image" if slide.vendor == "image" else ""),
             path,
         )
-    return float(model_mpp)
+    return float(model_mpp or 0.0)
+
+
+def _check_whole_image(slide: Slide, path: Path) -> None:
+    """``--whole-image`` takes plain images only (else a clear error)."""
+    if slide.vendor != "image":
+        raise InputError(
+            f"--whole-image resizes a plain image (PNG, JPEG...) to the network input; this is "
+            f"a {slide.vendor} slide: drop --whole-image to slide windows over it",
+            path,
+        )
 
 
 def _run_windows(
@@ -1048,12 +1061,7 @@ def localize_whole_image(
     t0 = time.perf_counter()
     mpp_override = item.slide_mpp if item.slide_mpp is not None else params.slide_mpp
     with open_slide(item.path, mpp=mpp_override) as slide:
-        if slide.vendor != "image":
-            raise InputError(
-                f"--whole-image resizes a plain image (PNG, JPEG...) to the network input; this is "
-                f"a {slide.vendor} slide: drop --whole-image to slide windows over it",
-                item.path,
-            )
+        _check_whole_image(slide, item.path)
         w, h = slide.dimensions
         image = slide.read_region((0, 0), 0, (w, h))
         mpp = slide.mpp
@@ -1104,6 +1112,36 @@ def localize_whole_image(
     }
 
 
+def check_inputs(
+    inputs: Sequence[InputItem], out_dir: Path, params: LocalizeParams, *, overwrite: bool = False
+) -> None:
+    """Open every input still to do (its header only) before the model is loaded.
+
+    Loading the model costs seconds and about a gigabyte; a batch with an unreadable slide, a
+    slide without resolution or a missing tissue GeoJSON is refused before that. Inputs finished in
+    an earlier run are not opened (unless ``overwrite``).
+
+    Raises:
+        InputError: the first input that cannot be localized, named, with the fix.
+    """
+    for item in inputs:
+        marker = out_dir / item.name / f"{item.name}.json"
+        if not overwrite and marker.is_file():
+            try:
+                if json.loads(marker.read_text(encoding="utf-8")).get("status") == "done":
+                    continue
+            except (OSError, ValueError, AttributeError):
+                pass
+        mpp = item.slide_mpp if item.slide_mpp is not None else params.slide_mpp
+        with open_slide(item.path, mpp=mpp) as slide:
+            if params.whole_image:
+                _check_whole_image(slide, item.path)
+                continue
+            _check_mpp(slide, None, item.path)
+        if params.tissue_detection:
+            tissue_geojson_for(item, params.tissue_geojson)
+
+
 def localize(
     inputs: Sequence[InputItem],
     out_dir: Path,
@@ -1134,6 +1172,8 @@ def localize(
         InputError: bad parameters or a model that cannot be used (before any input is touched).
     """
     params.validate()
+    if not skip_errors:
+        check_inputs(inputs, out_dir, params, overwrite=overwrite)  # before the model's load
     engine = Engine(params)
     record = params.record()
     record.update(

@@ -164,6 +164,38 @@ class Slide:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def check_pixels(self, side: int = 256) -> dict:
+        """Decode one small tile at the centre of level 0 and one of the smallest level.
+
+        A slide whose header reads fine can still hold undecodable pixel data (an interrupted
+        copy, a damaged disk); this reads a little of it. One tile is no proof for the whole file.
+
+        Returns:
+            ``{"status": "ok", "read": [{level, x, y, width, height, mean_rgb}, ...]}``.
+
+        Raises:
+            InputError: a tile cannot be decoded (corrupt or truncated pixel data).
+        """
+        read = []
+        for level in sorted({0, self.level_count - 1}):
+            w, h = self.level_dimensions[level]
+            tw, th = min(side, w), min(side, h)
+            ds = self.level_downsamples[level]
+            x0 = int(round((w - tw) / 2 * ds))
+            y0 = int(round((h - th) / 2 * ds))
+            region = np.asarray(self.read_region((x0, y0), level, (tw, th)))
+            read.append(
+                {
+                    "level": level,
+                    "x": x0,
+                    "y": y0,
+                    "width": tw,
+                    "height": th,
+                    "mean_rgb": [round(float(v), 1) for v in region.reshape(-1, 3).mean(axis=0)],
+                }
+            )
+        return {"status": "ok", "read": read}
+
     def info(self) -> dict:
         """A JSON-ready description: format, sizes, levels, resolution, associated images."""
         return {

@@ -166,3 +166,31 @@ def test_slide_info_real(wsi_dir):
     info = json.loads(result.stdout)
     assert info["vendor"] == "aperio" and info["objective_power"] == 20
     assert set(info["associated_images"]) == {"label", "macro", "thumbnail"}
+
+
+def test_slide_info_decodes_a_tile_so_damaged_pixels_are_found(tmp_path, synthetic_slide):
+    """Issue 26: slide-info called a slide fine without reading a pixel."""
+    import shutil
+
+    import tifffile
+
+    ok = runner.invoke(app, ["slide-info", str(synthetic_slide), "--json"])
+    assert ok.exit_code == 0
+    pixels = json.loads(ok.stdout)["pixels"]
+    assert pixels["status"] == "ok" and pixels["read"][0]["level"] == 0
+    assert (
+        "pixels: a 256 px tile decoded"
+        in runner.invoke(app, ["slide-info", str(synthetic_slide)]).stdout
+    )
+    damaged = tmp_path / "damaged.tif"
+    shutil.copy(synthetic_slide, damaged)
+    with tifffile.TiffFile(damaged) as tif:
+        page = tif.pages[0]
+        spans = list(zip(page.dataoffsets, page.databytecounts, strict=True))
+    with open(damaged, "r+b") as fh:  # every level-0 tile's data overwritten, the header intact
+        for offset, count in spans:
+            fh.seek(offset)
+            fh.write(b"\xff\x00" * (count // 2))
+    r = runner.invoke(app, ["slide-info", str(damaged)])
+    assert r.exit_code == 2
+    assert "damaged.tif" in r.stderr and "reading pixels failed" in r.stderr

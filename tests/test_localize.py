@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from histo_wsl.batch import LOCKS
 from histo_wsl.errors import InputError
 from histo_wsl.inputs import InputItem
 from histo_wsl.localize import (
@@ -351,7 +352,8 @@ def test_memmap_canvas_gives_the_same_outputs(tmp_path, synthetic_slide, models)
     np.testing.assert_array_equal(
         _prob(a / "synth" / "synth.prob.tif")[0], _prob(b / "synth" / "synth.prob.tif")[0]
     )
-    assert sorted(p.name for p in b.iterdir()) == ["run.json", "synth"]  # no scratch left
+    # no scratch left (the per-slide lock files stay, hidden)
+    assert sorted(p.name for p in b.iterdir()) == [LOCKS, "run.json", "synth"]
     assert not list(b.rglob("*.bin"))
 
 
@@ -389,7 +391,7 @@ def test_failure_mid_slide_leaves_nothing_under_the_final_name(
     s = _run([_item(synthetic_slide)], out, models / "const.pt", mpp=4.0)
     assert s.exit_code == 4 and s.items[0].status == "failed" and "disk gone" in s.items[0].error
     assert not (out / "synth").exists()
-    assert sorted(p.name for p in out.iterdir()) == ["run.json"]
+    assert sorted(p.name for p in out.iterdir()) == [LOCKS, "run.json"]
 
 
 def test_skip_errors_with_a_corrupt_slide(tmp_path, synthetic_slide, corrupt_slide, models):
@@ -400,8 +402,28 @@ def test_skip_errors_with_a_corrupt_slide(tmp_path, synthetic_slide, corrupt_sli
     status = {it.name: it.status for it in s.items}
     assert status == {"truncated": "failed", "synth": "done"}
     assert "truncated" in s.items[0].error and (out / "synth" / "synth.prob.tif").is_file()
-    stop = _run(items, tmp_path / "o2", models / "const.pt", mpp=4.0)
-    assert stop.exit_code == 2 and len(stop.items) == 1
+    # without --skip-errors every input is opened before the model is loaded: refused at once
+    with pytest.raises(InputError, match="truncated"):
+        _run(items, tmp_path / "o2", models / "const.pt", mpp=4.0)
+    assert not (tmp_path / "o2" / "synth").exists()
+
+
+def test_inputs_are_checked_before_the_model_is_loaded(
+    tmp_path, synthetic_slide, synthetic_slide_no_mpp, models, monkeypatch
+):
+    """Issue 26: localize loaded the model (seconds, a gigabyte) before it looked at its inputs."""
+    import histo_wsl.localize as lz
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(lz, "Engine", no_model)
+    items = [_item(synthetic_slide), _item(synthetic_slide_no_mpp)]
+    with pytest.raises(InputError, match="nompp.tif: has no resolution.*--slide-mpp"):
+        _run(items, tmp_path / "o", models / "const.pt")
+    missing = tmp_path / "no-such-folder"
+    with pytest.raises(InputError, match="synth"):
+        _run([_item(synthetic_slide)], tmp_path / "o", models / "const.pt", tissue_geojson=missing)
 
 
 def test_missing_mpp_is_a_clear_error(tmp_path, synthetic_slide_no_mpp, synthetic_slide, models):
@@ -454,8 +476,8 @@ def test_whole_image_maps_have_the_image_size(tmp_path, plain_image, synthetic_s
     rec = json.loads((d / "gland.json").read_text())
     assert rec["mode"] == "whole-image" and rec["image_size"] == [400, 300]
     assert rec["predicted_class"] in ("normal", "tumour")
-    bad = _run([_item(synthetic_slide)], tmp_path / "o2", models / "cam.pt", whole_image=True)
-    assert bad.exit_code == 2 and "--whole-image" in bad.items[0].error
+    with pytest.raises(InputError, match="--whole-image"):
+        _run([_item(synthetic_slide)], tmp_path / "o2", models / "cam.pt", whole_image=True)
 
 
 def test_plain_image_sliding_windows_need_mpp_then_give_image_sized_maps(

@@ -25,7 +25,8 @@ def slide_info(
     """Show what slide files hold: format, size, levels, resolution (µm/px).
 
     Per slide: vendor format, level-0 dimensions, pyramid levels with their downsamples and µm/px,
-    the resolution and where it comes from, objective power and associated images.
+    the resolution and where it comes from, objective power and associated images; one small tile
+    at the centre of level 0 and of the smallest level is decoded, so damaged pixel data is found.
     A slide that cannot be read is reported on stderr; the exit code is 1 when some slides failed
     and 2 when all did.
 
@@ -44,7 +45,9 @@ def slide_info(
         try:
             mpp = item.slide_mpp if item.slide_mpp is not None else slide_mpp
             with open_slide(item.path, mpp=mpp) as slide:
-                infos.append(slide.info())
+                info = slide.info()
+                info["pixels"] = slide.check_pixels()
+                infos.append(info)
         except HistoWSLError as exc:
             failed += 1
             infos.append({"path": str(item.path), "name": item.name, "error": str(exc)})
@@ -80,6 +83,12 @@ def slide_info(
             if info["associated_images"]:
                 assoc = ", ".join(f"{k} {w}x{h}" for k, (w, h) in info["associated_images"].items())
                 console.print(f"associated images: {assoc}")
+            tiles = ", ".join(
+                f"level {r['level']} at x={r['x']}, y={r['y']}" for r in info["pixels"]["read"]
+            )
+            console.print(
+                f"pixels: a {info['pixels']['read'][0]['width']} px tile decoded at {tiles}"
+            )
             for note in info["notes"]:
                 console.print(f"[yellow]note:[/yellow] {note}", soft_wrap=True)
     if failed:
