@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from histo_wsl.console import warn
 from histo_wsl.errors import InputError
 from histo_wsl.slide import IMAGE_SUFFIXES, WSI_SUFFIXES
 
@@ -40,11 +41,18 @@ def _is_glob(text: str) -> bool:
     return any(ch in text for ch in "*?[")
 
 
-def _from_folder(folder: Path) -> list[Path]:
-    files = sorted(
-        p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES
-    )
-    return _one_file_per_dicom_series(files)
+def _from_folder(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(the slide and image files of a folder, its other files); hidden files are not counted."""
+    files, others = [], []
+    for p in sorted(folder.iterdir()):
+        if not p.is_file() or p.name.startswith("."):
+            continue
+        (files if p.suffix.lower() in SLIDE_SUFFIXES else others).append(p)
+    return _one_file_per_dicom_series(files), others
+
+
+def _names(paths: list[Path], limit: int = 8) -> str:
+    return ", ".join(p.name for p in paths[:limit]) + (", ..." if len(paths) > limit else "")
 
 
 def _one_file_per_dicom_series(files: list[Path]) -> list[Path]:
@@ -135,10 +143,17 @@ def collect_inputs(specs: Sequence[str | Path]) -> list[InputItem]:
         text = str(spec)
         path = Path(text).expanduser()
         if path.is_dir():
-            files = _from_folder(path)
+            files, others = _from_folder(path)
+            held = f"; it holds {len(others)} other file(s): {_names(others)}" if others else ""
             if not files:
                 raise InputError(
-                    f"the folder holds no slide or image files ({', '.join(SLIDE_SUFFIXES)})", path
+                    f"the folder holds no slide or image files ({', '.join(SLIDE_SUFFIXES)}){held}",
+                    path,
+                )
+            if others:  # never left out silently
+                warn(
+                    f"{path}: {len(others)} file(s) left out, not of a slide or image type "
+                    f"histo-wsl reads: {_names(others)} (give a file by name to have it checked)"
                 )
             items += [InputItem(p, p.stem) for p in files]
         elif path.is_file() and path.suffix.lower() == ".csv":
@@ -147,11 +162,19 @@ def collect_inputs(specs: Sequence[str | Path]) -> list[InputItem]:
             items.append(InputItem(path, path.stem))
         elif _is_glob(text):
             matches = [Path(m) for m in sorted(glob.glob(text, recursive=True))]
-            files = _one_file_per_dicom_series(
-                [m for m in matches if m.is_file() and m.suffix.lower() in SLIDE_SUFFIXES]
-            )
+            matches = [m for m in matches if m.is_file()]
+            others = [m for m in matches if m.suffix.lower() not in SLIDE_SUFFIXES]
+            files = _one_file_per_dicom_series([m for m in matches if m not in others])
             if not files:
-                raise InputError("the pattern matches no slide or image file", text)
+                held = (
+                    f" (it matches {len(others)} other file(s): {_names(others)})" if others else ""
+                )
+                raise InputError(f"the pattern matches no slide or image file{held}", text)
+            if others:
+                warn(
+                    f"{text}: {len(others)} matching file(s) left out, not of a slide or image "
+                    f"type histo-wsl reads: {_names(others)}"
+                )
             items += [InputItem(p, p.stem) for p in files]
         else:
             raise InputError("no such file or folder; check the path", path)

@@ -38,6 +38,7 @@ WSI_SUFFIXES = (
     ".bif",
     ".dcm",
     ".czi",
+    ".qptiff",
 )
 #: A level-0 resolution coarser than this (µm/px) is a placeholder (e.g. a 72-dpi default), not a scan.
 MAX_PLAUSIBLE_MPP = 50.0
@@ -280,6 +281,64 @@ def _starts_like_a_slide(path: Path) -> bool:
     return tiff or head[128:132] == b"DICM"
 
 
+def _complete_tiff_kind(path: Path) -> str | None:
+    """What a TIFF that OpenSlide does not recognise holds, when it is whole.
+
+    Read with tifffile (its tags only): e.g. "a QPTIFF (Akoya/PerkinElmer multiplex image) of 3
+    channels, 16-bit". None when tifffile cannot parse it either, or when its pixel data runs past
+    the end of the file (a truncated copy).
+    """
+    import logging
+
+    import tifffile
+
+    class _Complaints(logging.Handler):  # tifffile logs (does not raise) a broken IFD chain
+        def __init__(self) -> None:
+            super().__init__(logging.WARNING)
+            self.seen = 0
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.seen += 1
+
+    complaints = _Complaints()
+    log = logging.getLogger("tifffile")
+    log.addHandler(complaints)
+    try:
+        size = path.stat().st_size
+        with tifffile.TiffFile(path) as tif:
+            tif.pages.useframes = False
+            pages = list(tif.pages)
+            if complaints.seen:
+                return None
+            for page in pages:
+                spans = zip(page.dataoffsets, page.databytecounts, strict=False)
+                if any(o + n > size for o, n in spans):
+                    return None
+            series = tif.series[0]
+            page = tif.pages[0]
+            if tif.is_qpi:
+                kind = "a QPTIFF (Akoya/PerkinElmer multiplex image)"
+            elif tif.is_ome:
+                kind = "an OME-TIFF"
+            else:
+                kind = "a TIFF"
+            axes = series.axes
+            channels = series.shape[axes.index("C")] if "C" in axes else None
+            if channels is None and "S" in axes:
+                channels = series.shape[axes.index("S")]
+            if channels is None and len(tif.pages) > 1 and axes[:1] in ("I", "Q"):
+                channels = series.shape[0]
+            depth = f"{np.dtype(page.dtype).itemsize * 8}-bit" if page.dtype is not None else ""
+            what = f"{channels} channel(s)" if channels else f"axes {axes}"
+            return f"{kind} of {what}, {depth}, {series.shape[-1]}x{series.shape[-2]} px".replace(
+                ", ,", ","
+            )
+    except Exception:  # noqa: BLE001 - tifffile cannot parse it: truncated or foreign
+        return None
+    finally:
+        log.removeHandler(complaints)
+
+
 def open_slide(path: str | Path, mpp: float | None = None) -> Slide:
     """Open a whole-slide image or a plain image.
 
@@ -314,6 +373,14 @@ def open_slide(path: str | Path, mpp: float | None = None) -> Slide:
         if path.suffix.lower() in IMAGE_SUFFIXES:
             return _open_plain(path, mpp)
         if _starts_like_a_slide(path):
+            kind = _complete_tiff_kind(path)
+            if kind is not None:
+                raise InputError(
+                    f"is {kind}, which histo-wsl does not read: it works on brightfield RGB "
+                    "slides (H&E, IHC); export the brightfield image as an RGB pyramidal TIFF "
+                    "(e.g. vips tiffsave in out.tif --tile --pyramid --compression jpeg)",
+                    path,
+                )
             raise InputError(
                 f"looks truncated or corrupt: it begins like a TIFF- or DICOM-based slide but "
                 f"OpenSlide cannot read its structure ({path.stat().st_size:,} bytes; often an "
@@ -333,6 +400,13 @@ def open_slide(path: str | Path, mpp: float | None = None) -> Slide:
                 return _open_plain(path, mpp)
             except InputError:
                 pass
+        if vendor == "dicom":
+            raise InputError(
+                f"OpenSlide cannot open this DICOM file ({exc}): it is not a complete DICOM "
+                "whole-slide image (VL Whole Slide Microscopy) as OpenSlide needs one; export the "
+                "series again from the archive, with every instance of the series in one folder",
+                path,
+            ) from exc
         raise InputError(
             f"OpenSlide cannot open this {vendor} file ({exc}); the file is corrupt or uses an "
             "unsupported encoding: re-export it (e.g. as a JPEG-compressed pyramidal TIFF)",

@@ -95,3 +95,18 @@ def test_dicom_series_counts_once(wsi_dir, tmp_path):
     for name in ("boxes_0.dcm", "boxes_1.dcm"):
         shutil.copy(wsi_dir / name, d / name)
     assert [it.name for it in collect_inputs([d])] == ["boxes_0"]
+
+
+def test_files_of_other_types_in_a_folder_are_named_never_left_out_silently(tmp_path, capsys):
+    """Issue 26: a QPTIFF inside a folder was skipped without a word."""
+    d = _touch_slides(tmp_path / "s", ["a.svs", "notes.txt", "panel.qptiff", "x.vsi", ".hidden"])
+    items = collect_inputs([str(d)])
+    assert [it.name for it in items] == ["a", "panel"]  # a QPTIFF is read (and explained there)
+    err = capsys.readouterr().err
+    assert "2 file(s) left out" in err and "notes.txt" in err and "x.vsi" in err
+    assert ".hidden" not in err
+    collect_inputs([str(d / "*")])
+    assert "2 matching file(s) left out" in capsys.readouterr().err
+    only = _touch_slides(tmp_path / "only", ["readme.txt"])
+    with pytest.raises(InputError, match="other file.*readme.txt"):
+        collect_inputs([only])

@@ -230,3 +230,40 @@ def test_a_16_bit_greyscale_tiff_keeps_its_contrast(tmp_path, top):
     assert rgb[0, 0].tolist() == [255, 255, 255]
     assert abs(int(rgb[100, 150, 0]) - 64) <= 1  # a quarter of the range, not clipped to white
     assert any("scaled to 8-bit" in n for n in slide.notes)
+
+
+def test_a_qptiff_and_other_foreign_tiffs_are_named_for_what_they_are(tmp_path):
+    """Issue 26: a QPTIFF (multiplex fluorescence) was refused as 'not a TIFF'."""
+    import tifffile
+
+    path = tmp_path / "panel.qptiff"
+    rng = np.random.default_rng(0)
+    with tifffile.TiffWriter(path) as tw:
+        for _ in range(3):  # one 16-bit page per fluorescence channel, as Akoya scanners write
+            tw.write(
+                (rng.random((300, 400)) * 4000).astype(np.uint16),
+                photometric="minisblack",
+                software="PerkinElmer-QPI",
+            )
+    with pytest.raises(InputError) as err:
+        open_slide(path)
+    msg = str(err.value)
+    assert "is a QPTIFF (Akoya/PerkinElmer multiplex image)" in msg and "16-bit" in msg
+    assert "brightfield RGB" in msg and "truncated" not in msg
+    # the same file cut short is still called truncated
+    cut = tmp_path / "cut.qptiff"
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(InputError, match="looks truncated or corrupt"):
+        open_slide(cut)
+
+
+def test_a_dicom_missing_an_attribute_is_called_incomplete_not_corrupt(tmp_path, wsi_dir):
+    """Issue 26: a DICOM WSI lacking one attribute was called corrupt."""
+    for name in ("boxes_0.dcm", "boxes_1.dcm"):  # TotalPixelMatrixColumns (0048,0006) renamed
+        data = (wsi_dir / name).read_bytes()
+        (tmp_path / name).write_bytes(data.replace(b"\x48\x00\x06\x00", b"\x48\x00\x05\x00", 1))
+    with pytest.raises(InputError) as err:
+        open_slide(tmp_path / "boxes_0.dcm")
+    msg = str(err.value)
+    assert "not a complete DICOM whole-slide image" in msg and "corrupt" not in msg
+    assert "level dimensions" in msg  # OpenSlide's own reason is kept
