@@ -49,66 +49,29 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _runs import eval_numbers, flags, histo_wsl, missing_glas  # noqa: E402
+from glas_maxmin import RECIPES as MAXMIN_RECIPES  # noqa: E402
+from glas_negev import RECIPES as NEGEV_RECIPES  # noqa: E402
 
 #: what every GPU training adds to its recipe
 GPU = {"amp": True, "channels_last": True, "data_on_device": True, "eval_every": 10}
-#: name -> (command, options, the run whose best-cls.pt it takes as --classifier, or None)
+#: name -> (command, options, the run whose best-cls.pt it takes as --classifier, or None): the
+#: GPU recipes of glas_negev.py and glas_maxmin.py, with MobileNetV2 for stage 1
 RUNS: dict[str, tuple[str, dict[str, Any], str | None]] = {
     "cam": (
         "train-classifier",
-        {
-            "backbone": "mobilenetv2",
-            "pretrained": True,
-            "epochs": 1000,
-            "batch_size": 32,
-            "lr": 0.003,
-            "step_size": 250,
-            **GPU,
-        },
+        {**NEGEV_RECIPES["gpu"]["stage1"], "backbone": "mobilenetv2", **GPU},
         None,
     ),
-    "maxmin": (
-        "train-classifier",
-        {
-            "method": "maxmin",
-            "backbone": "mobilenetv2",
-            "pretrained": True,
-            "epochs": 80,
-            "batch_size": 8,
-            "lr": 0.001,
-            "step_size": 64,
-            "maxmin_lambda": 0.3,
-            "maxmin_regularizer": "sem",
-            "refine": "knn",
-            "refine_alpha": 0.5,
-            "resize_size": 448,
-            "crop_size": 416,
-            **GPU,
-            "eval_every": 2,
-        },
-        None,
-    ),
+    "maxmin": ("train-classifier", {**MAXMIN_RECIPES["gpu"], **GPU, "eval_every": 2}, None),
     "negev-paper": (
         "train-decoder",
-        {
-            "epochs": 1000,
-            "batch_size": 32,
-            "lr": 0.1,
-            "step_size": 250,
-            "seeds_fg": 1,
-            "seeds_bg": 1,
-            **GPU,
-            "eval_every": 20,
-        },
+        {**NEGEV_RECIPES["gpu"]["stage2"], **GPU, "eval_every": 20},
         "cam",
     ),
     "negev-knn": (
         "train-decoder",
         {
-            "epochs": 1000,
-            "batch_size": 32,
-            "lr": 0.1,
-            "step_size": 250,
+            **NEGEV_RECIPES["gpu"]["stage2"],
             "seeds_fg": 20,
             "seeds_bg": 20,
             "seed_map": "knn",

@@ -355,46 +355,32 @@ class BatchRunner:
             bar.start()
         try:
             for item in items:
-                if not self.overwrite and self.is_done(item.name):
+
+                def skip(reason: str, item: InputItem = item) -> None:
                     results.append(
-                        ItemResult(
-                            item.name,
-                            str(item.path),
-                            "skipped",
-                            details={"reason": "finished in an earlier run"},
-                        )
+                        ItemResult(item.name, str(item.path), "skipped", details={"reason": reason})
                     )
                     if bar:
                         bar.advance(overall)
+
+                if not self.overwrite and self.is_done(item.name):
+                    skip("finished in an earlier run")
                     continue
                 lock = self._lock(item.name)
                 if lock is None:  # another live run is on it: leave it to that run
                     held = self.out_dir / LOCKS / f"{item.name}.lock"
                     reason = f"another run is processing it (lock {held}); rerun when it ends"
-                    results.append(
-                        ItemResult(item.name, str(item.path), "skipped", details={"reason": reason})
-                    )
                     stderr_console().print(
                         f"skipped: {item.path}: {reason}",
                         markup=False,
                         highlight=False,
                         soft_wrap=True,
                     )
-                    if bar:
-                        bar.advance(overall)
+                    skip(reason)
                     continue
                 if not self.overwrite and self.is_done(item.name):  # finished while we waited
                     lock.release()
-                    results.append(
-                        ItemResult(
-                            item.name,
-                            str(item.path),
-                            "skipped",
-                            details={"reason": "finished by another run"},
-                        )
-                    )
-                    if bar:
-                        bar.advance(overall)
+                    skip("finished by another run")
                     continue
                 t_item = time.perf_counter()
                 try:
