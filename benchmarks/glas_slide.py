@@ -1,0 +1,172 @@
+"""A GlaS validation slide: the model as labs run it (``localize`` on a slide) next to the papers' protocol.
+
+The 18 validation images of a GlaS fold are laid out as one pyramidal TIFF at 0.62 µm/px (GlaS's
+scan resolution) on white glass, with gaps between the images so that tissue detection matters,
+and their gland masks as ``<slide>_mask.png`` beside it. Then, each a ``histo-wsl`` child process:
+
+1. ``localize <slide> --model M`` (sliding windows at the card's µm/px, as for any slide);
+2. ``evaluate --predictions <localize out> --annotations <masks>``: slide PxAP and Dice;
+3. ``evaluate M --data GLAS --fold F --split val``: the papers' protocol (each image resized whole
+   to the network input) on the same images.
+
+It prints one JSON object: both PxAPs, the slide's Dice, the gap (papers' − slide) and the seconds
+of each step. Exit status 0, or 2 when GlaS is missing (``--skip-missing``: a message and 0).
+
+    python benchmarks/glas_slide.py                         # the default model, fold 0
+    python benchmarks/glas_slide.py --model runs/negev/best-loc.pt --out runs/glas-slide-negev
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _runs import eval_numbers, histo_wsl, missing_glas, resolve_data, run_logged  # noqa: E402
+
+#: GlaS scan resolution (µm/px; Sirinukunwattana et al. 2017)
+GLAS_MPP = 0.62
+#: the white of the glass between the images
+GLASS = 243
+
+
+def layout_slide(
+    glas: Path, fold: int, out: Path, columns: int = 6, gap: int = 256
+) -> tuple[Path, Path, list[dict]]:
+    """Write ``out/glas-val-fold<F>.tif`` (pyramidal, tiled, JPEG) and its ``_mask.png``.
+
+    Returns:
+        (slide, mask, one placement per image: name, x, y, width, height, label).
+    """
+    import tifffile
+    from PIL import Image
+
+    from histo_wsl.data.sources import load_samples
+
+    samples = [s for s in load_samples(glas, fold=fold).samples if s.split == "val"]
+    images = [np.asarray(Image.open(s.image).convert("RGB")) for s in samples]
+    masks = [np.asarray(Image.open(s.mask)) for s in samples]
+    cell_w = max(im.shape[1] for im in images) + gap
+    cell_h = max(im.shape[0] for im in images) + gap
+    rows = -(-len(images) // columns)
+    width, height = gap + columns * cell_w, gap + rows * cell_h
+    rgb = np.full((height, width, 3), GLASS, np.uint8)
+    truth = np.zeros((height, width), np.uint8)
+    placed = []
+    for i, (s, im, m) in enumerate(zip(samples, images, masks, strict=True)):
+        x, y = gap + (i % columns) * cell_w, gap + (i // columns) * cell_h
+        h, w = im.shape[:2]
+        rgb[y : y + h, x : x + w] = im
+        truth[y : y + h, x : x + w] = np.where((m if m.ndim == 2 else m.max(axis=2)) > 0, 255, 0)
+        placed.append({"name": s.image.stem, "x": x, "y": y, "width": w, "height": h})
+    out.mkdir(parents=True, exist_ok=True)
+    slide = out / f"glas-val-fold{fold}.tif"
+    levels = [rgb]
+    while max(levels[-1].shape[:2]) > 512:
+        prev = Image.fromarray(levels[-1])
+        levels.append(np.asarray(prev.resize((prev.width // 2, prev.height // 2), Image.BOX)))
+    with tifffile.TiffWriter(slide) as tw:
+        for i, level in enumerate(levels):
+            res = 1e4 / (GLAS_MPP * 2**i)
+            tw.write(
+                level,
+                tile=(256, 256),
+                photometric="rgb",
+                compression="jpeg",
+                compressionargs={"level": 95},
+                resolution=(res, res),
+                resolutionunit="CENTIMETER",
+                subfiletype=0 if i == 0 else 1,
+                metadata=None,
+            )
+    mask = out / "annotations" / f"{slide.stem}_mask.png"
+    mask.parent.mkdir(exist_ok=True)
+    Image.fromarray(truth).save(mask)
+    return slide, mask, placed
+
+
+def _dice(model: dict[str, Any]) -> float | None:
+    card = ((model.get("localization") or {}).get("at_threshold") or {}).get("card") or {}
+    value = (card.get("dice_fg") or {}).get("value")
+    return None if value is None else round(value, 4)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Lay the slide out, localize, evaluate both ways; print JSON; returns the exit status."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", help="GlaS folder (default: ../shared/data/glas next to the repo).")
+    p.add_argument("--fold", type=int, default=0)
+    p.add_argument("--model", default="glas-negev-mobilenetv2", help="Checkpoint or model name.")
+    p.add_argument("--out", default="runs/glas-slide")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--skip-missing", action="store_true")
+    args = p.parse_args(argv)
+    data = resolve_data(args.data)
+    code = missing_glas(data, args.skip_missing)
+    if code is not None:
+        return code
+    out = Path(args.out)
+    if out.exists():
+        shutil.rmtree(out)
+    t0 = time.perf_counter()
+    slide, mask, placed = layout_slide(data, args.fold, out)
+    seconds = {"layout": round(time.perf_counter() - t0, 1)}
+    steps = {
+        "localize": histo_wsl(
+            "localize", str(slide), "--model", args.model, "--out", str(out / "localize"),
+            "--device", args.device, "--quiet",
+        ),
+        "evaluate_slide": histo_wsl(
+            "evaluate", "--predictions", str(out / "localize"), "--annotations",
+            str(mask.parent), "--out", str(out / "eval-slide"), "--quiet",
+        ),
+        "evaluate_images": histo_wsl(
+            "evaluate", args.model, "--data", str(data), "--fold", str(args.fold), "--split",
+            "val", "--out", str(out / "eval-images"), "--device", args.device, "--quiet",
+        ),
+    }  # fmt: skip
+    codes = {}
+    for name, cmd in steps.items():
+        codes[name], secs = run_logged(cmd, out / "logs" / f"{name}.log")
+        seconds[name] = round(secs, 1)
+        if codes[name] != 0:
+            print(f"error: {name} failed; see {out / 'logs' / (name + '.log')}", file=sys.stderr)
+            return 1
+    slide_m = json.loads((out / "eval-slide" / "metrics.json").read_text())["models"][0]
+    image_m = json.loads((out / "eval-images" / "metrics.json").read_text())["models"][0]
+    slide_pxap, image_pxap = eval_numbers(slide_m)["pxap"], eval_numbers(image_m)["pxap"]
+    report = {
+        "model": args.model,
+        "fold": args.fold,
+        "images": len(placed),
+        "slide": {"path": str(slide), "mpp": GLAS_MPP, "size": list(map(int, _size(slide)))},
+        "slide_pxap": slide_pxap,
+        "slide_dice": _dice(slide_m),
+        "papers_protocol_pxap": image_pxap,
+        "papers_protocol_dice": _dice(image_m),
+        "gap": None if None in (slide_pxap, image_pxap) else round(image_pxap - slide_pxap, 2),
+        "seconds": seconds,
+        "commands": {k: " ".join(v) for k, v in steps.items()},
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def _size(slide: Path) -> tuple[int, int]:
+    import tifffile
+
+    with tifffile.TiffFile(slide) as tif:
+        return tif.pages[0].shape[1], tif.pages[0].shape[0]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
