@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
 import sys
 import time
@@ -107,6 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="glas-negev-mobilenetv2", help="Checkpoint or model name.")
     p.add_argument("--out", default="runs/glas-slide")
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--localize-options",
+        default="",
+        help="More localize options, one string (e.g. '--overlap 0.5 --mpp 1.2'): a sweep.",
+    )
     p.add_argument("--skip-missing", action="store_true")
     args = p.parse_args(argv)
     data = resolve_data(args.data)
@@ -122,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     steps = {
         "localize": histo_wsl(
             "localize", str(slide), "--model", args.model, "--out", str(out / "localize"),
-            "--device", args.device, "--quiet",
+            "--device", args.device, "--quiet", *shlex.split(args.localize_options),
         ),
         "evaluate_slide": histo_wsl(
             "evaluate", "--predictions", str(out / "localize"), "--annotations",
@@ -145,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     slide_pxap, image_pxap = eval_numbers(slide_m)["pxap"], eval_numbers(image_m)["pxap"]
     report = {
         "model": args.model,
+        "localize_options": args.localize_options,
         "fold": args.fold,
         "images": len(placed),
         "slide": {"path": str(slide), "mpp": GLAS_MPP, "size": list(map(int, _size(slide)))},
