@@ -125,7 +125,7 @@ def best_of(out: Path, key: str = "valpx_pxap") -> dict[str, Any]:
 
 def card_of(checkpoint: Path) -> dict[str, Any]:
     """The model card of a histo-wsl checkpoint (weights-only load)."""
-    from histo_wsl.checkpoint import load_checkpoint
+    from histo_wsl.registry.checkpoint import load_checkpoint
 
     return dict(load_checkpoint(checkpoint).get("card", {}))
 

@@ -5,7 +5,7 @@ knife-edge; this script runs ``histo-wsl demo`` (the library's ``run_demo``, the
 each seed of ``--seeds`` with each thread count of ``--threads`` (``torch.set_num_threads``), each in
 its own child process, and prints one JSON object: a row per run (CAM and NEGEV PxAP on the
 held-out patches, the slide's PxAP and Dice, seconds), the band (min and max of each) and whether
-every run holds the lower edges that ``tests/test_demo.py`` asserts for seed 0. Exit status 1 when
+every run holds the lower edges that ``tests/synthetic/test_demo.py`` asserts for seed 0. Exit status 1 when
 a run falls below an edge.
 
     python benchmarks/demo_band.py --seeds 0,1,2,3 --threads 1,2 --out /tmp/demo-band
@@ -20,14 +20,14 @@ import sys
 import time
 from pathlib import Path
 
-from histo_wsl.batch import environment  # noqa: E402
+from histo_wsl.runtime.batch import environment  # noqa: E402
 
-#: the lower edges tests/test_demo.py asserts on the full demo
+#: the lower edges tests/synthetic/test_demo.py asserts on the full demo
 EDGES = {"negev_pxap": 78.0, "gain": 60.0, "slide_pxap": 80.0, "slide_dice": 0.72}
 
 CHILD = """
 import json, sys, torch
-from histo_wsl.demo import RECIPE, run_demo
+from histo_wsl.synthetic.demo import RECIPE, run_demo
 torch.set_num_threads(int(sys.argv[2]))
 r = run_demo(sys.argv[1], seed=int(sys.argv[3]), overwrite=True, quiet=True, recipe=RECIPE)
 print(json.dumps({"test": r["test"], "slide": r["slide_metrics"]}))

@@ -56,9 +56,9 @@ def write_dataset(root: Path, n: int, size: int = 256, seed: int = 0) -> Path:
 def write_checkpoint(path: Path) -> Path:
     import torch
 
-    from histo_wsl.checkpoint import save_checkpoint
     from histo_wsl.data.images import IMAGENET_MEAN, IMAGENET_STD
     from histo_wsl.networks.classifier import build_classifier
+    from histo_wsl.registry.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     model = build_classifier("mobilenetv2", "wgap", 2, pretrained=False)
@@ -82,7 +82,7 @@ def child(data: str, ckpt: str, out: str) -> None:
     """Run one evaluation and print its time and peak RSS (MB)."""
     import torch
 
-    from histo_wsl.evaluate import EvalSettings, run_evaluate
+    from histo_wsl.evaluation.images import EvalSettings, run_evaluate
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()

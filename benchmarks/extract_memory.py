@@ -36,13 +36,13 @@ from pathlib import Path
 TARGET = 1.2
 BASELINE_CODE = (
     "import numpy, PIL.Image, cv2, openslide\n"
-    "import histo_wsl.cli.app, histo_wsl.extract, histo_wsl.tissue, histo_wsl.batch\n"
+    "import histo_wsl.cli.app, histo_wsl.data.extract, histo_wsl.tissue.detect, histo_wsl.runtime.batch\n"
 )
 
 
 WRITE_CODE = (
     "import sys\n"
-    "from histo_wsl.synthetic import make_layout, write_pyramid_tiff\n"
+    "from histo_wsl.synthetic.slides import make_layout, write_pyramid_tiff\n"
     "size, mpp = int(sys.argv[2]), float(sys.argv[3])\n"
     "write_pyramid_tiff(sys.argv[1], make_layout(size, size, mpp=mpp, seed=0))\n"
 )

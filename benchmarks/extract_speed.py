@@ -4,8 +4,8 @@ On one slide, in one run, three things write the same PNG patches (224 px at the
 so level 0 is read as it is, every grid position kept):
 
 * ``plain``: ``openslide.OpenSlide(...).read_region`` -> ``.convert("RGB")`` -> ``save(PNG)`` at
-  ``histo_wsl.extract.PNG_COMPRESS_LEVEL``, over the exact grid ``extract-patches`` makes;
-* ``extract_w1``: ``histo_wsl.extract.extract_patches`` with ``min_tissue=0``, 1 worker;
+  ``histo_wsl.data.extract.PNG_COMPRESS_LEVEL``, over the exact grid ``extract-patches`` makes;
+* ``extract_w1``: ``histo_wsl.data.extract.extract_patches`` with ``min_tissue=0``, 1 worker;
 * ``extract_w2``: the same with 2 workers.
 
 The extract timings are whole calls: thumbnail, tissue detection, QC images, GeoJSON, manifest and
@@ -65,7 +65,7 @@ def machine_info() -> dict:
 
 def synthetic_slide(folder: Path, size: int, mpp: float) -> tuple[Path, float]:
     """A cached synthetic pyramidal TIFF of ``size`` x ``size`` px; returns (path, seconds written)."""
-    from histo_wsl.synthetic import make_layout, write_pyramid_tiff
+    from histo_wsl.synthetic.slides import make_layout, write_pyramid_tiff
 
     path = folder / f"synthetic_{size}px_{mpp:g}mpp.tiff"
     if path.is_file():
@@ -77,8 +77,8 @@ def synthetic_slide(folder: Path, size: int, mpp: float) -> tuple[Path, float]:
 
 def slide_grid(path: Path, patch_size: int) -> tuple[float, list[tuple[int, int]]]:
     """The slide's mpp and the grid ``extract-patches`` uses at that mpp (level 0, no resize)."""
-    from histo_wsl.grid import make_grid
-    from histo_wsl.slide import open_slide, plan_read
+    from histo_wsl.slideio.grid import make_grid
+    from histo_wsl.slideio.slide import open_slide, plan_read
 
     with open_slide(path) as slide:
         if slide.mpp is None:
@@ -110,7 +110,7 @@ def plain_pass(path: Path, coords: list[tuple[int, int]], size: int, out: Path) 
     """Plain OpenSlide loop; returns seconds."""
     import openslide
 
-    from histo_wsl.extract import PNG_COMPRESS_LEVEL
+    from histo_wsl.data.extract import PNG_COMPRESS_LEVEL
 
     out.mkdir(parents=True)
     name = path.stem
@@ -131,7 +131,7 @@ def _plain_part(job: tuple[str, list[tuple[int, int]], int, str]) -> None:
     path, coords, size, out = job
     import openslide
 
-    from histo_wsl.extract import PNG_COMPRESS_LEVEL
+    from histo_wsl.data.extract import PNG_COMPRESS_LEVEL
 
     name = Path(path).stem
     osr = openslide.OpenSlide(path)
@@ -150,7 +150,7 @@ def _plain_part(job: tuple[str, list[tuple[int, int]], int, str]) -> None:
 def _warm_worker(_: int) -> int:
     import openslide  # noqa: F401
 
-    import histo_wsl.extract  # noqa: F401
+    import histo_wsl.data.extract  # noqa: F401
 
     return os.getpid()
 
@@ -185,8 +185,8 @@ def cpu_scaling(pool) -> float:
 
 def extract_pass(path: Path, mpp: float, size: int, workers: int, n: int, out: Path) -> float:
     """One ``extract_patches`` call; returns seconds (checks that all ``n`` patches were written)."""
-    from histo_wsl.extract import ExtractParams, extract_patches
-    from histo_wsl.inputs import InputItem
+    from histo_wsl.data.extract import ExtractParams, extract_patches
+    from histo_wsl.runtime.inputs import InputItem
 
     params = ExtractParams(patch_size=size, mpp=mpp, min_tissue=0.0, workers=workers)
     start = time.perf_counter()
@@ -203,8 +203,8 @@ def extract_pass(path: Path, mpp: float, size: int, workers: int, n: int, out: P
 
 def coords_only_pass(path: Path, mpp: float, size: int, out: Path) -> float:
     """``extract_patches --coords-only``: the per-slide cost without any patch; returns seconds."""
-    from histo_wsl.extract import ExtractParams, extract_patches
-    from histo_wsl.inputs import InputItem
+    from histo_wsl.data.extract import ExtractParams, extract_patches
+    from histo_wsl.runtime.inputs import InputItem
 
     params = ExtractParams(patch_size=size, mpp=mpp, min_tissue=0.0, coords_only=True)
     start = time.perf_counter()

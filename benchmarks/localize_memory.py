@@ -48,8 +48,9 @@ MODEL_CODE = (
 BASELINE_CODE = (
     "import sys, torch\n"
     "from pathlib import Path\n"
-    "import histo_wsl.cli.app, histo_wsl.localize, histo_wsl.writers, histo_wsl.batch\n"
-    "from histo_wsl.localize import Engine, LocalizeParams\n"
+    "import histo_wsl.cli.app, histo_wsl.inference.localize\n"
+    "import histo_wsl.slideio.writers, histo_wsl.runtime.batch\n"
+    "from histo_wsl.inference.localize import Engine, LocalizeParams\n"
     "torch.set_num_threads(int(sys.argv[2]))\n"
     "e = Engine(LocalizeParams(model=Path(sys.argv[1]), device='cpu'))\n"
     "x = torch.zeros((int(sys.argv[3]), e.size, e.size, 3), dtype=torch.uint8)\n"

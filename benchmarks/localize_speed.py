@@ -2,9 +2,9 @@
 
 In one run, on one model, batch size and device:
 
-* ``forward``: the compute limit, :meth:`histo_wsl.localize.Engine.predict` (normalisation,
+* ``forward``: the compute limit, :meth:`histo_wsl.inference.localize.Engine.predict` (normalisation,
   forward pass and map) on a batch of windows already in memory, repeated;
-* ``localize``: :func:`histo_wsl.localize.localize` on a real slide
+* ``localize``: :func:`histo_wsl.inference.localize.localize` on a real slide
   (``../shared/data/wsi/cmu-1-small-region.svs``, or a synthetic pyramid when it is absent),
   counted over the slide's whole processing (thumbnail, tissue, reading, inference, blending,
   writing the TIFF, mask, GeoJSON and overlay), in windows per second.
@@ -44,10 +44,10 @@ def make_checkpoint(path: Path, method: str, backbone: str, size: int, mpp: floa
     """An untrained histo-wsl checkpoint (stage 1 ``cam`` or stage 2 ``negev``)."""
     import torch
 
-    from histo_wsl.checkpoint import save_checkpoint
     from histo_wsl.data.images import IMAGENET_MEAN, IMAGENET_STD
     from histo_wsl.networks.classifier import build_classifier
     from histo_wsl.networks.negev import NEGEVModel
+    from histo_wsl.registry.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     clf = build_classifier(backbone, "wgap", 2, pretrained=False)
@@ -77,7 +77,7 @@ def make_checkpoint(path: Path, method: str, backbone: str, size: int, mpp: floa
 
 def synthetic_slide(folder: Path, size: int = 4000, mpp: float = 0.5) -> Path:
     """A cached synthetic pyramidal TIFF standing in for the real slide."""
-    from histo_wsl.synthetic import make_layout, write_pyramid_tiff
+    from histo_wsl.synthetic.slides import make_layout, write_pyramid_tiff
 
     path = folder / f"synthetic_{size}px_{mpp:g}mpp.tiff"
     if not path.is_file():
@@ -131,8 +131,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from histo_wsl.inputs import InputItem
-    from histo_wsl.localize import Engine, LocalizeParams, localize
+    from histo_wsl.inference.localize import Engine, LocalizeParams, localize
+    from histo_wsl.runtime.inputs import InputItem
 
     if args.threads:
         torch.set_num_threads(args.threads)

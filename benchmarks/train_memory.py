@@ -89,7 +89,7 @@ if backbone != "-":
                           "torch_home": fallback}
 if data_dir != "-":
     import math
-    from histo_wsl.synthetic_patches import write_patch_dataset
+    from histo_wsl.synthetic.patches import write_patch_dataset
     n = max(int(n_min), math.ceil(int(steps) * batch / (2 * (1 - float(val_fraction)))))
     out["synthetic"] = {
         "csv": str(write_patch_dataset(data_dir, n_per_class=n, size=int(size), seed=0)),

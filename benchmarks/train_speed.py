@@ -27,8 +27,8 @@ import torch.nn.functional as F  # noqa: N812
 from histo_wsl.data.images import LabelledImages, train_transform
 from histo_wsl.data.sources import load_samples
 from histo_wsl.networks.classifier import build_classifier, param_groups
-from histo_wsl.synthetic_patches import write_patch_dataset
-from histo_wsl.training import FillingSampler, resolve_device
+from histo_wsl.synthetic.patches import write_patch_dataset
+from histo_wsl.training.engine import FillingSampler, resolve_device
 
 TARGET = 0.85
 

@@ -22,7 +22,7 @@ def wsi_dir() -> Path:
 @pytest.fixture(scope="session")
 def layout():
     """A 3000x2000 px layout at 0.5 µm/px: two tissue sections (one faint) with glands."""
-    from histo_wsl.synthetic import make_layout
+    from histo_wsl.synthetic.slides import make_layout
 
     return make_layout(3000, 2000, mpp=0.5, n_sections=2, faint_sections=1, seed=3)
 
@@ -30,7 +30,7 @@ def layout():
 @pytest.fixture(scope="session")
 def synthetic_slide(tmp_path_factory, layout) -> Path:
     """The layout written as a pyramidal tiled TIFF with resolution tags."""
-    from histo_wsl.synthetic import write_pyramid_tiff
+    from histo_wsl.synthetic.slides import write_pyramid_tiff
 
     return write_pyramid_tiff(tmp_path_factory.mktemp("slides") / "synth.tif", layout)
 
@@ -38,7 +38,7 @@ def synthetic_slide(tmp_path_factory, layout) -> Path:
 @pytest.fixture(scope="session")
 def synthetic_slide_no_mpp(tmp_path_factory) -> Path:
     """A small pyramidal TIFF without resolution metadata."""
-    from histo_wsl.synthetic import make_layout, write_pyramid_tiff
+    from histo_wsl.synthetic.slides import make_layout, write_pyramid_tiff
 
     lay = make_layout(1200, 1000, mpp=0.5, n_sections=1, seed=5)
     return write_pyramid_tiff(tmp_path_factory.mktemp("nompp") / "nompp.tif", lay, mpp_tags=False)
@@ -47,7 +47,7 @@ def synthetic_slide_no_mpp(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def blank_slide(tmp_path_factory) -> Path:
     """A pyramidal TIFF of empty glass (no tissue)."""
-    from histo_wsl.synthetic import make_layout, write_pyramid_tiff
+    from histo_wsl.synthetic.slides import make_layout, write_pyramid_tiff
 
     lay = make_layout(1500, 1200, mpp=0.5, n_sections=0, seed=1)
     return write_pyramid_tiff(tmp_path_factory.mktemp("blank") / "blank.tif", lay)

@@ -8,7 +8,7 @@ import torch
 from typer.testing import CliRunner
 
 from histo_wsl.cli.app import app
-from histo_wsl.seed_bank import FeatureBank
+from histo_wsl.methods.knn import FeatureBank
 
 A = [1.0, 0.0]  # two kinds of "tissue" in a 2-channel feature space
 B = [0.0, 1.0]
@@ -39,7 +39,7 @@ def two_stages(pixels: list[list[float]]) -> list[torch.Tensor]:
 
 def tiny_classifier(tmp_path: Path) -> tuple[Path, Path, list[str]]:
     """(data folder, stage-1 checkpoint, common options) of a 1-epoch synthetic classifier."""
-    from histo_wsl.synthetic_patches import write_patch_dataset
+    from histo_wsl.synthetic.patches import write_patch_dataset
 
     data = write_patch_dataset(tmp_path / "data", n_per_class=4, size=64, seed=5)
     cfg = tmp_path / "tiny.yaml"

@@ -10,9 +10,6 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from histo_wsl import atomic
-from histo_wsl.batch import BatchRunner
-from histo_wsl.checkpoint import load_checkpoint, save_checkpoint
 from histo_wsl.cli.app import app
 from histo_wsl.errors import (
     EXIT_FAULT,
@@ -21,8 +18,11 @@ from histo_wsl.errors import (
     DiskFullError,
     is_disk_full,
 )
-from histo_wsl.inputs import InputItem
-from histo_wsl.synthetic_patches import write_patch_dataset
+from histo_wsl.registry.checkpoint import load_checkpoint, save_checkpoint
+from histo_wsl.runtime import atomic
+from histo_wsl.runtime.batch import BatchRunner
+from histo_wsl.runtime.inputs import InputItem
+from histo_wsl.synthetic.patches import write_patch_dataset
 
 runner = CliRunner()
 Usage = namedtuple("Usage", "total used free")
@@ -102,7 +102,7 @@ def test_training_on_a_full_disk_exits_3_with_one_line(tmp_path, patches, monkey
 
 
 def test_an_internal_error_is_one_line_with_the_saved_traceback(tmp_path, patches, monkeypatch):
-    import histo_wsl.training as training
+    import histo_wsl.training.engine as training
 
     def bug(*a, **k):
         raise ZeroDivisionError("division by zero in a helper")

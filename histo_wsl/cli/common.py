@@ -142,10 +142,10 @@ def run_batch_command(
     """Collect inputs, apply ``--shard``, run a batch command, report; return the Exit to raise.
 
     ``run`` is a library batch function (``extract_patches``, ``localize``) returning a
-    :class:`~histo_wsl.batch.RunSummary`; ``describe`` turns the summary into the one-line
+    :class:`~histo_wsl.runtime.batch.RunSummary`; ``describe`` turns the summary into the one-line
     human report printed on stderr when ``--json`` is not given.
     """
-    from histo_wsl.inputs import collect_inputs, parse_shard, select_shard
+    from histo_wsl.runtime.inputs import collect_inputs, parse_shard, select_shard
 
     shard_kn = parse_shard(shard)
     items = select_shard(collect_inputs(inputs), shard_kn)

@@ -44,7 +44,7 @@ def demo(
     Prints where the report and the QuPath files are; demo.json holds every number. Finished steps
     are skipped on a rerun.
     """
-    from histo_wsl.demo import RECIPE, SHORT_RECIPE, run_demo
+    from histo_wsl.synthetic.demo import RECIPE, SHORT_RECIPE, run_demo
 
     result = run_demo(
         out,

@@ -151,7 +151,7 @@ def evaluate(
     list, command and versions), per_image.csv, report.md and a self-contained report.html (PR and
     Dice-vs-threshold curves, best and worst images), and run.json.
     """
-    from histo_wsl.evaluate import EvalSettings, run_evaluate
+    from histo_wsl.evaluation.images import EvalSettings, run_evaluate
 
     models = list(models or [])
     if predictions is not None or annotations is not None:
@@ -162,7 +162,7 @@ def evaluate(
                 "--predictions evaluates maps localize already wrote: give no checkpoint, --data, "
                 "--calibrate or --compare with it"
             )
-        from histo_wsl.evaluate_slides import run_evaluate_slides
+        from histo_wsl.evaluation.slides import run_evaluate_slides
 
         summary = run_evaluate_slides(
             predictions,
@@ -187,7 +187,7 @@ def evaluate(
         raise fail(f"{len(models)} checkpoints given: add --compare to put them side by side")
     if data is None:
         raise fail("--data is required: the images with their ground-truth masks")
-    from histo_wsl.models import resolve_model
+    from histo_wsl.registry.registry import resolve_model
 
     settings = EvalSettings(
         models=[resolve_model(m) for m in models],

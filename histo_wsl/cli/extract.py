@@ -173,9 +173,9 @@ def extract_patches(
     """
     import dataclasses
 
-    from histo_wsl.extract import ExtractParams
-    from histo_wsl.extract import extract_patches as run
-    from histo_wsl.tissue import TissueParams
+    from histo_wsl.data.extract import ExtractParams
+    from histo_wsl.data.extract import extract_patches as run
+    from histo_wsl.tissue.detect import TissueParams
 
     tissue_params = TissueParams()
     if min_object_um2 is not None:

@@ -206,12 +206,12 @@ def localize(
     where there is tissue and blended with importance weights (no seams). Finished slides are
     skipped on a rerun. Exit code: 0 all done, 1 some inputs failed (--skip-errors), 2 bad input.
     """
-    from histo_wsl.localize import MISSING_MODEL, LocalizeParams
-    from histo_wsl.localize import localize as run
+    from histo_wsl.inference.localize import MISSING_MODEL, LocalizeParams
+    from histo_wsl.inference.localize import localize as run
 
     if prob_bits not in (8, 16):
         raise fail(f"--prob-bits must be 8 or 16, got {prob_bits}")
-    from histo_wsl.models import default_model, resolve_model
+    from histo_wsl.registry.registry import default_model, resolve_model
 
     if model is None:
         entry = default_model()
@@ -222,7 +222,7 @@ def localize(
     else:
         model_path = resolve_model(model)
 
-    from histo_wsl.tissue import TissueParams
+    from histo_wsl.tissue.detect import TissueParams
 
     params = LocalizeParams(
         model=model_path,

@@ -78,7 +78,7 @@ def _cells(r: dict) -> list[str]:
 
 
 def _list(json_out: bool) -> None:
-    from histo_wsl.models import registry
+    from histo_wsl.registry.registry import registry
 
     reg = registry()
     rows = [m.summary() for m in reg.models]
@@ -172,7 +172,7 @@ def show(
     json_out: JsonOpt = False,
 ) -> None:
     """Print a model card: data, µm/px, classes, threshold, recipe, metrics, seed, terms of use."""
-    from histo_wsl.models import CARD_FILE, card_of
+    from histo_wsl.registry.registry import CARD_FILE, card_of
 
     card, source = card_of(model)
     if json_out:
@@ -184,7 +184,7 @@ def show(
     else:
         import yaml
 
-        from histo_wsl.models import plain
+        from histo_wsl.registry.registry import plain
 
         sys.stdout.write(
             yaml.safe_dump(plain(card), sort_keys=False, allow_unicode=True, width=100)
@@ -266,7 +266,7 @@ def export(
     terms. The folder appears complete or not at all; the copy is loaded back and its predictions
     compared with the source's on a fixed random input (the largest difference is reported).
     """
-    from histo_wsl.models import export_model
+    from histo_wsl.registry.registry import export_model
 
     result = export_model(
         checkpoint,

@@ -36,8 +36,8 @@ def slide_info(
     from rich.table import Table
 
     from histo_wsl.errors import HistoWSLError
-    from histo_wsl.inputs import collect_inputs
-    from histo_wsl.slide import open_slide
+    from histo_wsl.runtime.inputs import collect_inputs
+    from histo_wsl.slideio.slide import open_slide
 
     items = collect_inputs(slides)
     infos, failed = [], 0

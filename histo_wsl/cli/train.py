@@ -202,8 +202,8 @@ def resolve_config(
     base: dict | None = None,
 ):
     """Defaults ← ``base`` ← ``--config`` YAML ← explicit flags; with ``--resume``, the run's own."""
-    from histo_wsl.config import TrainConfig, load_config, merge_config
     from histo_wsl.errors import InputError
+    from histo_wsl.training.config import TrainConfig, load_config, merge_config
 
     flags = explicit_options(ctx, values)
     if resume:
@@ -430,7 +430,7 @@ def train_classifier(
     A Max-Min checkpoint's map is its localizer mask and its class argmax C(X+); localize and
     evaluate take it as they take a CAM checkpoint.
     """
-    from histo_wsl.stage1 import train_classifier as run
+    from histo_wsl.methods.cam import train_classifier as run
 
     values = dict(locals())
     cfg = resolve_config(ctx, values, config, resume, out)
@@ -645,8 +645,8 @@ def train_decoder(
     images with masks, or without masks the last epoch of the fixed schedule), last.pt,
     summary.csv, config.yaml and run.json; a closing summary names the checkpoint and why.
     """
-    from histo_wsl.stage2 import STAGE2_DEFAULTS
-    from histo_wsl.stage2 import train_decoder as run
+    from histo_wsl.methods.negev import STAGE2_DEFAULTS
+    from histo_wsl.methods.negev import train_decoder as run
 
     values = dict(locals())
     cfg = resolve_config(ctx, values, config, resume, out, base=STAGE2_DEFAULTS)

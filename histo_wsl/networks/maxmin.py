@@ -22,7 +22,7 @@ less compute for two of the three backbone passes; 1 = full size).
 Gradients reach the localizer through the mask (nothing is detached). ``σ`` and ``w`` are buffers,
 so a checkpoint carries the values its model was evaluated with. At inference the class is
 argmax C(X+) and the localization map is M (in [0, 1], at the input size; 0.5 ⇔ M̃ ≥ σ). With a
-``refiner`` (``--refine knn``, :mod:`histo_wsl.networks.knn_refiner`) the map is M blended with
+``refiner`` (``--refine knn``, :mod:`histo_wsl.networks.knn`) the map is M blended with
 the k-NN map of M over training pixels; the class stays that of C(X ⊙ M).
 """
 
@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from histo_wsl.networks.backbones import BASE, X10, Backbone
 from histo_wsl.networks.heads import WildcatHead, wildcat_pool
-from histo_wsl.networks.knn_refiner import KNNRefiner
+from histo_wsl.networks.knn import KNNRefiner
 
 __all__ = ["MASK_MODES", "MAXMIN_HEAD_OPTS", "MaxMinModel", "MaxMinOutput", "maxmin_param_groups"]
 

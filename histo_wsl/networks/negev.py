@@ -17,7 +17,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
 from histo_wsl.networks.classifier import WSOLClassifier
-from histo_wsl.networks.knn_refiner import KNNRefiner
+from histo_wsl.networks.knn import KNNRefiner
 
 __all__ = ["NEGEVModel", "UNetDecoder", "decoder_channels"]
 
@@ -145,7 +145,7 @@ class NEGEVModel(nn.Module):
     decoder's 2-channel logits; :meth:`localize` the foreground probability map (B,H,W).
     The classifier is kept in eval mode (BatchNorm statistics frozen) whatever ``train()`` says.
     With a ``refiner`` (``train-decoder --refine knn``), :meth:`localize` returns the decoder's
-    map blended with its k-NN map over training pixels (:mod:`histo_wsl.networks.knn_refiner`).
+    map blended with its k-NN map over training pixels (:mod:`histo_wsl.networks.knn`).
     """
 
     def __init__(self, classifier: WSOLClassifier, refiner: KNNRefiner | None = None) -> None:

@@ -1,0 +1,454 @@
+"""``extract-patches``: tile slides into a patch folder that training reads directly.
+
+Per slide, under ``<out>/<slide>/``: ``patches/<slide>_x<X>_y<Y>.png`` (X, Y = level-0 top-left),
+``patches.csv``, ``thumbnail.png``, ``tissue.png`` (thumbnail with tissue contours), ``patches.png``
+(thumbnail with the extracted patches), ``tissue.geojson`` (QuPath, level-0) and ``slide.json``
+(written last: the slide is finished). ``<out>/manifest.csv`` lists every finished slide's patches
+and ``<out>/run.json`` records the run.
+
+Memory does not grow with the slide: the thumbnail is read band by band and never held whole
+(tissue detection works strip by strip into a 1-bit mask, the QC images are PNGs written band by
+band; :func:`histo_wsl.tissue.scan.scan_tissue`), tissue fractions come from summed-area tables
+of one band of mask rows at a time, and ``patches.csv`` and the patch-writing jobs are streamed.
+Each slide's record gives the thumbnail's size and the resolution detection ran at
+(``thumbnail_size``, ``tissue_mpp``).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import zlib
+from collections.abc import Iterator, Sequence
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from histo_wsl.errors import InputError
+from histo_wsl.runtime import atomic
+from histo_wsl.runtime.batch import BatchRunner, Progress, RunSummary
+from histo_wsl.runtime.console import warn
+from histo_wsl.runtime.inputs import InputItem
+from histo_wsl.slideio.grid import PatchGrid, make_grid
+from histo_wsl.slideio.slide import ReadPlan, open_slide, plan_read, read_patch
+from histo_wsl.tissue import detect as tissue
+from histo_wsl.tissue.scan import (
+    ASSUMED_MPP,
+    scan_tissue,
+    tissue_geojson_for,
+    write_tissue_images,
+)
+
+MANIFEST_COLUMNS = (
+    "slide",
+    "path",
+    "x",
+    "y",
+    "level",
+    "mpp",
+    "size",
+    "tissue_fraction",
+    "label",
+    "size_level0",
+    "downsample",
+)
+#: zlib level for PNG patches: 1 is several times faster to write than Pillow's default 6 and
+#: costs about a tenth more disk on H&E.
+PNG_COMPRESS_LEVEL = 1
+__all__ = ["ASSUMED_MPP", "ExtractParams", "extract_patches", "extract_slide", "write_manifest"]
+
+CHUNK = 32
+
+
+@dataclass
+class ExtractParams:
+    """Parameters of ``extract-patches`` (CLI options of the same names).
+
+    Attributes:
+        patch_size: patch side in pixels at the target resolution.
+        mpp: target resolution in µm/px (ignored when ``level`` is given).
+        level: pyramid level to read natively instead of a target mpp.
+        stride: step between patches in pixels at the target resolution (default: patch_size,
+            reduced by ``overlap``).
+        overlap: overlap between neighbouring patches as a fraction of the patch (0 to 0.95).
+        min_tissue: minimum tissue fraction of a patch (0-1) for it to be kept.
+        image_format: ``png`` or ``jpg``.
+        jpeg_quality: JPEG quality (1-100).
+        coords_only: write coordinates only, no patch images.
+        label: label written for every patch (a CSV ``label`` column overrides it per slide).
+        max_patches: keep at most this many patches per slide, chosen at random (seeded).
+        seed: random seed of that choice.
+        workers: processes reading and writing patches.
+        slide_mpp: level-0 µm/px overriding every slide's metadata (a CSV column overrides it).
+        tissue_geojson: a GeoJSON file, or a folder of ``<slide>.geojson`` /
+            ``<slide>/tissue.geojson``, replacing tissue detection.
+        thumbnail_mpp: resolution of the thumbnail that tissue detection works on (µm/px).
+        tissue: tissue-detection parameters.
+    """
+
+    patch_size: int = 224
+    mpp: float | None = 0.5
+    level: int | None = None
+    stride: int | None = None
+    overlap: float = 0.0
+    min_tissue: float = 0.5
+    image_format: str = "png"
+    jpeg_quality: int = 90
+    coords_only: bool = False
+    label: str | None = None
+    max_patches: int | None = None
+    seed: int = 0
+    workers: int = 1
+    slide_mpp: float | None = None
+    tissue_geojson: Path | None = None
+    thumbnail_mpp: float = 8.0
+    tissue: tissue.TissueParams = field(default_factory=tissue.TissueParams)
+
+    @property
+    def step(self) -> int:
+        """Stride in pixels at the target resolution."""
+        if self.stride is not None:
+            return self.stride
+        return max(1, round(self.patch_size * (1.0 - self.overlap)))
+
+    def validate(self) -> None:
+        """Raise InputError on impossible combinations."""
+        if self.patch_size < 8:
+            raise InputError(f"--patch-size {self.patch_size} is too small; use 8 px or more")
+        if self.stride is not None and self.stride < 1:
+            raise InputError("--stride must be at least 1 px")
+        if not 0.0 <= self.overlap <= 0.95:
+            raise InputError(f"--overlap {self.overlap} must be a fraction between 0 and 0.95")
+        if not 0.0 <= self.min_tissue <= 1.0:
+            raise InputError(f"--min-tissue {self.min_tissue} must be a fraction between 0 and 1")
+        if self.image_format not in ("png", "jpg"):
+            raise InputError(f"--format {self.image_format!r}: use png or jpg")
+        if self.workers < 1:
+            raise InputError("--workers must be at least 1")
+        if self.level is None and self.mpp is None:
+            raise InputError("give --mpp or --level")
+
+    def record(self) -> dict:
+        """JSON-ready parameters for run.json."""
+        out = asdict(self)
+        out["stride"] = self.step
+        out["tissue_geojson"] = None if self.tissue_geojson is None else str(self.tissue_geojson)
+        return out
+
+
+# -- patch writing (runs in worker processes too) -------------------------------------------------
+_WORKER_SLIDE: dict = {}
+
+
+def _worker_slide(path: str, mpp: float | None):
+    key = (path, mpp)
+    if _WORKER_SLIDE.get("key") != key:
+        old = _WORKER_SLIDE.pop("slide", None)
+        if old is not None:
+            old.close()
+        _WORKER_SLIDE["slide"] = open_slide(path, mpp=mpp)
+        _WORKER_SLIDE["key"] = key
+    return _WORKER_SLIDE["slide"]
+
+
+def write_patch_chunk(
+    path: str,
+    slide_mpp: float | None,
+    plan: ReadPlan,
+    coords: list[tuple[int, int]],
+    size: int,
+    folder: str,
+    prefix: str,
+    fmt: str,
+    quality: int,
+) -> int:
+    """Read and save the patches at ``coords``; returns how many were written."""
+    slide = _worker_slide(path, slide_mpp)
+    for x, y in coords:
+        patch = read_patch(slide, plan, (x, y), (size, size))
+        target = os.path.join(folder, f"{prefix}_x{x}_y{y}.{fmt}")
+        if fmt == "png":
+            patch.save(target, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+        else:
+            patch.save(target, format="JPEG", quality=quality)
+    return len(coords)
+
+
+class PatchWriter:
+    """Writes patches in this process (1 worker) or a pool of processes that each open the slide."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self._pool: ProcessPoolExecutor | None = None
+
+    def start(self) -> None:
+        """Start the worker processes, before the slide's arrays are allocated (a no-op for 1 worker).
+
+        Workers are spawned, so they never copy the parent's memory whenever they start.
+        """
+        if self.workers > 1 and self._pool is None:
+            import multiprocessing
+
+            self._pool = ProcessPoolExecutor(
+                self.workers, mp_context=multiprocessing.get_context("spawn")
+            )
+
+    def write(self, jobs: Iterator[tuple], progress: Progress) -> None:
+        """Run :func:`write_patch_chunk` over ``jobs`` (argument tuples), advancing ``progress``.
+
+        Jobs are taken lazily: at most ``4 × workers`` are queued at a time.
+        """
+        if self.workers == 1:
+            for job in jobs:
+                progress.advance(write_patch_chunk(*job))
+            return
+        self.start()
+        assert self._pool is not None
+        pending: set = set()
+        todo = iter(jobs)
+        try:
+            while True:
+                for job in todo:
+                    pending.add(self._pool.submit(write_patch_chunk, *job))
+                    if len(pending) >= 4 * self.workers:
+                        break
+                if not pending:
+                    return
+                finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                for fut in finished:
+                    progress.advance(fut.result())
+        finally:
+            for fut in pending:
+                fut.cancel()
+
+    def close(self) -> None:
+        """Stop the worker processes."""
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
+        _WORKER_SLIDE.pop("key", None)
+        old = _WORKER_SLIDE.pop("slide", None)
+        if old is not None:
+            old.close()
+
+
+# -- one slide ------------------------------------------------------------------------------------
+def extract_slide(
+    item: InputItem, stage: Path, progress: Progress, params: ExtractParams, writer: PatchWriter
+) -> dict:
+    """Extract one slide's patches into ``stage/<slide>/``; returns the slide's record."""
+    mpp_override = item.slide_mpp if item.slide_mpp is not None else params.slide_mpp
+    label = item.label if item.label is not None else params.label
+    slide_dir = stage / item.name
+    patch_dir = slide_dir / "patches"
+    patch_dir.mkdir(parents=True)
+    writer.start()
+    with open_slide(item.path, mpp=mpp_override) as slide:
+        plan = plan_read(slide, mpp=params.mpp, level=params.level)
+        grid = make_grid(slide, plan, params.patch_size, params.step)
+
+        found = scan_tissue(
+            slide,
+            thumbnail_mpp=params.thumbnail_mpp,
+            geojson=tissue_geojson_for(item, params.tissue_geojson),
+            params=params.tissue,
+            thumbnail_png=slide_dir / "thumbnail.png",
+        )
+        ds = found.downsample
+        fractions = tissue.tissue_fraction_map(found.mask).fraction(
+            grid.xs / ds,
+            grid.ys / ds,
+            (grid.xs + grid.size_level0) / ds,
+            (grid.ys + grid.size_level0) / ds,
+        )
+        in_tissue = fractions >= params.min_tissue - 1e-9
+        tissue_patches = int(np.count_nonzero(in_tissue))
+        keep = np.flatnonzero(in_tissue)
+        del in_tissue
+        if params.max_patches is not None and keep.size > params.max_patches:
+            rng = np.random.default_rng([params.seed, zlib.crc32(item.name.encode())])
+            keep = np.sort(rng.choice(keep, size=params.max_patches, replace=False))
+        chosen = grid.subset(keep)
+        chosen_fractions = fractions[keep]
+        grid_patches = len(grid)
+        del grid, fractions, keep
+
+        # GeoJSON and QC images from one tracing of the whole mask's contours
+        full = found.mask.to_bool()
+        tissue.write_geojson(
+            slide_dir / "tissue.geojson", tissue.mask_to_geojson(full, ds, mpp=slide.mpp)
+        )
+        contours, _ = cv2.findContours(full.view(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+        del full
+        side = chosen.size_level0 / ds
+        x0, y0 = chosen.xs / ds, chosen.ys / ds
+        write_tissue_images(
+            slide,
+            found,
+            tissue_png=slide_dir / "tissue.png",
+            patches_png=slide_dir / "patches.png",
+            boxes=np.stack([x0, y0, x0 + side, y0 + side], axis=1),
+            contours=contours,
+        )
+        del contours, x0, y0
+
+        n = len(chosen)
+        progress.start(n, item.name)
+        if not params.coords_only and n:
+            jobs = (
+                (
+                    str(item.path),
+                    mpp_override,
+                    plan,
+                    list(
+                        zip(
+                            chosen.xs[i : i + CHUNK].tolist(),
+                            chosen.ys[i : i + CHUNK].tolist(),
+                            strict=True,
+                        )
+                    ),
+                    params.patch_size,
+                    str(patch_dir),
+                    item.name,
+                    params.image_format,
+                    params.jpeg_quality,
+                )
+                for i in range(0, n, CHUNK)
+            )
+            writer.write(jobs, progress)
+
+        _write_patches_csv(
+            slide_dir / "patches.csv", item.name, chosen, chosen_fractions, plan, params, label
+        )
+        if params.coords_only:
+            patch_dir.rmdir()
+        notes = list(slide.notes)
+        if n == 0:
+            why = (
+                "no tissue found"
+                if found.fraction == 0
+                else f"no grid position has --min-tissue {params.min_tissue:g} of tissue"
+            )
+            notes.append(f"0 patches: {why}")
+            warn(
+                f"{item.path}: 0 patches ({why}; tissue on {found.fraction:.1%} of the "
+                f"thumbnail); see {item.name}/thumbnail.png, or give the tissue with --tissue-geojson"
+            )
+        return {
+            "patches": n,
+            "grid_patches": grid_patches,
+            "tissue_patches": tissue_patches,
+            "tissue_fraction": found.fraction,
+            "tissue_source": found.source,
+            "slide_mpp": slide.mpp,
+            "mpp_source": slide.mpp_source,
+            "label": label,
+            "read": plan.as_dict(),
+            "size_level0": chosen.size_level0,
+            "thumbnail_downsample": ds,
+            "thumbnail_size": [found.geometry.width, found.geometry.height],
+            "tissue_mpp": round(found.tissue_mpp, 6),
+            "notes": notes,
+        }
+
+
+def _write_patches_csv(
+    path: Path,
+    name: str,
+    chosen: PatchGrid,
+    fractions: np.ndarray,
+    plan: ReadPlan,
+    params: ExtractParams,
+    label: str | None,
+) -> None:
+    """Write a slide's ``patches.csv`` (manifest columns) atomically, a block of rows at a time."""
+    mpp_text = "" if plan.mpp is None else f"{plan.mpp:.6g}"
+    size0 = f"{chosen.size_level0:.3f}"
+    scale = f"{plan.scale:.6g}"
+    with atomic.atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+        out = csv.writer(fh, lineterminator="\n")
+        out.writerow(MANIFEST_COLUMNS)
+        for i in range(0, len(chosen), 4096):
+            xs = chosen.xs[i : i + 4096].tolist()
+            ys = chosen.ys[i : i + 4096].tolist()
+            fr = fractions[i : i + 4096].tolist()
+            out.writerows(
+                [
+                    name,
+                    ""
+                    if params.coords_only
+                    else f"{name}/patches/{name}_x{x}_y{y}.{params.image_format}",
+                    x,
+                    y,
+                    plan.level,
+                    mpp_text,
+                    params.patch_size,
+                    f"{f:.4f}",
+                    label or "",
+                    size0,
+                    scale,
+                ]
+                for x, y, f in zip(xs, ys, fr, strict=True)
+            )
+
+
+def write_manifest(out_dir: Path) -> int:
+    """Rebuild ``<out>/manifest.csv`` from every finished slide's ``patches.csv``; returns rows."""
+    rows = 0
+    with (
+        atomic.atomic_path(out_dir / "manifest.csv") as tmp,
+        open(tmp, "w", newline="", encoding="utf-8") as fh,
+    ):
+        fh.write(",".join(MANIFEST_COLUMNS) + "\n")
+        for record in sorted(out_dir.glob("*/slide.json")):
+            part = record.parent / "patches.csv"
+            try:
+                done = '"status": "done"' in record.read_text(encoding="utf-8")
+            except OSError:
+                continue
+            if not done or not part.is_file():
+                continue
+            with open(part, encoding="utf-8") as src:
+                next(src, None)
+                for line in src:
+                    fh.write(line)
+                    rows += 1
+    return rows
+
+
+def extract_patches(
+    inputs: Sequence[InputItem],
+    out_dir: Path,
+    params: ExtractParams,
+    *,
+    overwrite: bool = False,
+    skip_errors: bool = False,
+    shard: tuple[int, int] | None = None,
+    quiet: bool = False,
+    argv: Sequence[str] | None = None,
+) -> RunSummary:
+    """Extract patches from every input into ``out_dir`` (resumable; see module docs)."""
+    params.validate()
+    runner = BatchRunner(
+        out_dir,
+        command="extract-patches",
+        params=params.record(),
+        marker=lambda name: f"{name}/slide.json",
+        overwrite=overwrite,
+        skip_errors=skip_errors,
+        shard=shard,
+        seed=params.seed,
+        quiet=quiet,
+    )
+    writer = PatchWriter(params.workers)
+    try:
+        summary = runner.run(
+            inputs, lambda it, st, pr: extract_slide(it, st, pr, params, writer), argv
+        )
+    finally:
+        writer.close()
+    write_manifest(out_dir)
+    return summary

@@ -1,0 +1,1 @@
+"""The evaluation package (code map in histo_wsl/README.md)."""

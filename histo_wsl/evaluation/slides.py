@@ -1,0 +1,427 @@
+"""``histo-wsl evaluate --predictions LOCALIZE_OUT --annotations ANN``: slide maps against annotations.
+
+Each slide finished by ``localize`` (``<out>/<slide>/<slide>.json`` with status ``done`` and
+``<slide>.prob.tif``) is matched with its annotation (a file of ``--annotations``, or the one file
+given; see :func:`histo_wsl.slideio.annotations.find_annotation`), and the two are compared on the
+probability map's own grid: level 0 of ``<slide>.prob.tif`` (uint8, value / 255), one pixel =
+``output_downsample`` level-0 pixels, with the annotation rasterised on it (pixel centres inside
+polygons). Slides are read one at a time, in bands of rows, so memory stays that of one map.
+
+The numbers are those of image evaluation with a slide as the unit: PxAP over all slides' pixels,
+dataset-level Dice/IoU at localize's threshold (``<slide>.json``), at ``--threshold`` and at the
+best threshold (optimistic), per-slide F1+ / F1− at 0.5, slide-level detection (the slide is
+positive when its annotation has a region; predicted positive when localize's predicted class is
+the ROI class), bootstrap intervals over slides. Every pixel of the map counts, glass included
+(localize writes 0 outside tissue), which raises the background numbers compared with patches.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from histo_wsl.errors import InputError
+from histo_wsl.evaluation.images import (
+    DEFINITIONS,
+    Accumulator,
+    Example,
+    ModelResult,
+    _clean,
+    _headline,
+    _now,
+    _round_curve,
+    _snap,
+    versions,
+    write_per_image_csv,
+)
+from histo_wsl.evaluation.metrics import THRESHOLDS, PxAPMeter
+from histo_wsl.runtime import atomic
+from histo_wsl.runtime.console import warn
+from histo_wsl.slideio.annotations import (
+    ANNOTATION_SUFFIXES,
+    annotation_mask,
+    annotation_name,
+    find_annotation,
+)
+
+__all__ = ["find_predictions", "run_evaluate_slides"]
+
+_BAND = 2048  # rows of the map compared at a time
+_THUMB = 256  # long side of the report's thumbnails
+
+
+def find_predictions(folder: Path) -> list[tuple[str, Path, Path, dict]]:
+    """The slides ``localize`` finished in ``folder``.
+
+    Args:
+        folder: a ``localize`` output folder (``<slide>/<slide>.json`` and ``.prob.tif`` per slide),
+            or one slide's folder.
+
+    Returns:
+        ``(name, json path, prob.tif path, record)`` per finished slide, sorted by name.
+
+    Raises:
+        InputError: no finished slide in the folder, or a record that cannot be read.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError("predictions folder not found; give the --out folder of localize", folder)
+    candidates = [folder] + sorted(p for p in folder.iterdir() if p.is_dir())
+    found = []
+    for d in candidates:
+        record_path, prob = d / f"{d.name}.json", d / f"{d.name}.prob.tif"
+        if not record_path.is_file():
+            continue
+        try:
+            record = json.loads(record_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise InputError(f"cannot read the localize record ({exc})", record_path) from None
+        if not isinstance(record, dict) or record.get("status") != "done":
+            continue
+        if not prob.is_file():
+            raise InputError(f"{prob.name} is missing beside its record", record_path)
+        found.append((d.name, record_path, prob, record))
+    if not found:
+        raise InputError(
+            "no slide finished by localize here (expected <slide>/<slide>.json and "
+            "<slide>/<slide>.prob.tif)",
+            folder,
+        )
+    return found
+
+
+def _read_prob(path: Path, shape: tuple[int, int] | None) -> np.ndarray:
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tf:
+            prob = tf.pages[0].asarray()
+    except Exception as exc:  # tifffile raises many types on a bad file
+        raise InputError(f"cannot read the probability map ({exc})", path) from None
+    if prob.ndim != 2 or prob.dtype != np.uint8:
+        raise InputError(
+            f"is not a localize probability map (level 0 is {prob.dtype} {prob.shape})", path
+        )
+    if shape is not None and tuple(prob.shape) != tuple(shape):
+        raise InputError(
+            f"level 0 is {prob.shape[1]}x{prob.shape[0]} but its record says {shape[1]}x{shape[0]}",
+            path,
+        )
+    return prob
+
+
+def _localize_model(folder: Path) -> str | None:
+    """The checkpoint localize used, from its run.json (None when unknown)."""
+    try:
+        run = json.loads((folder / "run.json").read_text(encoding="utf-8"))
+        model = run.get("params", {}).get("model")
+        return None if model is None else str(model)
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _thumb(arr: np.ndarray, size: tuple[int, int], nearest: bool) -> np.ndarray:
+    from PIL import Image
+
+    resample = Image.Resampling.NEAREST if nearest else Image.Resampling.BILINEAR
+    return np.asarray(Image.fromarray(arr).resize(size, resample))
+
+
+def _slide_thumbnail(record: dict, size: tuple[int, int]) -> np.ndarray:
+    """The slide's thumbnail when the slide is still where localize read it, else grey."""
+    try:
+        from histo_wsl.slideio.slide import open_slide, read_thumbnail
+
+        with open_slide(record["path"], mpp=record.get("slide_mpp")) as slide:
+            thumb, _ = read_thumbnail(slide, min_size=max(size), max_size=4 * max(size))
+        return _thumb(thumb, size, nearest=False)
+    except Exception:  # the thumbnail is decoration: any problem gives a grey panel
+        return np.full((size[1], size[0], 3), 200, dtype=np.uint8)
+
+
+def run_evaluate_slides(
+    predictions: Path,
+    annotations: Path,
+    out: Path,
+    *,
+    threshold: float = 0.5,
+    bootstrap: int = 1000,
+    seed: int = 0,
+    skip_missing: bool = False,
+    examples: int = 4,
+    argv: list[str] | None = None,
+    quiet: bool = False,
+) -> dict:
+    """Evaluate localize's slide maps against annotations; writes the same files as image evaluation.
+
+    Args:
+        predictions: the ``localize`` output folder.
+        annotations: a folder of annotation files named after the slides, or one file (one slide).
+        out: output folder.
+        threshold: the threshold reported besides localize's and the best one.
+        bootstrap: resamples over slides for the 95 % intervals (0: none).
+        seed: seed of the bootstrap.
+        skip_missing: leave out slides without an annotation instead of failing.
+        examples: best and worst slides shown in the report (each).
+        argv: the command line (recorded).
+        quiet: no progress output.
+
+    Returns:
+        A JSON-ready summary.
+
+    Raises:
+        InputError: no finished slide, slides without annotation (unless ``skip_missing``),
+            predictions and annotations without a slide in common, malformed annotations.
+    """
+    from histo_wsl.reporting import report
+
+    t0, started = time.perf_counter(), _now()
+    argv = list(argv if argv is not None else sys.argv)
+    if not 0.0 <= threshold <= 1.0:
+        raise InputError(f"--threshold {threshold} is not in [0, 1]")
+    atomic.ensure_writable_dir(out)  # before the evaluation, not after it
+    slides = find_predictions(Path(predictions))
+    annotations = Path(annotations)
+    if not annotations.exists():
+        raise InputError(
+            "annotations not found; give a folder of annotation files or a file", annotations
+        )
+    pairs: list[tuple[str, Path, Path, dict, Path]] = []
+    missing: list[str] = []
+    if annotations.is_file():
+        if len(slides) > 1:
+            match = [s for s in slides if s[0] == annotation_name(annotations)]
+            if not match:
+                raise InputError(
+                    f"one annotation file for {len(slides)} slides, and its name matches none of "
+                    f"them ({', '.join(s[0] for s in slides[:5])}...); give a folder of "
+                    "<slide>.geojson / .xml / mask files",
+                    annotations,
+                )
+            missing = [s[0] for s in slides if s[0] != match[0][0]]
+            slides = match + [s for s in slides if s[0] != match[0][0]]
+        pairs.append((*slides[0], annotations))
+    else:
+        for s in slides:
+            ann = find_annotation(annotations, s[0])
+            if ann is None:
+                missing.append(s[0])
+            else:
+                pairs.append((*s, ann))
+        if not pairs:
+            files = sorted(
+                p.name for p in annotations.iterdir() if p.suffix.lower() in ANNOTATION_SUFFIXES
+            )
+            raise InputError(
+                "predictions and annotations share no slide: predicted "
+                f"{', '.join(s[0] for s in slides[:5])}; annotation files "
+                f"{', '.join(files[:5]) or 'none'} (names must be <slide>.geojson, .xml or a mask "
+                "image such as <slide>_mask.tif)",
+                annotations,
+            )
+        predicted = {s[0] for s in slides}
+        orphans = sorted(
+            p.name
+            for p in annotations.iterdir()
+            if p.is_file()
+            and p.suffix.lower() in ANNOTATION_SUFFIXES
+            and annotation_name(p) not in predicted
+        )
+        if orphans:
+            warn(
+                f"{len(orphans)} annotation file(s) have no localize prediction and were not "
+                f"evaluated (e.g. {orphans[0]})"
+            )
+    if missing and not skip_missing:
+        raise InputError(
+            f"no annotation for slide {missing[0]!r}"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            + "; add <slide>.geojson, .xml or a mask image (an empty FeatureCollection for a "
+            "negative slide), or pass --skip-missing to leave such slides out",
+            annotations,
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"the output folder cannot be created ({exc})", out) from None
+
+    first = pairs[0][3]
+    roi = str(first.get("roi_class") or "ROI")
+    class_names = [f"not {roi}", roi]
+    t_loc = float(first.get("threshold", 0.5))
+    others = sorted({float(p[3].get("threshold", 0.5)) for p in pairs} - {t_loc})
+    if others:
+        warn(
+            f"the slides were localized with different thresholds ({t_loc} and {others}); the "
+            f"localize-threshold numbers use {t_loc}"
+        )
+    acc = Accumulator(
+        Path(predictions).name or "predictions",
+        class_names,
+        {"card": _snap(t_loc), "user": _snap(threshold)},
+        f"localize threshold (from {pairs[0][0]}.json)",
+        examples=examples,
+        bootstrap=bootstrap,
+        seed=seed,
+        work_dir=out,
+    )
+    ann_notes: dict[str, dict] = {}
+    images: dict[int, np.ndarray] = {}
+    t_eval = time.perf_counter()
+    try:
+        for i, (name, _, prob_path, record, ann_path) in enumerate(pairs):
+            size = record.get("output_size")
+            shape = (int(size[1]), int(size[0])) if size else None
+            prob = _read_prob(prob_path, shape)
+            h, w = prob.shape
+            d = float(record.get("output_downsample") or 1.0)
+            gt, notes = annotation_mask(ann_path, (h, w), d)
+            ann_notes[name] = {"file": str(ann_path), **notes}
+            meter = PxAPMeter()
+            for r in range(0, h, _BAND):
+                meter.update(prob[r : r + _BAND] / 255.0, gt[r : r + _BAND])
+            label = int(gt.any())
+            predicted = record.get("predicted_class")
+            pred = int(predicted is not None and predicted == roi)
+            scale = _THUMB / max(h, w)
+            tsize = (max(1, round(w * scale)), max(1, round(h * scale)))
+            thumb = _thumb(prob, tsize, nearest=False)
+            acc.add_meter(
+                i,
+                name,
+                meter,
+                label,
+                pred,
+                extra={
+                    "p_label": None,
+                    "p_predicted": record.get("score"),
+                    "annotation": ann_path.name,
+                    "map_size": f"{w}x{h}",
+                    "level0_px_per_map_px": d,
+                },
+                thumbnail=thumb,
+                thumbnail_mask=_thumb(gt.astype(np.uint8) * 255, tsize, nearest=True) > 127,
+            )
+            if examples:
+                images[i] = _slide_thumbnail(record, tsize)
+            del prob, gt
+        seconds = time.perf_counter() - t_eval
+        metrics_m, curves, _ = acc.summarise()
+    finally:
+        acc.close()
+    examples_list: list[Example] = acc.examples()
+    for ex in examples_list:
+        ex.image = images.get(ex.index)
+    model_path = first.get("model") or _localize_model(Path(predictions)) or "localize"
+    metrics_m.update(
+        {
+            "name": Path(predictions).name or "predictions",
+            "checkpoint": str(model_path),
+            "method": "localize predictions",
+            "map": f"localize probability map of {roi} (level 0 of <slide>.prob.tif, value/255)",
+            "input_size": None,
+            "class_names": class_names,
+            "seconds": round(seconds, 3),
+        }
+    )
+    result = ModelResult(
+        metrics_m["name"], Path(str(model_path)), {}, metrics_m, acc.rows, curves, examples_list
+    )
+    n_pos = sum(1 for r in acc.rows if r["has_roi"])
+    metrics = {
+        "tool": "histo-wsl",
+        "command": "evaluate",
+        "argv": argv,
+        "cwd": os.getcwd(),
+        "params": {
+            "predictions": str(predictions),
+            "annotations": str(annotations),
+            "out": str(out),
+            "threshold": threshold,
+            "bootstrap": bootstrap,
+            "seed": seed,
+            "skip_missing": skip_missing,
+            "examples": examples,
+        },
+        "started": started,
+        "ended": _now(),
+        "seconds": round(time.perf_counter() - t0, 3),
+        **versions(),
+        "data": {
+            "source": f"{predictions} + {annotations}",
+            "layout": "slides",
+            "split": "all",
+            "split_rule": "every slide localize finished that has an annotation",
+            "n_images": len(pairs),
+            "images_per_class": {class_names[0]: len(pairs) - n_pos, roi: n_pos},
+            "negative_class": class_names[0],
+            "skipped_missing_masks": missing if skip_missing else [],
+            "annotations": ann_notes,
+            "mask_size_mismatch": {"policy": "mask images resized nearest to the map", "count": 0},
+        },
+        "protocol": {
+            "name": "slides",
+            "description": "localize's probability map at its output resolution (level 0 of "
+            "<slide>.prob.tif) against the annotation rasterised on the same grid (pixel centres "
+            "inside polygons, ASAP exclusion groups removed); every pixel of the map counts, glass "
+            "included; a slide is positive when its annotation has a region",
+        },
+        "definitions": {
+            **DEFINITIONS,
+            "accuracy": "slide-level detection: localize's predicted class is the ROI class exactly "
+            "when the annotation has a region; %.",
+            "card": "the threshold localize used (in <slide>.json).",
+        },
+        "threshold_grid": [round(float(t), 3) for t in THRESHOLDS],
+        "bootstrap": {"n": bootstrap, "seed": seed, "confidence": 0.95, "unit": "slide"},
+        "models": [
+            {
+                **metrics_m,
+                "curves": {
+                    "thresholds": "threshold_grid",
+                    **{k: _round_curve(curves[k]) for k in ("precision", "recall")},
+                    **{
+                        k: _round_curve(curves[k])
+                        for k in ("dice_fg", "dice_bg", "iou_fg", "iou_bg", "miou")
+                    },
+                },
+            }
+        ],
+    }
+    metrics = _clean(metrics)
+    atomic.write_json(out / "metrics.json", metrics)
+    write_per_image_csv(out / "per_image.csv", [result])
+    files = report.write_reports(out, metrics, [result])
+    summary: dict[str, Any] = {
+        "out": str(out),
+        "files": {
+            "metrics": str(out / "metrics.json"),
+            "per_image": str(out / "per_image.csv"),
+            **{k: str(v) for k, v in files.items()},
+        },
+        "data": {"source": metrics["data"]["source"], "split": "all", "n_images": len(pairs)},
+        "skipped_slides": missing if skip_missing else [],
+        "models": [_headline(m) for m in metrics["models"]],
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    atomic.write_json(
+        out / "run.json",
+        {k: metrics[k] for k in ("tool", "command", "argv", "cwd", "params", "started", "versions")}
+        | {
+            "ended": _now(),
+            "seconds": summary["seconds"],
+            "items": [
+                {"name": p[0], "path": str(p[2]), "annotation": str(p[4]), "status": "done"}
+                for p in pairs
+            ],
+            "outputs": summary["files"],
+            "exit_code": 0,
+        },
+    )
+    return summary

@@ -1,0 +1,1 @@
+"""The inference package (code map in histo_wsl/README.md)."""

@@ -1,0 +1,1 @@
+"""The methods package (code map in histo_wsl/README.md)."""

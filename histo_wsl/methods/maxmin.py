@@ -1,0 +1,273 @@
+"""Max-Min uncertainty (IEEE TMI 2022) as a stage-1 method: ``train-classifier --method maxmin``.
+
+:class:`MaxMinTask` is the recipe the training engine runs: the network of
+:mod:`histo_wsl.networks.maxmin`, the loss of :func:`histo_wsl.methods.maxmin_losses.maxmin_loss`, the
+same data, transforms, selection (``best-cls.pt`` by val accuracy of argmax C(X+), ``best-loc.pt`` by
+PxAP of the mask on ``valpx``) and checkpoint format as the CAM classifier of stage 1.
+
+With ``refine: knn`` (``--refine knn``) the saved model's map is the mask blended with the k-NN
+map of the mask over training pixels (:mod:`histo_wsl.networks.knn`): the bank is rebuilt
+from the current model at every evaluation, ``best-loc.pt`` is selected by the blended map's
+PxAP, and ``summary.csv`` also has the mask's own (``valpx_pxap_mask``).
+
+Schedules (method.md §2.1-2.2), both pure functions of the epoch, so ``--resume`` is exact:
+σ during epoch e (1-based) = min(σ0 + (e − 1)·step, σ_max); log-barrier t = min(t0·mult^(e − 1),
+t_max). After epoch e the model's σ buffer is set to the value of epoch e + 1, so the checkpoint
+written after epoch e is evaluated (and later used) with the σ it carries.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from histo_wsl import __version__
+from histo_wsl.data.images import IMAGENET_MEAN, IMAGENET_STD
+from histo_wsl.data.sources import Dataset
+from histo_wsl.errors import InputError
+from histo_wsl.methods.cam import (
+    _plain_config,
+    evaluate_localizer,
+    load_training_data,
+    seen_mpp,
+    training_images,
+)
+from histo_wsl.methods.knn import FeatureBank, TrainSplitBanks
+from histo_wsl.methods.maxmin_losses import REGULARIZERS, maxmin_loss
+from histo_wsl.networks.backbones import build_backbone
+from histo_wsl.networks.classifier import unwrap
+from histo_wsl.networks.knn import KNNRefiner, refine_card, refine_checks
+from histo_wsl.networks.maxmin import MAXMIN_HEAD_OPTS, MaxMinModel, maxmin_param_groups
+from histo_wsl.training.config import TrainConfig
+from histo_wsl.training.engine import VAL_ACC, VALPX_PXAP, Selection
+
+__all__ = ["MaxMinTask", "check_maxmin_config", "sigma_at", "t_at", "train_maxmin"]
+
+
+def check_maxmin_config(cfg: TrainConfig, n_train: int | None = None) -> None:
+    """Reject Max-Min settings that cannot work, before any data is read.
+
+    ``n_train``: training images, once the data is known (``--refine knn`` needs 2); None: the
+    data-independent checks only.
+
+    Raises:
+        InputError: the first bad value, named with its option and the valid range.
+    """
+    c = cfg
+    checks = [
+        (
+            c.maxmin_regularizer in REGULARIZERS,
+            f"--maxmin-regularizer must be sem or eem (got {c.maxmin_regularizer!r})",
+        ),
+        (c.maxmin_lambda >= 0, f"--maxmin-lambda must be >= 0 (got {c.maxmin_lambda})"),
+        (c.maxmin_w > 0, f"--maxmin-w must be > 0 (got {c.maxmin_w})"),
+        (
+            0 < c.maxmin_cl_scale <= 1,
+            f"--maxmin-cl-scale must be in (0, 1] (got {c.maxmin_cl_scale})",
+        ),
+        (0 <= c.maxmin_sigma < 1, f"--maxmin-sigma must be in [0, 1) (got {c.maxmin_sigma})"),
+        (
+            c.maxmin_sigma_step >= 0,
+            f"--maxmin-sigma-step must be >= 0 (got {c.maxmin_sigma_step})",
+        ),
+        (
+            c.maxmin_sigma <= c.maxmin_sigma_max < 1,
+            f"--maxmin-sigma-max must be in [--maxmin-sigma, 1) (got {c.maxmin_sigma_max})",
+        ),
+        (c.elb_t0 > 0, f"--elb-t0 must be > 0 (got {c.elb_t0})"),
+        (c.elb_t_max >= c.elb_t0, f"--elb-t-max must be >= --elb-t0 (got {c.elb_t_max})"),
+        (c.elb_mult >= 1, f"--elb-mult must be >= 1 (got {c.elb_mult})"),
+        (
+            c.head in ("wgap", "wildcat"),
+            f"--head {c.head}: Max-Min uses its own two WILDCAT heads; drop --head",
+        ),
+    ]
+    checks += refine_checks(c, 2 if n_train is None else n_train, bank=c.refine == "knn")
+    for ok, message in checks:
+        if not ok:
+            raise InputError(message)
+
+
+def sigma_at(cfg: TrainConfig, epoch: int) -> float:
+    """σ used during ``epoch`` (1-based; epoch 0 = before training uses σ0)."""
+    return min(cfg.maxmin_sigma + max(epoch - 1, 0) * cfg.maxmin_sigma_step, cfg.maxmin_sigma_max)
+
+
+def t_at(cfg: TrainConfig, epoch: int) -> float:
+    """Log-barrier t used during ``epoch`` (1-based)."""
+    return min(cfg.elb_t0 * cfg.elb_mult ** max(epoch - 1, 0), cfg.elb_t_max)
+
+
+class MaxMinTask:
+    """Max-Min training for the engine (see the module docstring)."""
+
+    selection = [
+        Selection("best-loc.pt", (VALPX_PXAP, VAL_ACC)),
+        Selection("best-cls.pt", (VAL_ACC,)),
+    ]
+
+    def __init__(self, cfg: TrainConfig, ds: Dataset) -> None:
+        check_maxmin_config(cfg, len(ds.split("train")) if cfg.refine == "knn" else None)
+        self.cfg, self.ds = cfg, ds
+        self.negative = ds.negative_class
+        self.mask_mode = "minmax" if self.negative is None else "absolute"
+        self.model: MaxMinModel | None = None
+        self._seen_mpp: float | None = None
+        #: builds the refiner's k-NN bank of the train split
+        self._banks = TrainSplitBanks(ds, cfg, self.negative)
+
+    @property
+    def refining(self) -> bool:
+        """Whether the saved model's map is k-NN refined (``--refine knn``)."""
+        return self.cfg.refine == "knn"
+
+    def build_model(self) -> nn.Module:
+        """Shared backbone (ImageNet weights if ``pretrained``) with the two WILDCAT heads.
+
+        With ``--refine knn`` also an empty refiner (keys: the backbone's last two stages).
+        """
+        backbone = build_backbone(self.cfg.backbone, self.cfg.pretrained)
+        refiner = None
+        if self.refining:
+            stages = min(2, len(backbone.stage_channels))
+            refiner = KNNRefiner(self.cfg.knn_k, self.cfg.refine_alpha, stages)
+        self.model = MaxMinModel(
+            backbone,
+            len(self.ds.class_names),
+            w=self.cfg.maxmin_w,
+            sigma=sigma_at(self.cfg, 1),
+            mask_mode=self.mask_mode,
+            negative_index=self.negative,
+            cl_scale=self.cfg.maxmin_cl_scale,
+            refiner=refiner,
+        )
+        return self.model
+
+    def refine_bank(self, m: MaxMinModel, device: torch.device) -> FeatureBank:
+        """Training pixels (eval preset) valued by ``m``'s mask M, for its refiner."""
+        m.eval()
+        return self._banks.build(
+            m, lambda x, y, stages: torch.sigmoid(m.locate(x, stages)[1]), device
+        )
+
+    def param_groups(self, model: nn.Module, lr: float) -> list[dict]:
+        """Backbone base layers at ``lr``; deep layers and both heads at ``lr × ratio``."""
+        return maxmin_param_groups(model, lr, self.cfg.lr_classifier_ratio)
+
+    def train_dataset(self) -> torch.utils.data.Dataset:
+        """The ``train`` split with the training preset (as stage 1)."""
+        return training_images(self.ds, self.cfg)
+
+    def training_step(self, model: nn.Module, batch: dict, epoch: int) -> tuple[torch.Tensor, dict]:
+        """The Max-Min loss of the batch at this epoch's σ and t."""
+        unwrap(model).sigma.fill_(sigma_at(self.cfg, epoch))
+        labels = batch["label"]
+        out = model(batch["image"], branches=True)
+        negative = labels == self.negative if self.negative is not None else None
+        loss, stats = maxmin_loss(
+            out.loc_logits,
+            out.pos_logits,
+            out.neg_logits,
+            out.mask,
+            out.mask_logits,
+            labels,
+            lam=self.cfg.maxmin_lambda,
+            regularizer=self.cfg.maxmin_regularizer,
+            t=t_at(self.cfg, epoch),
+            size=self.cfg.maxmin_size,
+            negative=negative,
+        )
+        acc = (out.pos_logits.argmax(1) == labels).float().mean()
+        return loss, {**stats, "train_acc": 100.0 * float(acc)}
+
+    def evaluate(self, model: nn.Module, device: torch.device) -> dict:
+        """Accuracy of argmax C(X+) on val, PxAP of the map on valpx.
+
+        With ``--refine knn`` the refiner's bank is first rebuilt from the current mask, the
+        selection metric ``valpx_pxap`` is the blended map's, and ``valpx_pxap_mask`` the mask's.
+        """
+        m = unwrap(model)
+        if self.refining:
+            m.refiner.set_bank(self.refine_bank(m, device))
+        return evaluate_localizer(
+            m,
+            self.ds,
+            device,
+            self.cfg.crop_size,
+            own_key="valpx_pxap_mask" if self.refining else None,
+        )
+
+    def card(self) -> dict:
+        """The model card (DESIGN.md §3), with the Max-Min settings under ``maxmin``."""
+        cfg = self.cfg
+        sigma = float(self.model.sigma) if self.model is not None else cfg.maxmin_sigma
+        refiner = self.model.refiner if self.model is not None else None
+        return {
+            "method": "maxmin",
+            "stage": 1,
+            "backbone": cfg.backbone,
+            "head": "wildcat",
+            "head_opts": dict(MAXMIN_HEAD_OPTS),
+            "num_classes": len(self.ds.class_names),
+            "class_names": list(self.ds.class_names),
+            "negative_class": cfg.negative_class,
+            "input_size": cfg.crop_size,
+            "resize_size": cfg.resize_size,
+            "data_mpp": cfg.data_mpp,
+            "mpp": self._seen_mpp,
+            "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+            "threshold": 0.5,
+            "maxmin": {
+                "mask": self.mask_mode,
+                "negative_index": self.negative,
+                "w": cfg.maxmin_w,
+                "sigma": round(sigma, 6),
+                "cl_scale": cfg.maxmin_cl_scale,
+                "regularizer": cfg.maxmin_regularizer,
+                "lambda": cfg.maxmin_lambda,
+                "size_constraint": cfg.maxmin_size,
+                "size_unit": "fraction of the image",
+                "elb": {"t0": cfg.elb_t0, "t_max": cfg.elb_t_max, "mult": cfg.elb_mult},
+            },
+            "refine": refine_card(
+                cfg,
+                len(refiner) if refiner is not None and refiner.ready else None,
+                "the localizer's mask M on the train split (eval preset)",
+                refiner.n_stages if refiner is not None else 2,
+            ),
+            "training_data": self.ds.describe(),
+            "config": _plain_config(cfg),
+            "versions": {"histo-wsl": __version__, "torch": str(torch.__version__)},
+        }
+
+    def on_epoch_end(self, epoch: int) -> None:
+        """Move σ to the next epoch's value (the checkpoint of this epoch carries it)."""
+        if self.model is not None:
+            self.model.sigma.fill_(sigma_at(self.cfg, epoch + 1))
+
+    def state_dict(self) -> dict:
+        """Schedules are functions of the epoch; recorded for information only."""
+        return {"sigma": float(self.model.sigma) if self.model is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Nothing to restore: σ is a model buffer and t a function of the epoch."""
+
+
+def train_maxmin(
+    cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, argv: list[str] | None = None
+) -> dict:
+    """Run ``train-classifier --method maxmin``: check settings and data, then train.
+
+    Returns:
+        The engine's summary plus the dataset description and any skipped files.
+    """
+    from histo_wsl.training.engine import fit
+
+    check_maxmin_config(cfg)
+    ds = load_training_data(cfg)
+    if cfg.data_mpp is None:
+        cfg.data_mpp = ds.data_mpp
+    task = MaxMinTask(cfg, ds)
+    task._seen_mpp = seen_mpp(ds, cfg.data_mpp, cfg.resize_size)
+    summary = fit(cfg, task, resume=resume, quiet=quiet, argv=argv)
+    return {**summary, "data": ds.describe(), "skipped_files": ds.skipped_files, "notes": ds.notes}

@@ -1,0 +1,470 @@
+"""Stage 2 of NEGEV (MIDL 2022): a U-Net decoder trained from the frozen classifier's evidence.
+
+:class:`DecoderTask` is the recipe the engine runs for ``histo-wsl train-decoder``: the stage-1
+classifier (encoder and head) is copied from its checkpoint and frozen; at every step its CAM of the
+ground-truth class on the augmented crop gives pixel seeds
+(:func:`histo_wsl.methods.negev_losses.sample_seeds`;
+drawn at random, or the top/bottom CAM pixels with ``seed_mode: static``), and images of the
+negative class push every pixel to background. With ``seed_teacher`` (a previous train-decoder
+checkpoint) the seeds come from that decoder's foreground map instead of the CAM: a second round.
+With ``seed_map: knn`` they come from that map (CAM or teacher) averaged over each pixel's most
+similar pixels of the other training images (:mod:`histo_wsl.methods.knn`; built at the first step).
+With ``refine: knn`` the saved model's map is blended with the k-NN map of the decoder's own map
+over training pixels (:mod:`histo_wsl.networks.knn`; rebuilt at every evaluation).
+An optional size term (``size_lambda`` > 0, :func:`histo_wsl.methods.negev_losses.size_loss`) keeps
+both regions
+of the decoder's map non-empty on the other images; its log-barrier t follows t0·mult^(epoch−1) up
+to t_max and is part of the task state, so ``--resume`` continues it. An optional colour-affinity
+term (``crf_lambda`` > 0, :func:`histo_wsl.methods.negev_losses.crf_loss`) asks neighbours of
+similar colour to
+get the same label.
+Selection: PxAP on ``valpx``, or the last epoch of the fixed schedule when no validation image has
+a mask (a mask-free criterion: the frozen classifier's accuracy cannot change); the checkpoint
+holds the classifier too, so it is all ``localize`` and ``evaluate`` need.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from histo_wsl import __version__
+from histo_wsl.data.images import IMAGENET_MEAN, IMAGENET_STD
+from histo_wsl.data.sources import Dataset
+from histo_wsl.errors import InputError
+from histo_wsl.inference.predictor import load_model
+from histo_wsl.methods.cam import evaluate_localizer, load_training_data, training_images
+from histo_wsl.methods.knn import FeatureBank, TrainSplitBanks
+from histo_wsl.methods.negev_losses import (
+    BG_SAMPLERS,
+    FG_SAMPLERS,
+    SEED_MODES,
+    crf_loss,
+    crf_window,
+    negative_loss,
+    sample_seeds,
+    seed_loss,
+    size_loss,
+    size_t_at,
+)
+from histo_wsl.networks.backbones import X10
+from histo_wsl.networks.cams import compute_cams
+from histo_wsl.networks.classifier import unwrap
+from histo_wsl.networks.knn import REFINEMENTS, KNNRefiner, refine_card, refine_checks
+from histo_wsl.networks.negev import NEGEVModel
+from histo_wsl.training.config import TrainConfig
+from histo_wsl.training.engine import LAST_EPOCH, VALPX_PXAP, Selection
+
+__all__ = ["DecoderTask", "REFINEMENTS", "SEED_MAPS", "STAGE2_DEFAULTS", "train_decoder"]
+
+#: what the seeds are drawn from (besides ``--seed-teacher``)
+SEED_MAPS = ("cam", "knn")
+
+
+#: stage-2 defaults that differ from stage 1 (method.md §1.4: lr 0.1 for the decoder)
+STAGE2_DEFAULTS = {"lr": 0.1, "method": "negev", "out": "runs/negev"}
+
+
+class DecoderTask:
+    """NEGEV decoder training for the engine."""
+
+    selection = [Selection("best-loc.pt", (VALPX_PXAP, LAST_EPOCH))]
+
+    def __init__(self, cfg: TrainConfig, ds: Dataset, stage1) -> None:
+        self.cfg, self.ds, self.stage1 = cfg, ds, stage1
+        card = stage1.card
+        if card.get("method") != "cam":
+            raise InputError(
+                f"--classifier must be a stage-1 checkpoint (train-classifier); this one is "
+                f"{card.get('method')!r}",
+                stage1.path,
+            )
+        if list(card["class_names"]) != list(ds.class_names):
+            raise InputError(
+                f"the classifier was trained on classes {card['class_names']} but the data has "
+                f"{ds.class_names}; use the same classes (or --class in the same order)",
+                stage1.path,
+            )
+        if cfg.bg_sampler not in BG_SAMPLERS:
+            raise InputError(f"--bg-sampler must be one of {BG_SAMPLERS}, got {cfg.bg_sampler!r}")
+        if cfg.fg_sampler not in FG_SAMPLERS:
+            raise InputError(f"--fg-sampler must be one of {FG_SAMPLERS}, got {cfg.fg_sampler!r}")
+        if cfg.fg_erode < 1 or cfg.fg_erode % 2 == 0:
+            raise InputError(f"--fg-erode must be a positive odd number, got {cfg.fg_erode}")
+        if cfg.seed_ksize % 2 == 0:
+            raise InputError(f"--seed-ksize must be odd, got {cfg.seed_ksize}")
+        if cfg.seed_mode not in SEED_MODES:
+            raise InputError(f"--seed-mode must be one of {SEED_MODES}, got {cfg.seed_mode!r}")
+        if cfg.seeds_fg < 1 or cfg.seeds_bg < 0:
+            raise InputError(
+                f"--seeds-fg must be >= 1 and --seeds-bg >= 0, got {cfg.seeds_fg}, {cfg.seeds_bg}"
+            )
+        checks = [
+            (cfg.size_lambda >= 0, f"--size-lambda must be >= 0 (got {cfg.size_lambda})"),
+            (cfg.size_t0 > 0, f"--size-t0 must be > 0 (got {cfg.size_t0})"),
+            (
+                cfg.size_t_max >= cfg.size_t0,
+                f"--size-t-max must be >= --size-t0 (got {cfg.size_t_max})",
+            ),
+            (cfg.size_t_mult >= 1, f"--size-t-mult must be >= 1 (got {cfg.size_t_mult})"),
+            (cfg.crf_lambda >= 0, f"--crf-lambda must be >= 0 (got {cfg.crf_lambda})"),
+            (cfg.crf_sigma_rgb > 0, f"--crf-sigma-rgb must be > 0 (got {cfg.crf_sigma_rgb})"),
+            (cfg.crf_sigma_xy > 0, f"--crf-sigma-xy must be > 0 (got {cfg.crf_sigma_xy})"),
+            (0 < cfg.crf_scale <= 1, f"--crf-scale must be in (0, 1] (got {cfg.crf_scale})"),
+        ]
+        if cfg.seed_map not in SEED_MAPS:
+            raise InputError(f"--seed-map must be one of {SEED_MAPS}, got {cfg.seed_map!r}")
+        bank = cfg.seed_map == "knn" or cfg.refine == "knn"
+        checks += refine_checks(cfg, len(ds.split("train")) if bank else 0, bank)
+        for ok, message in checks:
+            if not ok:
+                raise InputError(message)
+        self.negative = ds.negative_class
+        #: the k-NN seed map's bank of training pixels (``seed_map: knn``; built at the first step)
+        self.bank: FeatureBank | None = None
+        #: pixels in the refiner's bank (``refine: knn``; set at the first evaluation)
+        self.refine_pixels: int | None = None
+        #: builds the k-NN banks (seed map, refiner) of the train split
+        self._banks = TrainSplitBanks(ds, cfg, self.negative)
+        #: optional NEGEV model whose foreground map replaces the CAM as the seeds' source
+        self.teacher = self._load_teacher(cfg.seed_teacher) if cfg.seed_teacher else None
+        #: the teacher was trained over this very classifier: it decodes the student's stages
+        self._teacher_shares_encoder = self.teacher is not None and _same_weights(
+            self.stage1.model, self.teacher.model.classifier
+        )
+        #: log-barrier t of the size term for the coming epoch (task state: --resume keeps it)
+        self.size_t = size_t_at(cfg.size_t0, cfg.size_t_max, cfg.size_t_mult, 1)
+        norm = card.get("normalization") or {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+        #: 0–255 RGB = normalised image · _rgb_std + _rgb_mean (for the CRF term's colours)
+        self._rgb_mean = 255.0 * torch.tensor(norm["mean"], dtype=torch.float32).view(1, 3, 1, 1)
+        self._rgb_std = 255.0 * torch.tensor(norm["std"], dtype=torch.float32).view(1, 3, 1, 1)
+
+    def _load_teacher(self, path: str):
+        """The ``--seed-teacher`` checkpoint, checked against the classifier's classes and input."""
+        teacher = load_model(path)
+        card, c1 = teacher.card, self.stage1.card
+        if teacher.method != "negev":
+            raise InputError(
+                f"--seed-teacher must be a train-decoder checkpoint (best-loc.pt); this one is "
+                f"{teacher.method!r}",
+                path,
+            )
+        if list(card["class_names"]) != list(c1["class_names"]):
+            raise InputError(
+                f"the seed teacher was trained on classes {card['class_names']} but the "
+                f"classifier on {c1['class_names']}; use a teacher of the same classes",
+                path,
+            )
+        if card.get("normalization") != c1.get("normalization"):
+            raise InputError(
+                "the seed teacher normalises its input differently from the classifier; use a "
+                "teacher trained over a classifier of the same backbone",
+                path,
+            )
+        for p in teacher.model.parameters():
+            p.requires_grad_(False)
+        teacher.model.eval()
+        return teacher
+
+    def feature_bank(self, m: NEGEVModel, device: torch.device) -> FeatureBank:
+        """The ``seed_map: knn`` bank (built on first use from the train split, eval preset)."""
+        if self.bank is None:
+            self.bank = self._train_bank(
+                m,
+                None if self.teacher is None else lambda x, y, st: self._teacher_maps(x, st),
+                device,
+            )
+        return self.bank.to(device)
+
+    def _train_bank(
+        self, m: NEGEVModel, values: Callable | None, device: torch.device
+    ) -> FeatureBank:
+        """A k-NN bank of the train split (eval preset) over ``m``'s frozen encoder.
+
+        ``values``: as for :func:`histo_wsl.methods.knn.build_feature_bank` (None: the CAM with
+        ``cam_method``).
+        """
+        return self._banks.build(m.classifier, values, device)
+
+    def seed_maps(
+        self,
+        m: NEGEVModel,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        stages: list[torch.Tensor] | None = None,
+        owners: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Maps (B,H,W) in [0,1] the seeds are drawn from.
+
+        The CAM of the true class, or the ``--seed-teacher``'s foreground probability on the
+        same augmented crops; with ``seed_map: knn``, that map averaged over each pixel's
+        ``knn_k`` nearest bank pixels of other images (``owners``: the images' training-set
+        indices, −1 for none). ``stages`` are the frozen encoder's activations of ``images`` when
+        already computed (the CAM layer and, for a teacher over the same classifier, its decoder
+        input): no second backbone pass then.
+        """
+        size = tuple(images.shape[-2:])
+        if self.cfg.seed_map == "knn":
+            bank = self.feature_bank(m, images.device)
+            if stages is None:
+                with torch.no_grad():
+                    stages = m.classifier.forward_features(images)
+            if owners is None:
+                owners = torch.full((images.shape[0],), -1, dtype=torch.long)
+            return bank.smoothed_maps(stages, owners, self.cfg.knn_k, size)
+        if self.teacher is not None:
+            return self._teacher_maps(images, stages)
+        return compute_cams(
+            m.classifier,
+            images,
+            labels,
+            method=self.cfg.cam_method,
+            size=size,
+            features=None if stages is None else stages[-1],
+        )
+
+    def _teacher_maps(
+        self, images: torch.Tensor, stages: list[torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """The ``--seed-teacher``'s foreground probability (B,H,W) on ``images``."""
+        teacher = self.teacher.to(images.device).model
+        if stages is None or not self._teacher_shares_encoder:
+            return teacher.localize(images)[1].float()
+        with torch.no_grad():
+            return teacher.foreground(teacher.decoder(stages, tuple(images.shape[-2:])), stages)
+
+    def build_model(self) -> nn.Module:
+        """The frozen classifier of the checkpoint with a new decoder (and an empty refiner)."""
+        torch.manual_seed(self.cfg.seed)
+        refiner = KNNRefiner(self.cfg.knn_k, self.cfg.refine_alpha) if self.refining else None
+        return NEGEVModel(self.stage1.model, refiner)
+
+    @property
+    def refining(self) -> bool:
+        """Whether the saved model's map is k-NN refined (``--refine knn``)."""
+        return self.cfg.refine == "knn"
+
+    def refine_bank(self, m: NEGEVModel, device: torch.device) -> FeatureBank:
+        """Training pixels (eval preset) valued by ``m``'s decoder map, for its refiner."""
+        m.eval()
+        size = (self.cfg.crop_size, self.cfg.crop_size)
+        return self._train_bank(
+            m,
+            lambda x, y, stages: m.foreground(m.decoder(stages, size), stages, refine=False),
+            device,
+        )
+
+    def param_groups(self, model: nn.Module, lr: float) -> list[dict]:
+        """Decoder parameters only; in the ×10 group for VGG16/InceptionV3 (method.md §1.4)."""
+        m = unwrap(model)
+        ratio = self.cfg.lr_classifier_ratio if m.classifier.backbone.other_group == X10 else 1.0
+        return [
+            {"params": [p for p in m.decoder.parameters()], "lr": lr * ratio, "name": "decoder"}
+        ]
+
+    def train_dataset(self) -> torch.utils.data.Dataset:
+        """The ``train`` split with the training preset."""
+        return training_images(self.ds, self.cfg)
+
+    def training_step(self, model: nn.Module, batch: dict, epoch: int) -> tuple[torch.Tensor, dict]:
+        """λ·CE on CAM seeds (+ size, CRF terms) of non-negative images; CE to bg on negative ones.
+
+        Statistics (summary.csv columns): ``seed_loss``, ``negative_loss``, with ``size_lambda``
+        > 0 ``size_loss`` (unweighted) and its ``size_t``, with ``crf_lambda`` > 0 ``crf_loss``.
+        """
+        images, labels = batch["image"], batch["label"]
+        _, seg, stages = model(images, segment=True, features=True)
+        m = unwrap(model)
+        neg = (
+            labels == self.negative
+            if self.negative is not None
+            else torch.zeros_like(labels, dtype=torch.bool)
+        )
+        stats: dict = {}
+        loss = seg.sum() * 0.0
+        pos = ~neg
+        if pos.any():
+            owners = batch.get("index")
+            owners = None if owners is None else torch.as_tensor(owners)[pos.cpu()]
+            cams = self.seed_maps(m, images[pos], labels[pos], [s[pos] for s in stages], owners)
+            seeds = sample_seeds(
+                cams,
+                self.cfg.seeds_fg,
+                self.cfg.seeds_bg,
+                self.cfg.seed_ksize,
+                self.cfg.bg_sampler,
+                self.cfg.low_fraction,
+                mode=self.cfg.seed_mode,
+                fg_sampler=self.cfg.fg_sampler,
+                fg_erode=self.cfg.fg_erode,
+            )
+            ls = seed_loss(seg[pos], seeds)
+            loss = loss + self.cfg.seed_lambda * ls
+            stats["seed_loss"] = float(ls.detach())
+            if self.cfg.size_lambda > 0:
+                lz = size_loss(seg[pos], self.size_t)
+                loss = loss + self.cfg.size_lambda * lz
+                stats["size_loss"] = float(lz.detach())
+                stats["size_t"] = self.size_t
+            if self.cfg.crf_lambda > 0:
+                mean, std = self._rgb_mean.to(images.device), self._rgb_std.to(images.device)
+                lc = crf_loss(
+                    seg[pos],
+                    images[pos].float() * std + mean,
+                    self.cfg.crf_sigma_rgb,
+                    self.cfg.crf_sigma_xy,
+                    self.cfg.crf_scale,
+                )
+                loss = loss + self.cfg.crf_lambda * lc
+                stats["crf_loss"] = float(lc.detach())
+        if neg.any():
+            ln = negative_loss(seg[neg])
+            loss = loss + self.cfg.negative_lambda * ln
+            stats["negative_loss"] = float(ln.detach())
+        return loss, stats
+
+    def evaluate(self, model: nn.Module, device: torch.device) -> dict:
+        """Frozen classifier's accuracy on val; the model's map PxAP on valpx.
+
+        With ``--refine knn`` the refiner's bank is first rebuilt from the current decoder, the
+        selection metric ``valpx_pxap`` is the blended map's, and ``valpx_pxap_decoder`` the
+        decoder's own.
+        """
+        m = unwrap(model)
+        if self.refining:
+            m.refiner.set_bank(self.refine_bank(m, device))
+            self.refine_pixels = len(m.refiner)
+        return evaluate_localizer(
+            m,
+            self.ds,
+            device,
+            self.cfg.crop_size,
+            own_key="valpx_pxap_decoder" if self.refining else None,
+        )
+
+    def card(self) -> dict:
+        """The model card of the NEGEV model (with its classifier's card)."""
+        c1 = self.stage1.card
+        cfg = self.cfg
+        return {
+            "method": "negev",
+            "stage": 2,
+            "backbone": c1["backbone"],
+            "head": c1["head"],
+            "num_classes": c1["num_classes"],
+            "class_names": list(c1["class_names"]),
+            "negative_class": cfg.negative_class,
+            "input_size": cfg.crop_size,
+            "resize_size": cfg.resize_size,
+            "data_mpp": c1.get("data_mpp"),
+            "mpp": c1.get("mpp"),
+            "normalization": c1.get("normalization"),
+            "threshold": 0.5,
+            "seeds": {
+                "fg": cfg.seeds_fg,
+                "bg": cfg.seeds_bg,
+                "ksize": cfg.seed_ksize,
+                "lambda": cfg.seed_lambda,
+                "bg_sampler": cfg.bg_sampler,
+                "low_fraction": cfg.low_fraction,
+                "fg_sampler": cfg.fg_sampler,
+                "fg_erode": cfg.fg_erode,
+                "cam_method": cfg.cam_method,
+                "mode": cfg.seed_mode,
+                "map": cfg.seed_map,
+                "knn": None
+                if cfg.seed_map != "knn"
+                else {
+                    "k": cfg.knn_k,
+                    "bank_pixels": None if self.bank is None else len(self.bank),
+                    "dims": cfg.knn_dims,
+                    "bank_seed": cfg.seed,
+                },
+                "teacher": None
+                if self.teacher is None
+                else {
+                    "checkpoint": str(self.teacher.path),
+                    "metrics": self.teacher.card.get("metrics", {}),
+                    "seeds": self.teacher.card.get("seeds", {}),
+                },
+            },
+            "size_term": {
+                "lambda": cfg.size_lambda,
+                "t0": cfg.size_t0,
+                "t_max": cfg.size_t_max,
+                "mult": cfg.size_t_mult,
+                "sizes": "fractions of the image",
+            },
+            "crf_term": {
+                "lambda": cfg.crf_lambda,
+                "sigma_rgb": cfg.crf_sigma_rgb,
+                "sigma_xy": cfg.crf_sigma_xy,
+                "scale": cfg.crf_scale,
+                "window": crf_window(cfg.crf_sigma_xy, cfg.crf_scale),
+            },
+            "refine": refine_card(
+                cfg,
+                self.refine_pixels,
+                "the decoder's foreground map on the train split (eval preset)",
+            ),
+            "negative_term": self.negative is not None,
+            "classifier_checkpoint": str(self.stage1.path),
+            "classifier_card": {k: v for k, v in c1.items() if k != "config"},
+            "training_data": self.ds.describe(),
+            "config": {
+                k: (
+                    str(v)
+                    if not isinstance(v, (int, float, str, bool, list, dict, type(None)))
+                    else v
+                )
+                for k, v in dataclasses.asdict(cfg).items()
+            },
+            "versions": {"histo-wsl": __version__, "torch": str(torch.__version__)},
+        }
+
+    def on_epoch_end(self, epoch: int) -> None:
+        """Advance the size term's t to the next epoch's value (×mult, capped at t_max)."""
+        self.size_t = min(self.size_t * self.cfg.size_t_mult, self.cfg.size_t_max)
+
+    def state_dict(self) -> dict:
+        """The size term's t for the next epoch."""
+        return {"size_t": self.size_t}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` (a checkpoint without it leaves t at t0)."""
+        if "size_t" in state:
+            self.size_t = float(state["size_t"])
+
+
+def _same_weights(a: nn.Module, b: nn.Module) -> bool:
+    """Whether two modules hold the same tensors under the same names (buffers included)."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k].cpu(), sb[k].cpu()) for k in sa)
+
+
+def train_decoder(
+    cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, argv: list[str] | None = None
+) -> dict:
+    """Run ``train-decoder``: check the classifier and the data, then train with the engine."""
+    from histo_wsl.training.engine import fit
+
+    if not cfg.classifier:
+        raise InputError(
+            "--classifier is required: the stage-1 checkpoint (e.g. runs/cam/best-loc.pt)"
+        )
+    stage1 = load_model(cfg.classifier)
+    if cfg.classes is None:
+        cfg.classes = list(stage1.card["class_names"])
+    ds = load_training_data(cfg)
+    task = DecoderTask(cfg, ds, stage1)
+    summary = fit(cfg, task, resume=resume, quiet=quiet, argv=argv)
+    return {
+        **summary,
+        "data": ds.describe(),
+        "skipped_files": ds.skipped_files,
+        "classifier": str(stage1.path),
+        "classifier_metrics": stage1.card.get("metrics", {}),
+    }

@@ -1,0 +1,1 @@
+"""The registry package (code map in histo_wsl/README.md)."""

@@ -1,0 +1,1 @@
+"""The reporting package (code map in histo_wsl/README.md)."""

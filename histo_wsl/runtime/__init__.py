@@ -1,0 +1,1 @@
+"""The runtime package (code map in histo_wsl/README.md)."""

@@ -1,0 +1,1 @@
+"""The slideio package (code map in histo_wsl/README.md)."""

@@ -1,0 +1,1 @@
+"""The synthetic package (code map in histo_wsl/README.md)."""

@@ -1,0 +1,1 @@
+"""The tissue package (code map in histo_wsl/README.md)."""

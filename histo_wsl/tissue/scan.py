@@ -1,0 +1,340 @@
+"""The tissue step every slide command shares: a thumbnail, then detected or given tissue.
+
+``extract-patches`` and ``localize`` both read a low-resolution thumbnail (:func:`read_thumbnail`),
+then either detect tissue on it (:func:`histo_wsl.tissue.detect.detect_tissue`) or rasterise a GeoJSON the
+user gave (``--tissue-geojson``: one file, or a folder of ``<slide>.geojson`` /
+``<slide>/tissue.geojson``, or a ``tissue_geojson`` CSV column per slide).
+
+``localize`` keeps the thumbnail (:func:`find_tissue`: its overlay is drawn on it).
+``extract-patches`` never holds it: :func:`scan_tissue` reads it band by band, streams it to
+``thumbnail.png`` and detects tissue strip by strip into a packed mask (1 bit per pixel), and
+:func:`write_tissue_images` reads it again band by band to draw ``tissue.png`` and ``patches.png``.
+Its peak memory therefore does not grow with the slide (``benchmarks/extract_memory.py``). The
+thumbnail is at ``thumbnail_mpp`` (default 8 µm/px) between 1,024 and 4,096 px on its long side
+(:func:`histo_wsl.slideio.slide.thumbnail_geometry`); the resolution used is recorded per slide
+(``tissue_mpp``, ``thumbnail_size``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from histo_wsl.errors import InputError
+from histo_wsl.runtime.inputs import InputItem
+from histo_wsl.slideio.slide import (
+    THUMBNAIL_TILE_CACHE,
+    Slide,
+    ThumbnailGeometry,
+    read_thumbnail,
+    read_thumbnail_rows,
+    thumbnail_geometry,
+)
+from histo_wsl.slideio.writers import PngStream
+from histo_wsl.tissue import detect as tissue
+
+__all__ = [
+    "ASSUMED_MPP",
+    "SlideTissue",
+    "TissueMap",
+    "find_tissue",
+    "save_png",
+    "scan_tissue",
+    "tissue_geojson_for",
+    "write_tissue_images",
+]
+
+#: Thumbnail rows read at a time by :func:`scan_tissue` and :func:`write_tissue_images`.
+BAND_ROWS = tissue.DETECT_STRIP_ROWS
+#: Thumbnails up to this size (RGB bytes; 1448² px) are read once and kept for the QC images:
+#: reading a small thumbnail band by band costs more time than it saves memory. Larger ones
+#: (slides over about 46,000 px at 0.25 µm/px) are read in bands, so the peak stays bounded.
+THUMBNAIL_KEEP_BYTES = 6 * 2**20
+#: Colours of the QC drawings (RGB): tissue contours and extracted patches.
+TISSUE_COLOR = (0, 200, 0)
+PATCH_COLOR = (30, 90, 230)
+
+#: Level-0 µm/px assumed for tissue-detection sizes on slides whose resolution is unknown.
+ASSUMED_MPP = 0.5
+
+
+@dataclass
+class SlideTissue:
+    """A slide's thumbnail and its tissue mask.
+
+    Attributes:
+        thumbnail: (H, W, 3) uint8 RGB thumbnail.
+        downsample: level-0 pixels per thumbnail pixel.
+        mask: (H, W) bool tissue mask on the thumbnail.
+        source: ``detected``, ``whole slide`` or the GeoJSON file the tissue came from.
+    """
+
+    thumbnail: np.ndarray
+    downsample: float
+    mask: np.ndarray
+    source: str
+
+    @property
+    def fraction(self) -> float:
+        """Fraction of the thumbnail that is tissue (0-1)."""
+        return round(float(self.mask.mean()), 6) if self.mask.size else 0.0
+
+
+def tissue_geojson_for(item: InputItem, source: Path | None) -> Path | None:
+    """The tissue GeoJSON of one slide: its CSV column, the file given, or its file in a folder.
+
+    Args:
+        item: the slide (a ``tissue_geojson`` CSV column wins).
+        source: ``--tissue-geojson``: None, a GeoJSON file, or a folder of ``<slide>.geojson`` /
+            ``<slide>/tissue.geojson``.
+
+    Returns:
+        The GeoJSON file, or None to detect tissue.
+
+    Raises:
+        InputError: a folder without this slide's GeoJSON.
+    """
+    if item.extra.get("tissue_geojson"):
+        return Path(item.extra["tissue_geojson"])
+    if source is None or source.is_file():
+        return source
+    for candidate in (source / f"{item.name}.geojson", source / item.name / "tissue.geojson"):
+        if candidate.is_file():
+            return candidate
+    raise InputError(
+        f"no tissue GeoJSON for slide {item.name!r} in this folder (looked for {item.name}.geojson and "
+        f"{item.name}/tissue.geojson); add it or drop --tissue-geojson",
+        source,
+    )
+
+
+def find_tissue(
+    slide: Slide,
+    *,
+    thumbnail_mpp: float = 8.0,
+    geojson: Path | None = None,
+    params: tissue.TissueParams | None = None,
+    whole_slide: bool = False,
+) -> SlideTissue:
+    """Read the slide's thumbnail and find its tissue.
+
+    Args:
+        slide: the open slide.
+        thumbnail_mpp: resolution of the thumbnail (µm/px; see :func:`read_thumbnail`).
+        geojson: tissue polygons in level-0 pixels to use instead of detection.
+        params: detection parameters (default :class:`~histo_wsl.tissue.detect.TissueParams`).
+        whole_slide: count the whole slide as tissue (no detection).
+
+    Returns:
+        The thumbnail and its tissue mask. Sizes in detection are converted with the slide's mpp,
+        or with :data:`ASSUMED_MPP` when the slide has none.
+    """
+    thumb, ds = read_thumbnail(slide, mpp=thumbnail_mpp)
+    if whole_slide:
+        return SlideTissue(thumb, ds, np.ones(thumb.shape[:2], dtype=bool), "whole slide")
+    if geojson is not None:
+        mask = tissue.geojson_to_mask(tissue.read_geojson(geojson), thumb.shape[:2], ds)
+        return SlideTissue(thumb, ds, mask, str(geojson))
+    level0_mpp = slide.mpp if slide.mpp is not None else ASSUMED_MPP
+    mask = tissue.detect_tissue(thumb, level0_mpp * ds, params or tissue.TissueParams())
+    return SlideTissue(thumb, ds, mask, "detected")
+
+
+@dataclass
+class TissueMap:
+    """A slide's tissue mask on its thumbnail grid, packed; a small thumbnail is kept too.
+
+    Attributes:
+        geometry: the thumbnail's size, downsample and read plan.
+        mask: the tissue mask, 1 bit per thumbnail pixel.
+        source: ``detected``, ``whole slide`` or the GeoJSON file the tissue came from.
+        tissue_mpp: µm per thumbnail pixel the detection sizes were converted with (the slide's
+            mpp, or :data:`ASSUMED_MPP`, times the downsample).
+        rgb: the thumbnail when it is at most :data:`THUMBNAIL_KEEP_BYTES`, else None (the QC
+            images then read it again band by band).
+    """
+
+    geometry: ThumbnailGeometry
+    mask: tissue.PackedMask
+    source: str
+    tissue_mpp: float
+    rgb: np.ndarray | None = None
+
+    @property
+    def downsample(self) -> float:
+        """Level-0 pixels per thumbnail pixel."""
+        return self.geometry.downsample
+
+    @property
+    def fraction(self) -> float:
+        """Fraction of the thumbnail that is tissue (0-1)."""
+        return round(self.mask.mean(), 6)
+
+    def record(self) -> dict:
+        """JSON-ready facts for the slide's record: thumbnail size and resolution, tissue."""
+        return {
+            "thumbnail_size": [self.geometry.width, self.geometry.height],
+            "thumbnail_downsample": self.downsample,
+            "tissue_mpp": round(self.tissue_mpp, 6),
+            "tissue_fraction": self.fraction,
+            "tissue_source": self.source,
+        }
+
+
+def scan_tissue(
+    slide: Slide,
+    *,
+    thumbnail_mpp: float = 8.0,
+    geojson: Path | None = None,
+    params: tissue.TissueParams | None = None,
+    whole_slide: bool = False,
+    thumbnail_png: Path | None = None,
+) -> TissueMap:
+    """Find a slide's tissue reading its thumbnail band by band (:func:`find_tissue`'s mask).
+
+    The thumbnail (the one :func:`read_thumbnail` reads) goes through
+    :func:`histo_wsl.tissue.detect.detect_tissue_strips` as it is read, and to ``thumbnail_png`` when
+    given, through a small tile cache; only the packed mask stays. A GeoJSON is rasterised with
+    :func:`histo_wsl.tissue.detect.geojson_to_mask` as in :func:`find_tissue`.
+
+    Args:
+        slide: the open slide.
+        thumbnail_mpp: resolution of the thumbnail (µm/px; see :func:`thumbnail_geometry`).
+        geojson: tissue polygons in level-0 pixels to use instead of detection.
+        params: detection parameters (default :class:`~histo_wsl.tissue.detect.TissueParams`).
+        whole_slide: count the whole slide as tissue (no detection).
+        thumbnail_png: where to stream the thumbnail as a PNG, or None.
+
+    Returns:
+        The packed mask on the thumbnail grid and where it came from.
+    """
+    geometry = thumbnail_geometry(slide, mpp=thumbnail_mpp)
+    h, w = geometry.shape
+    level0_mpp = slide.mpp if slide.mpp is not None else ASSUMED_MPP
+    tissue_mpp = level0_mpp * geometry.downsample
+    png = PngStream(thumbnail_png, w, h, compress_level=1) if thumbnail_png is not None else None
+    kept: np.ndarray | None = None
+
+    def read_rows(y0: int, y1: int) -> np.ndarray:
+        if kept is not None:
+            return kept[y0:y1]
+        return read_thumbnail_rows(slide, geometry, y0, y1)
+
+    def on_rows(_y0: int, rgb: np.ndarray) -> None:
+        if png is not None:
+            png.write_rows(rgb)
+
+    try:
+        with slide.tile_cache(THUMBNAIL_TILE_CACHE):
+            if h * w * 3 <= THUMBNAIL_KEEP_BYTES:
+                kept = read_thumbnail_rows(slide, geometry, 0, h)
+            if whole_slide or geojson is not None:
+                if png is not None:
+                    for y0 in range(0, h, BAND_ROWS):
+                        png.write_rows(read_rows(y0, y0 + BAND_ROWS))
+                if whole_slide:
+                    mask = tissue.PackedMask.from_bool(np.ones((1, w), dtype=bool))
+                    mask = tissue.PackedMask((h, w), np.repeat(mask.bits, h, axis=0))
+                    source = "whole slide"
+                else:
+                    polygons = tissue.read_geojson(geojson)
+                    mask = tissue.PackedMask.from_bool(
+                        tissue.geojson_to_mask(polygons, (h, w), geometry.downsample)
+                    )
+                    source = str(geojson)
+            else:
+                mask = tissue.detect_tissue_strips(
+                    read_rows,
+                    (h, w),
+                    tissue_mpp,
+                    params or tissue.TissueParams(),
+                    strip_rows=BAND_ROWS,
+                    on_rows=on_rows,
+                )
+                source = "detected"
+        if png is not None:
+            png.close()
+    except BaseException:
+        if png is not None:
+            png.abort()
+        raise
+    return TissueMap(geometry, mask, source, tissue_mpp, kept)
+
+
+def write_tissue_images(
+    slide: Slide,
+    found: TissueMap,
+    *,
+    tissue_png: Path | None,
+    patches_png: Path | None = None,
+    boxes: np.ndarray | None = None,
+    contours: Sequence[np.ndarray] | None = None,
+    thickness: int = 2,
+) -> None:
+    """Draw the QC images band by band: the thumbnail with the tissue contours (and patches).
+
+    A thumbnail kept by :func:`scan_tissue` is used as it is; a larger one is read again, one
+    band of rows at a time, through a small tile cache; the
+    contours (traced on the whole mask) and the patch outlines are drawn on each band with the
+    band's offset and a margin of rows, so the images equal drawing on the whole thumbnail.
+
+    Args:
+        slide: the open slide.
+        found: its tissue (:func:`scan_tissue`).
+        tissue_png: where to write the thumbnail with the tissue contours, or None.
+        patches_png: where to write that image with the patches outlined too, or None.
+        boxes: (N, 4) patch boxes ``x0, y0, x1, y1`` in thumbnail pixels (for ``patches_png``).
+        contours: the mask's contours (``cv2.findContours`` with ``RETR_CCOMP``), when already
+            traced; else they are traced here.
+        thickness: contour line thickness in pixels.
+    """
+    if tissue_png is None and patches_png is None:
+        return
+    h, w = found.geometry.shape
+    if contours is None:
+        full = found.mask.to_bool()
+        contours, _ = cv2.findContours(full.view(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+        del full
+    if boxes is None:
+        boxes = np.zeros((0, 4), dtype=np.int64)
+    # cv2.rectangle corners, as the whole-image drawing truncates them
+    rect = np.asarray(boxes, dtype=np.float64).reshape(-1, 4).astype(np.int64)
+    margin = thickness + 2
+    outs = [PngStream(p, w, h) if p is not None else None for p in (tissue_png, patches_png)]
+    try:
+        with slide.tile_cache(THUMBNAIL_TILE_CACHE):
+            for y0 in range(0, h, BAND_ROWS):
+                y1 = min(h, y0 + BAND_ROWS)
+                lo, hi = max(0, y0 - margin), min(h, y1 + margin)
+                if found.rgb is not None:
+                    band = np.ascontiguousarray(found.rgb[lo:hi]).copy()
+                else:
+                    band = read_thumbnail_rows(slide, found.geometry, lo, hi)
+                if contours:
+                    cv2.drawContours(band, contours, -1, TISSUE_COLOR, thickness, offset=(0, -lo))
+                if outs[0] is not None:
+                    outs[0].write_rows(band[y0 - lo : y1 - lo])
+                if outs[1] is not None:
+                    near = np.flatnonzero((rect[:, 3] >= lo - 1) & (rect[:, 1] <= hi))
+                    for x0, r0, x1, r1 in rect[near].tolist():
+                        cv2.rectangle(band, (x0, r0 - lo), (x1, r1 - lo), PATCH_COLOR, 1)
+                    outs[1].write_rows(band[y0 - lo : y1 - lo])
+        for out in outs:
+            if out is not None:
+                out.close()
+    except BaseException:
+        for out in outs:
+            if out is not None:
+                out.abort()
+        raise
+
+
+def save_png(path: Path, rgb: np.ndarray) -> None:
+    """Save an RGB (or grey) uint8 array as a PNG."""
+    # QC images: the fast zlib level patches use (level 6 cost ~0.2 s per slide for 10 % smaller files)
+    Image.fromarray(rgb).save(path, format="PNG", compress_level=1)

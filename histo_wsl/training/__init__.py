@@ -1,0 +1,1 @@
+"""The training package (code map in histo_wsl/README.md)."""

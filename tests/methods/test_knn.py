@@ -1,0 +1,112 @@
+import pytest
+import torch
+from knn_helpers import A, B, identity_bank, tiny_classifier, two_stages
+from typer.testing import CliRunner
+
+from histo_wsl.cli.app import app
+from histo_wsl.data.images import LabelledImages, eval_transform
+from histo_wsl.inference.predictor import load_model
+from histo_wsl.methods.knn import build_feature_bank
+from histo_wsl.networks.classifier import build_classifier
+
+runner = CliRunner()
+
+
+def test_look_alike_pixels_get_the_evidence_of_other_images_only():
+    # image 0 says A is foreground, image 1 says the opposite
+    bank = identity_bank(
+        [(A, 1.0, 0)] * 4 + [(B, 0.0, 0)] * 4 + [(A, 0.0, 1)] * 4 + [(B, 1.0, 1)] * 4
+    )
+    query = two_stages([A, A, B, B])
+    from_0 = bank.smoothed_maps(query, torch.tensor([1]), k=4, size=(1, 4))
+    torch.testing.assert_close(from_0, torch.tensor([[[1.0, 1.0, 0.0, 0.0]]]))
+    from_1 = bank.smoothed_maps(query, torch.tensor([0]), k=4, size=(1, 4))
+    torch.testing.assert_close(from_1, torch.tensor([[[0.0, 0.0, 1.0, 1.0]]]))
+    # k is capped so that excluding one image still leaves k neighbours
+    capped = bank.smoothed_maps(query, torch.tensor([1]), k=100, size=(1, 4))
+    assert capped.shape == (1, 1, 4) and 0 <= capped.min() and capped.max() <= 1
+
+
+def test_maps_are_min_max_normalised_and_upsampled():
+    bank = identity_bank([(A, 0.8, 0)] * 2 + [(B, 0.2, 0)] * 2)
+    maps = bank.smoothed_maps(two_stages([A, B]), torch.tensor([-1]), k=2, size=(3, 8))
+    assert maps.shape == (1, 3, 8)
+    assert maps.min() == 0 and maps.max() == 1
+    assert maps[0, :, 0].min() > maps[0, :, -1].max()  # the A side stays above the B side
+
+
+class _Images(torch.utils.data.Dataset):
+    def __init__(self, n: int, size: int = 32):
+        g = torch.Generator().manual_seed(1)
+        self.x = torch.randn(n, 3, size, size, generator=g)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.x[i], "label": i % 2, "index": i}
+
+
+def test_build_feature_bank_is_balanced_bounded_and_reproducible():
+    torch.manual_seed(0)
+    clf = build_classifier("tinycnn", "wgap", 2, pretrained=False).eval()
+    images = _Images(5)
+    state = torch.get_rng_state()
+    bank = build_feature_bank(clf, images, negative=1, max_pixels=40, dims=3, seed=7, batch_size=2)
+    assert torch.equal(
+        torch.get_rng_state(), state
+    )  # the training run's random stream is untouched
+    assert len(bank) == 40 and bank.keys.shape == (
+        40,
+        6,
+    )  # 8 pixels of each image, 3 axes × 2 stages
+    assert torch.bincount(bank.owners).tolist() == [8] * 5
+    torch.testing.assert_close(bank.keys.norm(dim=1), torch.ones(40))
+    negative = bank.owners % 2 == 1  # images of class 1, the negative class here
+    assert torch.all(bank.values[negative] == 0) and bank.values[~negative].max() > 0
+    assert 0 <= bank.values.min() and bank.values.max() <= 1
+    again = build_feature_bank(clf, images, negative=1, max_pixels=40, dims=3, seed=7, batch_size=3)
+    torch.testing.assert_close(again.keys, bank.keys)
+    assert torch.equal(again.owners, bank.owners)
+    with pytest.raises(ValueError, match="at least 2"):
+        build_feature_bank(clf, _Images(1))
+
+
+def test_train_decoder_with_knn_seed_map(tmp_path):
+    data, ckpt, common = tiny_classifier(tmp_path)
+    ckpt = tmp_path / "cam" / "best-loc.pt"
+    cmd = ["train-decoder", str(data), "--classifier", str(ckpt), *common]
+    out = tmp_path / "negev"
+    r = runner.invoke(
+        app,
+        [*cmd, "--out", str(out), "--seed-map", "knn", "--knn-k", "8", "--knn-bank", "256"],
+    )
+    assert r.exit_code == 0, r.stderr
+    card = load_model(out / "best-loc.pt").card
+    assert card["seeds"]["map"] == "knn"
+    assert card["seeds"]["knn"]["k"] == 8 and 0 < card["seeds"]["knn"]["bank_pixels"] <= 256
+
+    r = runner.invoke(app, [*cmd, "--out", str(tmp_path / "bad1"), "--seed-map", "nearest"])
+    assert r.exit_code == 2 and "--seed-map must be one of" in r.stderr
+    # with a teacher, the bank holds the teacher's map (pooled to the CAM layer), not the CAM
+    import torch.nn.functional as F  # noqa: N812
+
+    from histo_wsl.methods.cam import load_training_data
+    from histo_wsl.methods.negev import DecoderTask
+    from histo_wsl.training.config import TrainConfig
+
+    teacher = out / "best-loc.pt"
+    tcfg = TrainConfig(
+        data=str(data), seed_teacher=str(teacher), seed_map="knn", knn_bank=10**6, crop_size=48
+    )
+    ds = load_training_data(tcfg)
+    task = DecoderTask(tcfg, ds, load_model(ckpt))
+    student = load_model(teacher).model  # same classifier; its decoder is not used here
+    bank = task.feature_bank(student, torch.device("cpu"))
+    first = task.bank.owners == 0
+    item = LabelledImages(ds.split("train"), 48, eval_transform())[0]
+    _, want = load_model(teacher).model.localize(item["image"][None])
+    want = F.adaptive_avg_pool2d(want[:, None], (6, 6)).reshape(-1)  # every pixel is in the bank
+    torch.testing.assert_close(bank.values[first].sort().values, want.sort().values)
+    maps = task.seed_maps(student, item["image"][None], torch.tensor([0]), owners=torch.tensor([0]))
+    assert maps.shape == (1, 48, 48) and 0 <= maps.min() and maps.max() <= 1

@@ -1,0 +1,117 @@
+import csv
+
+import pytest
+import torch
+import torch.nn.functional as F  # noqa: N812
+from knn_helpers import A, B, identity_bank, tiny_classifier, two_stages
+from typer.testing import CliRunner
+
+from histo_wsl.cli.app import app
+from histo_wsl.data.images import LabelledImages, eval_transform
+from histo_wsl.inference.predictor import load_model
+from histo_wsl.networks.knn import KNNRefiner
+
+runner = CliRunner()
+
+
+def _filled(alpha: float) -> KNNRefiner:
+    refiner = KNNRefiner(k=3, alpha=alpha)
+    # every A pixel of the bank's images is foreground, every B pixel background
+    refiner.set_bank(
+        identity_bank([(A, 1.0, i) for i in range(3)] + [(B, 0.0, i) for i in range(3, 7)])
+    )
+    return refiner
+
+
+def test_knn_map_is_the_mean_decoder_value_of_look_alike_pixels():
+    refiner = _filled(alpha=1.0)
+    stages = two_stages([A, B])
+    knn = refiner.knn_map(stages, (1, 2))
+    torch.testing.assert_close(knn, torch.tensor([[[1.0, 0.0]]]))
+    decoder = torch.tensor([[[0.2, 0.6]]])
+    torch.testing.assert_close(refiner(decoder, stages), knn)
+    half = _filled(alpha=0.25)
+    torch.testing.assert_close(half(decoder, stages), 0.75 * decoder + 0.25 * knn)
+    assert _filled(alpha=0.0)(decoder, stages) is decoder
+    # upsampled bilinearly to the decoder map's size
+    assert refiner.knn_map(stages, (4, 8)).shape == (1, 4, 8)
+
+
+def test_empty_refiner_refuses_to_guess_and_arguments_are_checked():
+    with pytest.raises(RuntimeError, match="no bank"):
+        KNNRefiner().knn_map(two_stages([A]), (1, 1))
+    with pytest.raises(ValueError, match="alpha"):
+        KNNRefiner(alpha=1.5)
+    with pytest.raises(ValueError, match="k must be"):
+        KNNRefiner(k=0)
+
+
+def test_bank_round_trips_through_a_state_dict_into_an_empty_refiner():
+    refiner = _filled(alpha=0.5)
+    state = refiner.state_dict()
+    assert state["keys"].shape == (7, 4) and state["axes1"].shape == (2, 2)
+    empty = KNNRefiner(k=3, alpha=0.5)
+    assert not empty.ready
+    empty.load_state_dict(state)
+    assert empty.ready and len(empty) == 7
+    stages, decoder = two_stages([A, B, A]), torch.tensor([[[0.1, 0.9, 0.5]]])
+    torch.testing.assert_close(empty(decoder, stages), refiner(decoder, stages))
+
+
+def test_train_decoder_refine_knn_saves_a_self_contained_refined_model(tmp_path):
+    data, ckpt, common = tiny_classifier(tmp_path)
+    cmd = ["train-decoder", str(data), "--classifier", str(ckpt)]
+    cmd += common
+    out = tmp_path / "negev"
+    refine = ["--refine", "knn", "--refine-alpha", "0.75", "--knn-k", "4", "--knn-bank", "10000"]
+    r = runner.invoke(app, [*cmd, "--out", str(out), *refine])
+    assert r.exit_code == 0, r.stderr
+
+    with open(out / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert all(row["valpx_pxap_decoder"] != "" for row in rows)  # the decoder's own PxAP too
+    model = load_model(out / "best-loc.pt")  # weights_only loading, nothing else needed
+    card = model.card
+    assert card["refine"]["method"] == "knn" and card["refine"]["alpha"] == 0.75
+    net = model.model
+    assert net.refiner.ready and len(net.refiner) == card["refine"]["bank_pixels"]
+    # the bank holds the saved decoder's own map on the training images (every pixel kept)
+    from histo_wsl.methods.cam import load_training_data
+    from histo_wsl.training.config import TrainConfig
+
+    ds = load_training_data(TrainConfig(data=str(data), crop_size=48))
+    train = LabelledImages(ds.split("train"), 48, eval_transform())
+    item = train[0]
+    x = item["image"][None]
+    _, decoder_map = net.localize(x, refine=False)
+    pooled = F.adaptive_avg_pool2d(decoder_map[:, None], (6, 6)).reshape(-1)
+    own = net.refiner.values[net.refiner.owners == item["index"]]
+    torch.testing.assert_close(own.sort().values, pooled.sort().values)
+    # and the model's map is the blend
+    _, refined = net.localize(x)
+    stages = net.classifier.forward_features(x)
+    want = 0.25 * decoder_map + 0.75 * net.refiner.knn_map(stages, (48, 48))
+    torch.testing.assert_close(refined, want.clamp(0, 1))
+
+    r = runner.invoke(
+        app,
+        ["evaluate", str(out / "best-loc.pt"), "--data", str(data), "--out", str(tmp_path / "ev")],
+    )
+    assert r.exit_code == 0, r.stderr
+    assert "k-NN refined (α 0.75, k 4" in (tmp_path / "ev" / "report.md").read_text()
+
+    r = runner.invoke(app, [*cmd, "--out", str(tmp_path / "bad"), "--refine", "crf"])
+    assert r.exit_code == 2 and "--refine must be one of" in r.stderr
+    assert not (tmp_path / "bad" / "best-loc.pt").exists()
+
+
+def test_a_card_with_an_unknown_refinement_is_refused(tmp_path):
+    from histo_wsl.errors import InputError
+    from histo_wsl.inference.predictor import _refiner_from_card
+
+    assert _refiner_from_card({}, tmp_path / "m.pt") is None
+    assert _refiner_from_card({"refine": {"method": "none"}}, tmp_path / "m.pt") is None
+    with pytest.raises(InputError, match="unknown refinement"):
+        _refiner_from_card({"refine": {"method": "crf"}}, tmp_path / "m.pt")
+    with pytest.raises(InputError, match="malformed"):
+        _refiner_from_card({"refine": {"method": "knn"}}, tmp_path / "m.pt")

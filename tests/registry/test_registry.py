@@ -1,0 +1,291 @@
+"""The model registry, `histo-wsl models` (list, show, export) and model names in localize/evaluate.
+
+Every test runs against temporary models folders (the shipped folder, the user folder and
+HISTO_WSL_MODELS are redirected), never against the repository's models/.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from histo_wsl.cli.app import app
+from histo_wsl.data.images import IMAGENET_MEAN, IMAGENET_STD
+from histo_wsl.errors import InputError
+from histo_wsl.inference.predictor import load_model
+from histo_wsl.registry import registry as registry_mod
+from histo_wsl.registry.checkpoint import load_checkpoint, save_checkpoint
+from histo_wsl.registry.registry import display_stem, registry, resolve_model
+
+runner = CliRunner()
+SIZE = 48
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: the machine's cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """A NEGEV checkpoint (untrained, BN statistics from a few batches) with a training entry."""
+    from histo_wsl.networks.classifier import build_classifier
+    from histo_wsl.networks.negev import NEGEVModel
+
+    torch.manual_seed(0)
+    model = NEGEVModel(build_classifier("mobilenetv2", "wgap", 2, pretrained=False))
+    model.train()
+    with torch.no_grad():
+        for _ in range(2):  # realistic running statistics (not the 0/1 of a fresh network)
+            model.segment(torch.randn(4, 3, SIZE, SIZE))
+    clf_card = {
+        "method": "cam",
+        "backbone": "mobilenetv2",
+        "head": "wgap",
+        "head_opts": {},
+        "num_classes": 2,
+        "class_names": ["gland", "normal"],
+    }
+    card = {
+        **clf_card,
+        "method": "negev",
+        "stage": 2,
+        "classifier_card": clf_card,
+        "negative_class": "normal",
+        "input_size": SIZE,
+        "mpp": 2.0,
+        "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        "threshold": 0.4,
+        "selected_by": "valpx_pxap",
+        "metrics": {"valpx_pxap": 0.8125, "val_acc": 0.9},
+        "seed": 7,
+        "training_data": {"source": "synthetic"},
+    }
+    path = tmp_path_factory.mktemp("src") / "best-loc.pt"
+    training = {"optimizer": {"step": torch.tensor(3)}}
+    return save_checkpoint(path, card, model.state_dict(), training=training)
+
+
+@pytest.fixture()
+def zoo(tmp_path, monkeypatch):
+    """Empty shipped, user and HISTO_WSL_MODELS folders in place of the real ones."""
+    roots = {k: tmp_path / k for k in ("shipped", "xdg", "env")}
+    monkeypatch.setattr(registry_mod, "SHIPPED_DIR", roots["shipped"])
+    monkeypatch.setenv("XDG_DATA_HOME", str(roots["xdg"]))
+    monkeypatch.delenv(registry_mod.ENV_VAR, raising=False)
+    roots["user"] = roots["xdg"] / "histo-wsl" / "models"
+    return roots
+
+
+@pytest.fixture(scope="module")
+def export_run(tmp_path_factory, source):
+    """``tiny`` exported once (fp16) through the CLI: (its folder, the --json summary)."""
+    dest = tmp_path_factory.mktemp("export")
+    r = runner.invoke(
+        app,
+        ["models", "export", str(source), "--name", "tiny", "--dest", str(dest)]
+        + ["--recipe", "histo-wsl train-decoder data --epochs 1", "--json"]
+        + ["--license-note", "GlaS: research use only; cite the GlaS challenge"],
+    )
+    assert r.exit_code == 0, r.stderr
+    assert sorted(p.name for p in dest.iterdir()) == ["tiny"]  # no staging folder left
+    return dest / "tiny", json.loads(r.stdout)
+
+
+@pytest.fixture()
+def exported(zoo, export_run):
+    """``tiny`` installed in the (temporary) shipped folder and declared the default."""
+    shutil.copytree(export_run[0], zoo["shipped"] / "tiny")
+    (zoo["shipped"] / "DEFAULT").write_text("tiny\n")
+    return zoo, export_run[1]
+
+
+def test_export_halves_the_size_and_predicts_like_the_source(exported, source, tmp_path):
+    zoo, summary = exported
+    folder = zoo["shipped"] / "tiny"
+    assert sorted(p.name for p in zoo["shipped"].iterdir()) == ["DEFAULT", "tiny"]  # no staging
+    assert sorted(p.name for p in folder.iterdir()) == ["card.yaml", "model.pt"]
+    assert summary["dtype"] == "float16" and summary["kept_fp32"] == []
+    assert 0.4 < summary["size_mb"] / summary["source_mb"] < 0.6
+    assert summary["max_prediction_diff"] < 1e-2
+    raw = torch.load(folder / "model.pt", weights_only=True)
+    assert "training" not in raw
+    dtypes = {v.dtype for v in raw["state_dict"].values()}
+    assert dtypes == {torch.float16, torch.int64}  # num_batches_tracked stays an integer
+    loaded = load_checkpoint(folder / "model.pt")["state_dict"]
+    assert {v.dtype for v in loaded.values()} == {torch.float32, torch.int64}
+    # the copy predicts within a small tolerance of the fp32 source (CPU)
+    x = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    p32, m32 = load_model(source).predict(x)
+    p16, m16 = load_model(folder / "model.pt").predict(x)
+    assert float((m32 - m16).abs().max()) < 1e-2
+    assert torch.allclose(p32.softmax(1), p16.softmax(1), atol=1e-2)
+    card = raw["card"]
+    assert card["name"] == "tiny" and card["weights_dtype"] == "float16"
+    assert card["terms"].startswith("GlaS: research use only")
+    assert card["threshold"] == 0.4 and card["mpp"] == 2.0 and card["seed"] == 7
+    text = (folder / "card.yaml").read_text()
+    for needle in ("name: tiny", "recipe: histo-wsl train-decoder", "sha256:", "mpp: 2.0"):
+        assert needle in text, needle
+
+
+def test_export_refuses_to_overwrite_and_bad_input_leaves_nothing(exported, source, tmp_path):
+    zoo, _ = exported
+    dest = zoo["shipped"]
+    args = ["models", "export", str(source), "--dest", str(dest)]
+    r = runner.invoke(app, args + ["--name", "tiny"])
+    assert r.exit_code == 2 and "--overwrite" in r.stderr and "tiny" in r.stderr
+    r = runner.invoke(app, args + ["--name", "Bad Name"])
+    assert r.exit_code == 2 and "--name 'Bad Name'" in r.stderr
+    bad = tmp_path / "metrics.json"
+    bad.write_text("{not json")
+    r = runner.invoke(app, args + ["--name", "other", "--metrics", str(bad)])
+    assert r.exit_code == 2 and "metrics.json" in r.stderr
+    notours = tmp_path / "notours.pt"
+    notours.write_bytes(b"junk")
+    r = runner.invoke(app, ["models", "export", str(notours), "--dest", str(dest), "-n", "x"])
+    assert r.exit_code == 2 and "notours.pt" in r.stderr
+    assert sorted(p.name for p in dest.iterdir()) == ["DEFAULT", "tiny"]
+    # --overwrite replaces the folder (fp32 this time) and takes evaluate's metrics.json
+    metrics = tmp_path / "eval.json"
+    metrics.write_text(
+        json.dumps(
+            {
+                "data": {"source": "glas", "split": "test", "n_images": 80},
+                "models": [{"localization": {"pxap": {"value": 0.7, "ci95": [0.6, 0.8]}}}],
+            }
+        )
+    )
+    r = runner.invoke(
+        app,
+        args + ["--name", "tiny", "--overwrite", "--no-fp16", "--metrics", str(metrics), "--json"],
+    )
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["dtype"] == "float32"
+    card = load_checkpoint(dest / "tiny" / "model.pt")["card"]
+    assert card["evaluation"]["pxap"] == {"value": 0.7, "ci95": [0.6, 0.8]}
+    assert card["evaluation"]["data"]["split"] == "test"
+    assert sorted(p.name for p in dest.iterdir()) == ["DEFAULT", "tiny"]
+
+
+def test_listing_search_order_default_and_show(exported, monkeypatch):
+    zoo, _ = exported
+    shutil.copytree(zoo["shipped"] / "tiny", zoo["user"] / "mine")
+    shutil.copytree(zoo["shipped"] / "tiny", zoo["env"] / "tiny")  # shadows the shipped one
+    (zoo["env"] / "empty-folder").mkdir()  # not a model: ignored
+    monkeypatch.setenv(registry_mod.ENV_VAR, str(zoo["env"]))
+    r = runner.invoke(app, ["models", "--json"])
+    assert r.exit_code == 0, r.stderr
+    listing = json.loads(r.stdout)
+    rows = {m["name"]: m for m in listing["models"]}
+    assert list(rows) == ["tiny", "mine"] and listing["default"] == "tiny"
+    assert rows["tiny"]["where"] == "env" and rows["tiny"]["default"] is True
+    assert rows["mine"]["where"] == "user" and rows["mine"]["default"] is False
+    assert rows["mine"]["classes"] == ["gland", "normal"] and rows["mine"]["mpp"] == 2.0
+    assert rows["mine"]["validation"] == {"metric": "valpx_pxap", "value": 0.8125}
+    assert rows["mine"]["threshold"] == 0.4 and rows["mine"]["size_mb"] > 0
+    assert [r["kind"] for r in listing["search_path"]] == ["env", "user", "shipped"]
+    assert any("shadowed" in n for n in listing["notes"])
+    table = runner.invoke(app, ["models"], terminal_width=250)
+    assert table.exit_code == 0 and "* tiny" in table.stdout and "mine" in table.stdout
+    show = runner.invoke(app, ["models", "show", "mine"])
+    assert show.exit_code == 0 and "terms: 'GlaS: research use only" in show.stdout
+    missing = runner.invoke(app, ["models", "show", "nothing"])
+    assert missing.exit_code == 2 and "histo-wsl models" in missing.stderr
+
+
+def test_resolve_model_paths_names_and_errors(exported, tmp_path, source):
+    zoo, _ = exported
+    weights = zoo["shipped"] / "tiny" / "model.pt"
+    assert resolve_model("tiny") == weights
+    assert resolve_model(zoo["shipped"] / "tiny") == weights
+    assert resolve_model(source) == source
+    assert resolve_model("runs/x/best.pt") == registry_mod.Path("runs/x/best.pt")  # a path
+    with pytest.raises(InputError, match="installed: tiny"):
+        resolve_model("nope")
+    with pytest.raises(InputError, match="without model.pt"):
+        resolve_model(tmp_path)
+    assert display_stem(weights) == "tiny" and display_stem(source) == "best-loc"
+    (zoo["shipped"] / "DEFAULT").write_text("gone\n")
+    reg = registry()
+    assert reg.default is None and "'gone'" in reg.default_error
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("img") / "img.png"
+    Image.fromarray(rng.integers(0, 255, (60, 70, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_localize_uses_the_default_model_or_fails_clearly(exported, image, tmp_path):
+    zoo, _ = exported
+    args = ["localize", str(image), "--whole-image", "--quiet", "--json", "--device", "cpu"]
+    r = runner.invoke(app, args + ["--out", str(tmp_path / "a")])
+    assert r.exit_code == 0, r.stderr
+    assert f"using the default model tiny ({zoo['shipped'] / 'tiny' / 'model.pt'})" in r.stderr
+    rec = json.loads((tmp_path / "a" / "img" / "img.json").read_text())
+    assert rec["model"]["name"] == "tiny"
+    r = runner.invoke(app, args + ["--out", str(tmp_path / "b"), "--model", "tiny"])
+    assert r.exit_code == 0 and "default model" not in r.stderr
+    (zoo["shipped"] / "DEFAULT").unlink()
+    r = runner.invoke(app, args + ["--out", str(tmp_path / "c")])
+    assert r.exit_code == 2
+    assert "--model is required" in r.stderr and "histo-wsl models" in r.stderr
+    assert not (tmp_path / "c").exists()
+    r = runner.invoke(app, args + ["--out", str(tmp_path / "d"), "--model", "nope"])
+    assert r.exit_code == 2 and "'nope'" in r.stderr and "installed: tiny" in r.stderr
+
+
+def test_evaluate_takes_a_model_name(exported, monkeypatch, tmp_path):
+    import histo_wsl.evaluation.images as ev
+
+    seen = {}
+
+    def fake_run(settings, argv=None, quiet=False):
+        seen["models"] = settings.models
+        return {}
+
+    monkeypatch.setattr(ev, "run_evaluate", fake_run)
+    r = runner.invoke(
+        app, ["evaluate", "tiny", "--data", "d.csv", "--json", "--out", str(tmp_path / "e")]
+    )
+    assert r.exit_code == 0, r.stderr
+    weights = exported[0]["shipped"] / "tiny" / "model.pt"
+    assert seen["models"] == [weights]
+    # its outputs are named after the model, not after model.pt
+    assert ev._display_names([weights, tmp_path / "best-loc.pt"]) == ["tiny", "best-loc"]
+    assert ev.calibrated_path(weights, tmp_path, set()) == tmp_path / "tiny.calibrated.pt"
+    r = runner.invoke(app, ["evaluate", "nope", "--data", "d.csv", "--out", str(tmp_path / "f")])
+    assert r.exit_code == 2 and "'nope'" in r.stderr
+
+
+def test_models_commands_need_no_torch(zoo):
+    code = (
+        "import sys\n"
+        "from histo_wsl.cli.app import main\n"
+        "for argv in (['models', '--help'], ['models', '--json'], ['localize', '--help']):\n"
+        "    sys.argv = ['histo-wsl', *argv]\n"
+        "    try:\n        main()\n    except SystemExit as e:\n        assert e.code == 0, e.code\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'numpy'))\n"
+        "print('HEAVY=' + ','.join(heavy))\n"
+    )
+    env = {**__import__("os").environ, "HISTO_WSL_MODELS": str(zoo["env"])}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert out.returncode == 0, out.stderr
+    assert "HEAVY=\n" in out.stdout
