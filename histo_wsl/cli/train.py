@@ -193,6 +193,23 @@ def _same_value(saved: object, given: object) -> bool:
     return saved == given or (saved is not None and str(saved) == str(given))
 
 
+def classifier_method(name: str):
+    """The method ``train-classifier --method NAME`` trains (one whose command is train-classifier).
+
+    Raises:
+        InputError: a method trained by another command, or no method of that name.
+    """
+    from histo_wsl.errors import InputError
+    from histo_wsl.methods import METHODS, get_method
+
+    commands = {n: get_method(n).command for n in METHODS}
+    if commands.get(name) == "train-classifier":
+        return get_method(name)
+    names = [n for n, c in commands.items() if c == "train-classifier"]
+    elsewhere = f"; {name} is trained with histo-wsl {commands[name]}" if name in commands else ""
+    raise InputError(f"--method must be one of {', '.join(names)} (got {name!r}){elsewhere}")
+
+
 def resolve_config(
     ctx: typer.Context,
     values: dict,
@@ -430,12 +447,12 @@ def train_classifier(
     A Max-Min checkpoint's map is its localizer mask and its class argmax C(X+); localize and
     evaluate take it as they take a CAM checkpoint.
     """
-    from histo_wsl.methods.cam import train_classifier as run
-
     values = dict(locals())
     cfg = resolve_config(ctx, values, config, resume, out)
     cfg.out = str(out)
-    summary = run(cfg, resume=resume, quiet=quiet or json_out, argv=sys.argv)
+    summary = classifier_method(cfg.method).train(
+        cfg, resume=resume, quiet=quiet or json_out, argv=sys.argv
+    )
     if json_out:
         print_json(summary)
 
@@ -645,12 +662,12 @@ def train_decoder(
     images with masks, or without masks the last epoch of the fixed schedule), last.pt,
     summary.csv, config.yaml and run.json; a closing summary names the checkpoint and why.
     """
+    from histo_wsl.methods import get_method
     from histo_wsl.methods.negev import STAGE2_DEFAULTS
-    from histo_wsl.methods.negev import train_decoder as run
 
     values = dict(locals())
     cfg = resolve_config(ctx, values, config, resume, out, base=STAGE2_DEFAULTS)
     cfg.out = str(out)
-    summary = run(cfg, resume=resume, quiet=quiet or json_out, argv=sys.argv)
+    summary = get_method("negev").train(cfg, resume=resume, quiet=quiet or json_out, argv=sys.argv)
     if json_out:
         print_json(summary)

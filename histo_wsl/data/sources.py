@@ -22,10 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from histo_wsl.errors import InputError
+from histo_wsl.runtime.inputs import IMAGE_SUFFIXES
 
 __all__ = ["Dataset", "Sample", "load_samples", "IMAGE_SUFFIXES"]
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,7 @@ from histo_wsl.evaluation.metrics import (
     bootstrap_ci,
     bootstrap_histograms,
 )
+from histo_wsl.methods import get_method
 from histo_wsl.runtime import atomic
 from histo_wsl.runtime.console import stderr_console, warn
 
@@ -489,30 +490,10 @@ def _snap(t: float) -> float:
 
 
 def _map_description(card: dict, map_class: str) -> str:
-    text = _method_map_description(card, map_class)
+    text = get_method(card.get("method")).map_description(card, map_class)
     if card.get("tta", "none") == "flips":
         text += "; mean of 4 flipped views (--tta flips)"
     return text
-
-
-def _method_map_description(card: dict, map_class: str) -> str:
-    refine = card.get("refine") or {}
-    refined = (
-        f", k-NN refined (α {refine.get('alpha')}, k {refine.get('k')})"
-        if refine.get("method") == "knn"
-        else ""
-    )
-    if card.get("method") == "negev":
-        return f"NEGEV decoder foreground probability{refined} (class-agnostic)"
-    if card.get("method") == "maxmin":
-        if (card.get("maxmin") or {}).get("mask") == "absolute":
-            return (
-                "Max-Min localizer mask M = sigmoid(w·foreground log-odds)"
-                f"{refined} (class-agnostic)"
-            )
-        return f"Max-Min localizer mask M = sigmoid(w·(M̃ − σ)), M̃ per-image min-max{refined}"
-    which = "ground-truth" if map_class == "gt" else "predicted"
-    return f"{card.get('cam_method', 'cam')} map of the {which} class, per-image min-max normalised"
 
 
 def _card_threshold(card: dict) -> tuple[float, str]:
@@ -803,7 +784,9 @@ def evaluate_model(
             "method": card.get("method"),
             "backbone": card.get("backbone"),
             "head": card.get("head"),
-            "cam_method": card.get("cam_method") if card.get("method") == "cam" else None,
+            "cam_method": card.get("cam_method")
+            if get_method(card.get("method")).has_cam
+            else None,
             "tta": card.get("tta", "none"),
             "map": _map_description(card, settings.map_class),
             "input_size": size,
@@ -1026,7 +1009,7 @@ def calibrated_checkpoint(
     ckpt = load_checkpoint(source)
     card = dict(ckpt["card"])
     card["threshold"] = float(threshold)
-    if cam_method is not None and card.get("method") == "cam":
+    if cam_method is not None and get_method(card.get("method"), source).has_cam:
         card["cam_method"] = cam_method
     if tta is not None:
         card["tta"] = tta

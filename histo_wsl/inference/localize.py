@@ -61,6 +61,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from histo_wsl.errors import InputError
+from histo_wsl.methods import get_method
 from histo_wsl.runtime.batch import BatchRunner, Progress, RunSummary
 from histo_wsl.runtime.console import warn
 from histo_wsl.runtime.inputs import InputItem
@@ -258,7 +259,7 @@ class Engine:
         card = self.predictor.card
         self.card = card
         self.notes: list[str] = []
-        if params.cam is not None and self.predictor.method != "cam":
+        if params.cam is not None and not get_method(self.predictor.method).has_cam:
             self.notes.append(f"--cam {params.cam} ignored: the model is {self.predictor.method!r}")
             warn(self.notes[-1])
         try:
@@ -307,7 +308,7 @@ class Engine:
             "method": c.get("method"),
             "backbone": c.get("backbone"),
             "head": c.get("head"),
-            "cam_method": c.get("cam_method") if c.get("method") == "cam" else None,
+            "cam_method": c.get("cam_method") if get_method(c.get("method")).has_cam else None,
             "tta": c.get("tta", "none"),
             "class_names": self.class_names,
             "negative_class": c.get("negative_class"),
@@ -322,7 +323,7 @@ class Engine:
         x = batch.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
         x = (x - self._mean) / self._std
         classes = None
-        if self.roi_index is not None and self.predictor.method == "cam":
+        if self.roi_index is not None and get_method(self.predictor.method).has_cam:
             classes = torch.full((x.shape[0],), self.roi_index, dtype=torch.long, device=x.device)
         with torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
             logits, maps = self.predictor.predict(x, classes)

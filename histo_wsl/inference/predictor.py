@@ -24,16 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from histo_wsl.errors import InputError
+from histo_wsl.methods import TrainedModel, get_method, model_from_checkpoint
 from histo_wsl.networks.cams import compute_cams
-from histo_wsl.networks.classifier import WSOLClassifier, build_classifier
-from histo_wsl.networks.knn import KNNRefiner
-from histo_wsl.networks.negev import NEGEVModel
 from histo_wsl.registry.checkpoint import load_checkpoint
 
-__all__ = ["TTA_MODES", "Predictor", "classifier_from_card", "load_model"]
+__all__ = ["TTA_MODES", "Predictor", "load_model"]
 
 #: test-time augmentations of :meth:`Predictor.predict`: the flip dimensions of each view
 TTA_MODES: dict[str, tuple[tuple[int, ...], ...]] = {
@@ -42,83 +40,12 @@ TTA_MODES: dict[str, tuple[tuple[int, ...], ...]] = {
 }
 
 
-def classifier_from_card(card: dict, state_dict: dict, path: str | Path) -> WSOLClassifier:
-    """The stage-1 classifier a card describes, with ``state_dict`` loaded strictly."""
-    try:
-        model = build_classifier(
-            card["backbone"],
-            card["head"],
-            int(card["num_classes"]),
-            pretrained=False,
-            **card.get("head_opts", {}),
-        )
-    except KeyError as exc:
-        raise InputError(
-            f"the model card lacks {exc}; the checkpoint is incomplete", path
-        ) from None
-    try:
-        model.load_state_dict(state_dict)
-    except RuntimeError as exc:
-        raise InputError(
-            f"weights do not fit the {card['backbone']}/{card['head']} network its card describes "
-            f"({str(exc).splitlines()[0][:120]}...)",
-            path,
-        ) from None
-    return model
-
-
-def _maxmin_from_card(card: dict, state_dict: dict, path: str | Path) -> nn.Module:
-    """The Max-Min network a card describes, with ``state_dict`` (σ and w included) loaded."""
-    from histo_wsl.networks.backbones import build_backbone
-    from histo_wsl.networks.maxmin import MaxMinModel
-
-    try:
-        mm = card["maxmin"]
-        model = MaxMinModel(
-            build_backbone(card["backbone"], pretrained=False),
-            int(card["num_classes"]),
-            w=float(mm["w"]),
-            sigma=float(mm["sigma"]),
-            mask_mode=mm["mask"],
-            negative_index=mm.get("negative_index"),
-            head_opts=card.get("head_opts"),
-            cl_scale=float(mm.get("cl_scale", 1.0)),  # cards before cl_scale: full size
-            refiner=_refiner_from_card(card, path),
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise InputError(
-            f"the Max-Min model card is incomplete or invalid ({exc}); retrain it", path
-        ) from None
-    try:
-        model.load_state_dict(state_dict)
-    except RuntimeError as exc:
-        raise InputError(
-            f"weights do not fit the {card['backbone']} Max-Min network its card describes "
-            f"({str(exc).splitlines()[0][:120]}...)",
-            path,
-        ) from None
-    return model
-
-
 @dataclass
-class Predictor:
-    """A loaded model and its card."""
+class Predictor(TrainedModel):
+    """A loaded model, its card and path, and the test-time augmentation it predicts with."""
 
-    model: nn.Module
-    card: dict
-    path: Path
     #: test-time augmentation, a key of :data:`TTA_MODES`
     tta: str = "none"
-
-    @property
-    def method(self) -> str:
-        """``cam`` (stage 1), ``negev`` or ``maxmin``."""
-        return self.card["method"]
-
-    def to(self, device: torch.device) -> Predictor:
-        """Move the model to ``device``."""
-        self.model.to(device)
-        return self
 
     def predict(self, images: Tensor, classes: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(class logits (B,K), foreground map (B,H,W) in [0,1]) of normalised images.
@@ -128,7 +55,7 @@ class Predictor:
         """
         self.model.eval()
         views = TTA_MODES[self.tta]
-        if self.method in ("negev", "maxmin"):
+        if not get_method(self.method).has_cam:  # a class-agnostic map: model.localize
             with torch.no_grad():
                 outs = [self.model.localize(_flip(images, d)) for d in views]
             logits = torch.stack([lg for lg, _ in outs]).mean(0)
@@ -189,44 +116,7 @@ def load_model(
             f"{where} {mode!r} is not one of {', '.join(TTA_MODES)}", path if tta is None else None
         )
     card["tta"] = mode
-    method = card.get("method")
-    if method == "cam":
-        model: nn.Module = classifier_from_card(card, ckpt["state_dict"], path)
-        if cam_method is not None:
-            card["cam_method"] = cam_method
-    elif method == "negev":
-        stage1 = card.get("classifier_card")
-        if not stage1:
-            raise InputError("NEGEV checkpoint without its classifier card; retrain it", path)
-        clf = build_classifier(
-            stage1["backbone"],
-            stage1["head"],
-            int(stage1["num_classes"]),
-            pretrained=False,
-            **stage1.get("head_opts", {}),
-        )
-        model = NEGEVModel(clf, _refiner_from_card(card, path))
-        try:
-            model.load_state_dict(ckpt["state_dict"])
-        except RuntimeError as exc:
-            raise InputError(f"weights do not fit a NEGEV model ({str(exc)[:120]})", path) from None
-    elif method == "maxmin":
-        model = _maxmin_from_card(card, ckpt["state_dict"], path)
-    else:
-        raise InputError(f"unknown method {method!r} in the model card", path)
-    model.eval()
+    model = model_from_checkpoint(card, ckpt["state_dict"], path)
+    if cam_method is not None and get_method(card["method"]).has_cam:
+        card["cam_method"] = cam_method
     return Predictor(model, card, path, mode)
-
-
-def _refiner_from_card(card: dict, path: str | Path) -> KNNRefiner | None:
-    """The empty k-NN refiner a card asks for (``refine``), filled by the weights."""
-    refine = card.get("refine") or {}
-    method = refine.get("method", "none")
-    if method == "none":
-        return None
-    if method != "knn":
-        raise InputError(f"unknown refinement {method!r} in the model card", path)
-    try:
-        return KNNRefiner(int(refine["k"]), float(refine["alpha"]), int(refine.get("stages", 2)))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise InputError(f"the model card's k-NN refinement is malformed ({exc})", path) from None

@@ -25,9 +25,8 @@ It is not saved: the decoder checkpoint does not need it at inference.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -35,102 +34,19 @@ from torch import Tensor, nn
 
 from histo_wsl.data.images import LabelledImages, eval_transform
 from histo_wsl.data.sources import Dataset
+from histo_wsl.errors import InputError
 from histo_wsl.networks.cams import compute_cams
+from histo_wsl.networks.knn import FeatureBank, KNNRefiner, _stage_pixels
 from histo_wsl.training.config import TrainConfig
 
-__all__ = ["FeatureBank", "TrainSplitBanks", "build_feature_bank"]
-
-#: query pixels per similarity block (bounds the (block × bank) similarity matrix's memory)
-_BLOCK = 2048
-
-
-def _stage_pixels(stages: list[Tensor], size: tuple[int, int]) -> list[Tensor]:
-    """The last two stages at ``size``, L2-normalised per pixel, as (B·h·w, C) rows."""
-    out = []
-    for s in stages[-2:]:
-        s = s.detach().float()
-        if tuple(s.shape[-2:]) != size:
-            s = F.adaptive_avg_pool2d(s, size)
-        s = F.normalize(s, dim=1)
-        out.append(s.permute(0, 2, 3, 1).reshape(-1, s.shape[1]))
-    return out
-
-
-@dataclass
-class FeatureBank:
-    """Training pixels' keys (N,D), seed-map values (N,) and owning image indices (N,)."""
-
-    keys: Tensor
-    values: Tensor
-    owners: Tensor
-    #: per stage: (mean (C,), principal axes (C,q)) of the projection
-    projections: list[tuple[Tensor, Tensor]]
-
-    def __len__(self) -> int:
-        return int(self.keys.shape[0])
-
-    def to(self, device: torch.device | str) -> FeatureBank:
-        """The bank on ``device`` (itself when already there)."""
-        if self.keys.device == torch.device(device):
-            return self
-        return FeatureBank(
-            self.keys.to(device),
-            self.values.to(device),
-            self.owners.to(device),
-            [(m.to(device), v.to(device)) for m, v in self.projections],
-        )
-
-    def embed(self, pixels: list[Tensor]) -> Tensor:
-        """Keys (N,D) of per-stage normalised pixel rows (the bank's projection)."""
-        parts = [
-            F.normalize((p - m) @ v, dim=1)
-            for p, (m, v) in zip(pixels, self.projections, strict=True)
-        ]
-        return torch.cat(parts, dim=1) / math.sqrt(len(parts))
-
-    @torch.no_grad()
-    def neighbour_means(self, stages: list[Tensor], k: int, owners: Tensor | None = None) -> Tensor:
-        """(B,h,w) mean bank value of each pixel's ``k`` nearest keys, at the last stage's size.
-
-        ``owners``: (B,) training-set index of each image; bank pixels of the same image are
-        never neighbours (None or −1: no exclusion). ``k`` is capped at the bank's size minus one
-        image's pixels.
-        """
-        if len(self) == 0:
-            raise RuntimeError("the k-NN bank is empty")
-        b, _, h, w = stages[-1].shape
-        queries = self.embed(_stage_pixels(stages, (h, w)))
-        own = None if owners is None else owners.to(queries.device).repeat_interleave(h * w)
-        k = max(1, min(int(k), len(self) - int((self.owners == self.owners[0]).sum())))
-        means = []
-        for i in range(0, queries.shape[0], _BLOCK):
-            sim = queries[i : i + _BLOCK] @ self.keys.T
-            if own is not None:  # no comparison over the whole bank when nothing is excluded
-                sim.masked_fill_(own[i : i + _BLOCK, None] == self.owners[None], -math.inf)
-            idx = sim.topk(k, dim=1).indices
-            means.append(self.values[idx].mean(1))
-        return torch.cat(means).view(b, h, w)
-
-    @torch.no_grad()
-    def smoothed_maps(
-        self, stages: list[Tensor], owners: Tensor, k: int, size: tuple[int, int]
-    ) -> Tensor:
-        """Seed maps (B,H,W) in [0,1]: the mean bank value of each pixel's ``k`` nearest keys.
-
-        Args:
-            stages: the frozen encoder's stages of the (augmented) images; the last one is the
-                CAM layer, whose resolution the neighbours are found at.
-            owners: (B,) training-set index of each image (−1: not a training image); bank
-                pixels of the same image are never neighbours.
-            k: neighbours per pixel (capped at the bank's size minus one image's pixels).
-            size: output size (H,W); maps are upsampled bilinearly, then min-max normalised
-                per image.
-        """
-        maps = self.neighbour_means(stages, k, owners)
-        maps = F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
-        lo = maps.amin(dim=(1, 2), keepdim=True)
-        hi = maps.amax(dim=(1, 2), keepdim=True)
-        return ((maps - lo) / (hi - lo).clamp_min(1e-6)).clamp(0, 1)
+__all__ = [
+    "REFINEMENTS",
+    "TrainSplitBanks",
+    "build_feature_bank",
+    "refine_card",
+    "refine_checks",
+    "refiner_from_card",
+]
 
 
 @torch.no_grad()
@@ -249,3 +165,69 @@ class TrainSplitBanks:
             seed=cfg.seed,
             device=device,
         )
+
+
+#: refinements of the saved model's map (``--refine``)
+REFINEMENTS = ("none", "knn")
+
+
+def refine_checks(cfg: TrainConfig, n_train: int, bank: bool) -> list[tuple[bool, str]]:
+    """(ok, message) pairs for ``--refine`` and, when a k-NN bank is used, the ``--knn-*`` options.
+
+    Args:
+        cfg: the training settings.
+        n_train: training images (a bank needs 2: a pixel's neighbours come from other images).
+        bank: whether the run builds a k-NN bank (``--refine knn`` or ``--seed-map knn``).
+    """
+    checks = [
+        (cfg.refine in REFINEMENTS, f"--refine must be one of {REFINEMENTS} (got {cfg.refine!r})"),
+        (
+            0.0 <= cfg.refine_alpha <= 1.0,
+            f"--refine-alpha must be in [0, 1] (got {cfg.refine_alpha})",
+        ),
+    ]
+    if bank:
+        checks += [
+            (cfg.knn_k >= 1, f"--knn-k must be >= 1 (got {cfg.knn_k})"),
+            (cfg.knn_bank >= 1, f"--knn-bank must be >= 1 (got {cfg.knn_bank})"),
+            (cfg.knn_dims >= 1, f"--knn-dims must be >= 1 (got {cfg.knn_dims})"),
+            (n_train >= 2, "--seed-map knn and --refine knn need at least 2 training images"),
+        ]
+    return checks
+
+
+def refine_card(cfg: TrainConfig, bank_pixels: int | None, values: str, stages: int = 2) -> dict:
+    """The model card's ``refine`` entry (``{"method": "none"}`` unless ``--refine knn``).
+
+    Args:
+        cfg: the training settings (k, alpha, bank size and seed).
+        bank_pixels: pixels in the refiner's bank (None: not built yet).
+        values: what the bank's values are, in words.
+        stages: encoder stages in the keys (the refiner's ``n_stages``).
+    """
+    if cfg.refine != "knn":
+        return {"method": "none"}
+    return {
+        "method": "knn",
+        "k": cfg.knn_k,
+        "alpha": cfg.refine_alpha,
+        "stages": stages,
+        "bank_pixels": bank_pixels,
+        "dims": cfg.knn_dims,
+        "bank_seed": cfg.seed,
+        "values": values,
+    }
+
+
+def refiner_from_card(card: dict, path: str | Path) -> KNNRefiner | None:
+    """The empty k-NN refiner a card asks for (``refine``), filled by the weights."""
+    refine = card.get("refine") or {}
+    method = refine.get("method", "none")
+    if method == "none":
+        return None
+    if method != "knn":
+        raise InputError(f"unknown refinement {method!r} in the model card", path)
+    try:
+        return KNNRefiner(int(refine["k"]), float(refine["alpha"]), int(refine.get("stages", 2)))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"the model card's k-NN refinement is malformed ({exc})", path) from None

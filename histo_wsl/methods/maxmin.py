@@ -18,6 +18,8 @@ written after epoch e is evaluated (and later used) with the σ it carries.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -25,23 +27,33 @@ from histo_wsl import __version__
 from histo_wsl.data.images import IMAGENET_MEAN, IMAGENET_STD
 from histo_wsl.data.sources import Dataset
 from histo_wsl.errors import InputError
-from histo_wsl.methods.cam import (
-    _plain_config,
+from histo_wsl.methods.base import (
+    Method,
     evaluate_localizer,
     load_training_data,
+    plain_config,
+    refined_words,
     seen_mpp,
     training_images,
 )
-from histo_wsl.methods.knn import FeatureBank, TrainSplitBanks
+from histo_wsl.methods.knn import TrainSplitBanks, refine_card, refine_checks, refiner_from_card
 from histo_wsl.methods.maxmin_losses import REGULARIZERS, maxmin_loss
 from histo_wsl.networks.backbones import build_backbone
 from histo_wsl.networks.classifier import unwrap
-from histo_wsl.networks.knn import KNNRefiner, refine_card, refine_checks
+from histo_wsl.networks.knn import FeatureBank, KNNRefiner
 from histo_wsl.networks.maxmin import MAXMIN_HEAD_OPTS, MaxMinModel, maxmin_param_groups
 from histo_wsl.training.config import TrainConfig
 from histo_wsl.training.engine import VAL_ACC, VALPX_PXAP, Selection
 
-__all__ = ["MaxMinTask", "check_maxmin_config", "sigma_at", "t_at", "train_maxmin"]
+__all__ = [
+    "METHOD",
+    "MaxMinTask",
+    "check_maxmin_config",
+    "maxmin_from_card",
+    "sigma_at",
+    "t_at",
+    "train_maxmin",
+]
 
 
 def check_maxmin_config(cfg: TrainConfig, n_train: int | None = None) -> None:
@@ -236,7 +248,7 @@ class MaxMinTask:
                 refiner.n_stages if refiner is not None else 2,
             ),
             "training_data": self.ds.describe(),
-            "config": _plain_config(cfg),
+            "config": plain_config(cfg),
             "versions": {"histo-wsl": __version__, "torch": str(torch.__version__)},
         }
 
@@ -271,3 +283,55 @@ def train_maxmin(
     task._seen_mpp = seen_mpp(ds, cfg.data_mpp, cfg.resize_size)
     summary = fit(cfg, task, resume=resume, quiet=quiet, argv=argv)
     return {**summary, "data": ds.describe(), "skipped_files": ds.skipped_files, "notes": ds.notes}
+
+
+def maxmin_from_card(card: dict, state_dict: dict, path: str | Path) -> nn.Module:
+    """The Max-Min network a card describes, with ``state_dict`` (σ and w included) loaded."""
+    try:
+        mm = card["maxmin"]
+        model = MaxMinModel(
+            build_backbone(card["backbone"], pretrained=False),
+            int(card["num_classes"]),
+            w=float(mm["w"]),
+            sigma=float(mm["sigma"]),
+            mask_mode=mm["mask"],
+            negative_index=mm.get("negative_index"),
+            head_opts=card.get("head_opts"),
+            cl_scale=float(mm.get("cl_scale", 1.0)),  # cards before cl_scale: full size
+            refiner=refiner_from_card(card, path),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(
+            f"the Max-Min model card is incomplete or invalid ({exc}); retrain it", path
+        ) from None
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as exc:
+        raise InputError(
+            f"weights do not fit the {card['backbone']} Max-Min network its card describes "
+            f"({str(exc).splitlines()[0][:120]}...)",
+            path,
+        ) from None
+    return model
+
+
+def map_description(card: dict, map_class: str) -> str:
+    """The localizer's mask M, in words (class-agnostic: ``map_class`` does not apply)."""
+    refined = refined_words(card)
+    if (card.get("maxmin") or {}).get("mask") == "absolute":
+        return (
+            f"Max-Min localizer mask M = sigmoid(w·foreground log-odds){refined} (class-agnostic)"
+        )
+    return f"Max-Min localizer mask M = sigmoid(w·(M̃ − σ)), M̃ per-image min-max{refined}"
+
+
+#: Max-Min uncertainty (``train-classifier --method maxmin``) as a
+#: :class:`~histo_wsl.methods.base.Method`
+METHOD = Method(
+    name="maxmin",
+    command="train-classifier",
+    has_cam=False,
+    train=train_maxmin,
+    from_card=maxmin_from_card,
+    map_description=map_description,
+)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -35,9 +36,21 @@ from histo_wsl import __version__
 from histo_wsl.data.images import IMAGENET_MEAN, IMAGENET_STD
 from histo_wsl.data.sources import Dataset
 from histo_wsl.errors import InputError
-from histo_wsl.inference.predictor import load_model
-from histo_wsl.methods.cam import evaluate_localizer, load_training_data, training_images
-from histo_wsl.methods.knn import FeatureBank, TrainSplitBanks
+from histo_wsl.methods import load_trained
+from histo_wsl.methods.base import (
+    Method,
+    evaluate_localizer,
+    load_training_data,
+    refined_words,
+    training_images,
+)
+from histo_wsl.methods.knn import (
+    REFINEMENTS,
+    TrainSplitBanks,
+    refine_card,
+    refine_checks,
+    refiner_from_card,
+)
 from histo_wsl.methods.negev_losses import (
     BG_SAMPLERS,
     FG_SAMPLERS,
@@ -52,13 +65,21 @@ from histo_wsl.methods.negev_losses import (
 )
 from histo_wsl.networks.backbones import X10
 from histo_wsl.networks.cams import compute_cams
-from histo_wsl.networks.classifier import unwrap
-from histo_wsl.networks.knn import REFINEMENTS, KNNRefiner, refine_card, refine_checks
+from histo_wsl.networks.classifier import build_classifier, unwrap
+from histo_wsl.networks.knn import FeatureBank, KNNRefiner
 from histo_wsl.networks.negev import NEGEVModel
 from histo_wsl.training.config import TrainConfig
 from histo_wsl.training.engine import LAST_EPOCH, VALPX_PXAP, Selection
 
-__all__ = ["DecoderTask", "REFINEMENTS", "SEED_MAPS", "STAGE2_DEFAULTS", "train_decoder"]
+__all__ = [
+    "METHOD",
+    "DecoderTask",
+    "REFINEMENTS",
+    "SEED_MAPS",
+    "STAGE2_DEFAULTS",
+    "negev_from_card",
+    "train_decoder",
+]
 
 #: what the seeds are drawn from (besides ``--seed-teacher``)
 SEED_MAPS = ("cam", "knn")
@@ -144,7 +165,7 @@ class DecoderTask:
 
     def _load_teacher(self, path: str):
         """The ``--seed-teacher`` checkpoint, checked against the classifier's classes and input."""
-        teacher = load_model(path)
+        teacher = load_trained(path)
         card, c1 = teacher.card, self.stage1.card
         if teacher.method != "negev":
             raise InputError(
@@ -455,7 +476,7 @@ def train_decoder(
         raise InputError(
             "--classifier is required: the stage-1 checkpoint (e.g. runs/cam/best-loc.pt)"
         )
-    stage1 = load_model(cfg.classifier)
+    stage1 = load_trained(cfg.classifier)
     if cfg.classes is None:
         cfg.classes = list(stage1.card["class_names"])
     ds = load_training_data(cfg)
@@ -468,3 +489,39 @@ def train_decoder(
         "classifier": str(stage1.path),
         "classifier_metrics": stage1.card.get("metrics", {}),
     }
+
+
+def negev_from_card(card: dict, state_dict: dict, path: str | Path) -> nn.Module:
+    """The NEGEV model (its classifier, decoder and any k-NN refiner) a card describes, loaded."""
+    stage1 = card.get("classifier_card")
+    if not stage1:
+        raise InputError("NEGEV checkpoint without its classifier card; retrain it", path)
+    clf = build_classifier(
+        stage1["backbone"],
+        stage1["head"],
+        int(stage1["num_classes"]),
+        pretrained=False,
+        **stage1.get("head_opts", {}),
+    )
+    model = NEGEVModel(clf, refiner_from_card(card, path))
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as exc:
+        raise InputError(f"weights do not fit a NEGEV model ({str(exc)[:120]})", path) from None
+    return model
+
+
+def map_description(card: dict, map_class: str) -> str:
+    """The decoder's foreground probability, in words (class-agnostic)."""
+    return f"NEGEV decoder foreground probability{refined_words(card)} (class-agnostic)"
+
+
+#: NEGEV (``train-decoder``) as a :class:`~histo_wsl.methods.base.Method`
+METHOD = Method(
+    name="negev",
+    command="train-decoder",
+    has_cam=False,
+    train=train_decoder,
+    from_card=negev_from_card,
+    map_description=map_description,
+)

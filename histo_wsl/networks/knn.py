@@ -2,7 +2,7 @@
 
 ``train-decoder --refine knn`` attaches a :class:`KNNRefiner` to the NEGEV model, and
 ``train-classifier --method maxmin --refine knn`` to the Max-Min model. Its bank is a
-:class:`histo_wsl.methods.knn.FeatureBank` of training pixels (the encoder's last two stages, the
+:class:`FeatureBank` of training pixels (the encoder's last two stages, the
 same keys as the k-NN seed map) whose values are the trained model's own map on those training
 images (NEGEV: the decoder's foreground probability; Max-Min: the localizer's mask M;
 average-pooled to the CAM layer's resolution). At inference each pixel's map is the mean value of
@@ -21,65 +21,106 @@ are loaded from.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
-from histo_wsl.methods.knn import FeatureBank
-from histo_wsl.training.config import TrainConfig
+__all__ = ["FeatureBank", "KNNRefiner"]
 
-__all__ = ["REFINEMENTS", "KNNRefiner", "refine_card", "refine_checks"]
-
-#: refinements of the saved model's map (``--refine``)
-REFINEMENTS = ("none", "knn")
+#: query pixels per similarity block (bounds the (block × bank) similarity matrix's memory)
+_BLOCK = 2048
 
 
-def refine_checks(cfg: TrainConfig, n_train: int, bank: bool) -> list[tuple[bool, str]]:
-    """(ok, message) pairs for ``--refine`` and, when a k-NN bank is used, the ``--knn-*`` options.
+def _stage_pixels(stages: list[Tensor], size: tuple[int, int]) -> list[Tensor]:
+    """The last two stages at ``size``, L2-normalised per pixel, as (B·h·w, C) rows."""
+    out = []
+    for s in stages[-2:]:
+        s = s.detach().float()
+        if tuple(s.shape[-2:]) != size:
+            s = F.adaptive_avg_pool2d(s, size)
+        s = F.normalize(s, dim=1)
+        out.append(s.permute(0, 2, 3, 1).reshape(-1, s.shape[1]))
+    return out
 
-    Args:
-        cfg: the training settings.
-        n_train: training images (a bank needs 2: a pixel's neighbours come from other images).
-        bank: whether the run builds a k-NN bank (``--refine knn`` or ``--seed-map knn``).
-    """
-    checks = [
-        (cfg.refine in REFINEMENTS, f"--refine must be one of {REFINEMENTS} (got {cfg.refine!r})"),
-        (
-            0.0 <= cfg.refine_alpha <= 1.0,
-            f"--refine-alpha must be in [0, 1] (got {cfg.refine_alpha})",
-        ),
-    ]
-    if bank:
-        checks += [
-            (cfg.knn_k >= 1, f"--knn-k must be >= 1 (got {cfg.knn_k})"),
-            (cfg.knn_bank >= 1, f"--knn-bank must be >= 1 (got {cfg.knn_bank})"),
-            (cfg.knn_dims >= 1, f"--knn-dims must be >= 1 (got {cfg.knn_dims})"),
-            (n_train >= 2, "--seed-map knn and --refine knn need at least 2 training images"),
+
+@dataclass
+class FeatureBank:
+    """Training pixels' keys (N,D), seed-map values (N,) and owning image indices (N,)."""
+
+    keys: Tensor
+    values: Tensor
+    owners: Tensor
+    #: per stage: (mean (C,), principal axes (C,q)) of the projection
+    projections: list[tuple[Tensor, Tensor]]
+
+    def __len__(self) -> int:
+        return int(self.keys.shape[0])
+
+    def to(self, device: torch.device | str) -> FeatureBank:
+        """The bank on ``device`` (itself when already there)."""
+        if self.keys.device == torch.device(device):
+            return self
+        return FeatureBank(
+            self.keys.to(device),
+            self.values.to(device),
+            self.owners.to(device),
+            [(m.to(device), v.to(device)) for m, v in self.projections],
+        )
+
+    def embed(self, pixels: list[Tensor]) -> Tensor:
+        """Keys (N,D) of per-stage normalised pixel rows (the bank's projection)."""
+        parts = [
+            F.normalize((p - m) @ v, dim=1)
+            for p, (m, v) in zip(pixels, self.projections, strict=True)
         ]
-    return checks
+        return torch.cat(parts, dim=1) / math.sqrt(len(parts))
 
+    @torch.no_grad()
+    def neighbour_means(self, stages: list[Tensor], k: int, owners: Tensor | None = None) -> Tensor:
+        """(B,h,w) mean bank value of each pixel's ``k`` nearest keys, at the last stage's size.
 
-def refine_card(cfg: TrainConfig, bank_pixels: int | None, values: str, stages: int = 2) -> dict:
-    """The model card's ``refine`` entry (``{"method": "none"}`` unless ``--refine knn``).
+        ``owners``: (B,) training-set index of each image; bank pixels of the same image are
+        never neighbours (None or −1: no exclusion). ``k`` is capped at the bank's size minus one
+        image's pixels.
+        """
+        if len(self) == 0:
+            raise RuntimeError("the k-NN bank is empty")
+        b, _, h, w = stages[-1].shape
+        queries = self.embed(_stage_pixels(stages, (h, w)))
+        own = None if owners is None else owners.to(queries.device).repeat_interleave(h * w)
+        k = max(1, min(int(k), len(self) - int((self.owners == self.owners[0]).sum())))
+        means = []
+        for i in range(0, queries.shape[0], _BLOCK):
+            sim = queries[i : i + _BLOCK] @ self.keys.T
+            if own is not None:  # no comparison over the whole bank when nothing is excluded
+                sim.masked_fill_(own[i : i + _BLOCK, None] == self.owners[None], -math.inf)
+            idx = sim.topk(k, dim=1).indices
+            means.append(self.values[idx].mean(1))
+        return torch.cat(means).view(b, h, w)
 
-    Args:
-        cfg: the training settings (k, alpha, bank size and seed).
-        bank_pixels: pixels in the refiner's bank (None: not built yet).
-        values: what the bank's values are, in words.
-        stages: encoder stages in the keys (the refiner's ``n_stages``).
-    """
-    if cfg.refine != "knn":
-        return {"method": "none"}
-    return {
-        "method": "knn",
-        "k": cfg.knn_k,
-        "alpha": cfg.refine_alpha,
-        "stages": stages,
-        "bank_pixels": bank_pixels,
-        "dims": cfg.knn_dims,
-        "bank_seed": cfg.seed,
-        "values": values,
-    }
+    @torch.no_grad()
+    def smoothed_maps(
+        self, stages: list[Tensor], owners: Tensor, k: int, size: tuple[int, int]
+    ) -> Tensor:
+        """Seed maps (B,H,W) in [0,1]: the mean bank value of each pixel's ``k`` nearest keys.
+
+        Args:
+            stages: the frozen encoder's stages of the (augmented) images; the last one is the
+                CAM layer, whose resolution the neighbours are found at.
+            owners: (B,) training-set index of each image (−1: not a training image); bank
+                pixels of the same image are never neighbours.
+            k: neighbours per pixel (capped at the bank's size minus one image's pixels).
+            size: output size (H,W); maps are upsampled bilinearly, then min-max normalised
+                per image.
+        """
+        maps = self.neighbour_means(stages, k, owners)
+        maps = F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+        lo = maps.amin(dim=(1, 2), keepdim=True)
+        hi = maps.amax(dim=(1, 2), keepdim=True)
+        return ((maps - lo) / (hi - lo).clamp_min(1e-6)).clamp(0, 1)
 
 
 class KNNRefiner(nn.Module):

@@ -10,8 +10,25 @@ from pathlib import Path
 
 from histo_wsl.errors import InputError
 from histo_wsl.runtime.console import warn
-from histo_wsl.slideio.slide import IMAGE_SUFFIXES, WSI_SUFFIXES
 
+#: File suffixes read as plain images when OpenSlide does not recognise the file.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+#: File suffixes of whole-slide formats OpenSlide reads.
+WSI_SUFFIXES = (
+    ".svs",
+    ".tif",
+    ".tiff",
+    ".ndpi",
+    ".vms",
+    ".vmu",
+    ".scn",
+    ".mrxs",
+    ".svslide",
+    ".bif",
+    ".dcm",
+    ".czi",
+    ".qptiff",
+)
 #: Suffixes picked up when a folder is given.
 SLIDE_SUFFIXES = tuple(sorted(set(WSI_SUFFIXES) | set(IMAGE_SUFFIXES)))
 #: CSV column names accepted for the file path, in order of preference.

@@ -21,25 +21,8 @@ import numpy as np
 from PIL import Image
 
 from histo_wsl.errors import InputError
+from histo_wsl.runtime.inputs import IMAGE_SUFFIXES
 
-#: File suffixes read as plain images when OpenSlide does not recognise the file.
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-#: File suffixes of whole-slide formats OpenSlide reads.
-WSI_SUFFIXES = (
-    ".svs",
-    ".tif",
-    ".tiff",
-    ".ndpi",
-    ".vms",
-    ".vmu",
-    ".scn",
-    ".mrxs",
-    ".svslide",
-    ".bif",
-    ".dcm",
-    ".czi",
-    ".qptiff",
-)
 #: A level-0 resolution coarser than this (µm/px) is a placeholder (e.g. a 72-dpi default), not a scan.
 MAX_PLAUSIBLE_MPP = 50.0
 #: Plain images larger than this many pixels are refused (they would be held in memory whole).

@@ -21,7 +21,7 @@ from histo_wsl.data.sources import load_samples
 from histo_wsl.evaluation.images import EvalSettings, run_evaluate
 from histo_wsl.evaluation.metrics import PxAPMeter, bootstrap_ci, bootstrap_histograms, dice
 from histo_wsl.inference.predictor import load_model
-from histo_wsl.methods.cam import evaluate_maps
+from histo_wsl.methods.base import evaluate_maps
 from histo_wsl.registry.checkpoint import load_checkpoint
 from histo_wsl.synthetic.patches import write_patch_dataset
 

@@ -91,7 +91,7 @@ def test_train_decoder_with_knn_seed_map(tmp_path):
     # with a teacher, the bank holds the teacher's map (pooled to the CAM layer), not the CAM
     import torch.nn.functional as F  # noqa: N812
 
-    from histo_wsl.methods.cam import load_training_data
+    from histo_wsl.methods.base import load_training_data
     from histo_wsl.methods.negev import DecoderTask
     from histo_wsl.training.config import TrainConfig
 

@@ -443,7 +443,7 @@ def test_evaluate_and_localize_take_a_maxmin_checkpoint(tiny_run):
 def test_refine_knn_keeps_a_bank_of_the_mask_and_blends_it(tmp_path, synthetic):
     """--refine knn: the bank holds the saved mask on the train images (0 on negative ones)."""
     from histo_wsl.data.images import LabelledImages, eval_transform
-    from histo_wsl.methods.cam import load_training_data
+    from histo_wsl.methods.base import load_training_data
 
     out = tmp_path / "run"
     common = ["train-classifier", str(synthetic), "--method", "maxmin", "--negative-class"]

@@ -76,7 +76,7 @@ def test_train_decoder_refine_knn_saves_a_self_contained_refined_model(tmp_path)
     net = model.model
     assert net.refiner.ready and len(net.refiner) == card["refine"]["bank_pixels"]
     # the bank holds the saved decoder's own map on the training images (every pixel kept)
-    from histo_wsl.methods.cam import load_training_data
+    from histo_wsl.methods.base import load_training_data
     from histo_wsl.training.config import TrainConfig
 
     ds = load_training_data(TrainConfig(data=str(data), crop_size=48))
@@ -107,7 +107,7 @@ def test_train_decoder_refine_knn_saves_a_self_contained_refined_model(tmp_path)
 
 def test_a_card_with_an_unknown_refinement_is_refused(tmp_path):
     from histo_wsl.errors import InputError
-    from histo_wsl.inference.predictor import _refiner_from_card
+    from histo_wsl.methods.knn import refiner_from_card as _refiner_from_card
 
     assert _refiner_from_card({}, tmp_path / "m.pt") is None
     assert _refiner_from_card({"refine": {"method": "none"}}, tmp_path / "m.pt") is None

@@ -1,0 +1,211 @@
+"""What every weakly-supervised method shares: the method interface, its training data, its validation.
+
+A method (:mod:`histo_wsl.methods`) is a :class:`Method`: its name (the card's ``method``), the
+command that trains it, whether its map is a class activation map, how to train it, how to
+rebuild its network from a card, and how to describe its map in a report. The helpers below are
+the steps the methods' training tasks have in common: reading and checking the data,
+the training images, the µm/px the network saw, and the validation loop of every method
+(:func:`evaluate_maps`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from statistics import median
+
+import torch
+from PIL import Image
+from torch import nn
+
+from histo_wsl.data.images import LabelledImages, check_samples, eval_transform, train_transform
+from histo_wsl.data.sources import Dataset, Sample, load_samples
+from histo_wsl.errors import InputError
+from histo_wsl.evaluation.metrics import ClassificationMeter, PxAPMeter
+from histo_wsl.runtime.console import warn
+from histo_wsl.training.config import TrainConfig
+
+__all__ = [
+    "Method",
+    "MapFn",
+    "evaluate_localizer",
+    "evaluate_maps",
+    "load_training_data",
+    "plain_config",
+    "seen_mpp",
+    "training_images",
+]
+
+
+@dataclass(frozen=True)
+class Method:
+    """One weakly-supervised localization method, as the commands see it.
+
+    Attributes:
+        name: the model card's ``method`` (``cam``, ``negev``, ``maxmin``).
+        command: the subcommand that trains it (``train-classifier`` or ``train-decoder``).
+        has_cam: its map is a class activation map of a chosen class (``--cam`` applies, the map
+            of the ground-truth or predicted class); False: a class-agnostic foreground map
+            (``model.localize(x)`` gives the class logits and the map).
+        train: ``train(cfg, *, resume, quiet, argv) -> summary``.
+        from_card: ``from_card(card, state_dict, path) -> nn.Module``, the weights loaded
+            strictly (raises :class:`~histo_wsl.errors.InputError` on a card or weights that do
+            not fit).
+        map_description: ``map_description(card, map_class) -> str``, the map in words for
+            reports (``map_class``: ``gt`` or ``pred``, for class maps).
+    """
+
+    name: str
+    command: str
+    has_cam: bool
+    train: Callable[..., dict]
+    from_card: Callable[[dict, dict, Path], nn.Module]
+    map_description: Callable[[dict, str], str]
+
+
+def refined_words(card: dict) -> str:
+    """``, k-NN refined (α …, k …)`` when the card's map is k-NN refined, else empty."""
+    refine = card.get("refine") or {}
+    if refine.get("method") != "knn":
+        return ""
+    return f", k-NN refined (α {refine.get('alpha')}, k {refine.get('k')})"
+
+
+#: a map function: (model, images (B,3,H,W), labels (B,)) -> (logits (B,K), maps (B,H,W) in [0,1])
+MapFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def load_training_data(cfg: TrainConfig) -> Dataset:
+    """Read and check the dataset of ``cfg`` (bad files raise unless ``skip_errors``).
+
+    Files left out with ``skip_errors`` are warned about and kept in ``skipped_files``.
+
+    Raises:
+        InputError: a crop larger than the resized image, or a bad dataset.
+    """
+    if cfg.crop_size > cfg.resize_size:
+        raise InputError(
+            f"--crop-size {cfg.crop_size} is larger than --resize-size {cfg.resize_size}: the "
+            "random training crop must fit in the resized image"
+        )
+    ds = load_samples(
+        cfg.data,
+        classes=cfg.classes,
+        negative_class=cfg.negative_class,
+        fold=cfg.fold,
+        val_fraction=cfg.val_fraction,
+        seed=cfg.seed,
+    )
+    good, dropped = check_samples(ds.samples, skip_errors=cfg.skip_errors)
+    ds.samples, ds.skipped_files = good, dropped
+    for message in dropped:
+        warn(f"left out (--skip-errors): {message}")
+    return ds
+
+
+def training_images(ds: Dataset, cfg: TrainConfig) -> LabelledImages:
+    """The ``train`` split with the training preset (resize, random crop, flips, colour jitter)."""
+    return LabelledImages(
+        ds.split("train"),
+        cfg.resize_size,
+        train_transform(cfg.crop_size, jitter=cfg.color_jitter),
+    )
+
+
+def seen_mpp(ds: Dataset, data_mpp: float | None, resize: int) -> float | None:
+    """Resolution (µm/px) the network sees: data mpp × median image side / resize side.
+
+    GlaS images (0.62 µm/px, 775×522) resized to 256×256 are seen at about 1.6 µm/px on average
+    over both axes (1.88 across, 1.26 down); the card records this so ``localize`` reads slides at
+    the resolution the model was trained on.
+    """
+    if data_mpp is None:
+        return None
+    sides = []
+    for s in ds.samples[:64]:
+        with Image.open(s.image) as im:
+            sides.append((im.size[0] + im.size[1]) / 2)
+    return round(data_mpp * median(sides) / resize, 4) if sides else None
+
+
+@torch.no_grad()
+def evaluate_maps(
+    model: nn.Module,
+    samples: list[Sample],
+    valpx: list[Sample],
+    map_fn: MapFn,
+    device: torch.device,
+    num_classes: int,
+    batch_size: int = 16,
+    size: int = 224,
+) -> dict:
+    """Accuracy on ``samples`` and PxAP / Dice at 0.5 on ``valpx`` (maps at ``size``²).
+
+    PxAP follows method.md §4.1: maps of the ground-truth class, masks resized nearest to
+    ``size``², dataset-level histograms over 1000 thresholds.
+    """
+    model.eval()
+    out: dict = {}
+    if samples:
+        cls = ClassificationMeter(num_classes)
+        loader = torch.utils.data.DataLoader(
+            LabelledImages(samples, size, eval_transform()), batch_size=batch_size
+        )
+        for b in loader:
+            logits = model(b["image"].to(device))
+            cls.update(logits.float().cpu(), b["label"])
+        out["val_acc"] = float(cls.accuracy())
+    if valpx:
+        px = PxAPMeter()
+        loader = torch.utils.data.DataLoader(
+            LabelledImages(valpx, size, eval_transform()), batch_size=batch_size
+        )
+        for b in loader:
+            _, maps = map_fn(model, b["image"].to(device), b["label"].to(device))
+            maps = maps.float().cpu()
+            for m, gt in zip(maps, b["mask"], strict=True):
+                px.update(m.numpy(), gt.numpy() == 1)
+        out["valpx_pxap"] = float(px.pxap())
+        out["valpx_dice_fg@0.5"] = float(px.dice_iou(0.5)["dice_fg"])
+    return out
+
+
+def evaluate_localizer(
+    model: nn.Module, ds: Dataset, device: torch.device, size: int, own_key: str | None = None
+) -> dict:
+    """:func:`evaluate_maps` of a model with ``localize(x, refine=...)`` (NEGEV, Max-Min).
+
+    Accuracy on ``val`` and PxAP on ``valpx`` of ``localize(x)`` (the refined map when the model
+    has a ready refiner); with ``own_key``, also the valpx PxAP of the unrefined map under that
+    key.
+    """
+    metrics = evaluate_maps(
+        model,
+        ds.split("val"),
+        ds.split("valpx"),
+        lambda net, x, y: net.localize(x),
+        device,
+        len(ds.class_names),
+        size=size,
+    )
+    if own_key is not None and "valpx_pxap" in metrics:
+        own = evaluate_maps(
+            model,
+            [],
+            ds.split("valpx"),
+            lambda net, x, y: net.localize(x, refine=False),
+            device,
+            len(ds.class_names),
+            size=size,
+        )
+        metrics[own_key] = own["valpx_pxap"]
+    return metrics
+
+
+def plain_config(cfg: TrainConfig) -> dict:
+    """The settings as plain YAML/JSON values (paths as strings), for the model card."""
+    import dataclasses
+
+    d = dataclasses.asdict(cfg)
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
