@@ -184,7 +184,7 @@ def show(
     else:
         import yaml
 
-        from histo_wsl.registry.registry import plain
+        from histo_wsl.registry.export import plain
 
         sys.stdout.write(
             yaml.safe_dump(plain(card), sort_keys=False, allow_unicode=True, width=100)
@@ -266,7 +266,7 @@ def export(
     terms. The folder appears complete or not at all; the copy is loaded back and its predictions
     compared with the source's on a fixed random input (the largest difference is reported).
     """
-    from histo_wsl.registry.registry import export_model
+    from histo_wsl.registry.export import export_model
 
     result = export_model(
         checkpoint,

@@ -32,9 +32,11 @@ from histo_wsl.runtime import atomic
 from histo_wsl.runtime.batch import BatchRunner, Progress, RunSummary
 from histo_wsl.runtime.console import warn
 from histo_wsl.runtime.inputs import InputItem
+from histo_wsl.slideio.geojson import mask_to_geojson, write_geojson
 from histo_wsl.slideio.grid import PatchGrid, make_grid
 from histo_wsl.slideio.slide import ReadPlan, open_slide, plan_read, read_patch
 from histo_wsl.tissue import detect as tissue
+from histo_wsl.tissue.fraction import tissue_fraction_map
 from histo_wsl.tissue.scan import (
     ASSUMED_MPP,
     scan_tissue,
@@ -258,7 +260,7 @@ def extract_slide(
             thumbnail_png=slide_dir / "thumbnail.png",
         )
         ds = found.downsample
-        fractions = tissue.tissue_fraction_map(found.mask).fraction(
+        fractions = tissue_fraction_map(found.mask).fraction(
             grid.xs / ds,
             grid.ys / ds,
             (grid.xs + grid.size_level0) / ds,
@@ -278,9 +280,7 @@ def extract_slide(
 
         # GeoJSON and QC images from one tracing of the whole mask's contours
         full = found.mask.to_bool()
-        tissue.write_geojson(
-            slide_dir / "tissue.geojson", tissue.mask_to_geojson(full, ds, mpp=slide.mpp)
-        )
+        write_geojson(slide_dir / "tissue.geojson", mask_to_geojson(full, ds, mpp=slide.mpp))
         contours, _ = cv2.findContours(full.view(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
         del full
         side = chosen.size_level0 / ds

@@ -65,8 +65,10 @@ from histo_wsl.methods import get_method
 from histo_wsl.runtime.batch import BatchRunner, Progress, RunSummary
 from histo_wsl.runtime.console import warn
 from histo_wsl.runtime.inputs import InputItem
+from histo_wsl.slideio.geojson import GeoJSONStyle, mask_to_geojson, write_geojson
 from histo_wsl.slideio.slide import ReadPlan, Slide, open_slide, plan_read, read_patch
 from histo_wsl.tissue import detect as tissue_mod
+from histo_wsl.tissue.fraction import tissue_fraction_map
 from histo_wsl.tissue.scan import SlideTissue, find_tissue, tissue_geojson_for
 
 if TYPE_CHECKING:
@@ -817,16 +819,14 @@ def _write_slide_outputs(
     while (out_h // step) * (out_w // step) > GEOJSON_MAX_PIXELS:
         step *= 2
     small = np.ascontiguousarray(prob_u8[::step, ::step])
-    geo = tissue_mod.mask_to_geojson(
+    geo = mask_to_geojson(
         small >= t8,
         s_out * step,
-        name=engine.roi_name,
-        color=ROI_COLOR,
+        style=GeoJSONStyle(engine.roi_name, ROI_COLOR, value_scale=1.0 / 255.0),
         mpp=slide.mpp,
         values=small,
-        value_scale=1.0 / 255.0,
     )
-    tissue_mod.write_geojson(slide_dir / f"{name}.geojson", geo)
+    write_geojson(slide_dir / f"{name}.geojson", geo)
     if step > 1:
         notes.append(f"GeoJSON outlines traced on the map subsampled {step}× (bounded memory)")
     del small
@@ -908,7 +908,7 @@ def _localize_open_slide(
     size = engine.size
     stride = max(1, round(size * (1.0 - params.overlap)))
     grid = cover_grid(slide, plan, size, stride)
-    frac = tissue_mod.tissue_fraction_map(found.mask).fraction(
+    frac = tissue_fraction_map(found.mask).fraction(
         grid.xs / ds,
         grid.ys / ds,
         (grid.xs + grid.size_level0) / ds,
@@ -1082,10 +1082,10 @@ def localize_whole_image(
     name = item.name
     writers.write_probability_png(out / f"{name}.prob.png", prob, bits=params.prob_bits)
     writers.write_mask_png(out / f"{name}.mask.png", mask)
-    geo = tissue_mod.mask_to_geojson(
-        mask, 1.0, name=engine.roi_name, color=ROI_COLOR, mpp=mpp, values=prob
+    geo = mask_to_geojson(
+        mask, 1.0, style=GeoJSONStyle(engine.roi_name, ROI_COLOR), mpp=mpp, values=prob
     )
-    tissue_mod.write_geojson(out / f"{name}.geojson", geo)
+    write_geojson(out / f"{name}.geojson", geo)
     p = probs[0].double().cpu().tolist()
     top = int(np.argmax(p))
     roi_px = int(mask.sum())

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 from typing import Any
+from xml.sax.handler import ContentHandler
 
 import numpy as np
 
@@ -91,103 +92,104 @@ def annotation_name(path: Path) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def _handler_class() -> type:
-    from xml.sax.handler import ContentHandler
+class _AsapHandler(ContentHandler):
+    """SAX handler collecting ASAP polygons, with the line of each problem."""
 
-    class _AsapHandler(ContentHandler):
-        """SAX handler collecting ASAP polygons, with the line of each problem."""
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path
+        self.locator: Any = None
+        self.root: str | None = None
+        self.current: dict | None = None
+        self.include: list[dict] = []
+        self.exclude: list[dict] = []
+        self.groups: dict[str, int] = {}
+        self.ignored: dict[str, int] = {}
+        self.degenerate: list[str] = []
 
-        def __init__(self, path: Path) -> None:
-            super().__init__()
-            self.path = path
-            self.locator: Any = None
-            self.root: str | None = None
-            self.current: dict | None = None
-            self.include: list[dict] = []
-            self.exclude: list[dict] = []
-            self.groups: dict[str, int] = {}
-            self.ignored: dict[str, int] = {}
-            self.degenerate: list[str] = []
+    def setDocumentLocator(self, locator: Any) -> None:  # noqa: N802 (SAX API)
+        self.locator = locator
 
-        def setDocumentLocator(self, locator: Any) -> None:  # noqa: N802 (SAX API)
-            self.locator = locator
+    def _where(self) -> str:
+        if self.locator is None:
+            return ""
+        return f"line {self.locator.getLineNumber()}, column {self.locator.getColumnNumber()}: "
 
-        def _where(self) -> str:
-            if self.locator is None:
-                return ""
-            return f"line {self.locator.getLineNumber()}, column {self.locator.getColumnNumber()}: "
+    def fail(self, reason: str) -> None:
+        raise InputError(f"is malformed ASAP XML: {self._where()}{reason}", self.path)
 
-        def fail(self, reason: str) -> None:
-            raise InputError(f"is malformed ASAP XML: {self._where()}{reason}", self.path)
-
-        def startElement(self, name: str, attrs: Any) -> None:  # noqa: N802 (SAX API)
-            if self.root is None:
-                self.root = name
-                if name != "ASAP_Annotations":
-                    self.fail(
-                        f"the root element is <{name}>, not <ASAP_Annotations>; export the "
-                        "annotations from ASAP (or give QuPath GeoJSON or a mask image)"
-                    )
-            if name == "Annotation":
-                if self.current is not None:
-                    self.fail("<Annotation> inside another <Annotation>")
-                self.current = {
-                    "name": attrs.get("Name", f"annotation {len(self.include) + 1}"),
-                    "type": attrs.get("Type", "Polygon"),
-                    "group": attrs.get("PartOfGroup", "None"),
-                    "line": self.locator.getLineNumber() if self.locator else None,
-                    "points": [],
-                }
-            elif name == "Coordinate":
-                if self.current is None:
-                    self.fail("<Coordinate> outside an <Annotation>")
-                values = []
-                for key in ("X", "Y"):
-                    text = attrs.get(key)
-                    if text is None:
-                        self.fail(f"<Coordinate> without its {key} attribute")
-                    try:
-                        v = float(text.replace(",", "."))
-                    except ValueError:
-                        self.fail(f"{key}={text!r} is not a number")
-                    if not math.isfinite(v):
-                        self.fail(f"{key}={text!r} is not a finite number")
-                    values.append(v)
-                order = attrs.get("Order")
-                try:
-                    key_order = float(order) if order is not None else len(self.current["points"])
-                except ValueError:
-                    self.fail(f"Order={order!r} is not a number")
-                self.current["points"].append((key_order, values[0], values[1]))
-
-        def endElement(self, name: str) -> None:  # noqa: N802 (SAX API)
-            if name != "Annotation" or self.current is None:
-                return
-            ann, self.current = self.current, None
-            kind = ann["type"].lower()
-            if kind in _IGNORED_TYPES:
-                self.ignored[ann["type"]] = self.ignored.get(ann["type"], 0) + 1
-                return
-            if kind not in _POLYGON_TYPES:
+    def startElement(self, name: str, attrs: Any) -> None:  # noqa: N802 (SAX API)
+        if self.root is None:
+            self.root = name
+            if name != "ASAP_Annotations":
                 self.fail(
-                    f"annotation {ann['name']!r} has Type={ann['type']!r}; expected Polygon, "
-                    "Spline, Rectangle (or Dot/PointSet, ignored)"
+                    f"the root element is <{name}>, not <ASAP_Annotations>; export the "
+                    "annotations from ASAP (or give QuPath GeoJSON or a mask image)"
                 )
-            points = [(x, y) for _, x, y in sorted(ann["points"], key=lambda p: p[0])]
-            if len(points) < 3:
-                self.degenerate.append(f"{ann['name']} (line {ann['line']})")
-                return
-            ring = points + [points[0]]
-            feature = {
-                "type": "Feature",
-                "geometry": {"type": "Polygon", "coordinates": [ring]},
-                "properties": {"name": ann["name"], "group": ann["group"]},
-            }
-            group = ann["group"]
-            self.groups[group] = self.groups.get(group, 0) + 1
-            (self.exclude if group in EXCLUSION_GROUPS else self.include).append(feature)
+        if name == "Annotation":
+            self._start_annotation(attrs)
+        elif name == "Coordinate":
+            self._add_coordinate(attrs)
 
-    return _AsapHandler
+    def _start_annotation(self, attrs: Any) -> None:
+        if self.current is not None:
+            self.fail("<Annotation> inside another <Annotation>")
+        self.current = {
+            "name": attrs.get("Name", f"annotation {len(self.include) + 1}"),
+            "type": attrs.get("Type", "Polygon"),
+            "group": attrs.get("PartOfGroup", "None"),
+            "line": self.locator.getLineNumber() if self.locator else None,
+            "points": [],
+        }
+
+    def _add_coordinate(self, attrs: Any) -> None:
+        if self.current is None:
+            self.fail("<Coordinate> outside an <Annotation>")
+        values = []
+        for key in ("X", "Y"):
+            text = attrs.get(key)
+            if text is None:
+                self.fail(f"<Coordinate> without its {key} attribute")
+            try:
+                v = float(text.replace(",", "."))
+            except ValueError:
+                self.fail(f"{key}={text!r} is not a number")
+            if not math.isfinite(v):
+                self.fail(f"{key}={text!r} is not a finite number")
+            values.append(v)
+        order = attrs.get("Order")
+        try:
+            key_order = float(order) if order is not None else len(self.current["points"])
+        except ValueError:
+            self.fail(f"Order={order!r} is not a number")
+        self.current["points"].append((key_order, values[0], values[1]))
+
+    def endElement(self, name: str) -> None:  # noqa: N802 (SAX API)
+        if name != "Annotation" or self.current is None:
+            return
+        ann, self.current = self.current, None
+        kind = ann["type"].lower()
+        if kind in _IGNORED_TYPES:
+            self.ignored[ann["type"]] = self.ignored.get(ann["type"], 0) + 1
+            return
+        if kind not in _POLYGON_TYPES:
+            self.fail(
+                f"annotation {ann['name']!r} has Type={ann['type']!r}; expected Polygon, "
+                "Spline, Rectangle (or Dot/PointSet, ignored)"
+            )
+        points = [(x, y) for _, x, y in sorted(ann["points"], key=lambda p: p[0])]
+        if len(points) < 3:
+            self.degenerate.append(f"{ann['name']} (line {ann['line']})")
+            return
+        ring = points + [points[0]]
+        feature = {
+            "type": "Feature",
+            "geometry": {"type": "Polygon", "coordinates": [ring]},
+            "properties": {"name": ann["name"], "group": ann["group"]},
+        }
+        group = ann["group"]
+        self.groups[group] = self.groups.get(group, 0) + 1
+        (self.exclude if group in EXCLUSION_GROUPS else self.include).append(feature)
 
 
 def read_asap_xml(path: str | Path) -> dict:
@@ -214,7 +216,7 @@ def read_asap_xml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise InputError("annotation file not found", path)
-    handler = _handler_class()(path)
+    handler = _AsapHandler(path)
     try:
         with open(path, "rb") as fh:
             defusedxml.sax.parse(
@@ -257,7 +259,7 @@ def _geojson(path: Path) -> dict | None:
     """The GeoJSON of ``path``, or None when it holds no polygon (an empty ground truth)."""
     import json
 
-    from histo_wsl.tissue.detect import read_geojson
+    from histo_wsl.slideio.geojson import read_geojson
 
     try:
         return read_geojson(path)
@@ -335,7 +337,7 @@ def annotation_mask(
     Raises:
         InputError: a missing or malformed file (with line and reason where the format has lines).
     """
-    from histo_wsl.tissue.detect import geojson_to_mask
+    from histo_wsl.slideio.geojson import geojson_to_mask
 
     path = Path(path)
     suffix = path.suffix.lower()

@@ -30,16 +30,19 @@ import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from histo_wsl.runtime.atomic import atomic_path, shared_mode
 
 __all__ = [
-    "TILE",
-    "PngStream",
+    "as_rgb_uint8",
+    "draw_tissue",
     "overlay_image",
+    "PngStream",
     "pyramid_shapes",
     "scratch_array",
+    "TILE",
     "write_mask_png",
     "write_png",
     "write_probability_png",
@@ -230,8 +233,6 @@ def overlay_image(
     Returns:
         A new (H, W, 3) uint8 RGB image.
     """
-    from histo_wsl.tissue.detect import draw_tissue
-
     thumb = np.asarray(thumbnail)
     out = np.empty(thumb.shape, dtype=np.uint8)
     tint = np.asarray(color, dtype=np.float32).reshape(1, 1, 3)
@@ -391,3 +392,48 @@ class PngStream:
             self.close()
         else:
             self.abort()
+
+
+def as_rgb_uint8(rgb: np.ndarray) -> np.ndarray:
+    """Return a C-contiguous (H, W, 3) uint8 view/copy of an RGB, RGBA or grey uint8 image."""
+    arr = np.asarray(rgb)
+    if arr.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 image, got dtype {arr.dtype}")
+    if arr.ndim == 2:
+        arr = np.repeat(arr[:, :, None], 3, axis=2)
+    elif arr.ndim == 3 and arr.shape[2] == 4:
+        arr = arr[:, :, :3]
+    elif arr.ndim != 3 or arr.shape[2] != 3:
+        raise ValueError(f"expected an (H, W, 3) RGB image, got shape {arr.shape}")
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ValueError(f"expected a non-empty image, got shape {arr.shape}")
+    return np.ascontiguousarray(arr)
+
+
+def draw_tissue(
+    rgb: np.ndarray,
+    mask: np.ndarray,
+    color: Sequence[int] = (0, 200, 0),
+    thickness: int = 2,
+) -> np.ndarray:
+    """Draw the tissue contours (outlines and holes) on a copy of the thumbnail.
+
+    Args:
+        rgb: (H, W, 3) uint8 RGB thumbnail.
+        mask: (H, W) bool tissue mask of the same size.
+        color: RGB colour of the contours.
+        thickness: line thickness in pixels.
+
+    Returns:
+        A new (H, W, 3) uint8 RGB image.
+    """
+    out = as_rgb_uint8(rgb).copy()
+    m = np.asarray(mask, dtype=bool)
+    if m.shape != out.shape[:2]:
+        raise ValueError(f"mask shape {m.shape} does not match image shape {out.shape[:2]}")
+    contours, _ = cv2.findContours(
+        np.ascontiguousarray(m).view(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE
+    )
+    if contours:
+        cv2.drawContours(out, contours, -1, tuple(int(c) for c in color), int(thickness))
+    return out

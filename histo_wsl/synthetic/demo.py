@@ -141,8 +141,8 @@ def _write_data(out: Path, recipe: DemoRecipe, seed: int) -> tuple[Path, Path]:
 def _write_slide(slide: Path, truth: Path, recipe: DemoRecipe, seed: int) -> None:
     """The synthetic slide and its glands as QuPath annotations (level-0 px)."""
     from histo_wsl.runtime import atomic
+    from histo_wsl.slideio.geojson import GeoJSONStyle, mask_to_geojson
     from histo_wsl.synthetic.slides import gland_mask_region, make_layout, write_pyramid_tiff
-    from histo_wsl.tissue.detect import mask_to_geojson
 
     layout = make_layout(
         recipe.slide_size,
@@ -156,7 +156,7 @@ def _write_slide(slide: Path, truth: Path, recipe: DemoRecipe, seed: int) -> Non
     ds = 4.0
     side = int(recipe.slide_size / ds)
     glands = gland_mask_region(layout, 0, 0, side, side, ds)
-    geo = mask_to_geojson(glands, ds, name="Gland", color=(200, 0, 0), mpp=SLIDE_MPP)
+    geo = mask_to_geojson(glands, ds, style=GeoJSONStyle("Gland", (200, 0, 0)), mpp=SLIDE_MPP)
     atomic.write_text(truth, json.dumps(geo))
 
 

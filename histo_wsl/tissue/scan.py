@@ -27,6 +27,7 @@ from PIL import Image
 
 from histo_wsl.errors import InputError
 from histo_wsl.runtime.inputs import InputItem
+from histo_wsl.slideio.geojson import geojson_to_mask, read_geojson
 from histo_wsl.slideio.slide import (
     THUMBNAIL_TILE_CACHE,
     Slide,
@@ -37,6 +38,7 @@ from histo_wsl.slideio.slide import (
 )
 from histo_wsl.slideio.writers import PngStream
 from histo_wsl.tissue import detect as tissue
+from histo_wsl.tissue.packed import PackedMask
 
 __all__ = [
     "ASSUMED_MPP",
@@ -138,7 +140,7 @@ def find_tissue(
     if whole_slide:
         return SlideTissue(thumb, ds, np.ones(thumb.shape[:2], dtype=bool), "whole slide")
     if geojson is not None:
-        mask = tissue.geojson_to_mask(tissue.read_geojson(geojson), thumb.shape[:2], ds)
+        mask = geojson_to_mask(read_geojson(geojson), thumb.shape[:2], ds)
         return SlideTissue(thumb, ds, mask, str(geojson))
     level0_mpp = slide.mpp if slide.mpp is not None else ASSUMED_MPP
     mask = tissue.detect_tissue(thumb, level0_mpp * ds, params or tissue.TissueParams())
@@ -160,7 +162,7 @@ class TissueMap:
     """
 
     geometry: ThumbnailGeometry
-    mask: tissue.PackedMask
+    mask: PackedMask
     source: str
     tissue_mpp: float
     rgb: np.ndarray | None = None
@@ -238,13 +240,13 @@ def scan_tissue(
                     for y0 in range(0, h, BAND_ROWS):
                         png.write_rows(read_rows(y0, y0 + BAND_ROWS))
                 if whole_slide:
-                    mask = tissue.PackedMask.from_bool(np.ones((1, w), dtype=bool))
-                    mask = tissue.PackedMask((h, w), np.repeat(mask.bits, h, axis=0))
+                    mask = PackedMask.from_bool(np.ones((1, w), dtype=bool))
+                    mask = PackedMask((h, w), np.repeat(mask.bits, h, axis=0))
                     source = "whole slide"
                 else:
-                    polygons = tissue.read_geojson(geojson)
-                    mask = tissue.PackedMask.from_bool(
-                        tissue.geojson_to_mask(polygons, (h, w), geometry.downsample)
+                    polygons = read_geojson(geojson)
+                    mask = PackedMask.from_bool(
+                        geojson_to_mask(polygons, (h, w), geometry.downsample)
                     )
                     source = str(geojson)
             else:

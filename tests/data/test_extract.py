@@ -374,7 +374,7 @@ def test_scan_tissue_matches_whole_thumbnail_detection(
             np.asarray(Image.open(tmp_path / "thumb.png")), found.thumbnail
         )
         write_tissue_images(slide, scanned, tissue_png=tmp_path / "tissue.png")
-    from histo_wsl.tissue.detect import draw_tissue
+    from histo_wsl.slideio.writers import draw_tissue
 
     np.testing.assert_array_equal(
         np.asarray(Image.open(tmp_path / "tissue.png")), draw_tissue(found.thumbnail, found.mask)

@@ -187,13 +187,15 @@ def test_cover_grid_reaches_the_right_and_bottom_edges():
 
 
 def test_mask_to_geojson_mean_value_per_component():
-    from histo_wsl.tissue.detect import mask_to_geojson
+    from histo_wsl.slideio.geojson import GeoJSONStyle, mask_to_geojson
 
     mask = np.zeros((20, 30), bool)
     mask[2:8, 2:8] = True
     mask[10:18, 15:28] = True
     values = np.where(np.arange(30)[None, :] < 12, 200, 100).repeat(20, 0).astype(np.uint8)
-    geo = mask_to_geojson(mask, 4.0, mpp=0.5, values=values, value_scale=1 / 255)
+    geo = mask_to_geojson(
+        mask, 4.0, style=GeoJSONStyle(value_scale=1 / 255), mpp=0.5, values=values
+    )
     means = sorted(f["properties"]["measurements"]["Mean probability"] for f in geo["features"])
     assert means == [pytest.approx(100 / 255, abs=1e-4), pytest.approx(200 / 255, abs=1e-4)]
     assert all("Area µm^2" in f["properties"]["measurements"] for f in geo["features"])
@@ -312,7 +314,7 @@ def test_constant_map_whatever_the_overlap(tmp_path, synthetic_slide, models, ov
 
 
 def test_geojson_follows_the_given_tissue_region_in_level0(tmp_path, synthetic_slide, models):
-    from histo_wsl.tissue.detect import geojson_to_mask
+    from histo_wsl.slideio.geojson import geojson_to_mask
 
     box = [[600, 400], [2200, 400], [2200, 1500], [600, 1500], [600, 400]]
     region = tmp_path / "region.geojson"
@@ -386,7 +388,7 @@ def test_failure_mid_slide_leaves_nothing_under_the_final_name(
     def boom(*a, **k):
         raise RuntimeError("disk gone")
 
-    monkeypatch.setattr(lz.tissue_mod, "write_geojson", boom)
+    monkeypatch.setattr(lz, "write_geojson", boom)
     out = tmp_path / "o"
     s = _run([_item(synthetic_slide)], out, models / "const.pt", mpp=4.0)
     assert s.exit_code == 4 and s.items[0].status == "failed" and "disk gone" in s.items[0].error

@@ -71,8 +71,8 @@ def lab(tmp_path_factory):
     from torchvision.models import mobilenet_v2
 
     from histo_wsl.networks.backbones import weights_path
+    from histo_wsl.slideio.geojson import GeoJSONStyle, mask_to_geojson
     from histo_wsl.synthetic.slides import gland_mask_region, make_layout, write_pyramid_tiff
-    from histo_wsl.tissue.detect import mask_to_geojson
 
     root = tmp_path_factory.mktemp("lab")
     (root / "slides").mkdir()
@@ -84,7 +84,7 @@ def lab(tmp_path_factory):
         path = write_pyramid_tiff(root / "slides" / f"case-{i}.tif", lay)
         rows.append(f"slides/{path.name},{label}")
         mask = gland_mask_region(lay, 0, 0, 400, 400, 4.0)
-        geo = mask_to_geojson(mask, 4.0, name="Gland", color=(200, 0, 0), mpp=0.5)
+        geo = mask_to_geojson(mask, 4.0, style=GeoJSONStyle("Gland", (200, 0, 0)), mpp=0.5)
         (root / "annotations" / f"case-{i}.geojson").write_text(json.dumps(geo))
     (root / "slides.csv").write_text("\n".join(rows) + "\n")
     torch_home = root / "torch-home"

@@ -10,6 +10,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -289,3 +290,12 @@ def test_models_commands_need_no_torch(zoo):
     )
     assert out.returncode == 0, out.stderr
     assert "HEAVY=\n" in out.stdout
+
+
+def test_a_source_checkout_finds_its_shipped_models_folder():
+    """The registry finds the repository's models/ from its own place in the package."""
+    from histo_wsl.registry import registry as reg
+
+    root = Path(__file__).resolve().parents[2]
+    assert reg.SHIPPED_DIR == root / "models"
+    assert (root / "models" / "DEFAULT").is_file()

@@ -5,6 +5,7 @@ import pytest
 from PIL import Image
 
 from histo_wsl.slideio.writers import (
+    draw_tissue,
     overlay_image,
     pyramid_shapes,
     scratch_array,
@@ -128,3 +129,17 @@ def test_outputs_honour_the_umask(tmp_path, synthetic_slide):
     assert len(files) > 6
     for p in files:
         assert stat.S_IMODE(p.stat().st_mode) == 0o644, (p, oct(p.stat().st_mode))
+
+
+def test_draw_tissue_outlines_on_a_copy():
+    img = np.full((80, 90, 3), 240, np.uint8)
+    mask = np.zeros((80, 90), bool)
+    mask[20:60, 30:70] = True
+    out = draw_tissue(img, mask, color=(1, 2, 3), thickness=1)
+    assert out.shape == img.shape and out.dtype == np.uint8 and (img == 240).all()
+    changed = (out != img).any(axis=2)
+    assert changed[20, 30:70].all() and changed[59, 30:70].all() and changed[20:60, 30].all()
+    assert not changed[25:55, 35:65].any() and not changed[:15].any()
+    assert tuple(out[20, 40]) == (1, 2, 3)
+    with pytest.raises(ValueError, match="does not match"):
+        draw_tissue(img, mask[:10])

@@ -1,5 +1,3 @@
-import json
-
 import cv2
 import numpy as np
 import pytest
@@ -7,20 +5,13 @@ import pytest
 from histo_wsl.errors import InputError
 from histo_wsl.synthetic.slides import make_layout, render_region, tissue_mask_region
 from histo_wsl.tissue.detect import (
-    PackedMask,
-    TissueFractionMap,
     TissueParams,
     detect_tissue,
     detect_tissue_strips,
-    draw_tissue,
-    geojson_to_mask,
-    mask_to_geojson,
     otsu_from_histogram,
     otsu_threshold,
-    read_geojson,
-    tissue_fraction_map,
-    write_geojson,
 )
+from histo_wsl.tissue.packed import PackedMask
 
 PINK = (215, 120, 180)  # H&E-like stained tissue
 FAINT = (228, 205, 220)  # very pale tissue (HSV saturation about 27)
@@ -254,298 +245,16 @@ def test_otsu_threshold_splits_two_modes():
     assert otsu_threshold(np.full(50, 7, np.uint8)) == 0.0
 
 
-def test_draw_tissue_outlines_on_a_copy():
-    img = np.full((80, 90, 3), 240, np.uint8)
-    mask = np.zeros((80, 90), bool)
-    mask[20:60, 30:70] = True
-    out = draw_tissue(img, mask, color=(1, 2, 3), thickness=1)
-    assert out.shape == img.shape and out.dtype == np.uint8 and (img == 240).all()
-    changed = (out != img).any(axis=2)
-    assert changed[20, 30:70].all() and changed[59, 30:70].all() and changed[20:60, 30].all()
-    assert not changed[25:55, 35:65].any() and not changed[:15].any()
-    assert tuple(out[20, 40]) == (1, 2, 3)
-    with pytest.raises(ValueError, match="does not match"):
-        draw_tissue(img, mask[:10])
-
-
 # -- tissue fraction of boxes ---------------------------------------------------------------------
-
-
-def test_tissue_fraction_matches_brute_force_on_random_boxes():
-    rng = np.random.default_rng(4)
-    h, w = 37, 53
-    mask = cv2.GaussianBlur(rng.random((h, w)), (0, 0), 2) > 0.5
-    fmap = tissue_fraction_map(mask)
-    assert isinstance(fmap, TissueFractionMap) and fmap.shape == (h, w)
-    # boxes on a quarter-pixel lattice, partly outside the mask: brute force on a 4x upsampled mask
-    k, pad = 4, 8
-    fine = np.zeros(((h + 2 * pad) * k, (w + 2 * pad) * k), bool)
-    fine[pad * k : (pad + h) * k, pad * k : (pad + w) * k] = np.repeat(
-        np.repeat(mask, k, axis=0), k, axis=1
-    )
-    n = 300
-    x0 = rng.integers(-pad * k, (w + pad) * k - 1, n)
-    y0 = rng.integers(-pad * k, (h + pad) * k - 1, n)
-    x1 = np.minimum(x0 + rng.integers(1, 30 * k, n), (w + pad) * k)
-    y1 = np.minimum(y0 + rng.integers(1, 30 * k, n), (h + pad) * k)
-    brute = np.array(
-        [
-            fine[b + pad * k : d + pad * k, a + pad * k : c + pad * k].mean()
-            for a, b, c, d in zip(x0, y0, x1, y1, strict=True)
-        ]
-    )
-    got = fmap.fraction(x0 / k, y0 / k, x1 / k, y1 / k)
-    np.testing.assert_allclose(got, brute, atol=1e-9)
-    area = fmap.area(x0 / k, y0 / k, x1 / k, y1 / k)
-    np.testing.assert_allclose(area, brute * (x1 - x0) * (y1 - y0) / k**2, atol=1e-9)
-    boxes = np.stack([x0, y0, x1, y1], axis=1) / k
-    np.testing.assert_allclose(fmap.fraction_boxes(boxes), got)
-
-
-def test_tissue_fraction_integer_boxes_and_edge_cases():
-    rng = np.random.default_rng(5)
-    mask = rng.random((20, 30)) > 0.6
-    fmap = TissueFractionMap(mask)
-    for _ in range(50):
-        x0, y0 = rng.integers(0, 29), rng.integers(0, 19)
-        x1, y1 = rng.integers(x0 + 1, 31), rng.integers(y0 + 1, 21)
-        frac = fmap.fraction(x0, y0, x1, y1)
-        assert frac.shape == () and frac == pytest.approx(mask[y0:y1, x0:x1].mean(), abs=1e-12)
-    assert fmap.fraction(0, 0, 30, 20) == pytest.approx(mask.mean())
-    # empty and inverted boxes give 0, boxes outside give 0, a broadcast shape comes back
-    assert fmap.fraction(5, 5, 5, 9) == 0 and fmap.fraction(6, 5, 2, 9) == 0
-    assert fmap.fraction(40, 40, 50, 50) == 0 and fmap.fraction(-9, -9, -1, -1) == 0
-    out = fmap.fraction(np.arange(3)[:, None], 0, np.arange(3)[:, None] + 4, np.arange(1, 5))
-    assert out.shape == (3, 4)
-    assert TissueFractionMap(np.ones((4, 4), bool)).fraction(-4, 0, 4, 4) == pytest.approx(0.5)
-    with pytest.raises(ValueError, match="2-D"):
-        TissueFractionMap(np.ones((2, 2, 2), bool))
 
 
 # -- GeoJSON --------------------------------------------------------------------------------------
 
 
-def _blob_with_hole():
-    mask = np.zeros((60, 80), bool)
-    mask[10:40, 10:50] = True  # 30 x 40 px block...
-    mask[20:30, 20:35] = False  # ...with a 10 x 15 px hole
-    mask[45:55, 60:75] = True  # a second, separate component
-    return mask
-
-
-def test_mask_to_geojson_writes_qupath_annotations_in_level0_pixels():
-    mask = _blob_with_hole()
-    ds, mpp = 4.0, 0.25
-    geo = mask_to_geojson(mask, ds, mpp=mpp)
-    json.dumps(geo)  # serialisable as is
-    assert geo["type"] == "FeatureCollection" and len(geo["features"]) == 2
-    by_rings = sorted(geo["features"], key=lambda f: len(f["geometry"]["coordinates"]))
-    small, block = by_rings
-    for feat in geo["features"]:
-        assert feat["type"] == "Feature" and feat["geometry"]["type"] == "Polygon"
-        props = feat["properties"]
-        assert props["objectType"] == "annotation" and props["isLocked"] is False
-        assert props["classification"] == {"name": "Tissue", "color": [0, 200, 0]}
-        for ring in feat["geometry"]["coordinates"]:
-            assert ring[0] == ring[-1] and len(ring) >= 4  # closed
-    assert len(block["geometry"]["coordinates"]) == 2  # outer ring and the hole
-
-    def signed_area(ring):
-        r = np.asarray(ring, float)
-        return 0.5 * float(
-            np.dot(r[:, 0], np.roll(r[:, 1], -1)) - np.dot(np.roll(r[:, 0], -1), r[:, 1])
-        )
-
-    outer, hole = (np.asarray(r) for r in block["geometry"]["coordinates"])
-    assert signed_area(outer) > 0 and signed_area(hole) < 0  # RFC 7946 orientation
-    # rings through the centres of the boundary pixels, in level-0 pixels: pixel (c, r) has its
-    # centre at ((c + 0.5) * ds, (r + 0.5) * ds)
-    assert outer[:, 0].min() == 10.5 * ds and outer[:, 0].max() == 49.5 * ds
-    assert outer[:, 1].min() == 10.5 * ds and outer[:, 1].max() == 39.5 * ds
-    # the hole ring runs through the tissue pixels around the hole
-    assert hole[:, 0].min() == 19.5 * ds and hole[:, 0].max() == 35.5 * ds
-    assert hole[:, 1].min() == 19.5 * ds and hole[:, 1].max() == 30.5 * ds
-    small_ring = np.asarray(small["geometry"]["coordinates"][0])
-    assert small_ring[:, 0].min() == 60.5 * ds and small_ring[:, 1].max() == 54.5 * ds
-    # area: polygons through pixel centres, hole subtracted, in level-0 µm²
-    # (the hole's ring cuts its four corners: 16 x 11 less 4 half pixels)
-    area_px = 29 * 39 - (16 * 11 - 2)
-    assert block["properties"]["measurements"]["Area µm^2"] == pytest.approx(
-        area_px * (ds * mpp) ** 2
-    )
-    # coordinates are the downsample-1 ones times the downsample
-    one = mask_to_geojson(mask, 1.0)
-    for a, b in zip(one["features"], mask_to_geojson(mask, 2.5)["features"], strict=True):
-        for ra, rb in zip(a["geometry"]["coordinates"], b["geometry"]["coordinates"], strict=True):
-            np.testing.assert_allclose(np.asarray(ra) * 2.5, rb)
-    assert one["features"][0]["properties"]["measurements"] == {}  # no mpp, no area
-
-
-def test_mask_to_geojson_options_and_empty_mask():
-    mask = _blob_with_hole()
-    geo = mask_to_geojson(mask, 1.0, name="Region", color=(255, 0, 0), min_area_px=500)
-    assert len(geo["features"]) == 1  # the 10 x 15 px component (area 126) is dropped
-    assert geo["features"][0]["properties"]["classification"] == {
-        "name": "Region",
-        "color": [255, 0, 0],
-    }
-    assert mask_to_geojson(np.zeros((10, 10), bool), 4.0) == {
-        "type": "FeatureCollection",
-        "features": [],
-    }
-    with pytest.raises(ValueError, match="downsample"):
-        mask_to_geojson(mask, 0)
-    with pytest.raises(ValueError, match="2-D"):
-        mask_to_geojson(np.zeros((2, 2, 2), bool), 1.0)
-
-
-@pytest.mark.parametrize("ds", [1.0, 2.5, 4.0, 16.0])
-def test_geojson_round_trip_reproduces_the_mask(ds):
-    mask = _blob_with_hole()
-    back = geojson_to_mask(mask_to_geojson(mask, ds), mask.shape, ds)
-    assert np.array_equal(back, mask)
-    # smooth random masks with many holes and components; only single pixels and one-pixel-wide
-    # lines (polygons without area) may be lost
-    rng = np.random.default_rng(int(ds * 10))
-    for _ in range(5):
-        m = cv2.GaussianBlur(rng.random((70, 90)), (0, 0), 2.5) > 0.5
-        back = geojson_to_mask(mask_to_geojson(m, ds), m.shape, ds)
-        assert _iou(back, m) >= 0.99
-        assert not (back & ~m).any()
-
-
-def test_geojson_round_trip_of_detected_tissue(layout):
-    ds = 16
-    w, h = -(-layout.width // ds), -(-layout.height // ds)
-    mask = detect_tissue(render_region(layout, 0, 0, w, h, ds), layout.mpp * ds)
-    geo = mask_to_geojson(mask, ds, mpp=layout.mpp)
-    assert len(geo["features"]) == len(layout.sections)
-    assert np.array_equal(geojson_to_mask(geo, mask.shape, ds), mask)
-
-
-def test_geojson_to_mask_accepts_qupath_shapes():
-    square = [[0, 0], [40, 0], [40, 20], [0, 20], [0, 0]]  # level-0 px
-    hole = [[8, 4], [8, 12], [24, 12], [24, 4], [8, 4]]
-    poly = {"type": "Polygon", "coordinates": [square, hole]}
-    feature = {"type": "Feature", "properties": {"objectType": "annotation"}, "geometry": poly}
-    ds = 4.0
-    expected = geojson_to_mask({"type": "FeatureCollection", "features": [feature]}, (10, 15), ds)
-    # pixel centres (c + 0.5) * 4 inside [0, 40] x [0, 20]: columns 0-9, rows 0-4; the hole covers
-    # centres in [8, 24] x [4, 12]: columns 2-5, rows 1-2
-    truth = np.zeros((10, 15), bool)
-    truth[0:5, 0:10] = True
-    truth[1:3, 2:6] = False
-    assert np.array_equal(expected, truth)
-    for obj in (feature, poly, [feature]):
-        assert np.array_equal(geojson_to_mask(obj, (10, 15), ds), truth)
-    multi = {"type": "MultiPolygon", "coordinates": [[square, hole]]}
-    assert np.array_equal(geojson_to_mask(multi, (10, 15), ds), truth)
-    others = {
-        "type": "GeometryCollection",
-        "geometries": [
-            poly,
-            {"type": "Point", "coordinates": [50, 30]},
-            {"type": "LineString", "coordinates": [[0, 30], [60, 30]]},
-        ],
-    }
-    assert np.array_equal(geojson_to_mask(others, (10, 15), ds), truth)
-    assert not geojson_to_mask({"type": "FeatureCollection", "features": []}, (4, 4), 1.0).any()
-    with pytest.raises(InputError, match="malformed"):
-        geojson_to_mask({"type": "Polygon", "coordinates": [[["a", "b"]]]}, (4, 4), 1.0)
-    with pytest.raises(ValueError, match="downsample"):
-        geojson_to_mask(poly, (4, 4), -1.0)
-
-
 # -- GeoJSON files --------------------------------------------------------------------------------
 
 
-def test_write_then_read_geojson(tmp_path):
-    geo = mask_to_geojson(_blob_with_hole(), 4.0, mpp=0.5)
-    path = tmp_path / "new" / "folder" / "tissue.geojson"
-    write_geojson(path, geo)
-    assert read_geojson(path) == geo
-    assert sorted(p.name for p in path.parent.iterdir()) == ["tissue.geojson"]
-    # a QuPath export: a top-level list of features, with a byte-order mark
-    listed = tmp_path / "qupath.geojson"
-    listed.write_text("\ufeff" + json.dumps(geo["features"]), encoding="utf-8")
-    assert read_geojson(listed) == geo
-
-
-def test_write_geojson_is_atomic(tmp_path):
-    path = tmp_path / "tissue.geojson"
-    good = mask_to_geojson(_blob_with_hole(), 1.0)
-    write_geojson(path, good)
-    before = path.read_bytes()
-    # fails half-way through json.dump: the old file stays whole and no temporary file is left
-    bad = {"type": "FeatureCollection", "features": good["features"] + [{"bad": object()}]}
-    with pytest.raises(TypeError):
-        write_geojson(path, bad)
-    assert path.read_bytes() == before
-    assert [p.name for p in tmp_path.iterdir()] == ["tissue.geojson"]
-    with pytest.raises(TypeError):
-        write_geojson(tmp_path / "other.geojson", bad)
-    assert [p.name for p in tmp_path.iterdir()] == ["tissue.geojson"]
-
-
-@pytest.mark.parametrize(
-    ("text", "message"),
-    [
-        ('{"type": "FeatureCollection", "features": [', "not valid JSON"),
-        ("{'type': 'Polygon'}", "not valid JSON"),
-        ("", "not valid JSON"),
-        ("42", "not GeoJSON"),
-        ('{"type": "Polygon", "coordinates": "abc"}', "malformed"),
-        ('{"type": "Polygon", "coordinates": [[[0, 0], [1]]]}', "malformed"),
-        ('{"type": "Polygon", "coordinates": [[["a", "b"], [1, 2], [3, 4]]]}', "malformed"),
-        ('{"type": "MultiPolygon", "coordinates": 5}', "malformed"),
-        ('{"type": "Feature", "geometry": {"type": "Point", "coordinates": [1, 2]}}', "no Polygon"),
-        ('{"type": "FeatureCollection", "features": []}', "no Polygon"),
-    ],
-)
-def test_read_geojson_errors_name_the_file_on_one_line(tmp_path, text, message):
-    path = tmp_path / "bad.geojson"
-    path.write_text(text, encoding="utf-8")
-    with pytest.raises(InputError, match=message) as err:
-        read_geojson(path)
-    msg = str(err.value)
-    assert msg.startswith(str(path)) and "\n" not in msg
-    assert err.value.path == str(path)
-
-
-def test_read_geojson_reports_line_and_column(tmp_path):
-    path = tmp_path / "bad.geojson"
-    path.write_text('{\n  "type": "FeatureCollection",\n  "features": [,]\n}\n', encoding="utf-8")
-    with pytest.raises(InputError, match="line 3, column 16"):
-        read_geojson(path)
-
-
-def test_read_geojson_unreadable_paths(tmp_path):
-    with pytest.raises(InputError, match="not found") as err:
-        read_geojson(tmp_path / "missing.geojson")
-    assert str(tmp_path / "missing.geojson") in str(err.value)
-    with pytest.raises(InputError, match="directory"):
-        read_geojson(tmp_path)
-    binary = tmp_path / "image.geojson"
-    binary.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00")
-    with pytest.raises(InputError, match="UTF-8"):
-        read_geojson(binary)
-
-
 # -- real slide -----------------------------------------------------------------------------------
-
-
-def test_real_slide_tissue_and_round_trip(wsi_dir):
-    from histo_wsl.slideio.slide import open_slide, read_thumbnail
-
-    with open_slide(wsi_dir / "cmu-1-small-region.svs") as slide:
-        thumb, ds = read_thumbnail(slide, mpp=8.0)
-        mpp = slide.mpp
-    mask = detect_tissue(thumb, mpp * ds)
-    assert 0.1 < mask.mean() < 0.9
-    sat = cv2.cvtColor(thumb, cv2.COLOR_RGB2HSV)[:, :, 1].astype(float)
-    assert sat[mask].mean() > 2 * sat[~mask].mean()  # tissue is the stained part
-    back = geojson_to_mask(mask_to_geojson(mask, ds, mpp=mpp), mask.shape, ds)
-    assert _iou(back, mask) >= 0.99
 
 
 # -- strip-wise detection, packed masks, banded fractions ------------------------------------------
@@ -643,46 +352,12 @@ def test_strip_detection_rejects_bad_rows():
         detect_tissue_strips(lambda a, b: img[a:b], (10, 10), 0.0)
 
 
-def test_packed_mask_round_trip_and_counts():
-    rng = np.random.default_rng(3)
-    mask = rng.random((13, 21)) > 0.5
-    packed = PackedMask.from_bool(mask)
-    assert packed.nbytes == 13 * 3 and packed.shape == (13, 21)
-    assert np.array_equal(packed.to_bool(), mask) and np.array_equal(packed.rows(4, 9), mask[4:9])
-    assert packed.rows(-3, 100).shape == (13, 21) and packed.rows(20, 30).shape == (0, 21)
-    assert packed.count() == mask.sum() and packed.mean() == pytest.approx(mask.mean())
-    packed.set_rows(2, np.ones((3, 21), bool))
-    mask[2:5] = True
-    assert np.array_equal(packed.to_bool(), mask) and packed.any()
-    assert not PackedMask((4, 9)).any() and PackedMask((0, 5)).mean() == 0.0
-    with pytest.raises(ValueError):
-        packed.set_rows(12, np.ones((3, 21), bool))
-
-
 def test_otsu_from_histogram_matches_otsu_of_values():
     vals = np.random.default_rng(0).integers(0, 256, 5000).astype(np.uint8)
     assert otsu_from_histogram(np.bincount(vals, minlength=256)) == otsu_threshold(vals)
     assert otsu_from_histogram(np.zeros(256)) == 0.0
     with pytest.raises(ValueError):
         otsu_from_histogram(np.zeros(10))
-
-
-@pytest.mark.parametrize("band_rows", [1, 3, 16, 1000])
-def test_banded_fraction_map_equals_one_table(band_rows):
-    rng = np.random.default_rng(band_rows)
-    h, w = 45, 38
-    mask = cv2.GaussianBlur(rng.random((h, w)), (0, 0), 2) > 0.5
-    n = 400
-    x0, y0 = rng.uniform(-10, w + 5, n), rng.uniform(-10, h + 5, n)
-    x1, y1 = x0 + rng.uniform(-2, 25, n), y0 + rng.uniform(-2, 25, n)
-    ref = TissueFractionMap(mask, band_rows=10_000).fraction(x0, y0, x1, y1)
-    banded = TissueFractionMap(PackedMask.from_bool(mask), band_rows=band_rows)
-    np.testing.assert_allclose(banded.fraction(x0, y0, x1, y1), ref, atol=1e-9)
-    # brute force on integer boxes inside the mask
-    for a, b in zip(rng.integers(0, h - 6, 20), rng.integers(0, w - 6, 20), strict=True):
-        assert banded.fraction(b, a, b + 6, a + 6) == pytest.approx(
-            mask[a : a + 6, b : b + 6].mean()
-        )
 
 
 def test_a_greyscale_thumbnail_finds_tissue_darker_than_its_glass():
