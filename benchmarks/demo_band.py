@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from histo_wsl.runtime.batch import environment  # noqa: E402
+from histo_wsl.runtime.record import environment  # noqa: E402
 
 #: the lower edges tests/synthetic/test_demo.py asserts on the full demo
 EDGES = {"negev_pxap": 78.0, "gain": 60.0, "slide_pxap": 80.0, "slide_dice": 0.72}

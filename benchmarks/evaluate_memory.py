@@ -82,7 +82,8 @@ def child(data: str, ckpt: str, out: str) -> None:
     """Run one evaluation and print its time and peak RSS (MB)."""
     import torch
 
-    from histo_wsl.evaluation.images import EvalSettings, run_evaluate
+    from histo_wsl.evaluation.data import EvalSettings
+    from histo_wsl.evaluation.images import run_evaluate
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()

@@ -151,7 +151,8 @@ def evaluate(
     list, command and versions), per_image.csv, report.md and a self-contained report.html (PR and
     Dice-vs-threshold curves, best and worst images), and run.json.
     """
-    from histo_wsl.evaluation.images import EvalSettings, run_evaluate
+    from histo_wsl.evaluation.data import EvalSettings
+    from histo_wsl.evaluation.images import run_evaluate
 
     models = list(models or [])
     if predictions is not None or annotations is not None:
@@ -162,20 +163,12 @@ def evaluate(
                 "--predictions evaluates maps localize already wrote: give no checkpoint, --data, "
                 "--calibrate or --compare with it"
             )
-        from histo_wsl.evaluation.slides import run_evaluate_slides
+        from histo_wsl.evaluation.slides import SlideEvalSettings, run_evaluate_slides
 
-        summary = run_evaluate_slides(
-            predictions,
-            annotations,
-            out,
-            threshold=threshold,
-            bootstrap=bootstrap,
-            seed=seed,
-            skip_missing=skip_missing,
-            examples=examples,
-            argv=sys.argv,
-            quiet=quiet or json_out,
+        settings = SlideEvalSettings(
+            predictions, annotations, out, threshold, bootstrap, seed, skip_missing, examples
         )
+        summary = run_evaluate_slides(settings, argv=sys.argv, quiet=quiet or json_out)
         if json_out:
             print_json(summary)
         else:

@@ -10,8 +10,9 @@ What is here, and where it comes from (``shared/reference/method.md``):
   background (F1-) per image at a fixed threshold, averaged over images (F1+ only over images whose
   ground truth has a region of interest, F1- only over images with some ground-truth background).
 * :class:`ClassificationMeter` -- image-level accuracy / error, confusion matrix, per-class scores (§4.3).
-* :func:`dice`, :func:`iou` and :func:`bootstrap_ci` helpers; :func:`bootstrap_histograms` for
-  confidence intervals of the dataset-level numbers (PxAP, Dice/IoU) from per-image histograms.
+* :func:`dice` and :func:`iou` helpers.
+
+Confidence intervals are :mod:`histo_wsl.evaluation.bootstrap`.
 
 Units: PxAP, accuracy and classification error are in percent, as in the papers' tables; Dice, IoU,
 F1+/F1-, precision, recall and rates are fractions in [0, 1] (multiply by 100 for the tables).
@@ -22,7 +23,7 @@ imported by this module. Resizing score maps to the mask size is the caller's jo
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -36,8 +37,6 @@ __all__ = [
     "MetricInputError",
     "PerImageMeter",
     "PxAPMeter",
-    "bootstrap_ci",
-    "bootstrap_histograms",
     "dice",
     "iou",
 ]
@@ -47,7 +46,7 @@ THRESHOLDS: np.ndarray = np.arange(1000) / 1000
 #: Histogram bin edges: the threshold list followed by [1, 2, 3] (1003 edges, 1002 bins:
 #: [0, 0.001), ..., [0.999, 1), [1, 2), [2, 3]), as in ``np.histogram(scores, bins=BIN_EDGES)``.
 BIN_EDGES: np.ndarray = np.concatenate([THRESHOLDS, [1.0, 2.0, 3.0]])
-_N_BINS = BIN_EDGES.size - 1  # 1002
+N_BINS = BIN_EDGES.size - 1  # 1002
 _GRID = 1000  # thresholds per unit score
 
 
@@ -60,7 +59,7 @@ class MetricInputError(InputError, ValueError):
 # --------------------------------------------------------------------------------------------------
 
 
-def _to_numpy(x: Any) -> np.ndarray:
+def to_numpy(x: Any) -> np.ndarray:
     """A numpy view/copy of an array-like or a torch tensor (without importing torch)."""
     if hasattr(x, "detach") and hasattr(x, "cpu"):
         x = x.detach().cpu()
@@ -73,7 +72,7 @@ def _to_numpy(x: Any) -> np.ndarray:
 
 def _as_scores(x: Any) -> np.ndarray:
     """Float64 scores; NaN -> 0, +inf -> 1, -inf -> 0, then clipped to [0, 1]."""
-    s = _to_numpy(x).astype(np.float64, copy=True)
+    s = to_numpy(x).astype(np.float64, copy=True)
     np.nan_to_num(s, copy=False, nan=0.0, posinf=1.0, neginf=0.0)
     np.clip(s, 0.0, 1.0, out=s)
     return s
@@ -81,14 +80,14 @@ def _as_scores(x: Any) -> np.ndarray:
 
 def _as_raw_scores(x: Any) -> np.ndarray:
     """Float64 scores without clipping (NaN -> 0, +-inf kept)."""
-    s = _to_numpy(x).astype(np.float64, copy=True)
+    s = to_numpy(x).astype(np.float64, copy=True)
     s[np.isnan(s)] = 0.0
     return s
 
 
 def _as_mask(x: Any) -> np.ndarray:
     """Boolean mask: bool arrays as they are, anything numeric as ``value > 0.5``."""
-    m = _to_numpy(x)
+    m = to_numpy(x)
     if m.dtype == np.bool_:
         return m
     return m > 0.5
@@ -171,60 +170,6 @@ def iou(pred: Any, gt: Any) -> float:
     return 1.0 if union == 0 else int(np.count_nonzero(p & g)) / union
 
 
-def bootstrap_ci(
-    per_image_values: Iterable[float] | np.ndarray,
-    n: int = 1000,
-    seed: int = 0,
-    alpha: float = 0.05,
-    statistic: Callable[..., Any] = np.mean,
-) -> tuple[float, float]:
-    """Percentile bootstrap confidence interval of a statistic of per-image values.
-
-    Images are resampled with replacement ``n`` times with ``np.random.default_rng(seed)``, so the
-    result is reproducible. NaN values (e.g. F1+ of an image without a region of interest) are
-    dropped first.
-
-    Args:
-        per_image_values: one value per image.
-        n: number of bootstrap resamples.
-        seed: seed of the random generator.
-        alpha: 1 - confidence level (0.05 gives a 95% interval).
-        statistic: function of a 1-D array (called with ``axis=1`` on a 2-D batch of resamples when
-            it accepts that, else once per resample).
-
-    Returns:
-        ``(low, high)``: the ``alpha/2`` and ``1 - alpha/2`` quantiles of the bootstrap distribution;
-        ``(nan, nan)`` when there is no finite value.
-
-    Raises:
-        ValueError: ``n < 1`` or ``alpha`` not in (0, 1).
-    """
-    if n < 1:
-        raise ValueError(f"bootstrap_ci needs n >= 1 resamples, got {n}")
-    if not 0.0 < alpha < 1.0:
-        raise ValueError(f"bootstrap_ci needs 0 < alpha < 1, got {alpha}")
-    values = np.asarray(_to_numpy(per_image_values), dtype=np.float64).ravel()
-    values = values[~np.isnan(values)]
-    m = values.size
-    if m == 0:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    stats = np.empty(n, dtype=np.float64)
-    chunk = max(1, 1_000_000 // m)  # bound memory to ~8 MB of resampled values
-    for start in range(0, n, chunk):
-        stop = min(n, start + chunk)
-        samples = values[rng.integers(0, m, size=(stop - start, m))]
-        try:
-            out = np.asarray(statistic(samples, axis=1), dtype=np.float64)
-            if out.shape != (stop - start,):
-                raise TypeError
-        except TypeError:
-            out = np.array([statistic(row) for row in samples], dtype=np.float64)
-        stats[start:stop] = out
-    low, high = np.quantile(stats, [alpha / 2, 1 - alpha / 2])
-    return float(low), float(high)
-
-
 # --------------------------------------------------------------------------------------------------
 # PxAP
 # --------------------------------------------------------------------------------------------------
@@ -243,8 +188,8 @@ class PxAPMeter:
     """
 
     def __init__(self) -> None:
-        self.pos_hist = np.zeros(_N_BINS, dtype=np.int64)
-        self.neg_hist = np.zeros(_N_BINS, dtype=np.int64)
+        self.pos_hist = np.zeros(N_BINS, dtype=np.int64)
+        self.neg_hist = np.zeros(N_BINS, dtype=np.int64)
         self.n_images = 0
 
     # ---- accumulation ------------------------------------------------------------------------
@@ -265,7 +210,7 @@ class PxAPMeter:
         gt = _as_mask(gt_mask)
         _check_same_shape(scores, gt, "score map", "ground-truth mask")
         if ignore is not None:
-            ign = _to_numpy(ignore)
+            ign = to_numpy(ignore)
             _check_same_shape(ign, gt, "ignore mask", "ground-truth mask")
             keep = ign == 0
             scores, gt = scores[keep], gt[keep]
@@ -279,8 +224,8 @@ class PxAPMeter:
     def _histogram(scores: np.ndarray) -> np.ndarray:
         """Bin counts identical to ``np.histogram(scores, bins=BIN_EDGES)`` for scores in [0, 1]."""
         idx = np.searchsorted(BIN_EDGES, scores, side="right") - 1
-        idx = np.minimum(idx, _N_BINS - 1)  # the last bin [2, 3] is closed on the right
-        return np.bincount(idx, minlength=_N_BINS).astype(np.int64)
+        idx = np.minimum(idx, N_BINS - 1)  # the last bin [2, 3] is closed on the right
+        return np.bincount(idx, minlength=N_BINS).astype(np.int64)
 
     def merge(self, other: PxAPMeter) -> PxAPMeter:
         """Add another meter's counts (other shard / DDP rank) into this one.
@@ -327,9 +272,9 @@ class PxAPMeter:
         """
         pos = np.asarray(state["pos_hist"], dtype=np.int64)
         neg = np.asarray(state["neg_hist"], dtype=np.int64)
-        if pos.shape != (_N_BINS,) or neg.shape != (_N_BINS,):
+        if pos.shape != (N_BINS,) or neg.shape != (N_BINS,):
             raise ValueError(
-                f"PxAP state needs two histograms of {_N_BINS} bins, got {pos.shape} and {neg.shape}"
+                f"PxAP state needs two histograms of {N_BINS} bins, got {pos.shape} and {neg.shape}"
             )
         self.pos_hist = pos.copy()
         self.neg_hist = neg.copy()
@@ -503,90 +448,12 @@ class PxAPMeter:
         meter = cls()
         meter.load_state_dict(
             {
-                "pos_hist": np.rint(_to_numpy(pos_hist)).astype(np.int64),
-                "neg_hist": np.rint(_to_numpy(neg_hist)).astype(np.int64),
+                "pos_hist": np.rint(to_numpy(pos_hist)).astype(np.int64),
+                "neg_hist": np.rint(to_numpy(neg_hist)).astype(np.int64),
                 "n_images": int(n_images),
             }
         )
         return meter
-
-
-def bootstrap_histograms(
-    pos_hists: Any,
-    neg_hists: Any,
-    statistics: Callable[[PxAPMeter], Mapping[str, float]],
-    n: int = 1000,
-    seed: int = 0,
-    alpha: float = 0.05,
-) -> dict[str, tuple[float, float]]:
-    """Percentile bootstrap confidence intervals of dataset-level pixel metrics, resampling images.
-
-    PxAP and dataset-level Dice/IoU are not means of per-image values, so the images are resampled
-    with replacement and the metric is recomputed on the summed histograms of each resample. Only
-    the per-image histograms (2 × 1002 counts per image; a ``np.memmap`` works) are needed, never
-    the maps. The draws are those of :func:`bootstrap_ci` with the same ``n``, ``seed`` and number of
-    images (``np.random.default_rng(seed)``, the same chunking), so intervals of per-image means
-    over all images come from the same resamples.
-
-    Args:
-        pos_hists: (M, 1002) per-image counts of scores at ground-truth positive pixels.
-        neg_hists: (M, 1002) per-image counts at ground-truth negative pixels.
-        statistics: function of a :class:`PxAPMeter` returning named values, e.g.
-            ``lambda m: {"pxap": m.pxap(), **m.dice_iou(0.5)}``; the names must not change
-            between calls.
-        n: number of resamples.
-        seed: seed of the random generator.
-        alpha: 1 - confidence level.
-
-    Returns:
-        ``{name: (low, high)}``; ``(nan, nan)`` when there is no image or no finite value.
-
-    Raises:
-        ValueError: ``n < 1``, ``alpha`` not in (0, 1), or histograms of the wrong shape.
-    """
-    if n < 1:
-        raise ValueError(f"bootstrap needs n >= 1 resamples, got {n}")
-    if not 0.0 < alpha < 1.0:
-        raise ValueError(f"bootstrap needs 0 < alpha < 1, got {alpha}")
-    pos, neg = np.asarray(pos_hists), np.asarray(neg_hists)
-    if pos.ndim != 2 or pos.shape[1:] != (_N_BINS,) or neg.shape != pos.shape:
-        raise ValueError(
-            f"per-image histograms must both be (M, {_N_BINS}), got {pos.shape} and {neg.shape}"
-        )
-    m = pos.shape[0]
-    names = list(statistics(PxAPMeter.from_histograms(pos.sum(axis=0), neg.sum(axis=0), m)))
-    if m == 0:
-        return {name: (float("nan"), float("nan")) for name in names}
-    rng = np.random.default_rng(seed)
-    values = {name: np.empty(n, dtype=np.float64) for name in names}
-    chunk = max(1, 1_000_000 // m)  # the draws of bootstrap_ci
-    rows = 4096  # images summed at a time: bounds memory for memory-mapped inputs
-    for start in range(0, n, chunk):
-        stop = min(n, start + chunk)
-        b = stop - start
-        idx = rng.integers(0, m, size=(b, m))
-        weights = np.bincount((np.arange(b)[:, None] * m + idx).ravel(), minlength=b * m).reshape(
-            b, m
-        )
-        agg_pos = np.zeros((b, _N_BINS), dtype=np.float64)
-        agg_neg = np.zeros((b, _N_BINS), dtype=np.float64)
-        for r0 in range(0, m, rows):
-            w = weights[:, r0 : r0 + rows].astype(np.float64)
-            agg_pos += w @ np.asarray(pos[r0 : r0 + rows], dtype=np.float64)
-            agg_neg += w @ np.asarray(neg[r0 : r0 + rows], dtype=np.float64)
-        for j in range(b):
-            result = statistics(PxAPMeter.from_histograms(agg_pos[j], agg_neg[j], m))
-            for name in names:
-                values[name][start + j] = result[name]
-    out = {}
-    for name, v in values.items():
-        v = v[np.isfinite(v)]
-        if v.size == 0:
-            out[name] = (float("nan"), float("nan"))
-        else:
-            low, high = np.quantile(v, [alpha / 2, 1 - alpha / 2])
-            out[name] = (float(low), float(high))
-    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -786,7 +653,7 @@ class ClassificationMeter:
         self._confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
 
     def _labels(self, x: Any, what: str) -> np.ndarray:
-        a = np.atleast_1d(_to_numpy(x))
+        a = np.atleast_1d(to_numpy(x))
         if a.ndim != 1:
             raise MetricInputError(f"{what} must be a 1-D array of class indices, got {a.shape}")
         if a.dtype.kind not in "biu":
@@ -813,7 +680,7 @@ class ClassificationMeter:
         Raises:
             MetricInputError: wrong shapes, K mismatch, or class indices out of range.
         """
-        x = _to_numpy(logits_or_pred)
+        x = to_numpy(logits_or_pred)
         if x.ndim == 2:
             if x.shape[1] != self.num_classes:
                 raise MetricInputError(

@@ -21,28 +21,25 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from histo_wsl.errors import InputError
-from histo_wsl.evaluation.images import (
+from histo_wsl.evaluation.accumulator import Accumulator, Example, ModelResult
+from histo_wsl.evaluation.metrics import THRESHOLDS, PxAPMeter
+from histo_wsl.reporting.metrics_file import (
     DEFINITIONS,
-    Accumulator,
-    Example,
-    ModelResult,
-    _clean,
-    _headline,
-    _now,
-    _round_curve,
-    _snap,
-    versions,
+    headline,
+    round_curve,
+    snap,
     write_per_image_csv,
 )
-from histo_wsl.evaluation.metrics import THRESHOLDS, PxAPMeter
 from histo_wsl.runtime import atomic
 from histo_wsl.runtime.console import warn
+from histo_wsl.runtime.record import json_ready, now, versions
 from histo_wsl.slideio.annotations import (
     ANNOTATION_SUFFIXES,
     annotation_mask,
@@ -50,7 +47,12 @@ from histo_wsl.slideio.annotations import (
     find_annotation,
 )
 
-__all__ = ["find_predictions", "run_evaluate_slides"]
+__all__ = [
+    "SlideEvalSettings",
+    "find_predictions",
+    "pair_slides_with_annotations",
+    "run_evaluate_slides",
+]
 
 _BAND = 2048  # rows of the map compared at a time
 _THUMB = 256  # long side of the report's thumbnails
@@ -145,22 +147,11 @@ def _slide_thumbnail(record: dict, size: tuple[int, int]) -> np.ndarray:
         return np.full((size[1], size[0], 3), 200, dtype=np.uint8)
 
 
-def run_evaluate_slides(
-    predictions: Path,
-    annotations: Path,
-    out: Path,
-    *,
-    threshold: float = 0.5,
-    bootstrap: int = 1000,
-    seed: int = 0,
-    skip_missing: bool = False,
-    examples: int = 4,
-    argv: list[str] | None = None,
-    quiet: bool = False,
-) -> dict:
-    """Evaluate localize's slide maps against annotations; writes the same files as image evaluation.
+@dataclass
+class SlideEvalSettings:
+    """What ``histo-wsl evaluate --predictions ... --annotations ...`` was asked.
 
-    Args:
+    Attributes:
         predictions: the ``localize`` output folder.
         annotations: a folder of annotation files named after the slides, or one file (one slide).
         out: output folder.
@@ -169,8 +160,41 @@ def run_evaluate_slides(
         seed: seed of the bootstrap.
         skip_missing: leave out slides without an annotation instead of failing.
         examples: best and worst slides shown in the report (each).
-        argv: the command line (recorded).
-        quiet: no progress output.
+    """
+
+    predictions: Path
+    annotations: Path
+    out: Path
+    threshold: float = 0.5
+    bootstrap: int = 1000
+    seed: int = 0
+    skip_missing: bool = False
+    examples: int = 4
+
+    def params(self) -> dict:
+        """The settings as recorded in metrics.json and run.json."""
+        return {
+            "predictions": str(self.predictions),
+            "annotations": str(self.annotations),
+            "out": str(self.out),
+            "threshold": self.threshold,
+            "bootstrap": self.bootstrap,
+            "seed": self.seed,
+            "skip_missing": self.skip_missing,
+            "examples": self.examples,
+        }
+
+
+#: one slide to evaluate: (name, its folder, its probability map, its localize record, annotation)
+SlidePair = tuple[str, Path, Path, dict, Path]
+
+
+def run_evaluate_slides(
+    settings: SlideEvalSettings, argv: list[str] | None = None, quiet: bool = False
+) -> dict:
+    """Evaluate localize's slide maps against annotations; writes the same files as image evaluation.
+
+    Writes metrics.json, per_image.csv, the reports and run.json in ``settings.out``.
 
     Returns:
         A JSON-ready summary.
@@ -179,65 +203,51 @@ def run_evaluate_slides(
         InputError: no finished slide, slides without annotation (unless ``skip_missing``),
             predictions and annotations without a slide in common, malformed annotations.
     """
-    from histo_wsl.reporting import report
-
-    t0, started = time.perf_counter(), _now()
+    s = settings
+    t0, started = time.perf_counter(), now()
     argv = list(argv if argv is not None else sys.argv)
-    if not 0.0 <= threshold <= 1.0:
-        raise InputError(f"--threshold {threshold} is not in [0, 1]")
-    atomic.ensure_writable_dir(out)  # before the evaluation, not after it
-    slides = find_predictions(Path(predictions))
-    annotations = Path(annotations)
+    if not 0.0 <= s.threshold <= 1.0:
+        raise InputError(f"--threshold {s.threshold} is not in [0, 1]")
+    atomic.ensure_writable_dir(s.out)  # before the evaluation, not after it
+    slides = find_predictions(Path(s.predictions))
+    pairs, missing = pair_slides_with_annotations(slides, Path(s.annotations), s.skip_missing)
+    try:
+        s.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"the output folder cannot be created ({exc})", s.out) from None
+    acc, roi = _slide_accumulator(pairs, s)
+    t_eval = time.perf_counter()
+    try:
+        ann_notes, images = _accumulate(acc, pairs, roi, s.examples)
+        seconds = time.perf_counter() - t_eval
+        metrics_m, curves, _ = acc.summarise()
+    finally:
+        acc.close()
+    result = _slides_result(acc, pairs, images, metrics_m, curves, roi, seconds, s)
+    metrics = _slides_metrics(s, argv, started, t0, pairs, missing, ann_notes, result, curves)
+    return _write_slide_outputs(s, metrics, result, pairs, missing, t0)
+
+
+def pair_slides_with_annotations(
+    slides: list[tuple[str, Path, Path, dict]], annotations: Path, skip_missing: bool
+) -> tuple[list[SlidePair], list[str]]:
+    """Each finished slide with its annotation file, and the slides left without one.
+
+    ``annotations`` is a folder (files matched by slide name) or one file (the one slide, or the
+    slide whose name it bears). Annotation files without a prediction are warned about.
+
+    Raises:
+        InputError: no annotation at all, no slide in common, or slides without an annotation
+            (unless ``skip_missing``: they are returned in the second list).
+    """
     if not annotations.exists():
         raise InputError(
             "annotations not found; give a folder of annotation files or a file", annotations
         )
-    pairs: list[tuple[str, Path, Path, dict, Path]] = []
-    missing: list[str] = []
     if annotations.is_file():
-        if len(slides) > 1:
-            match = [s for s in slides if s[0] == annotation_name(annotations)]
-            if not match:
-                raise InputError(
-                    f"one annotation file for {len(slides)} slides, and its name matches none of "
-                    f"them ({', '.join(s[0] for s in slides[:5])}...); give a folder of "
-                    "<slide>.geojson / .xml / mask files",
-                    annotations,
-                )
-            missing = [s[0] for s in slides if s[0] != match[0][0]]
-            slides = match + [s for s in slides if s[0] != match[0][0]]
-        pairs.append((*slides[0], annotations))
+        pairs, missing = _pair_with_one_file(slides, annotations)
     else:
-        for s in slides:
-            ann = find_annotation(annotations, s[0])
-            if ann is None:
-                missing.append(s[0])
-            else:
-                pairs.append((*s, ann))
-        if not pairs:
-            files = sorted(
-                p.name for p in annotations.iterdir() if p.suffix.lower() in ANNOTATION_SUFFIXES
-            )
-            raise InputError(
-                "predictions and annotations share no slide: predicted "
-                f"{', '.join(s[0] for s in slides[:5])}; annotation files "
-                f"{', '.join(files[:5]) or 'none'} (names must be <slide>.geojson, .xml or a mask "
-                "image such as <slide>_mask.tif)",
-                annotations,
-            )
-        predicted = {s[0] for s in slides}
-        orphans = sorted(
-            p.name
-            for p in annotations.iterdir()
-            if p.is_file()
-            and p.suffix.lower() in ANNOTATION_SUFFIXES
-            and annotation_name(p) not in predicted
-        )
-        if orphans:
-            warn(
-                f"{len(orphans)} annotation file(s) have no localize prediction and were not "
-                f"evaluated (e.g. {orphans[0]})"
-            )
+        pairs, missing = _pair_with_a_folder(slides, annotations)
     if missing and not skip_missing:
         raise InputError(
             f"no annotation for slide {missing[0]!r}"
@@ -246,14 +256,69 @@ def run_evaluate_slides(
             "negative slide), or pass --skip-missing to leave such slides out",
             annotations,
         )
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"the output folder cannot be created ({exc})", out) from None
+    return pairs, missing
 
+
+def _pair_with_one_file(
+    slides: list[tuple[str, Path, Path, dict]], annotation: Path
+) -> tuple[list[SlidePair], list[str]]:
+    missing: list[str] = []
+    if len(slides) > 1:
+        match = [s for s in slides if s[0] == annotation_name(annotation)]
+        if not match:
+            raise InputError(
+                f"one annotation file for {len(slides)} slides, and its name matches none of "
+                f"them ({', '.join(s[0] for s in slides[:5])}...); give a folder of "
+                "<slide>.geojson / .xml / mask files",
+                annotation,
+            )
+        missing = [s[0] for s in slides if s[0] != match[0][0]]
+        slides = match + [s for s in slides if s[0] != match[0][0]]
+    return [(*slides[0], annotation)], missing
+
+
+def _pair_with_a_folder(
+    slides: list[tuple[str, Path, Path, dict]], annotations: Path
+) -> tuple[list[SlidePair], list[str]]:
+    pairs: list[SlidePair] = []
+    missing: list[str] = []
+    for s in slides:
+        ann = find_annotation(annotations, s[0])
+        if ann is None:
+            missing.append(s[0])
+        else:
+            pairs.append((*s, ann))
+    if not pairs:
+        files = sorted(
+            p.name for p in annotations.iterdir() if p.suffix.lower() in ANNOTATION_SUFFIXES
+        )
+        raise InputError(
+            "predictions and annotations share no slide: predicted "
+            f"{', '.join(s[0] for s in slides[:5])}; annotation files "
+            f"{', '.join(files[:5]) or 'none'} (names must be <slide>.geojson, .xml or a mask "
+            "image such as <slide>_mask.tif)",
+            annotations,
+        )
+    predicted = {s[0] for s in slides}
+    orphans = sorted(
+        p.name
+        for p in annotations.iterdir()
+        if p.is_file()
+        and p.suffix.lower() in ANNOTATION_SUFFIXES
+        and annotation_name(p) not in predicted
+    )
+    if orphans:
+        warn(
+            f"{len(orphans)} annotation file(s) have no localize prediction and were not "
+            f"evaluated (e.g. {orphans[0]})"
+        )
+    return pairs, missing
+
+
+def _slide_accumulator(pairs: list[SlidePair], s: SlideEvalSettings) -> tuple[Accumulator, str]:
+    """The accumulator of the slides (localize's ROI class and threshold), and that class."""
     first = pairs[0][3]
     roi = str(first.get("roi_class") or "ROI")
-    class_names = [f"not {roi}", roi]
     t_loc = float(first.get("threshold", 0.5))
     others = sorted({float(p[3].get("threshold", 0.5)) for p in pairs} - {t_loc})
     if others:
@@ -262,106 +327,129 @@ def run_evaluate_slides(
             f"localize-threshold numbers use {t_loc}"
         )
     acc = Accumulator(
-        Path(predictions).name or "predictions",
-        class_names,
-        {"card": _snap(t_loc), "user": _snap(threshold)},
+        Path(s.predictions).name or "predictions",
+        [f"not {roi}", roi],
+        {"card": snap(t_loc), "user": snap(s.threshold)},
         f"localize threshold (from {pairs[0][0]}.json)",
-        examples=examples,
-        bootstrap=bootstrap,
-        seed=seed,
-        work_dir=out,
+        examples=s.examples,
+        bootstrap=s.bootstrap,
+        seed=s.seed,
+        work_dir=s.out,
     )
+    return acc, roi
+
+
+def _accumulate(
+    acc: Accumulator, pairs: list[SlidePair], roi: str, examples: int
+) -> tuple[dict[str, dict], dict[int, np.ndarray]]:
+    """Feed every slide's map and annotation to ``acc``, one slide in memory at a time.
+
+    Returns:
+        Each slide's annotation notes, and the thumbnails of the slides (for the report's examples).
+    """
     ann_notes: dict[str, dict] = {}
     images: dict[int, np.ndarray] = {}
-    t_eval = time.perf_counter()
-    try:
-        for i, (name, _, prob_path, record, ann_path) in enumerate(pairs):
-            size = record.get("output_size")
-            shape = (int(size[1]), int(size[0])) if size else None
-            prob = _read_prob(prob_path, shape)
-            h, w = prob.shape
-            d = float(record.get("output_downsample") or 1.0)
-            gt, notes = annotation_mask(ann_path, (h, w), d)
-            ann_notes[name] = {"file": str(ann_path), **notes}
-            meter = PxAPMeter()
-            for r in range(0, h, _BAND):
-                meter.update(prob[r : r + _BAND] / 255.0, gt[r : r + _BAND])
-            label = int(gt.any())
-            predicted = record.get("predicted_class")
-            pred = int(predicted is not None and predicted == roi)
-            scale = _THUMB / max(h, w)
-            tsize = (max(1, round(w * scale)), max(1, round(h * scale)))
-            thumb = _thumb(prob, tsize, nearest=False)
-            acc.add_meter(
-                i,
-                name,
-                meter,
-                label,
-                pred,
-                extra={
-                    "p_label": None,
-                    "p_predicted": record.get("score"),
-                    "annotation": ann_path.name,
-                    "map_size": f"{w}x{h}",
-                    "level0_px_per_map_px": d,
-                },
-                thumbnail=thumb,
-                thumbnail_mask=_thumb(gt.astype(np.uint8) * 255, tsize, nearest=True) > 127,
-            )
-            if examples:
-                images[i] = _slide_thumbnail(record, tsize)
-            del prob, gt
-        seconds = time.perf_counter() - t_eval
-        metrics_m, curves, _ = acc.summarise()
-    finally:
-        acc.close()
+    for i, (name, _, prob_path, record, ann_path) in enumerate(pairs):
+        size = record.get("output_size")
+        shape = (int(size[1]), int(size[0])) if size else None
+        prob = _read_prob(prob_path, shape)
+        h, w = prob.shape
+        d = float(record.get("output_downsample") or 1.0)
+        gt, notes = annotation_mask(ann_path, (h, w), d)
+        ann_notes[name] = {"file": str(ann_path), **notes}
+        meter = PxAPMeter()
+        for r in range(0, h, _BAND):
+            meter.update(prob[r : r + _BAND] / 255.0, gt[r : r + _BAND])
+        predicted = record.get("predicted_class")
+        scale = _THUMB / max(h, w)
+        tsize = (max(1, round(w * scale)), max(1, round(h * scale)))
+        acc.add_meter(
+            i,
+            name,
+            meter,
+            int(gt.any()),
+            int(predicted is not None and predicted == roi),
+            extra={
+                "p_label": None,
+                "p_predicted": record.get("score"),
+                "annotation": ann_path.name,
+                "map_size": f"{w}x{h}",
+                "level0_px_per_map_px": d,
+            },
+            thumbnail=_thumb(prob, tsize, nearest=False),
+            thumbnail_mask=_thumb(gt.astype(np.uint8) * 255, tsize, nearest=True) > 127,
+        )
+        if examples:
+            images[i] = _slide_thumbnail(record, tsize)
+        del prob, gt
+    return ann_notes, images
+
+
+def _slides_result(
+    acc: Accumulator,
+    pairs: list[SlidePair],
+    images: dict[int, np.ndarray],
+    metrics_m: dict,
+    curves: dict,
+    roi: str,
+    seconds: float,
+    s: SlideEvalSettings,
+) -> ModelResult:
+    """The predictions' result as one model's, with the example slides' thumbnails."""
     examples_list: list[Example] = acc.examples()
     for ex in examples_list:
         ex.image = images.get(ex.index)
-    model_path = first.get("model") or _localize_model(Path(predictions)) or "localize"
+    first = pairs[0][3]
+    model_path = first.get("model") or _localize_model(Path(s.predictions)) or "localize"
     metrics_m.update(
         {
-            "name": Path(predictions).name or "predictions",
+            "name": Path(s.predictions).name or "predictions",
             "checkpoint": str(model_path),
             "method": "localize predictions",
             "map": f"localize probability map of {roi} (level 0 of <slide>.prob.tif, value/255)",
             "input_size": None,
-            "class_names": class_names,
+            "class_names": [f"not {roi}", roi],
             "seconds": round(seconds, 3),
         }
     )
-    result = ModelResult(
+    return ModelResult(
         metrics_m["name"], Path(str(model_path)), {}, metrics_m, acc.rows, curves, examples_list
     )
-    n_pos = sum(1 for r in acc.rows if r["has_roi"])
+
+
+def _slides_metrics(
+    s: SlideEvalSettings,
+    argv: list[str],
+    started: str,
+    t0: float,
+    pairs: list[SlidePair],
+    missing: list[str],
+    ann_notes: dict[str, dict],
+    result: ModelResult,
+    curves: dict,
+) -> dict:
+    """metrics.json of the slides (JSON-ready): the same keys as image evaluation's."""
+    class_names = result.metrics["class_names"]
+    n_pos = sum(1 for r in result.rows if r["has_roi"])
     metrics = {
         "tool": "histo-wsl",
         "command": "evaluate",
         "argv": argv,
         "cwd": os.getcwd(),
-        "params": {
-            "predictions": str(predictions),
-            "annotations": str(annotations),
-            "out": str(out),
-            "threshold": threshold,
-            "bootstrap": bootstrap,
-            "seed": seed,
-            "skip_missing": skip_missing,
-            "examples": examples,
-        },
+        "params": s.params(),
         "started": started,
-        "ended": _now(),
+        "ended": now(),
         "seconds": round(time.perf_counter() - t0, 3),
         **versions(),
         "data": {
-            "source": f"{predictions} + {annotations}",
+            "source": f"{s.predictions} + {s.annotations}",
             "layout": "slides",
             "split": "all",
             "split_rule": "every slide localize finished that has an annotation",
             "n_images": len(pairs),
-            "images_per_class": {class_names[0]: len(pairs) - n_pos, roi: n_pos},
+            "images_per_class": {class_names[0]: len(pairs) - n_pos, class_names[1]: n_pos},
             "negative_class": class_names[0],
-            "skipped_missing_masks": missing if skip_missing else [],
+            "skipped_missing_masks": missing if s.skip_missing else [],
             "annotations": ann_notes,
             "mask_size_mismatch": {"policy": "mask images resized nearest to the map", "count": 0},
         },
@@ -379,24 +467,38 @@ def run_evaluate_slides(
             "card": "the threshold localize used (in <slide>.json).",
         },
         "threshold_grid": [round(float(t), 3) for t in THRESHOLDS],
-        "bootstrap": {"n": bootstrap, "seed": seed, "confidence": 0.95, "unit": "slide"},
+        "bootstrap": {"n": s.bootstrap, "seed": s.seed, "confidence": 0.95, "unit": "slide"},
         "models": [
             {
-                **metrics_m,
+                **result.metrics,
                 "curves": {
                     "thresholds": "threshold_grid",
-                    **{k: _round_curve(curves[k]) for k in ("precision", "recall")},
+                    **{k: round_curve(curves[k]) for k in ("precision", "recall")},
                     **{
-                        k: _round_curve(curves[k])
+                        k: round_curve(curves[k])
                         for k in ("dice_fg", "dice_bg", "iou_fg", "iou_bg", "miou")
                     },
                 },
             }
         ],
     }
-    metrics = _clean(metrics)
+    return json_ready(metrics)
+
+
+def _write_slide_outputs(
+    s: SlideEvalSettings,
+    metrics: dict,
+    result: ModelResult,
+    pairs: list[SlidePair],
+    missing: list[str],
+    t0: float,
+) -> dict:
+    """metrics.json, per_image.csv, the reports and run.json; returns the summary."""
+    from histo_wsl.reporting import report
+
+    out = s.out
     atomic.write_json(out / "metrics.json", metrics)
-    write_per_image_csv(out / "per_image.csv", [result])
+    write_per_image_csv(out / "per_image.csv", [result.rows])
     files = report.write_reports(out, metrics, [result])
     summary: dict[str, Any] = {
         "out": str(out),
@@ -406,15 +508,15 @@ def run_evaluate_slides(
             **{k: str(v) for k, v in files.items()},
         },
         "data": {"source": metrics["data"]["source"], "split": "all", "n_images": len(pairs)},
-        "skipped_slides": missing if skip_missing else [],
-        "models": [_headline(m) for m in metrics["models"]],
+        "skipped_slides": missing if s.skip_missing else [],
+        "models": [headline(m) for m in metrics["models"]],
         "seconds": round(time.perf_counter() - t0, 3),
     }
     atomic.write_json(
         out / "run.json",
         {k: metrics[k] for k in ("tool", "command", "argv", "cwd", "params", "started", "versions")}
         | {
-            "ended": _now(),
+            "ended": now(),
             "seconds": summary["seconds"],
             "items": [
                 {"name": p[0], "path": str(p[2]), "annotation": str(p[4]), "status": "done"}

@@ -175,7 +175,7 @@ def examples_png(examples: list[Any], threshold: float, title: str) -> bytes | N
     """A grid of the best and worst images of one model.
 
     Args:
-        examples: :class:`~histo_wsl.evaluation.images.Example` items with ``image`` and ``mask`` loaded.
+        examples: :class:`~histo_wsl.evaluation.accumulator.Example` items with ``image`` and ``mask`` loaded.
         threshold: threshold of the prediction panel (the card's).
         title: figure title.
 
@@ -474,7 +474,7 @@ def write_reports(out: Path, metrics: dict, results: list[Any]) -> dict[str, Pat
     Args:
         out: output folder.
         metrics: the metrics.json content (cleaned: no NaN).
-        results: the :class:`~histo_wsl.evaluation.images.ModelResult` of each model (example images).
+        results: the :class:`~histo_wsl.evaluation.accumulator.ModelResult` of each model (example images).
 
     Returns:
         Name -> path of the files written.

@@ -14,19 +14,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import platform
 import shutil
 import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from histo_wsl import __version__
 from histo_wsl.errors import (
     EXIT_INTERNAL,
     EXIT_SOME_FAILED,
@@ -37,64 +33,12 @@ from histo_wsl.errors import (
 )
 from histo_wsl.runtime import atomic
 from histo_wsl.runtime.inputs import InputItem
+from histo_wsl.runtime.record import environment, now
 
 #: Folder (inside the output folder) where items are assembled before they are moved into place.
 STAGING = ".histo-wsl-partial"
 #: folder (in the output folder) of the per-item lock files that keep concurrent runs apart
 LOCKS = ".histo-wsl-locks"
-
-_PACKAGES = (
-    "numpy",
-    "pillow",
-    "openslide-python",
-    "openslide-bin",
-    "tifffile",
-    "opencv-python-headless",
-    "torch",
-    "torchvision",
-    "typer",
-    "rich",
-)
-
-
-def processor_name(cpuinfo: str | Path = "/proc/cpuinfo") -> str | None:
-    """The CPU's model name (Linux ``/proc/cpuinfo``; else :func:`platform.processor`, or None).
-
-    Recorded because the same seeded CPU training gave other numbers on another machine with the
-    same torch: a later run can then tell whether it ran on the same kind of processor.
-    """
-    try:
-        for line in Path(cpuinfo).read_text(errors="replace").splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and value.strip():
-                return value.strip()
-    except OSError:
-        pass
-    return platform.processor() or None
-
-
-def environment() -> dict:
-    """Versions, platform, host, processor model and CPU count of this run's machine.
-
-    Versions of Python, histo-wsl and its main dependencies are read from metadata, not imported.
-    """
-    versions = {"python": platform.python_version(), "histo-wsl": __version__}
-    for name in _PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return {
-        "versions": versions,
-        "platform": platform.platform(),
-        "host": platform.node(),
-        "processor": processor_name(),
-        "cpu_count": os.cpu_count(),
-    }
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 class Progress:
@@ -310,7 +254,7 @@ class BatchRunner:
         from histo_wsl.runtime.console import stderr_console
 
         self.prepare()
-        started, t0 = _now(), time.perf_counter()
+        started, t0 = now(), time.perf_counter()
         results: list[ItemResult] = []
         header = {
             "tool": "histo-wsl",
@@ -399,7 +343,7 @@ class BatchRunner:
                         item.name,
                         stage,
                         dict(
-                            result.as_dict(), command=self.command, seed=self.seed, finished=_now()
+                            result.as_dict(), command=self.command, seed=self.seed, finished=now()
                         ),
                     )
                 except Exception as exc:  # one item's failure is recorded, never silent
@@ -438,7 +382,7 @@ class BatchRunner:
                     fault = isinstance(exc, FaultError)  # a full disk fails every item after
                     if not self.skip_errors or fault:
                         exit_code = exc.exit_code if expected else EXIT_INTERNAL
-                        save(_now())
+                        save(now())
                         break
                     exit_code = EXIT_SOME_FAILED
                 else:
@@ -450,7 +394,7 @@ class BatchRunner:
                     bar.update(current, visible=False)
                     bar.advance(overall)
             else:
-                save(_now())
+                save(now())
         finally:
             if bar:
                 bar.stop()

@@ -183,8 +183,9 @@ def run_demo(
         Dice against its true glands, per-step seconds and the exit code.
     """
     from histo_wsl.data.extract import ExtractParams, extract_patches
-    from histo_wsl.evaluation.images import EvalSettings, run_evaluate
-    from histo_wsl.evaluation.slides import run_evaluate_slides
+    from histo_wsl.evaluation.data import EvalSettings
+    from histo_wsl.evaluation.images import run_evaluate
+    from histo_wsl.evaluation.slides import SlideEvalSettings, run_evaluate_slides
     from histo_wsl.inference.localize import LocalizeParams, localize
     from histo_wsl.methods.cam import train_classifier
     from histo_wsl.methods.negev import train_decoder
@@ -309,7 +310,8 @@ def run_demo(
     steps.done("evaluate", t)
     t = steps.start("evaluate slide", "the slide's probability map against its true glands")
     slide_eval = run_evaluate_slides(
-        out / "localize", truth, out / "evaluate-slide", bootstrap=0, seed=seed, quiet=True
+        SlideEvalSettings(out / "localize", truth, out / "evaluate-slide", bootstrap=0, seed=seed),
+        quiet=True,
     )
     steps.done("evaluate slide", t)
 

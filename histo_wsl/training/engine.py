@@ -28,7 +28,6 @@ import random
 import sys
 import time
 from collections.abc import Iterator
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -39,8 +38,8 @@ from torch import nn
 from histo_wsl.errors import FaultError, InputError
 from histo_wsl.registry.checkpoint import load_checkpoint, save_checkpoint
 from histo_wsl.runtime.atomic import atomic_path, ensure_writable_dir, write_json
-from histo_wsl.runtime.batch import environment
 from histo_wsl.runtime.console import stderr_console
+from histo_wsl.runtime.record import environment, now
 from histo_wsl.training.config import TrainConfig, save_config
 
 __all__ = [
@@ -217,10 +216,6 @@ def _distributed() -> tuple[int, int, int]:
     return int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
 def _rng_state() -> dict:
     return {"torch": torch.get_rng_state()}
 
@@ -352,7 +347,7 @@ def fit(
         "device": str(device),
         "world_size": world,
         "environment": environment(),
-        "started": _now(),
+        "started": now(),
     }
 
     def evaluate_and_select(
@@ -515,7 +510,7 @@ def fit(
     if main:
         run_record.update(
             {
-                "finished": _now(),
+                "finished": now(),
                 "summary": summary,
                 "training_data": task.card().get("training_data"),
                 "status": "done" if stopped_after is None else "stopped",

@@ -18,8 +18,10 @@ from typer.testing import CliRunner
 from histo_wsl.cli.app import app
 from histo_wsl.data.images import LabelledImages, eval_transform
 from histo_wsl.data.sources import load_samples
-from histo_wsl.evaluation.images import EvalSettings, run_evaluate
-from histo_wsl.evaluation.metrics import PxAPMeter, bootstrap_ci, bootstrap_histograms, dice
+from histo_wsl.evaluation.bootstrap import bootstrap_ci, bootstrap_histograms
+from histo_wsl.evaluation.data import EvalSettings
+from histo_wsl.evaluation.images import run_evaluate
+from histo_wsl.evaluation.metrics import PxAPMeter, dice
 from histo_wsl.inference.predictor import load_model
 from histo_wsl.methods.base import evaluate_maps
 from histo_wsl.registry.checkpoint import load_checkpoint

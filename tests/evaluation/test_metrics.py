@@ -11,13 +11,13 @@ import pytest
 from sklearn.metrics import average_precision_score
 
 from histo_wsl.errors import InputError
+from histo_wsl.evaluation.bootstrap import bootstrap_ci
 from histo_wsl.evaluation.metrics import (
     BIN_EDGES,
     THRESHOLDS,
     ClassificationMeter,
     PerImageMeter,
     PxAPMeter,
-    bootstrap_ci,
     dice,
     iou,
 )

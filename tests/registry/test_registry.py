@@ -269,7 +269,9 @@ def test_evaluate_takes_a_model_name(exported, monkeypatch, tmp_path):
     assert seen["models"] == [weights]
     # its outputs are named after the model, not after model.pt
     assert ev._display_names([weights, tmp_path / "best-loc.pt"]) == ["tiny", "best-loc"]
-    assert ev.calibrated_path(weights, tmp_path, set()) == tmp_path / "tiny.calibrated.pt"
+    from histo_wsl.evaluation.calibration import calibrated_path
+
+    assert calibrated_path(weights, tmp_path, set()) == tmp_path / "tiny.calibrated.pt"
     r = runner.invoke(app, ["evaluate", "nope", "--data", "d.csv", "--out", str(tmp_path / "f")])
     assert r.exit_code == 2 and "'nope'" in r.stderr
 

@@ -16,7 +16,8 @@ from factories import make_checkpoint
 from PIL import Image
 
 from histo_wsl import __version__
-from histo_wsl.evaluation.images import EvalSettings, run_evaluate
+from histo_wsl.evaluation.data import EvalSettings
+from histo_wsl.evaluation.images import run_evaluate
 from histo_wsl.reporting.report import overlays, render_html
 from histo_wsl.synthetic.patches import write_patch_dataset
 

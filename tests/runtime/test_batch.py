@@ -3,7 +3,7 @@ import json
 import pytest
 
 from histo_wsl.errors import InputError
-from histo_wsl.runtime.batch import STAGING, BatchRunner, environment, processor_name
+from histo_wsl.runtime.batch import STAGING, BatchRunner
 from histo_wsl.runtime.inputs import InputItem
 
 
@@ -121,18 +121,6 @@ def test_unwritable_output_folder(tmp_path):
 def test_shard_run_file_name(tmp_path):
     s = _runner(tmp_path / "out", shard=(2, 4)).run([], _writer([]))
     assert s.run_file.name == "run.shard-2-of-4.json" and s.run_file.exists()
-
-
-def test_processor_name_from_cpuinfo_and_fallback(tmp_path, monkeypatch):
-    info = tmp_path / "cpuinfo"
-    info.write_text("processor\t: 0\nvendor_id\t: X\nmodel name\t: Example CPU 9000 @ 3.0GHz\n")
-    assert processor_name(info) == "Example CPU 9000 @ 3.0GHz"
-    monkeypatch.setattr("platform.processor", lambda: "")
-    assert processor_name(tmp_path / "missing") is None
-    info.write_text("processor\t: 0\n")  # no model name (some ARM kernels)
-    assert processor_name(info) is None
-    env = environment()
-    assert set(env) == {"versions", "platform", "host", "processor", "cpu_count"}
 
 
 def test_an_item_another_run_holds_is_skipped_and_a_dead_runs_lock_taken_over(tmp_path):
