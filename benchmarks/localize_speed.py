@@ -2,7 +2,7 @@
 
 In one run, on one model, batch size and device:
 
-* ``forward``: the compute limit, :meth:`histo_wsl.inference.localize.Engine.predict` (normalisation,
+* ``forward``: the compute limit, :meth:`histo_wsl.inference.engine.Engine.predict` (normalisation,
   forward pass and map) on a batch of windows already in memory, repeated;
 * ``localize``: :func:`histo_wsl.inference.localize.localize` on a real slide
   (``../shared/data/wsi/cmu-1-small-region.svs``, or a synthetic pyramid when it is absent),
@@ -131,7 +131,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from histo_wsl.inference.localize import Engine, LocalizeParams, localize
+    from histo_wsl.inference.engine import Engine
+    from histo_wsl.inference.localize import localize
+    from histo_wsl.inference.params import LocalizeParams
     from histo_wsl.runtime.inputs import InputItem
 
     if args.threads:

@@ -206,8 +206,8 @@ def localize(
     where there is tissue and blended with importance weights (no seams). Finished slides are
     skipped on a rerun. Exit code: 0 all done, 1 some inputs failed (--skip-errors), 2 bad input.
     """
-    from histo_wsl.inference.localize import MISSING_MODEL, LocalizeParams
     from histo_wsl.inference.localize import localize as run
+    from histo_wsl.inference.params import MISSING_MODEL, LocalizeParams
 
     if prob_bits not in (8, 16):
         raise fail(f"--prob-bits must be 8 or 16, got {prob_bits}")

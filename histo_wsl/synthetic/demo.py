@@ -186,7 +186,8 @@ def run_demo(
     from histo_wsl.evaluation.data import EvalSettings
     from histo_wsl.evaluation.images import run_evaluate
     from histo_wsl.evaluation.slides import SlideEvalSettings, run_evaluate_slides
-    from histo_wsl.inference.localize import LocalizeParams, localize
+    from histo_wsl.inference.localize import localize
+    from histo_wsl.inference.params import LocalizeParams
     from histo_wsl.methods.cam import train_classifier
     from histo_wsl.methods.negev import train_decoder
     from histo_wsl.runtime import atomic

@@ -39,6 +39,7 @@ from histo_wsl.errors import FaultError, InputError
 from histo_wsl.registry.checkpoint import load_checkpoint, save_checkpoint
 from histo_wsl.runtime.atomic import atomic_path, ensure_writable_dir, write_json
 from histo_wsl.runtime.console import stderr_console
+from histo_wsl.runtime.memory import release_freed_memory
 from histo_wsl.runtime.record import environment, now
 from histo_wsl.training.config import TrainConfig, save_config
 
@@ -52,7 +53,6 @@ __all__ = [
     "Task",
     "TrainingError",
     "fit",
-    "release_free_heap",
     "resolve_device",
     "seed_everything",
 ]
@@ -403,7 +403,9 @@ def fit(
             loader = _Batches(on_device, loader, cfg.batch_size)
         else:
             if cfg.workers > 0:
-                release_free_heap()  # the workers fork now: give them a small parent to copy
+                release_freed_memory(
+                    collect=True
+                )  # the workers fork now: give them a small parent to copy
             loader = torch.utils.data.DataLoader(dataset, generator=g, **loader_kwargs)
         ddp_model.train()
         sums: dict[str, float] = {}
@@ -522,25 +524,6 @@ def fit(
     if world > 1:
         torch.distributed.destroy_process_group()
     return summary
-
-
-def release_free_heap() -> None:
-    """Return freed heap memory to the system (glibc ``malloc_trim``; elsewhere only a GC pass).
-
-    The data-loader workers of each epoch are forked from the training process; after a training
-    epoch its heap holds gigabytes of freed activation memory, which every worker would inherit
-    and, as the parent reuses those pages, copy. Measured with ``benchmarks/train_memory.py``
-    (GlaS, batch 16, 2 workers, 2 epochs): 10.5 GB of summed RSS without the trim, 5.5 GB with it.
-    """
-    import ctypes
-    import gc
-
-    gc.collect()
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc (musl): nothing to trim
-            pass
 
 
 def _non_finite_weights(model: nn.Module) -> str | None:

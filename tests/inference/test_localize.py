@@ -7,14 +7,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from histo_wsl.errors import InputError
-from histo_wsl.inference.localize import (
-    BandCanvas,
-    LocalizeParams,
-    WindowBlender,
-    importance_map,
-    localize,
-    roi_class,
-)
+from histo_wsl.inference.localize import localize
+from histo_wsl.inference.params import LocalizeParams
 from histo_wsl.runtime.batch import LOCKS
 from histo_wsl.runtime.inputs import InputItem
 
@@ -103,129 +97,6 @@ def _prob(path):
         w, h = s.level_dimensions[0]
         arr = np.asarray(s.read_region((0, 0), 0, (w, h)))[..., 0]
         return arr, float(s.properties["openslide.mpp-x"]), s.level_count
-
-
-# -- blending -------------------------------------------------------------------------------------
-@pytest.mark.parametrize("mode", ["gaussian", "linear", "constant"])
-def test_importance_map_positive_centred_symmetric(mode):
-    w = importance_map(64, mode)
-    assert w.shape == (64, 64) and w.dtype == np.float32
-    assert w.min() > 0 and w.max() == pytest.approx(1.0)
-    np.testing.assert_allclose(w, w[::-1], rtol=1e-6)
-    np.testing.assert_allclose(w, w.T, rtol=1e-6)
-    if mode != "constant":
-        assert w[32, 32] > w[32, 0] and w[0, 0] < 0.1
-
-
-def _blend(size, footprint, stride_out, n_windows, value_fn, mode="gaussian"):
-    """Blend a row-major grid of windows whose maps are value_fn(output x, output y)."""
-    import torch
-
-    blender = WindowBlender(size, footprint, mode, 0.125, torch.device("cpu"))
-    extent = math.ceil(stride_out * (n_windows - 1) + footprint)
-    out = np.zeros((extent, extent), np.float32)
-    cov = np.zeros((extent, extent), bool)
-
-    def sink(r0, prob, covered):
-        out[r0 : r0 + len(prob)] = prob
-        cov[r0 : r0 + len(prob)] = covered
-
-    canvas = BandCanvas(extent, extent, blender.n + 2, sink)
-    px = (np.arange(size) + 0.5) / size * footprint  # window pixel centres, output units
-    for j in range(n_windows):
-        for i in range(n_windows):
-            ox, oy = i * stride_out, j * stride_out
-            values = np.array(value_fn(ox + px[None, :], oy + px[:, None]), dtype=np.float32)
-            maps = torch.from_numpy(values)[None]
-            planes, r0, c0 = blender(maps, np.array([ox]), np.array([oy]))
-            canvas.add(int(r0[0]), int(c0[0]), planes[0])
-    canvas.close()
-    return out, cov
-
-
-@pytest.mark.parametrize("mode", ["gaussian", "linear", "constant"])
-@pytest.mark.parametrize("footprint,stride", [(16.0, 12.0), (13.7, 9.3), (40.0, 40.0)])
-def test_constant_windows_blend_to_a_constant_map_without_seams(mode, footprint, stride):
-    out, cov = _blend(64, footprint, stride, 4, lambda x, y: np.full(np.broadcast(x, y).shape, 0.7))
-    assert cov[1:-1, 1:-1].all()
-    np.testing.assert_allclose(out[cov], 0.7, atol=1e-5)
-
-
-def test_blending_places_windows_at_their_exact_position():
-    # every window shows the same linear ramp of the output x coordinate: the blend is that ramp
-    out, cov = _blend(
-        64, 13.7, 9.3, 4, lambda x, y: np.broadcast_to(x / 50.0, np.broadcast(x, y).shape)
-    )
-    rows, cols = np.nonzero(cov)
-    inner = (cols > 1) & (cols < out.shape[1] - 2)
-    expected = (cols[inner] + 0.5) / 50.0
-    np.testing.assert_allclose(out[rows[inner], cols[inner]], expected, atol=0.01)
-
-
-def test_band_canvas_refuses_windows_out_of_row_order():
-    canvas = BandCanvas(50, 50, 10, lambda *a: None)
-    canvas.add(20, 0, np.ones((2, 5, 5), np.float32))
-    with pytest.raises(RuntimeError):
-        canvas.add(3, 0, np.ones((2, 5, 5), np.float32))
-
-
-def test_cover_grid_reaches_the_right_and_bottom_edges():
-    from pathlib import Path
-
-    from histo_wsl.slideio.grid import cover_grid
-    from histo_wsl.slideio.slide import Slide, plan_read
-
-    slide = Slide(Path("s.tif"), "s", "generic-tiff", ((1000, 700),), (1.0,), 0.5, "metadata")
-    grid = cover_grid(slide, plan_read(slide, mpp=1.0), 100, 75)  # 200 level-0 px, step 150
-    xs, ys = np.unique(grid.xs), np.unique(grid.ys)
-    assert xs.tolist() == [0, 150, 300, 450, 600, 750, 800]
-    assert ys.tolist() == [0, 150, 300, 450, 500]
-    assert len(grid) == len(xs) * len(ys) and (grid.ys[:-1] <= grid.ys[1:]).all()  # row-major
-    tiny = Slide(Path("t.png"), "t", "image", ((120, 90),), (1.0,), 0.5, "override")
-    one = cover_grid(tiny, plan_read(tiny, mpp=1.0), 100, 75)
-    assert one.xs.tolist() == [0] and one.ys.tolist() == [0]
-
-
-def test_mask_to_geojson_mean_value_per_component():
-    from histo_wsl.slideio.geojson import GeoJSONStyle, mask_to_geojson
-
-    mask = np.zeros((20, 30), bool)
-    mask[2:8, 2:8] = True
-    mask[10:18, 15:28] = True
-    values = np.where(np.arange(30)[None, :] < 12, 200, 100).repeat(20, 0).astype(np.uint8)
-    geo = mask_to_geojson(
-        mask, 4.0, style=GeoJSONStyle(value_scale=1 / 255), mpp=0.5, values=values
-    )
-    means = sorted(f["properties"]["measurements"]["Mean probability"] for f in geo["features"])
-    assert means == [pytest.approx(100 / 255, abs=1e-4), pytest.approx(200 / 255, abs=1e-4)]
-    assert all("Area µm^2" in f["properties"]["measurements"] for f in geo["features"])
-
-
-def test_roi_class_rules():
-    card = {"class_names": ["normal", "tumour"], "negative_class": "normal"}
-    assert roi_class(card, None) == ("tumour", 1)
-    assert roi_class(card, "normal") == ("normal", 0)
-    assert roi_class({"class_names": ["benign", "malignant"]}, None) == ("ROI", None)
-    with pytest.raises(InputError, match="not a class of this model"):
-        roi_class(card, "gland")
-
-
-def test_resolution_warnings():
-    from pathlib import Path
-
-    from histo_wsl.inference.localize import _mpp_notes
-    from histo_wsl.slideio.slide import Slide, plan_read
-
-    def slide(mpp, downsamples=(1.0,)):
-        dims = tuple((int(4000 / d), int(3000 / d)) for d in downsamples)
-        return Slide(Path("s.tif"), "s", "generic-tiff", dims, downsamples, mpp, "metadata")
-
-    flat = slide(0.25)
-    assert "reduced 8.0×" in _mpp_notes(flat, 2.0, plan_read(flat, mpp=2.0))[0]
-    pyramid = slide(0.25, (1.0, 2.0, 4.0, 8.0))
-    assert _mpp_notes(pyramid, 2.0, plan_read(pyramid, mpp=2.0)) == []  # a level fits: no warning
-    coarse = slide(1.0)
-    assert "coarser" in _mpp_notes(coarse, 0.5, plan_read(coarse, mpp=0.5))[0]
 
 
 # -- slides ---------------------------------------------------------------------------------------
@@ -383,12 +254,12 @@ def test_rerun_skips_and_overwrite_redoes(tmp_path, synthetic_slide, models):
 def test_failure_mid_slide_leaves_nothing_under_the_final_name(
     tmp_path, synthetic_slide, models, monkeypatch
 ):
-    import histo_wsl.inference.localize as lz
+    import histo_wsl.inference.outputs as outputs
 
     def boom(*a, **k):
         raise RuntimeError("disk gone")
 
-    monkeypatch.setattr(lz, "write_geojson", boom)
+    monkeypatch.setattr(outputs, "write_geojson", boom)
     out = tmp_path / "o"
     s = _run([_item(synthetic_slide)], out, models / "const.pt", mpp=4.0)
     assert s.exit_code == 4 and s.items[0].status == "failed" and "disk gone" in s.items[0].error

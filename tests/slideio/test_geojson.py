@@ -239,3 +239,18 @@ def test_real_slide_tissue_and_round_trip(wsi_dir):
     assert sat[mask].mean() > 2 * sat[~mask].mean()  # tissue is the stained part
     back = geojson_to_mask(mask_to_geojson(mask, ds, mpp=mpp), mask.shape, ds)
     assert _iou(back, mask) >= 0.99
+
+
+def test_mask_to_geojson_mean_value_per_component():
+    from histo_wsl.slideio.geojson import GeoJSONStyle, mask_to_geojson
+
+    mask = np.zeros((20, 30), bool)
+    mask[2:8, 2:8] = True
+    mask[10:18, 15:28] = True
+    values = np.where(np.arange(30)[None, :] < 12, 200, 100).repeat(20, 0).astype(np.uint8)
+    geo = mask_to_geojson(
+        mask, 4.0, style=GeoJSONStyle(value_scale=1 / 255), mpp=0.5, values=values
+    )
+    means = sorted(f["properties"]["measurements"]["Mean probability"] for f in geo["features"])
+    assert means == [pytest.approx(100 / 255, abs=1e-4), pytest.approx(200 / 255, abs=1e-4)]
+    assert all("Area µm^2" in f["properties"]["measurements"] for f in geo["features"])

@@ -31,3 +31,20 @@ def test_grid_with_resize_rounds_to_level0_pixels(synthetic_slide):
 def test_patch_larger_than_slide(synthetic_slide):
     with open_slide(synthetic_slide) as s, pytest.raises(InputError, match="more than the slide"):
         make_grid(s, plan_read(s, mpp=4.0), 1024, 1024)
+
+
+def test_cover_grid_reaches_the_right_and_bottom_edges():
+    from pathlib import Path
+
+    from histo_wsl.slideio.grid import cover_grid
+    from histo_wsl.slideio.slide import Slide, plan_read
+
+    slide = Slide(Path("s.tif"), "s", "generic-tiff", ((1000, 700),), (1.0,), 0.5, "metadata")
+    grid = cover_grid(slide, plan_read(slide, mpp=1.0), 100, 75)  # 200 level-0 px, step 150
+    xs, ys = np.unique(grid.xs), np.unique(grid.ys)
+    assert xs.tolist() == [0, 150, 300, 450, 600, 750, 800]
+    assert ys.tolist() == [0, 150, 300, 450, 500]
+    assert len(grid) == len(xs) * len(ys) and (grid.ys[:-1] <= grid.ys[1:]).all()  # row-major
+    tiny = Slide(Path("t.png"), "t", "image", ((120, 90),), (1.0,), 0.5, "override")
+    one = cover_grid(tiny, plan_read(tiny, mpp=1.0), 100, 75)
+    assert one.xs.tolist() == [0] and one.ys.tolist() == [0]

@@ -1,0 +1,201 @@
+"""What ``localize`` writes for a slide, and the resolution checks before it reads one.
+
+The map and mask TIFFs, the overlay, the GeoJSON outlines (:func:`write_slide_outputs`), and the
+checks that the slide's resolution fits the model's (:func:`check_mpp`, :func:`mpp_notes`).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from histo_wsl.errors import InputError
+from histo_wsl.inference.engine import Engine
+from histo_wsl.slideio.geojson import GeoJSONStyle, mask_to_geojson, write_geojson
+from histo_wsl.slideio.slide import ReadPlan, Slide
+from histo_wsl.tissue.scan import SlideTissue
+
+__all__ = [
+    "MPP_WARN_FACTOR",
+    "GEOJSON_MAX_PIXELS",
+    "ROI_COLOR",
+    "nearest_index",
+    "resize_u8",
+    "mpp_notes",
+    "check_mpp",
+    "check_whole_image",
+    "write_slide_outputs",
+]
+
+#: Reduction (after reading the nearest pyramid level) beyond which a warning is given.
+MPP_WARN_FACTOR = 4.0
+
+
+#: Outlines (GeoJSON) are traced on a mask of at most this many pixels (coarser when larger).
+GEOJSON_MAX_PIXELS = 16 * 2**20
+
+
+#: Colour of the ROI class in the GeoJSON and overlay.
+ROI_COLOR = (230, 30, 30)
+
+
+def nearest_index(n_out: int, out_step: float, n_src: int, src_step: float) -> np.ndarray:
+    """For each output pixel, the source pixel holding its centre (both grids start at 0)."""
+    centres = (np.arange(n_out, dtype=np.float64) + 0.5) * out_step
+    return np.clip(np.floor(centres / src_step).astype(np.int64), 0, max(n_src - 1, 0))
+
+
+def resize_u8(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Resize a uint8 map (maybe a memmap) to (H, W) with bounded memory: stride, then area."""
+    import cv2
+
+    h, w = shape
+    step = max(1, min(image.shape[0] // max(4 * h, 1), image.shape[1] // max(4 * w, 1)))
+    small = np.ascontiguousarray(image[::step, ::step])
+    interp = cv2.INTER_AREA if small.shape[0] >= h else cv2.INTER_LINEAR
+    return cv2.resize(small, (w, h), interpolation=interp)
+
+
+def mpp_notes(slide: Slide, model_mpp: float, plan: ReadPlan) -> list[str]:
+    """Warnings about the slide's resolution against the model's."""
+    notes = []
+    ratio = model_mpp / slide.mpp  # type: ignore[operator]
+    resize = plan.scale / plan.level_downsample  # reduction after reading the chosen level
+    if ratio < 1.0 / 1.05:
+        notes.append(
+            f"the slide ({slide.mpp:.4g} µm/px) is coarser than the model's resolution "
+            f"({model_mpp:.4g} µm/px): windows are enlarged {1 / ratio:.2f}×, and the model sees "
+            "less detail than in training"
+        )
+    elif resize > MPP_WARN_FACTOR:
+        notes.append(
+            f"the slide ({slide.mpp:.4g} µm/px) is {ratio:.1f}× finer than the model "
+            f"({model_mpp:.4g} µm/px) and has no pyramid level near it: windows are read from "
+            f"level {plan.level} and reduced {resize:.1f}×, which is slow (a pyramidal copy of "
+            "the slide reads faster)"
+        )
+    return notes
+
+
+def check_mpp(slide: Slide, model_mpp: float | None, path: Path) -> float:
+    """The model's mpp, once the slide is known to have one (else a clear error)."""
+    if slide.mpp is None:
+        reads = (
+            "" if model_mpp is None else f", and the model reads slides at {model_mpp:.4g} µm/px"
+        )
+        raise InputError(
+            f"has no resolution (mpp) in its metadata{reads}; give the slide's level-0 µm/px with "
+            "--slide-mpp (or a slide_mpp column in the input CSV)"
+            + (", or use --whole-image for a plain image" if slide.vendor == "image" else ""),
+            path,
+        )
+    return float(model_mpp or 0.0)
+
+
+def check_whole_image(slide: Slide, path: Path) -> None:
+    """``--whole-image`` takes plain images only (else a clear error)."""
+    if slide.vendor != "image":
+        raise InputError(
+            f"--whole-image resizes a plain image (PNG, JPEG...) to the network input; this is "
+            f"a {slide.vendor} slide: drop --whole-image to slide windows over it",
+            path,
+        )
+
+
+def write_slide_outputs(
+    name: str,
+    slide: Slide,
+    slide_dir: Path,
+    scratch: Path,
+    prob_u8: np.ndarray,
+    found: SlideTissue,
+    engine: Engine,
+    output_mpp: float,
+    s_out: float,
+    max_bytes: int,
+) -> dict:
+    """Write the probability TIFF, mask, GeoJSON and overlay of a finished map, band by band.
+
+    Returns:
+        ``roi_px`` and ``roi_sum`` (ROI pixels and their summed uint8 probability), ``step`` (the
+        GeoJSON mask's subsampling), ``features``, ``outputs`` and ``notes``.
+    """
+    from histo_wsl.slideio import writers
+
+    out_h, out_w = prob_u8.shape
+    w0, h0 = slide.dimensions
+    t8 = max(1, math.ceil(engine.threshold * 255.0 - 1e-6))  # probability >= threshold
+    notes: list[str] = []
+    roi_px, roi_sum = 0, 0.0
+    for r in range(0, out_h, 4096):
+        part = np.asarray(prob_u8[r : r + 4096])
+        sel = part >= t8
+        roi_px += int(sel.sum())
+        roi_sum += float(part[sel].sum(dtype=np.float64))
+    writers.write_pyramid_tiff(
+        slide_dir / f"{name}.prob.tif",
+        prob_u8,
+        output_mpp,
+        description={
+            "map": "probability",
+            "class": engine.roi_name,
+            "scale": "value / 255",
+            "mpp": output_mpp,
+            "slide": str(slide.path),
+            "slide_mpp": slide.mpp,
+            "level0_px_per_px": s_out,
+        },
+        scratch=scratch,
+        max_bytes=max_bytes,
+    )
+    outputs = [f"{name}.prob.tif", f"{name}.mask.png", f"{name}.geojson", f"{name}.overlay.png"]
+    if slide.vendor == "image":  # plain images: maps at the image's own size
+        full = resize_u8(prob_u8, (h0, w0))
+        writers.write_probability_png(slide_dir / f"{name}.prob.png", full)
+        writers.write_mask_png(slide_dir / f"{name}.mask.png", full >= t8)
+        outputs.append(f"{name}.prob.png")
+        notes.append(f"{name}.prob.png and {name}.mask.png are at the image's own size")
+        del full
+    else:
+        mask_u8 = writers.scratch_array(
+            (out_h, out_w), np.uint8, scratch=scratch, max_bytes=max_bytes, name="mask"
+        )
+        for r in range(0, out_h, 4096):
+            part = np.asarray(prob_u8[r : r + 4096])
+            mask_u8[r : r + 4096] = (part >= t8).astype(np.uint8) * 255
+        writers.write_png(slide_dir / f"{name}.mask.png", mask_u8)
+        del mask_u8
+
+    # outlines on a mask of bounded size
+    step = 1
+    while (out_h // step) * (out_w // step) > GEOJSON_MAX_PIXELS:
+        step *= 2
+    small = np.ascontiguousarray(prob_u8[::step, ::step])
+    geo = mask_to_geojson(
+        small >= t8,
+        s_out * step,
+        style=GeoJSONStyle(engine.roi_name, ROI_COLOR, value_scale=1.0 / 255.0),
+        mpp=slide.mpp,
+        values=small,
+    )
+    write_geojson(slide_dir / f"{name}.geojson", geo)
+    if step > 1:
+        notes.append(f"GeoJSON outlines traced on the map subsampled {step}× (bounded memory)")
+    del small
+
+    thumb = found.thumbnail
+    prob_thumb = resize_u8(prob_u8, thumb.shape[:2])
+    overlay = writers.overlay_image(
+        thumb, prob_thumb, prob_thumb >= t8, color=ROI_COLOR, tissue=found.mask
+    )
+    writers.write_png(slide_dir / f"{name}.overlay.png", overlay, compress_level=6)
+    return {
+        "roi_px": roi_px,
+        "roi_sum": roi_sum,
+        "step": step,
+        "features": len(geo["features"]),
+        "outputs": outputs,
+        "notes": notes,
+    }
