@@ -186,11 +186,12 @@ def cpu_scaling(pool) -> float:
 def extract_pass(path: Path, mpp: float, size: int, workers: int, n: int, out: Path) -> float:
     """One ``extract_patches`` call; returns seconds (checks that all ``n`` patches were written)."""
     from histo_wsl.data.extract import ExtractParams, extract_patches
+    from histo_wsl.runtime.batch import BatchOptions
     from histo_wsl.runtime.inputs import InputItem
 
     params = ExtractParams(patch_size=size, mpp=mpp, min_tissue=0.0, workers=workers)
     start = time.perf_counter()
-    summary = extract_patches([InputItem(path, path.stem)], out, params, quiet=True)
+    summary = extract_patches([InputItem(path, path.stem)], out, params, BatchOptions(quiet=True))
     seconds = time.perf_counter() - start
     written = sum(1 for _ in (out / path.stem / "patches").glob("*.png"))
     if written != n:
@@ -204,11 +205,12 @@ def extract_pass(path: Path, mpp: float, size: int, workers: int, n: int, out: P
 def coords_only_pass(path: Path, mpp: float, size: int, out: Path) -> float:
     """``extract_patches --coords-only``: the per-slide cost without any patch; returns seconds."""
     from histo_wsl.data.extract import ExtractParams, extract_patches
+    from histo_wsl.runtime.batch import BatchOptions
     from histo_wsl.runtime.inputs import InputItem
 
     params = ExtractParams(patch_size=size, mpp=mpp, min_tissue=0.0, coords_only=True)
     start = time.perf_counter()
-    extract_patches([InputItem(path, path.stem)], out, params, quiet=True)
+    extract_patches([InputItem(path, path.stem)], out, params, BatchOptions(quiet=True))
     return time.perf_counter() - start
 
 

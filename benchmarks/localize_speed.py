@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     from histo_wsl.inference.engine import Engine
     from histo_wsl.inference.localize import localize
     from histo_wsl.inference.params import LocalizeParams
+    from histo_wsl.runtime.batch import BatchOptions
     from histo_wsl.runtime.inputs import InputItem
 
     if args.threads:
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             # processes on a shared machine then weighs on both sides of the ratio alike
             before = forward_rate(engine, args.batch_size, args.forward_seconds)
             out = tmp_path / f"out{r}"
-            summary = localize([item], out, params, quiet=True)
+            summary = localize([item], out, params, BatchOptions(quiet=True))
             after = forward_rate(engine, args.batch_size, args.forward_seconds)
             it = summary.items[0]
             if it.status != "done":

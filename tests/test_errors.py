@@ -20,7 +20,7 @@ from histo_wsl.errors import (
 )
 from histo_wsl.registry.checkpoint import load_checkpoint, save_checkpoint
 from histo_wsl.runtime import atomic
-from histo_wsl.runtime.batch import BatchRunner
+from histo_wsl.runtime.batch import BatchOptions, BatchRunner
 from histo_wsl.runtime.inputs import InputItem
 from histo_wsl.synthetic.patches import write_patch_dataset
 
@@ -130,8 +130,8 @@ def test_a_full_disk_stops_a_batch_even_with_skip_errors(tmp_path):
 
     items = [InputItem(tmp_path / f"{n}.svs", n) for n in "abc"]
     out = tmp_path / "out"
-    r = BatchRunner(out, command="t", params={}, marker=lambda n: f"{n}/x", quiet=True)
-    r.skip_errors = True
+    options = BatchOptions(skip_errors=True, quiet=True)
+    r = BatchRunner(out, command="t", params={}, marker=lambda n: f"{n}/x", options=options)
     s = r.run(items, fills_up)
     assert s.exit_code == EXIT_FAULT and s.exit_code != EXIT_SOME_FAILED
     assert [i.status for i in s.items] == ["done", "failed"]  # c never started

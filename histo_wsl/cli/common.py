@@ -7,7 +7,7 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
@@ -19,6 +19,9 @@ from histo_wsl.errors import (
     HistoWSLError,
     is_disk_full,
 )
+
+if TYPE_CHECKING:
+    from histo_wsl.runtime.batch import BatchOptions
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -126,39 +129,36 @@ def print_json(data: object) -> None:
     sys.stdout.flush()
 
 
+def batch_options(
+    shard: str | None, overwrite: bool, skip_errors: bool, quiet: bool
+) -> BatchOptions:
+    """The batch options of a command line (``--shard K/N`` checked here)."""
+    from histo_wsl.runtime.batch import BatchOptions
+    from histo_wsl.runtime.inputs import parse_shard
+
+    return BatchOptions(overwrite, skip_errors, parse_shard(shard), quiet, tuple(sys.argv))
+
+
 def run_batch_command(
     run: Callable[..., Any],
     inputs: list[str],
     out: Path,
     params: Any,
+    options: BatchOptions,
     *,
-    shard: str | None,
-    overwrite: bool,
-    skip_errors: bool,
-    quiet: bool,
     json_out: bool,
     describe: Callable[[Any], str],
 ) -> typer.Exit:
-    """Collect inputs, apply ``--shard``, run a batch command, report; return the Exit to raise.
+    """Collect inputs, keep this ``--shard``'s, run a batch command, report; return the Exit.
 
     ``run`` is a library batch function (``extract_patches``, ``localize``) returning a
     :class:`~histo_wsl.runtime.batch.RunSummary`; ``describe`` turns the summary into the one-line
     human report printed on stderr when ``--json`` is not given.
     """
-    from histo_wsl.runtime.inputs import collect_inputs, parse_shard, select_shard
+    from histo_wsl.runtime.inputs import collect_inputs, select_shard
 
-    shard_kn = parse_shard(shard)
-    items = select_shard(collect_inputs(inputs), shard_kn)
-    summary = run(
-        items,
-        out,
-        params,
-        overwrite=overwrite,
-        skip_errors=skip_errors,
-        shard=shard_kn,
-        quiet=quiet,
-        argv=sys.argv,
-    )
+    items = select_shard(collect_inputs(inputs), options.shard)
+    summary = run(items, out, params, options)
     if json_out:
         print_json(summary.as_dict())
     else:

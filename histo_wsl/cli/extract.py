@@ -19,6 +19,7 @@ from histo_wsl.cli.common import (
     SkipErrorsOpt,
     SlideMppOpt,
     WorkersOpt,
+    batch_options,
     reports_errors,
     run_batch_command,
 )
@@ -220,10 +221,7 @@ def extract_patches(
         inputs,
         out,
         params,
-        shard=shard,
-        overwrite=overwrite,
-        skip_errors=skip_errors,
-        quiet=quiet,
+        batch_options(shard, overwrite, skip_errors, quiet),
         json_out=json_out,
         describe=describe,
     )

@@ -29,7 +29,7 @@ import numpy as np
 
 from histo_wsl.errors import InputError
 from histo_wsl.runtime import atomic
-from histo_wsl.runtime.batch import BatchRunner, Progress, RunSummary
+from histo_wsl.runtime.batch import BatchOptions, BatchRunner, Progress, RunSummary
 from histo_wsl.runtime.console import warn
 from histo_wsl.runtime.inputs import InputItem
 from histo_wsl.slideio.geojson import mask_to_geojson, write_geojson
@@ -423,31 +423,24 @@ def extract_patches(
     inputs: Sequence[InputItem],
     out_dir: Path,
     params: ExtractParams,
-    *,
-    overwrite: bool = False,
-    skip_errors: bool = False,
-    shard: tuple[int, int] | None = None,
-    quiet: bool = False,
-    argv: Sequence[str] | None = None,
+    options: BatchOptions | None = None,
 ) -> RunSummary:
-    """Extract patches from every input into ``out_dir`` (resumable; see module docs)."""
+    """Extract patches from every input into ``out_dir`` (resumable; see module docs).
+
+    ``options``: overwrite, skip errors, shard, quiet, the command line to record.
+    """
     params.validate()
     runner = BatchRunner(
         out_dir,
         command="extract-patches",
         params=params.record(),
         marker=lambda name: f"{name}/slide.json",
-        overwrite=overwrite,
-        skip_errors=skip_errors,
-        shard=shard,
+        options=options,
         seed=params.seed,
-        quiet=quiet,
     )
     writer = PatchWriter(params.workers)
     try:
-        summary = runner.run(
-            inputs, lambda it, st, pr: extract_slide(it, st, pr, params, writer), argv
-        )
+        summary = runner.run(inputs, lambda it, st, pr: extract_slide(it, st, pr, params, writer))
     finally:
         writer.close()
     write_manifest(out_dir)

@@ -68,7 +68,7 @@ from histo_wsl.inference.outputs import (
 )
 from histo_wsl.inference.params import OUTPUT_FACTOR, LocalizeParams
 from histo_wsl.inference.windows import WindowBatches
-from histo_wsl.runtime.batch import BatchRunner, Progress, RunSummary
+from histo_wsl.runtime.batch import BatchOptions, BatchRunner, Progress, RunSummary
 from histo_wsl.runtime.console import warn
 from histo_wsl.runtime.inputs import InputItem
 from histo_wsl.runtime.memory import release_freed_memory
@@ -421,12 +421,7 @@ def localize(
     inputs: Sequence[InputItem],
     out_dir: Path,
     params: LocalizeParams,
-    *,
-    overwrite: bool = False,
-    skip_errors: bool = False,
-    shard: tuple[int, int] | None = None,
-    quiet: bool = False,
-    argv: Sequence[str] | None = None,
+    options: BatchOptions | None = None,
 ) -> RunSummary:
     """Localize the model's class on every input into ``out_dir`` (resumable; see module docs).
 
@@ -434,11 +429,7 @@ def localize(
         inputs: slides or images (see :func:`histo_wsl.runtime.inputs.collect_inputs`).
         out_dir: output folder; each input gets ``<out>/<name>/``, the run ``run.json``.
         params: the parameters.
-        overwrite: redo inputs finished in an earlier run.
-        skip_errors: record a failing input and go on (exit code 1).
-        shard: (K, N) when this process runs one shard (recorded).
-        quiet: no progress bar.
-        argv: the command line to record.
+        options: overwrite, skip errors, shard, quiet, the command line to record.
 
     Returns:
         The run's summary (its ``exit_code`` is the command's).
@@ -447,8 +438,9 @@ def localize(
         InputError: bad parameters or a model that cannot be used (before any input is touched).
     """
     params.validate()
-    if not skip_errors:
-        check_inputs(inputs, out_dir, params, overwrite=overwrite)  # before the model's load
+    options = options or BatchOptions()
+    if not options.skip_errors:
+        check_inputs(inputs, out_dir, params, overwrite=options.overwrite)  # before the model load
     engine = Engine(params)
     record = params.record()
     record.update(
@@ -464,12 +456,9 @@ def localize(
         command="localize",
         params=record,
         marker=lambda name: f"{name}/{name}.json",
-        overwrite=overwrite,
-        skip_errors=skip_errors,
-        shard=shard,
+        options=options,
         seed=params.seed,
-        quiet=quiet,
         device=str(engine.device),
     )
     step = localize_whole_image if params.whole_image else localize_slide
-    return runner.run(inputs, lambda it, st, pr: step(it, st, pr, engine, params), argv)
+    return runner.run(inputs, lambda it, st, pr: step(it, st, pr, engine, params))

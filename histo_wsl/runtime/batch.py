@@ -32,8 +32,19 @@ from histo_wsl.errors import (
     is_disk_full,
 )
 from histo_wsl.runtime import atomic
+from histo_wsl.runtime.console import print_line
 from histo_wsl.runtime.inputs import InputItem
 from histo_wsl.runtime.record import environment, now
+
+__all__ = [
+    "STAGING",
+    "LOCKS",
+    "BatchOptions",
+    "BatchRunner",
+    "ItemResult",
+    "Progress",
+    "RunSummary",
+]
 
 #: Folder (inside the output folder) where items are assembled before they are moved into place.
 STAGING = ".histo-wsl-partial"
@@ -128,6 +139,33 @@ class RunSummary:
         }
 
 
+@dataclass(frozen=True)
+class BatchOptions:
+    """How a batch command treats its items: the options every batch command shares.
+
+    Attributes:
+        overwrite: redo finished items (their old outputs stay until the new ones are complete).
+        skip_errors: record failures and go on (exit code 1) instead of stopping (exit code 2, a
+            fault such as a full disk 3 and stopping even so, an internal error 4).
+        shard: (K, N) when this process runs one shard; recorded, and names the run file.
+        quiet: no progress bar.
+        argv: the command line recorded in run.json (default: ``sys.argv``).
+    """
+
+    overwrite: bool = False
+    skip_errors: bool = False
+    shard: tuple[int, int] | None = None
+    quiet: bool = False
+    argv: tuple[str, ...] | None = None
+
+    @property
+    def run_file_name(self) -> str:
+        """``run.json``, or ``run.shard-K-of-N.json`` for one shard of a run."""
+        if self.shard is None:
+            return "run.json"
+        return f"run.shard-{self.shard[0]}-of-{self.shard[1]}.json"
+
+
 #: process(item, staging folder, progress) -> details recorded for the item.
 ProcessFn = Callable[[InputItem, Path, Progress], dict]
 
@@ -141,12 +179,8 @@ class BatchRunner:
         params: the resolved parameters, recorded in run.json.
         marker: maps an item name to the path (relative to ``out_dir``) of its completion record;
             an item is finished when that JSON file exists with ``"status": "done"``.
-        overwrite: redo finished items (their old outputs stay until the new ones are complete).
-        skip_errors: record failures and go on (exit code 1) instead of stopping (exit code 2, a
-            fault such as a full disk 3 and stopping even so, an internal error 4).
-        shard: (K, N) when this process runs one shard; recorded, and names the run file.
+        options: overwrite, skip errors, shard, quiet, the command line (:class:`BatchOptions`).
         seed: the run's random seed, recorded.
-        quiet: no progress bar.
         device: the compute device, recorded (``cpu``, ``cuda``...).
     """
 
@@ -157,25 +191,18 @@ class BatchRunner:
         command: str,
         params: dict,
         marker: Callable[[str], str],
-        overwrite: bool = False,
-        skip_errors: bool = False,
-        shard: tuple[int, int] | None = None,
+        options: BatchOptions | None = None,
         seed: int | None = None,
-        quiet: bool = False,
         device: str = "cpu",
     ) -> None:
         self.out_dir = Path(out_dir)
         self.command = command
         self.params = params
         self.marker = marker
-        self.overwrite = overwrite
-        self.skip_errors = skip_errors
-        self.shard = shard
+        self.options = options or BatchOptions()
         self.seed = seed
-        self.quiet = quiet
         self.device = device
-        name = "run.json" if shard is None else f"run.shard-{shard[0]}-of-{shard[1]}.json"
-        self.run_file = self.out_dir / name
+        self.run_file = self.out_dir / self.options.run_file_name
 
     # -- output folder -----------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -237,10 +264,143 @@ class BatchRunner:
         shutil.rmtree(stage, ignore_errors=True)
 
     # -- running ----------------------------------------------------------------------------------
-    def run(
-        self, items: Sequence[InputItem], process: ProcessFn, argv: Sequence[str] | None = None
-    ) -> RunSummary:
-        """Process ``items`` in order; returns the summary (its exit code is the command's)."""
+    def run(self, items: Sequence[InputItem], process: ProcessFn) -> RunSummary:
+        """Process ``items`` in order; returns the summary (its exit code is the command's).
+
+        ``run.json`` is rewritten after every item, so a killed run leaves a record of what it did.
+        """
+        self.prepare()
+        t0 = time.perf_counter()
+        log = _RunLog(self.run_file, self._header(), t0)
+        bar = _Bar(self.command, len(items), self.options.quiet)
+        try:
+            for item in items:
+                lock, reason = self._claim(item)
+                if lock is None:
+                    log.results.append(
+                        ItemResult(item.name, str(item.path), "skipped", details={"reason": reason})
+                    )
+                    bar.advance()
+                    continue
+                try:
+                    result, stop_code = self._process_one(item, process, bar)
+                finally:
+                    lock.release()
+                log.results.append(result)
+                if stop_code is not None:
+                    log.exit_code = stop_code
+                    log.save(now())
+                    break
+                if result.status == "failed":
+                    log.exit_code = EXIT_SOME_FAILED
+                log.save(None)
+                bar.item_done()
+            else:
+                log.save(now())
+        finally:
+            bar.stop()
+            staging = self.out_dir / STAGING
+            if staging.exists() and not any(staging.iterdir()):
+                with contextlib.suppress(OSError):  # another run may have staged an item since
+                    staging.rmdir()
+        seconds = time.perf_counter() - t0
+        return RunSummary(self.out_dir, self.run_file, log.results, log.exit_code, seconds)
+
+    def _header(self) -> dict:
+        """What run.json records about the run itself (before any item)."""
+        opts = self.options
+        return {
+            "tool": "histo-wsl",
+            "command": self.command,
+            "argv": list(opts.argv if opts.argv is not None else sys.argv),
+            "cwd": os.getcwd(),
+            "params": self.params,
+            "seed": self.seed,
+            "shard": None if opts.shard is None else f"{opts.shard[0]}/{opts.shard[1]}",
+            "device": self.device,
+            "started": now(),
+            **environment(),
+        }
+
+    def _claim(self, item: InputItem) -> tuple[Any, str]:
+        """The item's lock, held; or None and why the item is skipped."""
+        overwrite = self.options.overwrite
+        if not overwrite and self.is_done(item.name):
+            return None, "finished in an earlier run"
+        lock = self._lock(item.name)
+        if lock is None:  # another live run is on it: leave it to that run
+            held = self.out_dir / LOCKS / f"{item.name}.lock"
+            reason = f"another run is processing it (lock {held}); rerun when it ends"
+            print_line(f"skipped: {item.path}: {reason}")
+            return None, reason
+        if not overwrite and self.is_done(item.name):  # finished while we waited
+            lock.release()
+            return None, "finished by another run"
+        return lock, ""
+
+    def _process_one(
+        self, item: InputItem, process: ProcessFn, bar: _Bar
+    ) -> tuple[ItemResult, int | None]:
+        """Process and commit one item; returns its result and, when the run must stop, the code.
+
+        A failure is recorded, never silent: an expected error (a bad input, a fault) by its one
+        line, anything else as an internal error with its traceback in run.json.
+        """
+        t_item = time.perf_counter()
+        try:
+            stage = self._stage(item.name)
+            details = process(item, stage, bar.progress)
+            result = ItemResult(
+                item.name, str(item.path), "done", time.perf_counter() - t_item, details=details
+            )
+            record = dict(result.as_dict(), command=self.command, seed=self.seed, finished=now())
+            self._commit(item.name, stage, record)
+            return result, None
+        except Exception as exc:
+            shutil.rmtree(self.out_dir / STAGING / item.name, ignore_errors=True)
+            if not isinstance(exc, HistoWSLError) and is_disk_full(exc):
+                exc = DiskFullError(Path(getattr(exc, "filename", None) or self.out_dir))
+            expected = isinstance(exc, HistoWSLError)
+            message = (
+                str(exc)
+                if expected
+                else f"{item.path}: internal error {type(exc).__name__}: {exc} (a bug: "
+                f"the traceback is in {self.run_file}; please report it)"
+            )
+            details = {} if expected else {"traceback": traceback.format_exc()}
+            seconds = time.perf_counter() - t_item
+            result = ItemResult(item.name, str(item.path), "failed", seconds, message, details)
+            bar.error(message)
+            fault = isinstance(exc, FaultError)  # a full disk fails every item after
+            if not self.options.skip_errors or fault:
+                return result, exc.exit_code if expected else EXIT_INTERNAL
+            return result, None
+
+
+class _RunLog:
+    """The items' results and the exit code so far, saved as run.json after each item."""
+
+    def __init__(self, path: Path, header: dict, t0: float) -> None:
+        self.path, self.header, self.t0 = path, header, t0
+        self.results: list[ItemResult] = []
+        self.exit_code = 0
+
+    def save(self, ended: str | None) -> None:
+        """Write run.json (``ended``: when the run ended, None while it goes on)."""
+        record = dict(
+            self.header,
+            ended=ended,
+            seconds=round(time.perf_counter() - self.t0, 3),
+            items=[r.as_dict() for r in self.results],
+            exit_code=self.exit_code,
+        )
+        atomic.write_json(self.path, record)
+
+
+class _Bar:
+    """The run's progress bar on stderr (the run, and the current item's own progress)."""
+
+    def __init__(self, command: str, total: int, quiet: bool) -> None:
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -253,33 +413,10 @@ class BatchRunner:
 
         from histo_wsl.runtime.console import stderr_console
 
-        self.prepare()
-        started, t0 = now(), time.perf_counter()
-        results: list[ItemResult] = []
-        header = {
-            "tool": "histo-wsl",
-            "command": self.command,
-            "argv": list(argv if argv is not None else sys.argv),
-            "cwd": os.getcwd(),
-            "params": self.params,
-            "seed": self.seed,
-            "shard": None if self.shard is None else f"{self.shard[0]}/{self.shard[1]}",
-            "device": self.device,
-            "started": started,
-            **environment(),
-        }
-        exit_code = 0
-
-        def save(ended: str | None) -> None:
-            record = dict(
-                header,
-                ended=ended,
-                seconds=round(time.perf_counter() - t0, 3),
-                items=[r.as_dict() for r in results],
-                exit_code=exit_code,
-            )
-            atomic.write_json(self.run_file, record)
-
+        self.rich = None
+        if quiet:
+            self.progress = Progress(None, None)
+            return
         columns = (
             TextColumn("{task.description}"),
             BarColumn(),
@@ -289,117 +426,33 @@ class BatchRunner:
             TextColumn("ETA"),
             TimeRemainingColumn(),
         )
-        bar = (
-            None
-            if self.quiet
-            else RichProgress(*columns, console=stderr_console(), transient=False)
-        )
-        overall = bar.add_task(f"{self.command}", total=len(items)) if bar else None
-        current = bar.add_task("", total=None, visible=False) if bar else None
-        progress = Progress(bar, current)
-        if bar:
-            bar.start()
-        try:
-            for item in items:
+        self.rich = RichProgress(*columns, console=stderr_console(), transient=False)
+        self.overall = self.rich.add_task(command, total=total)
+        self.current = self.rich.add_task("", total=None, visible=False)
+        self.progress = Progress(self.rich, self.current)
+        self.rich.start()
 
-                def skip(reason: str, item: InputItem = item) -> None:
-                    results.append(
-                        ItemResult(item.name, str(item.path), "skipped", details={"reason": reason})
-                    )
-                    if bar:
-                        bar.advance(overall)
+    def advance(self) -> None:
+        """One more item accounted for (skipped)."""
+        if self.rich is not None:
+            self.rich.advance(self.overall)
 
-                if not self.overwrite and self.is_done(item.name):
-                    skip("finished in an earlier run")
-                    continue
-                lock = self._lock(item.name)
-                if lock is None:  # another live run is on it: leave it to that run
-                    held = self.out_dir / LOCKS / f"{item.name}.lock"
-                    reason = f"another run is processing it (lock {held}); rerun when it ends"
-                    stderr_console().print(
-                        f"skipped: {item.path}: {reason}",
-                        markup=False,
-                        highlight=False,
-                        soft_wrap=True,
-                    )
-                    skip(reason)
-                    continue
-                if not self.overwrite and self.is_done(item.name):  # finished while we waited
-                    lock.release()
-                    skip("finished by another run")
-                    continue
-                t_item = time.perf_counter()
-                try:
-                    stage = self._stage(item.name)
-                    details = process(item, stage, progress)
-                    result = ItemResult(
-                        item.name,
-                        str(item.path),
-                        "done",
-                        time.perf_counter() - t_item,
-                        details=details,
-                    )
-                    self._commit(
-                        item.name,
-                        stage,
-                        dict(
-                            result.as_dict(), command=self.command, seed=self.seed, finished=now()
-                        ),
-                    )
-                except Exception as exc:  # one item's failure is recorded, never silent
-                    shutil.rmtree(self.out_dir / STAGING / item.name, ignore_errors=True)
-                    if not isinstance(exc, HistoWSLError) and is_disk_full(exc):
-                        exc = DiskFullError(Path(getattr(exc, "filename", None) or self.out_dir))
-                    expected = isinstance(exc, HistoWSLError)
-                    message = (
-                        str(exc)
-                        if expected
-                        else f"{item.path}: internal error {type(exc).__name__}: {exc} (a bug: "
-                        f"the traceback is in {self.run_file}; please report it)"
-                    )
-                    details = {} if expected else {"traceback": traceback.format_exc()}
-                    results.append(
-                        ItemResult(
-                            item.name,
-                            str(item.path),
-                            "failed",
-                            time.perf_counter() - t_item,
-                            message,
-                            details,
-                        )
-                    )
-                    if bar:
-                        bar.console.print(
-                            f"[red]error:[/red] {message}",
-                            markup=True,
-                            highlight=False,
-                            soft_wrap=True,
-                        )
-                    else:
-                        stderr_console().print(
-                            f"error: {message}", markup=False, highlight=False, soft_wrap=True
-                        )
-                    fault = isinstance(exc, FaultError)  # a full disk fails every item after
-                    if not self.skip_errors or fault:
-                        exit_code = exc.exit_code if expected else EXIT_INTERNAL
-                        save(now())
-                        break
-                    exit_code = EXIT_SOME_FAILED
-                else:
-                    results.append(result)
-                finally:
-                    lock.release()
-                save(None)
-                if bar:
-                    bar.update(current, visible=False)
-                    bar.advance(overall)
-            else:
-                save(now())
-        finally:
-            if bar:
-                bar.stop()
-            staging = self.out_dir / STAGING
-            if staging.exists() and not any(staging.iterdir()):
-                with contextlib.suppress(OSError):  # another run may have staged an item since
-                    staging.rmdir()
-        return RunSummary(self.out_dir, self.run_file, results, exit_code, time.perf_counter() - t0)
+    def item_done(self) -> None:
+        """The current item is finished (done or failed): hide its own bar, advance the run's."""
+        if self.rich is not None:
+            self.rich.update(self.current, visible=False)
+            self.rich.advance(self.overall)
+
+    def error(self, message: str) -> None:
+        """An item's error, one line on stderr (above the bar when there is one)."""
+        if self.rich is not None:
+            self.rich.console.print(
+                f"[red]error:[/red] {message}", markup=True, highlight=False, soft_wrap=True
+            )
+        else:
+            print_line(f"error: {message}")
+
+    def stop(self) -> None:
+        """Leave the bar as it ends."""
+        if self.rich is not None:
+            self.rich.stop()

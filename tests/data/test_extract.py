@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 
 from histo_wsl.data.extract import ExtractParams, extract_patches
+from histo_wsl.runtime.batch import BatchOptions
 from histo_wsl.runtime.inputs import InputItem
 
 
@@ -26,7 +27,9 @@ def _true_fraction(layout, x, y, size):
 
 def test_patches_land_in_tissue_with_exact_geometry(tmp_path, synthetic_slide, layout):
     out = tmp_path / "out"
-    s = extract_patches([_item(synthetic_slide, label="tumour")], out, ExtractParams(), quiet=True)
+    s = extract_patches(
+        [_item(synthetic_slide, label="tumour")], out, ExtractParams(), BatchOptions(quiet=True)
+    )
     assert s.exit_code == 0
     rows = _manifest(out)
     assert rows and s.items[0].details["patches"] == len(rows)
@@ -80,7 +83,7 @@ def test_min_tissue_zero_keeps_the_whole_grid(tmp_path, synthetic_slide):
         [_item(synthetic_slide)],
         out,
         ExtractParams(min_tissue=0.0, coords_only=True, mpp=1.0),
-        quiet=True,
+        BatchOptions(quiet=True),
     )
     rows = _manifest(out)
     assert len(rows) == 6 * 4
@@ -94,11 +97,11 @@ def test_min_tissue_zero_keeps_the_whole_grid(tmp_path, synthetic_slide):
 def test_rerun_skips_and_overwrite_redoes(tmp_path, synthetic_slide):
     out = tmp_path / "out"
     p = ExtractParams(max_patches=5)
-    extract_patches([_item(synthetic_slide)], out, p, quiet=True)
+    extract_patches([_item(synthetic_slide)], out, p, BatchOptions(quiet=True))
     before = (out / "synth" / "slide.json").read_text()
-    s = extract_patches([_item(synthetic_slide)], out, p, quiet=True)
+    s = extract_patches([_item(synthetic_slide)], out, p, BatchOptions(quiet=True))
     assert s.items[0].status == "skipped" and (out / "synth" / "slide.json").read_text() == before
-    s = extract_patches([_item(synthetic_slide)], out, p, overwrite=True, quiet=True)
+    s = extract_patches([_item(synthetic_slide)], out, p, BatchOptions(overwrite=True, quiet=True))
     assert s.items[0].status == "done" and len(_manifest(out)) == 5
 
 
@@ -109,7 +112,7 @@ def test_max_patches_is_seeded(tmp_path, synthetic_slide):
             [_item(synthetic_slide)],
             out,
             ExtractParams(max_patches=6, seed=seed, coords_only=True),
-            quiet=True,
+            BatchOptions(quiet=True),
         )
         return [(r["x"], r["y"]) for r in _manifest(out)]
 
@@ -119,9 +122,14 @@ def test_max_patches_is_seeded(tmp_path, synthetic_slide):
 
 def test_workers_give_the_same_patches(tmp_path, synthetic_slide):
     one, two = tmp_path / "one", tmp_path / "two"
-    extract_patches([_item(synthetic_slide)], one, ExtractParams(max_patches=40), quiet=True)
     extract_patches(
-        [_item(synthetic_slide)], two, ExtractParams(max_patches=40, workers=2), quiet=True
+        [_item(synthetic_slide)], one, ExtractParams(max_patches=40), BatchOptions(quiet=True)
+    )
+    extract_patches(
+        [_item(synthetic_slide)],
+        two,
+        ExtractParams(max_patches=40, workers=2),
+        BatchOptions(quiet=True),
     )
     names = sorted(p.name for p in (one / "synth" / "patches").iterdir())
     assert names == sorted(p.name for p in (two / "synth" / "patches").iterdir())
@@ -134,7 +142,10 @@ def test_workers_give_the_same_patches(tmp_path, synthetic_slide):
 def test_jpeg_format(tmp_path, synthetic_slide):
     out = tmp_path / "out"
     extract_patches(
-        [_item(synthetic_slide)], out, ExtractParams(image_format="jpg", max_patches=3), quiet=True
+        [_item(synthetic_slide)],
+        out,
+        ExtractParams(image_format="jpg", max_patches=3),
+        BatchOptions(quiet=True),
     )
     assert all(r["path"].endswith(".jpg") for r in _manifest(out))
     assert Image.open(out / _manifest(out)[0]["path"]).format == "JPEG"
@@ -146,7 +157,7 @@ def test_resized_reading(tmp_path, synthetic_slide):
         [_item(synthetic_slide)],
         out,
         ExtractParams(mpp=0.75, patch_size=100, max_patches=4),
-        quiet=True,
+        BatchOptions(quiet=True),
     )
     rows = _manifest(out)
     assert all(int(r["x"]) % 150 == 0 and r["size_level0"] == "150.000" for r in rows)
@@ -155,7 +166,7 @@ def test_resized_reading(tmp_path, synthetic_slide):
 
 def test_slide_without_tissue_gives_zero_patches_not_an_error(tmp_path, blank_slide):
     out = tmp_path / "out"
-    s = extract_patches([_item(blank_slide)], out, ExtractParams(), quiet=True)
+    s = extract_patches([_item(blank_slide)], out, ExtractParams(), BatchOptions(quiet=True))
     assert s.exit_code == 0 and s.items[0].status == "done"
     assert s.items[0].details["patches"] == 0 and _manifest(out) == []
     assert json.loads((out / "blank" / "slide.json").read_text())["patches"] == 0
@@ -163,32 +174,37 @@ def test_slide_without_tissue_gives_zero_patches_not_an_error(tmp_path, blank_sl
 
 def test_slide_without_mpp(tmp_path, synthetic_slide_no_mpp):
     out = tmp_path / "out"
-    s = extract_patches([_item(synthetic_slide_no_mpp)], out, ExtractParams(), quiet=True)
+    s = extract_patches(
+        [_item(synthetic_slide_no_mpp)], out, ExtractParams(), BatchOptions(quiet=True)
+    )
     assert s.exit_code == 2 and "--slide-mpp" in s.items[0].error
     assert "nompp.tif" in s.items[0].error
     s = extract_patches(
-        [_item(synthetic_slide_no_mpp)], out, ExtractParams(slide_mpp=0.5), quiet=True
+        [_item(synthetic_slide_no_mpp)], out, ExtractParams(slide_mpp=0.5), BatchOptions(quiet=True)
     )
     assert s.exit_code == 0 and s.items[0].details["mpp_source"] == "override"
     s = extract_patches(
         [_item(synthetic_slide_no_mpp, slide_mpp=0.5)],
         tmp_path / "csv",
         ExtractParams(),
-        quiet=True,
+        BatchOptions(quiet=True),
     )
     assert s.exit_code == 0
     s = extract_patches(
         [_item(synthetic_slide_no_mpp)],
         tmp_path / "lvl",
         ExtractParams(level=0, mpp=None),
-        quiet=True,
+        BatchOptions(quiet=True),
     )
     assert s.exit_code == 0 and _manifest(tmp_path / "lvl")[0]["mpp"] == ""
 
 
 def test_patch_larger_than_slide(tmp_path, synthetic_slide):
     s = extract_patches(
-        [_item(synthetic_slide)], tmp_path / "out", ExtractParams(patch_size=4096), quiet=True
+        [_item(synthetic_slide)],
+        tmp_path / "out",
+        ExtractParams(patch_size=4096),
+        BatchOptions(quiet=True),
     )
     assert s.exit_code == 2 and "more than the slide" in s.items[0].error
 
@@ -198,7 +214,9 @@ def test_bad_slides_with_skip_errors_keep_the_good_ones(
 ):
     out = tmp_path / "out"
     items = [_item(not_a_slide), _item(synthetic_slide), _item(corrupt_slide)]
-    s = extract_patches(items, out, ExtractParams(max_patches=10), skip_errors=True, quiet=True)
+    s = extract_patches(
+        items, out, ExtractParams(max_patches=10), BatchOptions(skip_errors=True, quiet=True)
+    )
     assert s.exit_code == 1
     status = {it.name: it.status for it in s.items}
     assert status == {"notes": "failed", "synth": "done", "truncated": "failed"}
@@ -215,7 +233,10 @@ def test_without_skip_errors_the_run_stops_and_earlier_slides_stay(
 ):
     out = tmp_path / "out"
     s = extract_patches(
-        [_item(synthetic_slide), _item(not_a_slide)], out, ExtractParams(max_patches=3), quiet=True
+        [_item(synthetic_slide), _item(not_a_slide)],
+        out,
+        ExtractParams(max_patches=3),
+        BatchOptions(quiet=True),
     )
     assert s.exit_code == 2
     assert len(_manifest(out)) == 3 and (out / "synth" / "slide.json").exists()
@@ -223,13 +244,15 @@ def test_without_skip_errors_the_run_stops_and_earlier_slides_stay(
 
 def test_tissue_geojson_round_trip(tmp_path, synthetic_slide):
     first = tmp_path / "first"
-    extract_patches([_item(synthetic_slide)], first, ExtractParams(coords_only=True), quiet=True)
+    extract_patches(
+        [_item(synthetic_slide)], first, ExtractParams(coords_only=True), BatchOptions(quiet=True)
+    )
     again = tmp_path / "again"
     s = extract_patches(
         [_item(synthetic_slide)],
         again,
         ExtractParams(coords_only=True, tissue_geojson=first),
-        quiet=True,
+        BatchOptions(quiet=True),
     )
     assert s.items[0].details["tissue_source"].endswith("tissue.geojson")
     a = {(r["x"], r["y"]) for r in _manifest(first)}
@@ -258,7 +281,7 @@ def test_tissue_geojson_restricts_patches(tmp_path, synthetic_slide):
         [_item(synthetic_slide)],
         out,
         ExtractParams(coords_only=True, tissue_geojson=geo, min_tissue=0.99),
-        quiet=True,
+        BatchOptions(quiet=True),
     )
     got = {(int(r["x"]), int(r["y"])) for r in _manifest(out)}
     assert got == {(x, y) for x in (0, 224, 448, 672) for y in (0, 224, 448)}
@@ -271,7 +294,10 @@ def test_shards_share_one_output_folder(tmp_path, synthetic_slide, blank_slide):
     items = [_item(synthetic_slide), _item(blank_slide)]
     for k in (1, 2):
         extract_patches(
-            select_shard(items, (k, 2)), out, ExtractParams(max_patches=4), shard=(k, 2), quiet=True
+            select_shard(items, (k, 2)),
+            out,
+            ExtractParams(max_patches=4),
+            BatchOptions(shard=(k, 2), quiet=True),
         )
     assert {r["slide"] for r in _manifest(out)} == {"synth"}
     assert (out / "run.shard-1-of-2.json").exists() and (out / "run.shard-2-of-2.json").exists()
@@ -281,7 +307,7 @@ def test_shards_share_one_output_folder(tmp_path, synthetic_slide, blank_slide):
 def test_real_slide_patches_in_tissue(tmp_path, wsi_dir):
     out = tmp_path / "out"
     s = extract_patches(
-        [_item(wsi_dir / "cmu-1-small-region.svs")], out, ExtractParams(), quiet=True
+        [_item(wsi_dir / "cmu-1-small-region.svs")], out, ExtractParams(), BatchOptions(quiet=True)
     )
     assert s.exit_code == 0
     rows = _manifest(out)
@@ -300,7 +326,7 @@ def test_rerun_after_a_kill_mid_slide_redoes_the_slide(tmp_path, synthetic_slide
 
     params = ExtractParams(mpp=1.0)
     clean = tmp_path / "clean"
-    extract_patches([_item(synthetic_slide)], clean, params, quiet=True)
+    extract_patches([_item(synthetic_slide)], clean, params, BatchOptions(quiet=True))
     names = sorted(p.name for p in (clean / "synth" / "patches").iterdir())
     assert len(names) == len(_manifest(clean)) > 5
     out = tmp_path / "out"
@@ -320,7 +346,7 @@ def test_rerun_after_a_kill_mid_slide_redoes_the_slide(tmp_path, synthetic_slide
     (out / STAGING / "synth.old" / "patches").mkdir(parents=True)
     assert write_manifest(out) == 0  # nothing there counts as finished
 
-    s = extract_patches([_item(synthetic_slide)], out, params, quiet=True)
+    s = extract_patches([_item(synthetic_slide)], out, params, BatchOptions(quiet=True))
     assert s.exit_code == 0 and s.items[0].status == "done"
     assert sorted(p.name for p in (out / "synth" / "patches").iterdir()) == names
     for n in names[:4]:
@@ -390,11 +416,13 @@ def test_a_16_bit_greyscale_tiff_gives_patches_and_no_tissue_is_said(tmp_path, b
     path = tmp_path / "grey16.tif"
     tifffile.imwrite(path, arr)
     out = tmp_path / "out"
-    s = extract_patches([_item(path)], out, ExtractParams(slide_mpp=0.5), quiet=True)
+    s = extract_patches([_item(path)], out, ExtractParams(slide_mpp=0.5), BatchOptions(quiet=True))
     assert s.exit_code == 0 and s.items[0].details["patches"] > 0
     assert any("greyscale" in n for n in s.items[0].details["notes"])
     capsys.readouterr()
-    s = extract_patches([_item(blank_slide)], tmp_path / "blank", ExtractParams(), quiet=True)
+    s = extract_patches(
+        [_item(blank_slide)], tmp_path / "blank", ExtractParams(), BatchOptions(quiet=True)
+    )
     assert s.items[0].details["patches"] == 0
     assert "0 patches (no tissue found" in capsys.readouterr().err
     assert "0 patches: no tissue found" in s.items[0].details["notes"]

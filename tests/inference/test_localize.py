@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from histo_wsl.errors import InputError
 from histo_wsl.inference.localize import localize
 from histo_wsl.inference.params import LocalizeParams
-from histo_wsl.runtime.batch import LOCKS
+from histo_wsl.runtime.batch import LOCKS, BatchOptions
 from histo_wsl.runtime.inputs import InputItem
 
 SIGMOID_1 = 1.0 / (1.0 + math.exp(-1.0))  # the constant model's foreground probability
@@ -87,7 +87,7 @@ def _item(path, **kw):
 def _run(items, out, model, **kw):
     run_kw = {k: kw.pop(k) for k in ("overwrite", "skip_errors") if k in kw}
     params = LocalizeParams(model=model, batch_size=32, **kw)
-    return localize(items, out, params, quiet=True, **run_kw)
+    return localize(items, out, params, BatchOptions(quiet=True, **run_kw))
 
 
 def _prob(path):

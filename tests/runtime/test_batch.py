@@ -3,7 +3,7 @@ import json
 import pytest
 
 from histo_wsl.errors import InputError
-from histo_wsl.runtime.batch import STAGING, BatchRunner
+from histo_wsl.runtime.batch import STAGING, BatchOptions, BatchRunner
 from histo_wsl.runtime.inputs import InputItem
 
 
@@ -17,9 +17,8 @@ def _runner(out, **kw):
         command="test",
         params={"p": 1},
         marker=lambda n: f"{n}/item.json",
-        quiet=True,
+        options=BatchOptions(quiet=True, **kw),
         seed=7,
-        **kw,
     )
 
 
@@ -37,7 +36,7 @@ def _writer(calls):
 
 def test_runs_items_records_and_skips_finished(tmp_path):
     out, calls = tmp_path / "out", []
-    s = _runner(out).run(_items(tmp_path, ["a", "bb"]), _writer(calls), argv=["x"])
+    s = _runner(out, argv=("x",)).run(_items(tmp_path, ["a", "bb"]), _writer(calls))
     assert s.exit_code == 0 and calls == ["a", "bb"]
     assert (out / "bb" / "out.txt").read_text() == "output of bb"
     record = json.loads((out / "a" / "item.json").read_text())

@@ -110,6 +110,7 @@ def test_outputs_honour_the_umask(tmp_path, synthetic_slide):
     from histo_wsl.data.extract import ExtractParams, extract_patches
     from histo_wsl.registry.checkpoint import save_checkpoint
     from histo_wsl.runtime import atomic
+    from histo_wsl.runtime.batch import BatchOptions
     from histo_wsl.runtime.inputs import InputItem
     from histo_wsl.slideio.writers import PngStream
 
@@ -121,7 +122,9 @@ def test_outputs_honour_the_umask(tmp_path, synthetic_slide):
         png.write_rows(np.zeros((1, 2), np.uint8))
         png.close()
         out = tmp_path / "patches"
-        extract_patches([InputItem(synthetic_slide, "s")], out, ExtractParams(mpp=4.0), quiet=True)
+        extract_patches(
+            [InputItem(synthetic_slide, "s")], out, ExtractParams(mpp=4.0), BatchOptions(quiet=True)
+        )
     finally:
         os.umask(old)
     files = [tmp_path / "a.txt", tmp_path / "c.pt", tmp_path / "s.png"]
