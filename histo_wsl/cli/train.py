@@ -220,7 +220,7 @@ def resolve_config(
 ):
     """Defaults ← ``base`` ← ``--config`` YAML ← explicit flags; with ``--resume``, the run's own."""
     from histo_wsl.errors import InputError
-    from histo_wsl.training.config import TrainConfig, load_config, merge_config
+    from histo_wsl.training.config import load_config, merge_config
 
     flags = explicit_options(ctx, values)
     if resume:
@@ -240,9 +240,9 @@ def resolve_config(
                 "--data-on-device, --channels-last and --time-limit can change)",
                 saved,
             )
-        return merge_config(TrainConfig, run, flags)
+        return merge_config(run, flags)
     layers = [base or {}] + ([load_config(config)] if config is not None else [])
-    return merge_config(TrainConfig, *layers, flags)
+    return merge_config(*layers, flags)
 
 
 @reports_errors
@@ -449,8 +449,8 @@ def train_classifier(
     """
     values = dict(locals())
     cfg = resolve_config(ctx, values, config, resume, out)
-    cfg.out = str(out)
-    summary = classifier_method(cfg.method).train(
+    cfg.run.out = str(out)
+    summary = classifier_method(cfg.model.method).train(
         cfg, resume=resume, quiet=quiet or json_out, argv=sys.argv
     )
     if json_out:
@@ -667,7 +667,7 @@ def train_decoder(
 
     values = dict(locals())
     cfg = resolve_config(ctx, values, config, resume, out, base=STAGE2_DEFAULTS)
-    cfg.out = str(out)
+    cfg.run.out = str(out)
     summary = get_method("negev").train(cfg, resume=resume, quiet=quiet or json_out, argv=sys.argv)
     if json_out:
         print_json(summary)

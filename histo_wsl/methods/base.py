@@ -84,20 +84,20 @@ def load_training_data(cfg: TrainConfig) -> Dataset:
     Raises:
         InputError: a crop larger than the resized image, or a bad dataset.
     """
-    if cfg.crop_size > cfg.resize_size:
+    if cfg.data.crop_size > cfg.data.resize_size:
         raise InputError(
-            f"--crop-size {cfg.crop_size} is larger than --resize-size {cfg.resize_size}: the "
+            f"--crop-size {cfg.data.crop_size} is larger than --resize-size {cfg.data.resize_size}: the "
             "random training crop must fit in the resized image"
         )
     ds = load_samples(
-        cfg.data,
-        classes=cfg.classes,
-        negative_class=cfg.negative_class,
-        fold=cfg.fold,
-        val_fraction=cfg.val_fraction,
-        seed=cfg.seed,
+        cfg.data.path,
+        classes=cfg.data.classes,
+        negative_class=cfg.data.negative_class,
+        fold=cfg.data.fold,
+        val_fraction=cfg.data.val_fraction,
+        seed=cfg.run.seed,
     )
-    good, dropped = check_samples(ds.samples, skip_errors=cfg.skip_errors)
+    good, dropped = check_samples(ds.samples, skip_errors=cfg.run.skip_errors)
     ds.samples, ds.skipped_files = good, dropped
     for message in dropped:
         warn(f"left out (--skip-errors): {message}")
@@ -108,8 +108,8 @@ def training_images(ds: Dataset, cfg: TrainConfig) -> LabelledImages:
     """The ``train`` split with the training preset (resize, random crop, flips, colour jitter)."""
     return LabelledImages(
         ds.split("train"),
-        cfg.resize_size,
-        train_transform(cfg.crop_size, jitter=cfg.color_jitter),
+        cfg.data.resize_size,
+        train_transform(cfg.data.crop_size, jitter=cfg.data.color_jitter),
     )
 
 
@@ -205,7 +205,5 @@ def evaluate_localizer(
 
 def plain_config(cfg: TrainConfig) -> dict:
     """The settings as plain YAML/JSON values (paths as strings), for the model card."""
-    import dataclasses
-
-    d = dataclasses.asdict(cfg)
+    d = cfg.to_flat()
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}

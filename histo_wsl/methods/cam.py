@@ -49,15 +49,15 @@ class ClassifierTask:
     def build_model(self) -> nn.Module:
         """The classifier of ``cfg`` (backbone, head, pretrained weights)."""
         return build_classifier(
-            self.cfg.backbone,
-            self.cfg.head,
+            self.cfg.model.backbone,
+            self.cfg.model.head,
             len(self.ds.class_names),
-            pretrained=self.cfg.pretrained,
+            pretrained=self.cfg.model.pretrained,
         )
 
     def param_groups(self, model: nn.Module, lr: float) -> list[dict]:
         """Backbone at ``lr``, the method's deep layers and head at ``lr × ratio``."""
-        return param_groups(model, lr, self.cfg.lr_classifier_ratio)
+        return param_groups(model, lr, self.cfg.optim.lr_classifier_ratio)
 
     def train_dataset(self) -> torch.utils.data.Dataset:
         """The ``train`` split with the training preset."""
@@ -74,7 +74,7 @@ class ClassifierTask:
         """Logits and the ``cam_method`` map of the given classes, per-image min-max normalised."""
         logits = model(images)
         maps = compute_cams(
-            model, images, labels, method=self.cfg.cam_method, size=tuple(images.shape[-2:])
+            model, images, labels, method=self.cfg.model.cam_method, size=tuple(images.shape[-2:])
         )
         return logits, maps
 
@@ -87,25 +87,25 @@ class ClassifierTask:
             self.map_fn,
             device,
             len(self.ds.class_names),
-            size=self.cfg.crop_size,
+            size=self.cfg.data.crop_size,
         )
 
     def card(self) -> dict:
         """The model card (DESIGN.md §3)."""
         cfg = self.cfg
-        data_mpp = cfg.data_mpp
+        data_mpp = cfg.data.data_mpp
         return {
             "method": "cam",
             "stage": 1,
-            "backbone": cfg.backbone,
-            "head": cfg.head,
+            "backbone": cfg.model.backbone,
+            "head": cfg.model.head,
             "head_opts": {},
-            "cam_method": cfg.cam_method,
+            "cam_method": cfg.model.cam_method,
             "num_classes": len(self.ds.class_names),
             "class_names": list(self.ds.class_names),
-            "negative_class": self.cfg.negative_class,
-            "input_size": cfg.crop_size,
-            "resize_size": cfg.resize_size,
+            "negative_class": self.cfg.data.negative_class,
+            "input_size": cfg.data.crop_size,
+            "resize_size": cfg.data.resize_size,
             "data_mpp": data_mpp,
             "mpp": self._seen_mpp,
             "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
@@ -136,16 +136,16 @@ def train_classifier(
     """
     from histo_wsl.training.engine import fit
 
-    if cfg.refine != "none":
+    if cfg.knn.refine != "none":
         raise InputError(
-            f"--refine {cfg.refine} refines a class-agnostic map: use it with --method maxmin, "
+            f"--refine {cfg.knn.refine} refines a class-agnostic map: use it with --method maxmin, "
             "or with train-decoder over this classifier"
         )
     ds = load_training_data(cfg)
-    if cfg.data_mpp is None:
-        cfg.data_mpp = ds.data_mpp
+    if cfg.data.data_mpp is None:
+        cfg.data.data_mpp = ds.data_mpp
     task = ClassifierTask(cfg, ds)
-    task._seen_mpp = seen_mpp(ds, cfg.data_mpp, cfg.resize_size)
+    task._seen_mpp = seen_mpp(ds, cfg.data.data_mpp, cfg.data.resize_size)
     summary = fit(cfg, task, resume=resume, quiet=quiet, argv=argv)
     return {**summary, "data": ds.describe(), "skipped_files": ds.skipped_files, "notes": ds.notes}
 

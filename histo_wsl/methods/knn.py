@@ -151,7 +151,7 @@ class TrainSplitBanks:
         """A bank over ``model``'s ``forward_features``; ``values`` as for :func:`build_feature_bank`."""
         if self._images is None:
             self._images = LabelledImages(
-                self.ds.split("train"), self.cfg.crop_size, eval_transform()
+                self.ds.split("train"), self.cfg.data.crop_size, eval_transform()
             )
         cfg = self.cfg
         return build_feature_bank(
@@ -159,10 +159,10 @@ class TrainSplitBanks:
             self._images,
             values=values,
             negative=self.negative,
-            cam_method=cfg.cam_method,
-            max_pixels=cfg.knn_bank,
-            dims=cfg.knn_dims,
-            seed=cfg.seed,
+            cam_method=cfg.model.cam_method,
+            max_pixels=cfg.knn.knn_bank,
+            dims=cfg.knn.knn_dims,
+            seed=cfg.run.seed,
             device=device,
         )
 
@@ -180,17 +180,20 @@ def refine_checks(cfg: TrainConfig, n_train: int, bank: bool) -> list[tuple[bool
         bank: whether the run builds a k-NN bank (``--refine knn`` or ``--seed-map knn``).
     """
     checks = [
-        (cfg.refine in REFINEMENTS, f"--refine must be one of {REFINEMENTS} (got {cfg.refine!r})"),
         (
-            0.0 <= cfg.refine_alpha <= 1.0,
-            f"--refine-alpha must be in [0, 1] (got {cfg.refine_alpha})",
+            cfg.knn.refine in REFINEMENTS,
+            f"--refine must be one of {REFINEMENTS} (got {cfg.knn.refine!r})",
+        ),
+        (
+            0.0 <= cfg.knn.refine_alpha <= 1.0,
+            f"--refine-alpha must be in [0, 1] (got {cfg.knn.refine_alpha})",
         ),
     ]
     if bank:
         checks += [
-            (cfg.knn_k >= 1, f"--knn-k must be >= 1 (got {cfg.knn_k})"),
-            (cfg.knn_bank >= 1, f"--knn-bank must be >= 1 (got {cfg.knn_bank})"),
-            (cfg.knn_dims >= 1, f"--knn-dims must be >= 1 (got {cfg.knn_dims})"),
+            (cfg.knn.knn_k >= 1, f"--knn-k must be >= 1 (got {cfg.knn.knn_k})"),
+            (cfg.knn.knn_bank >= 1, f"--knn-bank must be >= 1 (got {cfg.knn.knn_bank})"),
+            (cfg.knn.knn_dims >= 1, f"--knn-dims must be >= 1 (got {cfg.knn.knn_dims})"),
             (n_train >= 2, "--seed-map knn and --refine knn need at least 2 training images"),
         ]
     return checks
@@ -205,16 +208,16 @@ def refine_card(cfg: TrainConfig, bank_pixels: int | None, values: str, stages: 
         values: what the bank's values are, in words.
         stages: encoder stages in the keys (the refiner's ``n_stages``).
     """
-    if cfg.refine != "knn":
+    if cfg.knn.refine != "knn":
         return {"method": "none"}
     return {
         "method": "knn",
-        "k": cfg.knn_k,
-        "alpha": cfg.refine_alpha,
+        "k": cfg.knn.knn_k,
+        "alpha": cfg.knn.refine_alpha,
         "stages": stages,
         "bank_pixels": bank_pixels,
-        "dims": cfg.knn_dims,
-        "bank_seed": cfg.seed,
+        "dims": cfg.knn.knn_dims,
+        "bank_seed": cfg.run.seed,
         "values": values,
     }
 

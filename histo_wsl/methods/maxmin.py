@@ -65,36 +65,45 @@ def check_maxmin_config(cfg: TrainConfig, n_train: int | None = None) -> None:
     Raises:
         InputError: the first bad value, named with its option and the valid range.
     """
-    c = cfg
+    m = cfg.maxmin
     checks = [
         (
-            c.maxmin_regularizer in REGULARIZERS,
-            f"--maxmin-regularizer must be sem or eem (got {c.maxmin_regularizer!r})",
-        ),
-        (c.maxmin_lambda >= 0, f"--maxmin-lambda must be >= 0 (got {c.maxmin_lambda})"),
-        (c.maxmin_w > 0, f"--maxmin-w must be > 0 (got {c.maxmin_w})"),
-        (
-            0 < c.maxmin_cl_scale <= 1,
-            f"--maxmin-cl-scale must be in (0, 1] (got {c.maxmin_cl_scale})",
-        ),
-        (0 <= c.maxmin_sigma < 1, f"--maxmin-sigma must be in [0, 1) (got {c.maxmin_sigma})"),
-        (
-            c.maxmin_sigma_step >= 0,
-            f"--maxmin-sigma-step must be >= 0 (got {c.maxmin_sigma_step})",
+            m.maxmin_regularizer in REGULARIZERS,
+            f"--maxmin-regularizer must be sem or eem (got {m.maxmin_regularizer!r})",
         ),
         (
-            c.maxmin_sigma <= c.maxmin_sigma_max < 1,
-            f"--maxmin-sigma-max must be in [--maxmin-sigma, 1) (got {c.maxmin_sigma_max})",
+            m.maxmin_lambda >= 0,
+            f"--maxmin-lambda must be >= 0 (got {m.maxmin_lambda})",
         ),
-        (c.elb_t0 > 0, f"--elb-t0 must be > 0 (got {c.elb_t0})"),
-        (c.elb_t_max >= c.elb_t0, f"--elb-t-max must be >= --elb-t0 (got {c.elb_t_max})"),
-        (c.elb_mult >= 1, f"--elb-mult must be >= 1 (got {c.elb_mult})"),
+        (m.maxmin_w > 0, f"--maxmin-w must be > 0 (got {m.maxmin_w})"),
         (
-            c.head in ("wgap", "wildcat"),
-            f"--head {c.head}: Max-Min uses its own two WILDCAT heads; drop --head",
+            0 < m.maxmin_cl_scale <= 1,
+            f"--maxmin-cl-scale must be in (0, 1] (got {m.maxmin_cl_scale})",
+        ),
+        (
+            0 <= m.maxmin_sigma < 1,
+            f"--maxmin-sigma must be in [0, 1) (got {m.maxmin_sigma})",
+        ),
+        (
+            m.maxmin_sigma_step >= 0,
+            f"--maxmin-sigma-step must be >= 0 (got {m.maxmin_sigma_step})",
+        ),
+        (
+            m.maxmin_sigma <= m.maxmin_sigma_max < 1,
+            f"--maxmin-sigma-max must be in [--maxmin-sigma, 1) (got {m.maxmin_sigma_max})",
+        ),
+        (m.elb_t0 > 0, f"--elb-t0 must be > 0 (got {m.elb_t0})"),
+        (
+            m.elb_t_max >= m.elb_t0,
+            f"--elb-t-max must be >= --elb-t0 (got {m.elb_t_max})",
+        ),
+        (m.elb_mult >= 1, f"--elb-mult must be >= 1 (got {m.elb_mult})"),
+        (
+            cfg.model.head in ("wgap", "wildcat"),
+            f"--head {cfg.model.head}: Max-Min uses its own two WILDCAT heads; drop --head",
         ),
     ]
-    checks += refine_checks(c, 2 if n_train is None else n_train, bank=c.refine == "knn")
+    checks += refine_checks(cfg, 2 if n_train is None else n_train, bank=cfg.knn.refine == "knn")
     for ok, message in checks:
         if not ok:
             raise InputError(message)
@@ -102,12 +111,17 @@ def check_maxmin_config(cfg: TrainConfig, n_train: int | None = None) -> None:
 
 def sigma_at(cfg: TrainConfig, epoch: int) -> float:
     """σ used during ``epoch`` (1-based; epoch 0 = before training uses σ0)."""
-    return min(cfg.maxmin_sigma + max(epoch - 1, 0) * cfg.maxmin_sigma_step, cfg.maxmin_sigma_max)
+    m = cfg.maxmin
+    return min(
+        m.maxmin_sigma + max(epoch - 1, 0) * m.maxmin_sigma_step,
+        m.maxmin_sigma_max,
+    )
 
 
 def t_at(cfg: TrainConfig, epoch: int) -> float:
     """Log-barrier t used during ``epoch`` (1-based)."""
-    return min(cfg.elb_t0 * cfg.elb_mult ** max(epoch - 1, 0), cfg.elb_t_max)
+    m = cfg.maxmin
+    return min(m.elb_t0 * m.elb_mult ** max(epoch - 1, 0), m.elb_t_max)
 
 
 class MaxMinTask:
@@ -119,7 +133,7 @@ class MaxMinTask:
     ]
 
     def __init__(self, cfg: TrainConfig, ds: Dataset) -> None:
-        check_maxmin_config(cfg, len(ds.split("train")) if cfg.refine == "knn" else None)
+        check_maxmin_config(cfg, len(ds.split("train")) if cfg.knn.refine == "knn" else None)
         self.cfg, self.ds = cfg, ds
         self.negative = ds.negative_class
         self.mask_mode = "minmax" if self.negative is None else "absolute"
@@ -131,26 +145,26 @@ class MaxMinTask:
     @property
     def refining(self) -> bool:
         """Whether the saved model's map is k-NN refined (``--refine knn``)."""
-        return self.cfg.refine == "knn"
+        return self.cfg.knn.refine == "knn"
 
     def build_model(self) -> nn.Module:
         """Shared backbone (ImageNet weights if ``pretrained``) with the two WILDCAT heads.
 
         With ``--refine knn`` also an empty refiner (keys: the backbone's last two stages).
         """
-        backbone = build_backbone(self.cfg.backbone, self.cfg.pretrained)
+        backbone = build_backbone(self.cfg.model.backbone, self.cfg.model.pretrained)
         refiner = None
         if self.refining:
             stages = min(2, len(backbone.stage_channels))
-            refiner = KNNRefiner(self.cfg.knn_k, self.cfg.refine_alpha, stages)
+            refiner = KNNRefiner(self.cfg.knn.knn_k, self.cfg.knn.refine_alpha, stages)
         self.model = MaxMinModel(
             backbone,
             len(self.ds.class_names),
-            w=self.cfg.maxmin_w,
+            w=self.cfg.maxmin.maxmin_w,
             sigma=sigma_at(self.cfg, 1),
             mask_mode=self.mask_mode,
             negative_index=self.negative,
-            cl_scale=self.cfg.maxmin_cl_scale,
+            cl_scale=self.cfg.maxmin.maxmin_cl_scale,
             refiner=refiner,
         )
         return self.model
@@ -164,7 +178,7 @@ class MaxMinTask:
 
     def param_groups(self, model: nn.Module, lr: float) -> list[dict]:
         """Backbone base layers at ``lr``; deep layers and both heads at ``lr × ratio``."""
-        return maxmin_param_groups(model, lr, self.cfg.lr_classifier_ratio)
+        return maxmin_param_groups(model, lr, self.cfg.optim.lr_classifier_ratio)
 
     def train_dataset(self) -> torch.utils.data.Dataset:
         """The ``train`` split with the training preset (as stage 1)."""
@@ -183,10 +197,10 @@ class MaxMinTask:
             out.mask,
             out.mask_logits,
             labels,
-            lam=self.cfg.maxmin_lambda,
-            regularizer=self.cfg.maxmin_regularizer,
+            lam=self.cfg.maxmin.maxmin_lambda,
+            regularizer=self.cfg.maxmin.maxmin_regularizer,
             t=t_at(self.cfg, epoch),
-            size=self.cfg.maxmin_size,
+            size=self.cfg.maxmin.maxmin_size,
             negative=negative,
         )
         acc = (out.pos_logits.argmax(1) == labels).float().mean()
@@ -205,41 +219,45 @@ class MaxMinTask:
             m,
             self.ds,
             device,
-            self.cfg.crop_size,
+            self.cfg.data.crop_size,
             own_key="valpx_pxap_mask" if self.refining else None,
         )
 
     def card(self) -> dict:
         """The model card (DESIGN.md §3), with the Max-Min settings under ``maxmin``."""
         cfg = self.cfg
-        sigma = float(self.model.sigma) if self.model is not None else cfg.maxmin_sigma
+        sigma = float(self.model.sigma) if self.model is not None else cfg.maxmin.maxmin_sigma
         refiner = self.model.refiner if self.model is not None else None
         return {
             "method": "maxmin",
             "stage": 1,
-            "backbone": cfg.backbone,
+            "backbone": cfg.model.backbone,
             "head": "wildcat",
             "head_opts": dict(MAXMIN_HEAD_OPTS),
             "num_classes": len(self.ds.class_names),
             "class_names": list(self.ds.class_names),
-            "negative_class": cfg.negative_class,
-            "input_size": cfg.crop_size,
-            "resize_size": cfg.resize_size,
-            "data_mpp": cfg.data_mpp,
+            "negative_class": cfg.data.negative_class,
+            "input_size": cfg.data.crop_size,
+            "resize_size": cfg.data.resize_size,
+            "data_mpp": cfg.data.data_mpp,
             "mpp": self._seen_mpp,
             "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
             "threshold": 0.5,
             "maxmin": {
                 "mask": self.mask_mode,
                 "negative_index": self.negative,
-                "w": cfg.maxmin_w,
+                "w": cfg.maxmin.maxmin_w,
                 "sigma": round(sigma, 6),
-                "cl_scale": cfg.maxmin_cl_scale,
-                "regularizer": cfg.maxmin_regularizer,
-                "lambda": cfg.maxmin_lambda,
-                "size_constraint": cfg.maxmin_size,
+                "cl_scale": cfg.maxmin.maxmin_cl_scale,
+                "regularizer": cfg.maxmin.maxmin_regularizer,
+                "lambda": cfg.maxmin.maxmin_lambda,
+                "size_constraint": cfg.maxmin.maxmin_size,
                 "size_unit": "fraction of the image",
-                "elb": {"t0": cfg.elb_t0, "t_max": cfg.elb_t_max, "mult": cfg.elb_mult},
+                "elb": {
+                    "t0": cfg.maxmin.elb_t0,
+                    "t_max": cfg.maxmin.elb_t_max,
+                    "mult": cfg.maxmin.elb_mult,
+                },
             },
             "refine": refine_card(
                 cfg,
@@ -277,10 +295,10 @@ def train_maxmin(
 
     check_maxmin_config(cfg)
     ds = load_training_data(cfg)
-    if cfg.data_mpp is None:
-        cfg.data_mpp = ds.data_mpp
+    if cfg.data.data_mpp is None:
+        cfg.data.data_mpp = ds.data_mpp
     task = MaxMinTask(cfg, ds)
-    task._seen_mpp = seen_mpp(ds, cfg.data_mpp, cfg.resize_size)
+    task._seen_mpp = seen_mpp(ds, cfg.data.data_mpp, cfg.data.resize_size)
     summary = fit(cfg, task, resume=resume, quiet=quiet, argv=argv)
     return {**summary, "data": ds.describe(), "skipped_files": ds.skipped_files, "notes": ds.notes}
 

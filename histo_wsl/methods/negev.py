@@ -25,7 +25,6 @@ holds the classifier too, so it is all ``localize`` and ``evaluate`` need.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
@@ -109,36 +108,52 @@ class DecoderTask:
                 f"{ds.class_names}; use the same classes (or --class in the same order)",
                 stage1.path,
             )
-        if cfg.bg_sampler not in BG_SAMPLERS:
-            raise InputError(f"--bg-sampler must be one of {BG_SAMPLERS}, got {cfg.bg_sampler!r}")
-        if cfg.fg_sampler not in FG_SAMPLERS:
-            raise InputError(f"--fg-sampler must be one of {FG_SAMPLERS}, got {cfg.fg_sampler!r}")
-        if cfg.fg_erode < 1 or cfg.fg_erode % 2 == 0:
-            raise InputError(f"--fg-erode must be a positive odd number, got {cfg.fg_erode}")
-        if cfg.seed_ksize % 2 == 0:
-            raise InputError(f"--seed-ksize must be odd, got {cfg.seed_ksize}")
-        if cfg.seed_mode not in SEED_MODES:
-            raise InputError(f"--seed-mode must be one of {SEED_MODES}, got {cfg.seed_mode!r}")
-        if cfg.seeds_fg < 1 or cfg.seeds_bg < 0:
+        n = cfg.negev
+        if n.bg_sampler not in BG_SAMPLERS:
+            raise InputError(f"--bg-sampler must be one of {BG_SAMPLERS}, got {n.bg_sampler!r}")
+        if n.fg_sampler not in FG_SAMPLERS:
+            raise InputError(f"--fg-sampler must be one of {FG_SAMPLERS}, got {n.fg_sampler!r}")
+        if n.fg_erode < 1 or n.fg_erode % 2 == 0:
+            raise InputError(f"--fg-erode must be a positive odd number, got {n.fg_erode}")
+        if n.seed_ksize % 2 == 0:
+            raise InputError(f"--seed-ksize must be odd, got {n.seed_ksize}")
+        if n.seed_mode not in SEED_MODES:
+            raise InputError(f"--seed-mode must be one of {SEED_MODES}, got {n.seed_mode!r}")
+        if n.seeds_fg < 1 or n.seeds_bg < 0:
             raise InputError(
-                f"--seeds-fg must be >= 1 and --seeds-bg >= 0, got {cfg.seeds_fg}, {cfg.seeds_bg}"
+                f"--seeds-fg must be >= 1 and --seeds-bg >= 0, got {n.seeds_fg}, {n.seeds_bg}"
             )
         checks = [
-            (cfg.size_lambda >= 0, f"--size-lambda must be >= 0 (got {cfg.size_lambda})"),
-            (cfg.size_t0 > 0, f"--size-t0 must be > 0 (got {cfg.size_t0})"),
             (
-                cfg.size_t_max >= cfg.size_t0,
-                f"--size-t-max must be >= --size-t0 (got {cfg.size_t_max})",
+                n.size_lambda >= 0,
+                f"--size-lambda must be >= 0 (got {n.size_lambda})",
             ),
-            (cfg.size_t_mult >= 1, f"--size-t-mult must be >= 1 (got {cfg.size_t_mult})"),
-            (cfg.crf_lambda >= 0, f"--crf-lambda must be >= 0 (got {cfg.crf_lambda})"),
-            (cfg.crf_sigma_rgb > 0, f"--crf-sigma-rgb must be > 0 (got {cfg.crf_sigma_rgb})"),
-            (cfg.crf_sigma_xy > 0, f"--crf-sigma-xy must be > 0 (got {cfg.crf_sigma_xy})"),
-            (0 < cfg.crf_scale <= 1, f"--crf-scale must be in (0, 1] (got {cfg.crf_scale})"),
+            (n.size_t0 > 0, f"--size-t0 must be > 0 (got {n.size_t0})"),
+            (
+                n.size_t_max >= n.size_t0,
+                f"--size-t-max must be >= --size-t0 (got {n.size_t_max})",
+            ),
+            (
+                n.size_t_mult >= 1,
+                f"--size-t-mult must be >= 1 (got {n.size_t_mult})",
+            ),
+            (n.crf_lambda >= 0, f"--crf-lambda must be >= 0 (got {n.crf_lambda})"),
+            (
+                n.crf_sigma_rgb > 0,
+                f"--crf-sigma-rgb must be > 0 (got {n.crf_sigma_rgb})",
+            ),
+            (
+                n.crf_sigma_xy > 0,
+                f"--crf-sigma-xy must be > 0 (got {n.crf_sigma_xy})",
+            ),
+            (
+                0 < n.crf_scale <= 1,
+                f"--crf-scale must be in (0, 1] (got {n.crf_scale})",
+            ),
         ]
-        if cfg.seed_map not in SEED_MAPS:
-            raise InputError(f"--seed-map must be one of {SEED_MAPS}, got {cfg.seed_map!r}")
-        bank = cfg.seed_map == "knn" or cfg.refine == "knn"
+        if n.seed_map not in SEED_MAPS:
+            raise InputError(f"--seed-map must be one of {SEED_MAPS}, got {n.seed_map!r}")
+        bank = n.seed_map == "knn" or cfg.knn.refine == "knn"
         checks += refine_checks(cfg, len(ds.split("train")) if bank else 0, bank)
         for ok, message in checks:
             if not ok:
@@ -151,13 +166,15 @@ class DecoderTask:
         #: builds the k-NN banks (seed map, refiner) of the train split
         self._banks = TrainSplitBanks(ds, cfg, self.negative)
         #: optional NEGEV model whose foreground map replaces the CAM as the seeds' source
-        self.teacher = self._load_teacher(cfg.seed_teacher) if cfg.seed_teacher else None
+        self.teacher = (
+            self._load_teacher(cfg.negev.seed_teacher) if cfg.negev.seed_teacher else None
+        )
         #: the teacher was trained over this very classifier: it decodes the student's stages
         self._teacher_shares_encoder = self.teacher is not None and _same_weights(
             self.stage1.model, self.teacher.model.classifier
         )
         #: log-barrier t of the size term for the coming epoch (task state: --resume keeps it)
-        self.size_t = size_t_at(cfg.size_t0, cfg.size_t_max, cfg.size_t_mult, 1)
+        self.size_t = size_t_at(cfg.negev.size_t0, cfg.negev.size_t_max, cfg.negev.size_t_mult, 1)
         norm = card.get("normalization") or {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
         #: 0–255 RGB = normalised image · _rgb_std + _rgb_mean (for the CRF term's colours)
         self._rgb_mean = 255.0 * torch.tensor(norm["mean"], dtype=torch.float32).view(1, 3, 1, 1)
@@ -228,21 +245,21 @@ class DecoderTask:
         input): no second backbone pass then.
         """
         size = tuple(images.shape[-2:])
-        if self.cfg.seed_map == "knn":
+        if self.cfg.negev.seed_map == "knn":
             bank = self.feature_bank(m, images.device)
             if stages is None:
                 with torch.no_grad():
                     stages = m.classifier.forward_features(images)
             if owners is None:
                 owners = torch.full((images.shape[0],), -1, dtype=torch.long)
-            return bank.smoothed_maps(stages, owners, self.cfg.knn_k, size)
+            return bank.smoothed_maps(stages, owners, self.cfg.knn.knn_k, size)
         if self.teacher is not None:
             return self._teacher_maps(images, stages)
         return compute_cams(
             m.classifier,
             images,
             labels,
-            method=self.cfg.cam_method,
+            method=self.cfg.model.cam_method,
             size=size,
             features=None if stages is None else stages[-1],
         )
@@ -259,19 +276,21 @@ class DecoderTask:
 
     def build_model(self) -> nn.Module:
         """The frozen classifier of the checkpoint with a new decoder (and an empty refiner)."""
-        torch.manual_seed(self.cfg.seed)
-        refiner = KNNRefiner(self.cfg.knn_k, self.cfg.refine_alpha) if self.refining else None
+        torch.manual_seed(self.cfg.run.seed)
+        refiner = (
+            KNNRefiner(self.cfg.knn.knn_k, self.cfg.knn.refine_alpha) if self.refining else None
+        )
         return NEGEVModel(self.stage1.model, refiner)
 
     @property
     def refining(self) -> bool:
         """Whether the saved model's map is k-NN refined (``--refine knn``)."""
-        return self.cfg.refine == "knn"
+        return self.cfg.knn.refine == "knn"
 
     def refine_bank(self, m: NEGEVModel, device: torch.device) -> FeatureBank:
         """Training pixels (eval preset) valued by ``m``'s decoder map, for its refiner."""
         m.eval()
-        size = (self.cfg.crop_size, self.cfg.crop_size)
+        size = (self.cfg.data.crop_size, self.cfg.data.crop_size)
         return self._train_bank(
             m,
             lambda x, y, stages: m.foreground(m.decoder(stages, size), stages, refine=False),
@@ -281,7 +300,9 @@ class DecoderTask:
     def param_groups(self, model: nn.Module, lr: float) -> list[dict]:
         """Decoder parameters only; in the ×10 group for VGG16/InceptionV3 (method.md §1.4)."""
         m = unwrap(model)
-        ratio = self.cfg.lr_classifier_ratio if m.classifier.backbone.other_group == X10 else 1.0
+        ratio = (
+            self.cfg.optim.lr_classifier_ratio if m.classifier.backbone.other_group == X10 else 1.0
+        )
         return [
             {"params": [p for p in m.decoder.parameters()], "lr": lr * ratio, "name": "decoder"}
         ]
@@ -313,37 +334,37 @@ class DecoderTask:
             cams = self.seed_maps(m, images[pos], labels[pos], [s[pos] for s in stages], owners)
             seeds = sample_seeds(
                 cams,
-                self.cfg.seeds_fg,
-                self.cfg.seeds_bg,
-                self.cfg.seed_ksize,
-                self.cfg.bg_sampler,
-                self.cfg.low_fraction,
-                mode=self.cfg.seed_mode,
-                fg_sampler=self.cfg.fg_sampler,
-                fg_erode=self.cfg.fg_erode,
+                self.cfg.negev.seeds_fg,
+                self.cfg.negev.seeds_bg,
+                self.cfg.negev.seed_ksize,
+                self.cfg.negev.bg_sampler,
+                self.cfg.negev.low_fraction,
+                mode=self.cfg.negev.seed_mode,
+                fg_sampler=self.cfg.negev.fg_sampler,
+                fg_erode=self.cfg.negev.fg_erode,
             )
             ls = seed_loss(seg[pos], seeds)
-            loss = loss + self.cfg.seed_lambda * ls
+            loss = loss + self.cfg.negev.seed_lambda * ls
             stats["seed_loss"] = float(ls.detach())
-            if self.cfg.size_lambda > 0:
+            if self.cfg.negev.size_lambda > 0:
                 lz = size_loss(seg[pos], self.size_t)
-                loss = loss + self.cfg.size_lambda * lz
+                loss = loss + self.cfg.negev.size_lambda * lz
                 stats["size_loss"] = float(lz.detach())
                 stats["size_t"] = self.size_t
-            if self.cfg.crf_lambda > 0:
+            if self.cfg.negev.crf_lambda > 0:
                 mean, std = self._rgb_mean.to(images.device), self._rgb_std.to(images.device)
                 lc = crf_loss(
                     seg[pos],
                     images[pos].float() * std + mean,
-                    self.cfg.crf_sigma_rgb,
-                    self.cfg.crf_sigma_xy,
-                    self.cfg.crf_scale,
+                    self.cfg.negev.crf_sigma_rgb,
+                    self.cfg.negev.crf_sigma_xy,
+                    self.cfg.negev.crf_scale,
                 )
-                loss = loss + self.cfg.crf_lambda * lc
+                loss = loss + self.cfg.negev.crf_lambda * lc
                 stats["crf_loss"] = float(lc.detach())
         if neg.any():
             ln = negative_loss(seg[neg])
-            loss = loss + self.cfg.negative_lambda * ln
+            loss = loss + self.cfg.negev.negative_lambda * ln
             stats["negative_loss"] = float(ln.detach())
         return loss, stats
 
@@ -362,7 +383,7 @@ class DecoderTask:
             m,
             self.ds,
             device,
-            self.cfg.crop_size,
+            self.cfg.data.crop_size,
             own_key="valpx_pxap_decoder" if self.refining else None,
         )
 
@@ -377,32 +398,32 @@ class DecoderTask:
             "head": c1["head"],
             "num_classes": c1["num_classes"],
             "class_names": list(c1["class_names"]),
-            "negative_class": cfg.negative_class,
-            "input_size": cfg.crop_size,
-            "resize_size": cfg.resize_size,
+            "negative_class": cfg.data.negative_class,
+            "input_size": cfg.data.crop_size,
+            "resize_size": cfg.data.resize_size,
             "data_mpp": c1.get("data_mpp"),
             "mpp": c1.get("mpp"),
             "normalization": c1.get("normalization"),
             "threshold": 0.5,
             "seeds": {
-                "fg": cfg.seeds_fg,
-                "bg": cfg.seeds_bg,
-                "ksize": cfg.seed_ksize,
-                "lambda": cfg.seed_lambda,
-                "bg_sampler": cfg.bg_sampler,
-                "low_fraction": cfg.low_fraction,
-                "fg_sampler": cfg.fg_sampler,
-                "fg_erode": cfg.fg_erode,
-                "cam_method": cfg.cam_method,
-                "mode": cfg.seed_mode,
-                "map": cfg.seed_map,
+                "fg": cfg.negev.seeds_fg,
+                "bg": cfg.negev.seeds_bg,
+                "ksize": cfg.negev.seed_ksize,
+                "lambda": cfg.negev.seed_lambda,
+                "bg_sampler": cfg.negev.bg_sampler,
+                "low_fraction": cfg.negev.low_fraction,
+                "fg_sampler": cfg.negev.fg_sampler,
+                "fg_erode": cfg.negev.fg_erode,
+                "cam_method": cfg.model.cam_method,
+                "mode": cfg.negev.seed_mode,
+                "map": cfg.negev.seed_map,
                 "knn": None
-                if cfg.seed_map != "knn"
+                if cfg.negev.seed_map != "knn"
                 else {
-                    "k": cfg.knn_k,
+                    "k": cfg.knn.knn_k,
                     "bank_pixels": None if self.bank is None else len(self.bank),
-                    "dims": cfg.knn_dims,
-                    "bank_seed": cfg.seed,
+                    "dims": cfg.knn.knn_dims,
+                    "bank_seed": cfg.run.seed,
                 },
                 "teacher": None
                 if self.teacher is None
@@ -413,18 +434,18 @@ class DecoderTask:
                 },
             },
             "size_term": {
-                "lambda": cfg.size_lambda,
-                "t0": cfg.size_t0,
-                "t_max": cfg.size_t_max,
-                "mult": cfg.size_t_mult,
+                "lambda": cfg.negev.size_lambda,
+                "t0": cfg.negev.size_t0,
+                "t_max": cfg.negev.size_t_max,
+                "mult": cfg.negev.size_t_mult,
                 "sizes": "fractions of the image",
             },
             "crf_term": {
-                "lambda": cfg.crf_lambda,
-                "sigma_rgb": cfg.crf_sigma_rgb,
-                "sigma_xy": cfg.crf_sigma_xy,
-                "scale": cfg.crf_scale,
-                "window": crf_window(cfg.crf_sigma_xy, cfg.crf_scale),
+                "lambda": cfg.negev.crf_lambda,
+                "sigma_rgb": cfg.negev.crf_sigma_rgb,
+                "sigma_xy": cfg.negev.crf_sigma_xy,
+                "scale": cfg.negev.crf_scale,
+                "window": crf_window(cfg.negev.crf_sigma_xy, cfg.negev.crf_scale),
             },
             "refine": refine_card(
                 cfg,
@@ -441,14 +462,14 @@ class DecoderTask:
                     if not isinstance(v, (int, float, str, bool, list, dict, type(None)))
                     else v
                 )
-                for k, v in dataclasses.asdict(cfg).items()
+                for k, v in cfg.to_flat().items()
             },
             "versions": {"histo-wsl": __version__, "torch": str(torch.__version__)},
         }
 
     def on_epoch_end(self, epoch: int) -> None:
         """Advance the size term's t to the next epoch's value (×mult, capped at t_max)."""
-        self.size_t = min(self.size_t * self.cfg.size_t_mult, self.cfg.size_t_max)
+        self.size_t = min(self.size_t * self.cfg.negev.size_t_mult, self.cfg.negev.size_t_max)
 
     def state_dict(self) -> dict:
         """The size term's t for the next epoch."""
@@ -472,13 +493,13 @@ def train_decoder(
     """Run ``train-decoder``: check the classifier and the data, then train with the engine."""
     from histo_wsl.training.engine import fit
 
-    if not cfg.classifier:
+    if not cfg.negev.classifier:
         raise InputError(
             "--classifier is required: the stage-1 checkpoint (e.g. runs/cam/best-loc.pt)"
         )
-    stage1 = load_trained(cfg.classifier)
-    if cfg.classes is None:
-        cfg.classes = list(stage1.card["class_names"])
+    stage1 = load_trained(cfg.negev.classifier)
+    if cfg.data.classes is None:
+        cfg.data.classes = list(stage1.card["class_names"])
     ds = load_training_data(cfg)
     task = DecoderTask(cfg, ds, stage1)
     summary = fit(cfg, task, resume=resume, quiet=quiet, argv=argv)

@@ -191,6 +191,7 @@ def run_demo(
     from histo_wsl.methods.cam import train_classifier
     from histo_wsl.methods.negev import train_decoder
     from histo_wsl.runtime import atomic
+    from histo_wsl.runtime.batch import BatchOptions
     from histo_wsl.runtime.inputs import InputItem
     from histo_wsl.training.config import TrainConfig
 
@@ -223,8 +224,7 @@ def run_demo(
         [InputItem(slide, slide.stem)],
         out / "patches",
         ExtractParams(patch_size=224, mpp=1.0, min_tissue=0.5, seed=seed),
-        overwrite=overwrite,
-        quiet=quiet,
+        BatchOptions(overwrite=overwrite, quiet=quiet),
     )
     steps.done("extract-patches", t, skipped=extract.items[0].status == "skipped")
 
@@ -251,7 +251,7 @@ def run_demo(
     skip = _finished(cam_dir) and not overwrite
     if not skip:
         train_classifier(
-            TrainConfig(
+            TrainConfig.from_flat(
                 out=str(cam_dir),
                 epochs=recipe.classifier_epochs,
                 lr=recipe.classifier_lr,
@@ -269,7 +269,7 @@ def run_demo(
     skip = _finished(negev_dir) and not overwrite
     if not skip:
         train_decoder(
-            TrainConfig(
+            TrainConfig.from_flat(
                 out=str(negev_dir),
                 method="negev",
                 classifier=str(classifier),
@@ -290,8 +290,7 @@ def run_demo(
         [InputItem(slide, slide.stem)],
         out / "localize",
         LocalizeParams(model=decoder, device="cpu", workers=0, seed=seed),
-        overwrite=overwrite,
-        quiet=quiet,
+        BatchOptions(overwrite=overwrite, quiet=quiet),
     )
     steps.done("localize", t, skipped=loc.items[0].status == "skipped")
 

@@ -241,289 +241,341 @@ def fit(
 ) -> dict:
     """Train ``task`` under ``cfg``; returns the run summary (best metrics, files, timings).
 
-    Outputs in ``cfg.out``: ``config.yaml``, ``summary.csv`` (one row per epoch, epoch 0 = before
+    Outputs in ``cfg.run.out``: ``config.yaml``, ``summary.csv`` (one row per epoch, epoch 0 = before
     training), the checkpoints of ``task.selection`` and ``last.pt``, and ``run.json``.
 
     Raises:
-        InputError: bad configuration, or ``--resume`` without a resumable run in ``cfg.out``.
+        InputError: bad configuration, or ``--resume`` without a resumable run in ``cfg.run.out``.
         TrainingError: the loss became NaN/inf (the epoch and step are named; earlier checkpoints
             stay).
     """
-    rank, world, local_rank = _distributed()
-    if rank == 0:
-        ensure_writable_dir(cfg.out)  # before anything is trained
-    if world > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo"
-        torch.distributed.init_process_group(backend)
-    device = resolve_device(cfg.device)
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    main = rank == 0
-    out = Path(cfg.out)
-    console = stderr_console()
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-    seed_everything(cfg.seed)
-
-    model = task.build_model().to(device)
-    channels_last = cfg.channels_last and device.type != "mps"
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    if device.type == "cuda" and not cfg.deterministic:
-        torch.backends.cudnn.benchmark = True  # fixed input sizes: pick the fastest kernels once
-    groups = task.param_groups(model, cfg.lr)
-    optimizer = torch.optim.SGD(
-        groups,
-        lr=cfg.lr,
-        momentum=cfg.momentum,
-        nesterov=cfg.nesterov and cfg.momentum > 0,
-        weight_decay=cfg.weight_decay,
-    )
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
-    use_amp = cfg.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-
-    start_epoch = 1
-    #: per kept file: its criterion's key (chosen at the first evaluation), best value and epoch
-    chosen: dict[str, str | None] = {sel.file: None for sel in task.selection}
-    best: dict[str, float | None] = {sel.file: None for sel in task.selection}
-    best_epoch: dict[str, int | None] = {sel.file: None for sel in task.selection}
-    history: list[dict] = []
-    last = out / "last.pt"
+    run = _Run(cfg, task, quiet)
     if resume:
-        if not last.is_file():
-            raise InputError(
-                "nothing to resume: no last.pt in the output folder; drop --resume", out
-            )
-        ckpt = load_checkpoint(last, map_location="cpu")
-        training = ckpt.get("training")
-        if not training:
-            raise InputError("last.pt has no training state; it cannot be resumed", last)
-        model.load_state_dict(ckpt["state_dict"])
-        optimizer.load_state_dict(training["optimizer"])
-        scheduler.load_state_dict(training["scheduler"])
-        if training.get("scaler"):
-            scaler.load_state_dict(training["scaler"])
-        task.load_state_dict(training.get("task", {}))
-        start_epoch = int(training["epoch"]) + 1
-        history = list(training["history"])
-        chosen, best, best_epoch = _resumed_selection(task.selection, training, history)
-        if main:
-            console.print(f"resuming {out} after epoch {start_epoch - 1}")
-    elif main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(out / "config.yaml", cfg)
-
-    ddp_model: nn.Module = model
-    if world > 1:
-        ddp_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-
-    dataset = task.train_dataset()
-    sampler = FillingSampler(len(dataset), cfg.batch_size, cfg.seed, rank, world)
-    on_device = None
-    if cfg.data_on_device:
-        from histo_wsl.data.device_batches import DeviceBatches
-
-        on_device = DeviceBatches(dataset, device, cfg.crop_size, cfg.color_jitter)
-    loader_kwargs: dict[str, Any] = {
-        "batch_size": cfg.batch_size,
-        "sampler": sampler,
-        "num_workers": cfg.workers,
-        "pin_memory": device.type == "cuda",
-        "drop_last": True,
-        "worker_init_fn": _worker_init,
-    }
-    if cfg.workers > 0:
-        loader_kwargs["persistent_workers"] = False
-
-    run_record: dict[str, Any] = {
+        run.restore()
+    elif run.main:
+        run.out.mkdir(parents=True, exist_ok=True)
+        save_config(run.out / "config.yaml", cfg)
+    run.prepare_data()
+    record: dict[str, Any] = {
         "command": argv or sys.argv,
         "config": dataclasses.asdict(cfg),
-        "seed": cfg.seed,
-        "device": str(device),
-        "world_size": world,
+        "seed": cfg.run.seed,
+        "device": str(run.device),
+        "world_size": run.world,
         "environment": environment(),
         "started": now(),
     }
+    t_run = time.perf_counter()
+    if run.start_epoch == 1:
+        run.print_row(run.evaluate_and_select(0, {}, 0.0))
+    deadline = None if cfg.run.time_limit is None else t_run + 60.0 * cfg.run.time_limit
+    stopped_after: int | None = None  # the epoch the time limit stopped the run after
+    for epoch in range(run.start_epoch, cfg.optim.epochs + 1):
+        t0 = time.perf_counter()
+        train_stats = run.train_one_epoch(epoch)
+        out_of_time = _agreed(
+            deadline is not None and time.perf_counter() >= deadline, run.world, run.device
+        )
+        checkpointed = epoch % cfg.run.eval_every == 0 or epoch == cfg.optim.epochs or out_of_time
+        row = run.evaluate_and_select(epoch, train_stats, time.perf_counter() - t0, checkpointed)
+        run.print_row(row)
+        if run.main and checkpointed:
+            run.save_last(epoch, row)
+        run.barrier()
+        if out_of_time and epoch < cfg.optim.epochs:
+            stopped_after = epoch
+            break
+
+    summary = run.summary(stopped_after, time.perf_counter() - t_run)
+    if run.main:
+        record["finished"] = now()
+        record["summary"] = summary
+        record["training_data"] = task.card().get("training_data")
+        record["status"] = "done" if stopped_after is None else "stopped"
+        write_json(run.out / "run.json", record)
+        if not quiet:
+            _print_closing(run.console, summary, run.history, task.selection[0].file)
+    if run.world > 1:
+        torch.distributed.destroy_process_group()
+    return summary
+
+
+class _Run:
+    """The state of one training run: device, model, optimizer, selection, history.
+
+    :func:`fit` reads as the run's story; this class holds the steps: set-up (here), ``restore``
+    (``--resume``), ``prepare_data``, ``train_one_epoch``, ``evaluate_and_select``, ``save_last``
+    and ``summary``. The order of set-up steps is the order the random draws depend on.
+    """
+
+    def __init__(self, cfg: TrainConfig, task: Task, quiet: bool) -> None:
+        self.cfg, self.task = cfg, task
+        self.rank, self.world, local_rank = _distributed()
+        self.main = self.rank == 0
+        if self.main:
+            ensure_writable_dir(cfg.run.out)  # before anything is trained
+        if self.world > 1 and not torch.distributed.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() and cfg.run.device != "cpu" else "gloo"
+            torch.distributed.init_process_group(backend)
+        device = resolve_device(cfg.run.device)
+        if device.type == "cuda" and self.world > 1:
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        self.device = device
+        self.out = Path(cfg.run.out)
+        self.last = self.out / "last.pt"
+        self.console = stderr_console()
+        self.progress_console = self.console if (self.main and not quiet) else None
+        if cfg.run.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+        seed_everything(cfg.run.seed)
+
+        self.model = task.build_model().to(device)
+        self.channels_last = cfg.run.channels_last and device.type != "mps"
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        if device.type == "cuda" and not cfg.run.deterministic:
+            torch.backends.cudnn.benchmark = (
+                True  # fixed input sizes: pick the fastest kernels once
+            )
+        self.optimizer = torch.optim.SGD(
+            task.param_groups(self.model, cfg.optim.lr),
+            lr=cfg.optim.lr,
+            momentum=cfg.optim.momentum,
+            nesterov=cfg.optim.nesterov and cfg.optim.momentum > 0,
+            weight_decay=cfg.optim.weight_decay,
+        )
+        self.scheduler = torch.optim.lr_scheduler.StepLR(
+            self.optimizer, step_size=cfg.optim.step_size, gamma=cfg.optim.gamma
+        )
+        self.use_amp = cfg.run.amp and device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.start_epoch = 1
+        #: per kept file: its criterion's key (chosen at the first evaluation), best value, epoch
+        self.chosen: dict[str, str | None] = {sel.file: None for sel in task.selection}
+        self.best: dict[str, float | None] = {sel.file: None for sel in task.selection}
+        self.best_epoch: dict[str, int | None] = {sel.file: None for sel in task.selection}
+        self.history: list[dict] = []
+
+    def restore(self) -> None:
+        """Continue from ``last.pt``: weights, optimizer, schedule, task state, selection."""
+        if not self.last.is_file():
+            raise InputError(
+                "nothing to resume: no last.pt in the output folder; drop --resume", self.out
+            )
+        ckpt = load_checkpoint(self.last, map_location="cpu")
+        training = ckpt.get("training")
+        if not training:
+            raise InputError("last.pt has no training state; it cannot be resumed", self.last)
+        self.model.load_state_dict(ckpt["state_dict"])
+        self.optimizer.load_state_dict(training["optimizer"])
+        self.scheduler.load_state_dict(training["scheduler"])
+        if training.get("scaler"):
+            self.scaler.load_state_dict(training["scaler"])
+        self.task.load_state_dict(training.get("task", {}))
+        self.start_epoch = int(training["epoch"]) + 1
+        self.history = list(training["history"])
+        self.chosen, self.best, self.best_epoch = _resumed_selection(
+            self.task.selection, training, self.history
+        )
+        if self.main:
+            self.console.print(f"resuming {self.out} after epoch {self.start_epoch - 1}")
+
+    def prepare_data(self) -> None:
+        """The DDP wrapper, the training set, its sampler and the loader's settings."""
+        cfg = self.cfg
+        self.ddp_model: nn.Module = self.model
+        if self.world > 1:
+            self.ddp_model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        self.dataset = self.task.train_dataset()
+        self.sampler = FillingSampler(
+            len(self.dataset), cfg.optim.batch_size, cfg.run.seed, self.rank, self.world
+        )
+        self.on_device = None
+        if cfg.run.data_on_device:
+            from histo_wsl.data.device_batches import DeviceBatches
+
+            self.on_device = DeviceBatches(
+                self.dataset, self.device, cfg.data.crop_size, cfg.data.color_jitter
+            )
+        self.loader_kwargs: dict[str, Any] = {
+            "batch_size": cfg.optim.batch_size,
+            "sampler": self.sampler,
+            "num_workers": cfg.run.workers,
+            "pin_memory": self.device.type == "cuda",
+            "drop_last": True,
+            "worker_init_fn": _worker_init,
+        }
+        if cfg.run.workers > 0:
+            self.loader_kwargs["persistent_workers"] = False
+
+    def _loader(self, epoch: int) -> Any:
+        """This epoch's batches, in the order ``(seed, epoch)`` fixes."""
+        cfg = self.cfg
+        seed_everything(_epoch_seed(cfg.run.seed, epoch))
+        self.sampler.set_epoch(epoch)
+        g = torch.Generator().manual_seed(_epoch_seed(cfg.run.seed, epoch))
+        if self.on_device is not None:
+            return _Batches(self.on_device, list(self.sampler), cfg.optim.batch_size)
+        if cfg.run.workers > 0:
+            release_freed_memory(collect=True)  # the workers fork now: a small parent to copy
+        return torch.utils.data.DataLoader(self.dataset, generator=g, **self.loader_kwargs)
+
+    def train_one_epoch(self, epoch: int) -> dict:
+        """One epoch of steps; returns the mean training statistics (loss first)."""
+        cfg, device = self.cfg, self.device
+        loader = self._loader(epoch)
+        self.ddp_model.train()
+        sums: dict[str, float] = {}
+        n_steps = 0
+        batches = _progress(loader, self.progress_console, epoch, cfg.optim.epochs)
+        for step, batch in enumerate(batches, 1):
+            if cfg.run.max_steps_per_epoch is not None and step > cfg.run.max_steps_per_epoch:
+                break
+            batch = {
+                k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+                for k, v in batch.items()
+            }
+            if self.channels_last:
+                batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.float16, enabled=self.use_amp):
+                loss, stats = self.task.training_step(self.ddp_model, batch, epoch)
+            if not torch.isfinite(loss.detach()).item():
+                raise TrainingError(
+                    f"the loss became {loss.item()} at epoch {epoch}, step {step}; training stopped "
+                    f"(checkpoints of epoch {epoch - 1} and earlier are kept in {self.out}). "
+                    "Lower --lr, or check the data"
+                )
+            self._step(loss)
+            n_steps += 1
+            sums["train_loss"] = sums.get("train_loss", 0.0) + loss.detach().float()
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + (v.detach().float() if torch.is_tensor(v) else v)
+        bad = _non_finite_weights(self.model)
+        if bad:
+            raise TrainingError(
+                f"the weights became non-finite at epoch {epoch} ({bad}), although every step's "
+                f"loss was finite; training stopped before this epoch was saved or selected "
+                f"(checkpoints of epoch {epoch - 1} and earlier are kept in {self.out}). Lower "
+                "--lr, or cap the gradients with --clip-grad-norm"
+            )
+        self.scheduler.step()
+        self.task.on_epoch_end(epoch)
+        self.barrier()
+        return {k: float(v) / max(n_steps, 1) for k, v in sums.items()}
+
+    def _step(self, loss: torch.Tensor) -> None:
+        """Backward, the optional gradient cap, and the optimizer step (scaled under AMP)."""
+        optimizer = self.optimizer
+        optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.cfg.optim.clip_grad_norm is not None:
+            self.scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(
+                [p for g in optimizer.param_groups for p in g["params"]],
+                self.cfg.optim.clip_grad_norm,
+            )
+        self.scaler.step(optimizer)
+        self.scaler.update()
 
     def evaluate_and_select(
-        epoch: int, train_stats: dict, seconds: float, evaluate: bool = True
+        self, epoch: int, train_stats: dict, seconds: float, evaluate: bool = True
     ) -> dict:
-        metrics = task.evaluate(model, device) if main and evaluate else {}
+        """The epoch's row of ``summary.csv``; a kept checkpoint is saved when its metric improves."""
+        metrics = self.task.evaluate(self.model, self.device) if self.main and evaluate else {}
         row = {
             "epoch": epoch,
-            "lr": optimizer.param_groups[0]["lr"],
+            "lr": self.optimizer.param_groups[0]["lr"],
             **train_stats,
             **metrics,
             "seconds": round(seconds, 2),
         }
-        if not main:
+        if not self.main:
             return row
-        history.append(row)
-        card = task.card()
-        for sel in task.selection if evaluate else ():
-            if chosen[sel.file] is None:
+        self.history.append(row)
+        card = self.task.card()
+        for sel in self.task.selection if evaluate else ():
+            if self.chosen[sel.file] is None:
                 crit = sel.resolve(row)
-                chosen[sel.file] = None if crit is None else crit.key
-            crit = _criterion(sel, chosen[sel.file])
-            if crit is not None and _better(row.get(crit.key), best[sel.file]):
-                best[sel.file], best_epoch[sel.file] = float(row[crit.key]), epoch
+                self.chosen[sel.file] = None if crit is None else crit.key
+            crit = _criterion(sel, self.chosen[sel.file])
+            if crit is not None and _better(row.get(crit.key), self.best[sel.file]):
+                self.best[sel.file], self.best_epoch[sel.file] = float(row[crit.key]), epoch
                 save_checkpoint(
-                    out / sel.file,
+                    self.out / sel.file,
                     {
                         **card,
                         "epoch": epoch,
                         "selected_by": crit.key,
                         "selection": crit.describe(),
                         "metrics": metrics,
-                        "seed": cfg.seed,
+                        "seed": self.cfg.run.seed,
                     },
-                    _cpu_state(model),
+                    _cpu_state(self.model),
                 )
-        _write_summary(out / "summary.csv", history)
+        _write_summary(self.out / "summary.csv", self.history)
         return row
 
-    progress_console = console if (main and not quiet) else None
-    t_run = time.perf_counter()
-    if start_epoch == 1:
-        _print_row(progress_console, evaluate_and_select(0, {}, 0.0))
-    deadline = None if cfg.time_limit is None else t_run + 60.0 * cfg.time_limit
-    stopped_after: int | None = None  # the epoch the time limit stopped the run after
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        t0 = time.perf_counter()
-        seed_everything(_epoch_seed(cfg.seed, epoch))
-        sampler.set_epoch(epoch)
-        g = torch.Generator().manual_seed(_epoch_seed(cfg.seed, epoch))
-        if on_device is not None:
-            loader: Any = list(sampler)
-            loader = _Batches(on_device, loader, cfg.batch_size)
-        else:
-            if cfg.workers > 0:
-                release_freed_memory(
-                    collect=True
-                )  # the workers fork now: give them a small parent to copy
-            loader = torch.utils.data.DataLoader(dataset, generator=g, **loader_kwargs)
-        ddp_model.train()
-        sums: dict[str, float] = {}
-        n_steps = 0
-        for step, batch in enumerate(_progress(loader, progress_console, epoch, cfg.epochs), 1):
-            if cfg.max_steps_per_epoch is not None and step > cfg.max_steps_per_epoch:
-                break
-            batch = {
-                k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
-                for k, v in batch.items()
-            }
-            if channels_last:
-                batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-                loss, stats = task.training_step(ddp_model, batch, epoch)
-            if not torch.isfinite(loss.detach()).item():
-                raise TrainingError(
-                    f"the loss became {loss.item()} at epoch {epoch}, step {step}; training stopped "
-                    f"(checkpoints of epoch {epoch - 1} and earlier are kept in {out}). Lower --lr, "
-                    "or check the data"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.clip_grad_norm is not None:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(
-                    [p for g in optimizer.param_groups for p in g["params"]], cfg.clip_grad_norm
-                )
-            scaler.step(optimizer)
-            scaler.update()
-            n_steps += 1
-            sums["train_loss"] = sums.get("train_loss", 0.0) + loss.detach().float()
-            for k, v in stats.items():
-                sums[k] = sums.get(k, 0.0) + (v.detach().float() if torch.is_tensor(v) else v)
-        bad = _non_finite_weights(model)
-        if bad:
-            raise TrainingError(
-                f"the weights became non-finite at epoch {epoch} ({bad}), although every step's "
-                f"loss was finite; training stopped before this epoch was saved or selected "
-                f"(checkpoints of epoch {epoch - 1} and earlier are kept in {out}). Lower --lr, or "
-                "cap the gradients with --clip-grad-norm"
-            )
-        scheduler.step()
-        task.on_epoch_end(epoch)
-        train_stats = {k: float(v) / max(n_steps, 1) for k, v in sums.items()}
-        if world > 1:
-            torch.distributed.barrier()
-        out_of_time = _agreed(
-            deadline is not None and time.perf_counter() >= deadline, world, device
+    def save_last(self, epoch: int, row: dict) -> None:
+        """``last.pt``: the weights and everything ``--resume`` needs to continue exactly."""
+        save_checkpoint(
+            self.last,
+            {**self.task.card(), "epoch": epoch, "metrics": dict(row), "seed": self.cfg.run.seed},
+            _cpu_state(self.model),
+            training={
+                "epoch": epoch,
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.use_amp else {},
+                "task": self.task.state_dict(),
+                "selection": self.chosen,
+                "best": self.best,
+                "best_epoch": self.best_epoch,
+                "history": self.history,
+                "rng": _rng_state(),
+            },
         )
-        checkpointed = epoch % cfg.eval_every == 0 or epoch == cfg.epochs or out_of_time
-        row = evaluate_and_select(epoch, train_stats, time.perf_counter() - t0, checkpointed)
-        _print_row(progress_console, row)
-        if main and checkpointed:
-            save_checkpoint(
-                last,
-                {
-                    **task.card(),
-                    "epoch": epoch,
-                    "metrics": {k: v for k, v in row.items()},
-                    "seed": cfg.seed,
-                },
-                _cpu_state(model),
-                training={
-                    "epoch": epoch,
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict() if use_amp else {},
-                    "task": task.state_dict(),
-                    "selection": chosen,
-                    "best": best,
-                    "best_epoch": best_epoch,
-                    "history": history,
-                    "rng": _rng_state(),
-                },
-            )
-        if world > 1:
-            torch.distributed.barrier()
-        if out_of_time and epoch < cfg.epochs:
-            stopped_after = epoch
-            break
 
-    kept = {}
-    for sel in task.selection:
-        crit = _criterion(sel, chosen[sel.file])
-        kept[sel.file] = {
-            "path": str(out / sel.file) if best_epoch[sel.file] is not None else None,
-            "epoch": best_epoch[sel.file],
-            "value": best[sel.file],
-            **(crit.describe() if crit else {"criterion": None, "rule": "nothing to select by"}),
-        }
-    use = task.selection[0].file
-    summary = {
-        "out": str(out),
-        "epochs": cfg.epochs,
-        "epochs_run": stopped_after if stopped_after is not None else cfg.epochs,
-        "stopped": None if stopped_after is None else f"time limit ({cfg.time_limit:g} min)",
-        "checkpoints": kept,
-        "use_next": kept[use]["path"],
-        "last": str(last),
-        "seconds": round(time.perf_counter() - t_run, 1),
-        "device": str(device),
-    }
-    if main:
-        run_record.update(
-            {
-                "finished": now(),
-                "summary": summary,
-                "training_data": task.card().get("training_data"),
-                "status": "done" if stopped_after is None else "stopped",
+    def summary(self, stopped_after: int | None, seconds: float) -> dict:
+        """What the run kept (each checkpoint, its epoch, value and rule) and what to use next."""
+        cfg = self.cfg
+        kept = {}
+        for sel in self.task.selection:
+            crit = _criterion(sel, self.chosen[sel.file])
+            kept[sel.file] = {
+                "path": str(self.out / sel.file) if self.best_epoch[sel.file] is not None else None,
+                "epoch": self.best_epoch[sel.file],
+                "value": self.best[sel.file],
+                **(
+                    crit.describe() if crit else {"criterion": None, "rule": "nothing to select by"}
+                ),
             }
-        )
-        write_json(out / "run.json", run_record)
-        if not quiet:
-            _print_closing(console, summary, history, use)
-    if world > 1:
-        torch.distributed.destroy_process_group()
-    return summary
+        use = self.task.selection[0].file
+        return {
+            "out": str(self.out),
+            "epochs": cfg.optim.epochs,
+            "epochs_run": stopped_after if stopped_after is not None else cfg.optim.epochs,
+            "stopped": None
+            if stopped_after is None
+            else f"time limit ({cfg.run.time_limit:g} min)",
+            "checkpoints": kept,
+            "use_next": kept[use]["path"],
+            "last": str(self.last),
+            "seconds": round(seconds, 1),
+            "device": str(self.device),
+        }
+
+    def print_row(self, row: dict) -> None:
+        """The epoch's numbers on the console (rank 0, not ``--quiet``)."""
+        _print_row(self.progress_console, row)
+
+    def barrier(self) -> None:
+        """Wait for every rank (distributed runs only)."""
+        if self.world > 1:
+            torch.distributed.barrier()
 
 
 def _non_finite_weights(model: nn.Module) -> str | None:

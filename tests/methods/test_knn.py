@@ -96,7 +96,7 @@ def test_train_decoder_with_knn_seed_map(tmp_path):
     from histo_wsl.training.config import TrainConfig
 
     teacher = out / "best-loc.pt"
-    tcfg = TrainConfig(
+    tcfg = TrainConfig.from_flat(
         data=str(data), seed_teacher=str(teacher), seed_map="knn", knn_bank=10**6, crop_size=48
     )
     ds = load_training_data(tcfg)

@@ -383,7 +383,9 @@ def test_tiny_run_writes_a_stage1_style_checkpoint(tiny_run):
     assert card["method"] == "maxmin" and card["class_names"] == ["gland", "normal"]
     assert card["negative_class"] == "normal" and card["threshold"] == 0.5
     assert card["maxmin"]["mask"] == "absolute" and card["maxmin"]["negative_index"] == 1
-    assert card["head"] == "wildcat" and card["maxmin"]["lambda"] == TrainConfig().maxmin_lambda
+    assert (
+        card["head"] == "wildcat" and card["maxmin"]["lambda"] == TrainConfig().maxmin.maxmin_lambda
+    )
     assert card["input_size"] == 32
     # σ moved after each of the 2 epochs: the checkpoint carries the next epoch's value
     assert float(pred.model.sigma) == pytest.approx(0.152)
@@ -461,7 +463,7 @@ def test_refine_knn_keeps_a_bank_of_the_mask_and_blends_it(tmp_path, synthetic):
     assert card["refine"]["method"] == "knn" and card["refine"]["alpha"] == 0.6
     assert card["refine"]["k"] == 3 and card["refine"]["stages"] == 2
     assert net.refiner.ready and len(net.refiner) == card["refine"]["bank_pixels"]
-    ds = load_training_data(TrainConfig(data=str(synthetic), negative_class="normal"))
+    ds = load_training_data(TrainConfig.from_flat(data=str(synthetic), negative_class="normal"))
     train = LabelledImages(ds.split("train"), 32, eval_transform())
     for index in (0, len(train) - 1):
         item = train[index]

@@ -184,7 +184,7 @@ def test_size_t_schedule_is_task_state():
 
     stage1 = SimpleNamespace(card={"method": "cam", "class_names": ["a", "b"]}, path="x.pt")
     ds = SimpleNamespace(class_names=["a", "b"], negative_class=None)
-    cfg = TrainConfig(size_lambda=1.0, size_t0=1.0, size_t_max=1.03, size_t_mult=1.01)
+    cfg = TrainConfig.from_flat(size_lambda=1.0, size_t0=1.0, size_t_max=1.03, size_t_mult=1.01)
     task = DecoderTask(cfg, ds, stage1)
     seen = [task.size_t]
     for epoch in (1, 2, 3):
@@ -205,7 +205,7 @@ def test_size_t_schedule_is_task_state():
         {"crf_lambda": -0.1},
     ):
         with pytest.raises(InputError):
-            DecoderTask(TrainConfig(**bad), ds, stage1)
+            DecoderTask(TrainConfig.from_flat(**bad), ds, stage1)
 
 
 def test_seed_teacher_second_round(tmp_path, stage1):
@@ -233,7 +233,7 @@ def test_seed_teacher_second_round(tmp_path, stage1):
     # the seeds are drawn from the teacher's foreground probability, not from the CAM
     classifier = load_model(ckpt)
     ds = SimpleNamespace(class_names=classifier.card["class_names"], negative_class=None)
-    task = DecoderTask(TrainConfig(seed_teacher=str(teacher)), ds, classifier)
+    task = DecoderTask(TrainConfig.from_flat(seed_teacher=str(teacher)), ds, classifier)
     student = NEGEVModel(load_model(ckpt).model)
     x = torch.randn(2, 3, 48, 48)
     want = load_model(teacher).predict(x)[1]

@@ -79,7 +79,7 @@ def test_train_decoder_refine_knn_saves_a_self_contained_refined_model(tmp_path)
     from histo_wsl.methods.base import load_training_data
     from histo_wsl.training.config import TrainConfig
 
-    ds = load_training_data(TrainConfig(data=str(data), crop_size=48))
+    ds = load_training_data(TrainConfig.from_flat(data=str(data), crop_size=48))
     train = LabelledImages(ds.split("train"), 48, eval_transform())
     item = train[0]
     x = item["image"][None]

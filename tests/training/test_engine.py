@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 from typer.testing import CliRunner
 
 from histo_wsl.cli.app import app
@@ -121,6 +122,12 @@ def test_resume_refuses_changed_settings_and_missing_run(tmp_path, tiny_data):
     )
     r = _train([str(data), "--out", str(out), "--resume", "--lr", "0.5"])
     assert r.exit_code == 2 and "--lr 0.01 -> 0.5" in r.stderr
+    # config.yaml is written in sections; an older run's is flat: both resume
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["optim"]["lr"] == 0.01 and saved["data"]["path"] == str(data)
+    (out / "config.yaml").write_text(
+        yaml.safe_dump(merge_config(load_config(out / "config.yaml")).to_flat())
+    )
     # the interrupted command line itself, plus --resume: nothing changed, so it resumes
     same = [str(data), "--out", str(out), "--config", str(cfg), "--epochs", "2", *TINY]
     r = _train([*same, "--resume"])
@@ -135,8 +142,8 @@ def test_config_rejects_unknown_keys_and_flags_override(tmp_path):
         load_config(bad)
     good = tmp_path / "good.yaml"
     good.write_text("epochs: 3\nlr: 0.1\n")
-    cfg = merge_config(TrainConfig, load_config(good), {"lr": 0.5})
-    assert cfg.epochs == 3 and cfg.lr == 0.5
+    cfg = merge_config(load_config(good), {"lr": 0.5})
+    assert cfg.optim.epochs == 3 and cfg.optim.lr == 0.5
     r = _train(["somewhere", "--config", str(bad)])
     assert r.exit_code == 2 and "learning_rate" in r.stderr
 
@@ -211,6 +218,7 @@ def test_filling_sampler_pads_the_last_batch_and_splits_ranks():
     assert len(r0) == len(r1) == 8 and set(r0) | set(r1) == set(range(10))
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes(tmp_path, tiny_data):
     data, cfg = tiny_data
     out = tmp_path / "ddp"
@@ -376,7 +384,9 @@ def test_a_diverged_epoch_never_becomes_a_checkpoint(tmp_path):
     from histo_wsl.training.engine import TrainingError, fit
 
     out = tmp_path / "diverged"
-    cfg = TrainConfig(out=str(out), epochs=2, batch_size=2, workers=0, device="cpu", lr=0.1)
+    cfg = TrainConfig.from_flat(
+        out=str(out), epochs=2, batch_size=2, workers=0, device="cpu", lr=0.1
+    )
     with pytest.raises(TrainingError, match="weights became non-finite at epoch 1"):
         fit(cfg, _PoisonTask(), quiet=True)
     assert not (out / "last.pt").exists()
