@@ -16,6 +16,19 @@ import errno
 import shutil
 from pathlib import Path
 
+__all__ = [
+    "EXIT_OK",
+    "EXIT_SOME_FAILED",
+    "EXIT_BAD_INPUT",
+    "EXIT_FAULT",
+    "EXIT_INTERNAL",
+    "HistoWSLError",
+    "InputError",
+    "FaultError",
+    "DiskFullError",
+    "is_disk_full",
+]
+
 #: everything done
 EXIT_OK = 0
 #: some items failed and were left out (``--skip-errors``); the others are done

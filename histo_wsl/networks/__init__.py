@@ -1,37 +1,63 @@
-"""Classification networks for weakly-supervised localization (WSOL).
+"""The nn.Modules: backbones, pooling heads, classifiers, CAMs, NEGEV and Max-Min networks.
 
-* :mod:`~histo_wsl.networks.backbones` — ResNet50/18, VGG16, InceptionV3 and MobileNetV2 encoders with an
-  output stride of 8 (a 28×28 CAM layer at 224×224 input), returning every decoder stage.
-* :mod:`~histo_wsl.networks.heads` — pooling heads (WGAP, GAP, max, LSE, WILDCAT, Deep-MIL) that give
-  class logits and raw class activation maps.
-* :mod:`~histo_wsl.networks.classifier` — backbone + head, and the two learning-rate groups.
-* :mod:`~histo_wsl.networks.cams` — CAM and the Grad-CAM family, min-max normalised to [0, 1].
+* :mod:`~histo_wsl.networks.backbones` — Encoders with an output stride of 8, as used for
+  weakly-supervised localization.
+* :mod:`~histo_wsl.networks.cams` — Class activation maps: CAM and the Grad-CAM family, per-image
+  min-max normalised to [0, 1].
+* :mod:`~histo_wsl.networks.classifier` — WSOL classifier (stride-8 backbone + pooling head) and its
+  two learning-rate groups.
+* :mod:`~histo_wsl.networks.heads` — Classification heads on the CAM layer: class logits and raw
+  class activation maps.
+* :mod:`~histo_wsl.networks.knn` — k-NN refinement of a model's map: each pixel takes the model's
+  map of its look-alike pixels.
+* :mod:`~histo_wsl.networks.maxmin` — The Max-Min uncertainty network (Belharbi et al., IEEE TMI
+  2022; method.md §2.1).
+* :mod:`~histo_wsl.networks.negev` — The NEGEV model (MIDL 2022): a frozen stage-1 classifier with a
+  U-Net decoder on its encoder.
 
-Unlike the rest of the package this one imports ``torch`` when it is imported; the CLI imports it lazily.
+The names below are imported from their module on first use, so importing the package is free.
 """
 
-from histo_wsl.networks.backbones import BACKBONES, Backbone, build_backbone, weights_path
-from histo_wsl.networks.cams import CAM_METHODS, compute_cams, normalize_cams
-from histo_wsl.networks.classifier import (
-    WSOLClassifier,
-    build_classifier,
-    param_groups,
-    split_params,
-)
-from histo_wsl.networks.heads import HEADS, build_head
+from histo_wsl.runtime.lazy import lazy_exports
 
-__all__ = [
-    "BACKBONES",
-    "CAM_METHODS",
-    "HEADS",
-    "Backbone",
-    "WSOLClassifier",
-    "build_backbone",
-    "build_classifier",
-    "build_head",
-    "compute_cams",
-    "normalize_cams",
-    "param_groups",
-    "split_params",
-    "weights_path",
-]
+#: public name → the module of this package that defines it
+_EXPORTS = {
+    "Backbone": "backbones",
+    "BACKBONES": "backbones",
+    "BASE": "backbones",
+    "build_backbone": "backbones",
+    "NO_IMAGENET": "backbones",
+    "weights_path": "backbones",
+    "X10": "backbones",
+    "CAM_METHODS": "cams",
+    "compute_cams": "cams",
+    "normalize_cams": "cams",
+    "build_classifier": "classifier",
+    "param_groups": "classifier",
+    "split_params": "classifier",
+    "unwrap": "classifier",
+    "WSOLClassifier": "classifier",
+    "build_head": "heads",
+    "GAPHead": "heads",
+    "Head": "heads",
+    "HEADS": "heads",
+    "LSEHead": "heads",
+    "MaxHead": "heads",
+    "MILHead": "heads",
+    "WGAPHead": "heads",
+    "wildcat_pool": "heads",
+    "WildcatHead": "heads",
+    "FeatureBank": "knn",
+    "KNNRefiner": "knn",
+    "MASK_MODES": "maxmin",
+    "MAXMIN_HEAD_OPTS": "maxmin",
+    "maxmin_param_groups": "maxmin",
+    "MaxMinModel": "maxmin",
+    "MaxMinOutput": "maxmin",
+    "decoder_channels": "negev",
+    "NEGEVModel": "negev",
+    "UNetDecoder": "negev",
+}
+
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -44,6 +44,8 @@ from torchvision.models.resnet import Bottleneck
 
 from histo_wsl.errors import InputError
 
+__all__ = ["BACKBONES", "NO_IMAGENET", "BASE", "X10", "weights_path", "Backbone", "build_backbone"]
+
 BACKBONES = ("resnet50", "resnet18", "vgg16", "inceptionv3", "mobilenetv2", "tinycnn")
 
 #: Backbones without ImageNet weights (trained from scratch only).

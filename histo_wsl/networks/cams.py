@@ -30,6 +30,8 @@ from torch import Tensor, nn
 from histo_wsl.errors import InputError
 from histo_wsl.networks.classifier import unwrap
 
+__all__ = ["CAM_METHODS", "normalize_cams", "compute_cams"]
+
 CAM_METHODS = ("cam", "gradcam", "gradcampp", "smoothgradcampp", "xgradcam", "layercam")
 
 

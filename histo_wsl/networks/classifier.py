@@ -9,6 +9,8 @@ from torch import Tensor, nn
 from histo_wsl.networks.backbones import BASE, X10, Backbone, build_backbone
 from histo_wsl.networks.heads import Head, build_head
 
+__all__ = ["WSOLClassifier", "build_classifier", "unwrap", "split_params", "param_groups"]
+
 
 class WSOLClassifier(nn.Module):
     """A backbone and a classification head on its last stage (the CAM layer).

@@ -31,6 +31,19 @@ from torch import Tensor, nn
 
 from histo_wsl.errors import InputError
 
+__all__ = [
+    "HEADS",
+    "Head",
+    "WGAPHead",
+    "GAPHead",
+    "MaxHead",
+    "LSEHead",
+    "wildcat_pool",
+    "WildcatHead",
+    "MILHead",
+    "build_head",
+]
+
 HEADS = ("wgap", "gap", "max", "lse", "wildcat", "mil")
 
 

@@ -1,1 +1,29 @@
-"""The reporting package (code map in histo_wsl/README.md)."""
+"""What evaluation writes: metrics.json and per_image.csv, plots and the md/html report.
+
+* :mod:`~histo_wsl.reporting.metrics_file` — The numbers files of evaluate: metrics.json's
+  definitions and value format, per_image.csv.
+* :mod:`~histo_wsl.reporting.report` — The evaluation report: ``report.md`` and a self-contained
+  ``report.html`` with plots.
+
+The names below are imported from their module on first use, so importing the package is free.
+"""
+
+from histo_wsl.runtime.lazy import lazy_exports
+
+#: public name → the module of this package that defines it
+_EXPORTS = {
+    "BEST_NAME": "metrics_file",
+    "DEFINITIONS": "metrics_file",
+    "headline": "metrics_file",
+    "round_curve": "metrics_file",
+    "snap": "metrics_file",
+    "value_with_ci": "metrics_file",
+    "write_per_image_csv": "metrics_file",
+    "dice_curve_png": "report",
+    "examples_png": "report",
+    "pr_curve_png": "report",
+    "write_reports": "report",
+}
+
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from histo_wsl.errors import DiskFullError, InputError, is_disk_full
 
+__all__ = ["shared_mode", "atomic_path", "write_text", "write_json", "ensure_writable_dir"]
+
 
 def shared_mode(path: str | Path) -> None:
     """Give ``path`` the mode a new file (or folder) gets under the umask.

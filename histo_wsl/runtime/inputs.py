@@ -11,6 +11,18 @@ from pathlib import Path
 from histo_wsl.errors import InputError
 from histo_wsl.runtime.console import warn
 
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "WSI_SUFFIXES",
+    "SLIDE_SUFFIXES",
+    "PATH_COLUMNS",
+    "InputItem",
+    "read_csv_list",
+    "collect_inputs",
+    "parse_shard",
+    "select_shard",
+]
+
 #: File suffixes read as plain images when OpenSlide does not recognise the file.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 #: File suffixes of whole-slide formats OpenSlide reads.

@@ -10,6 +10,8 @@ import numpy as np
 from histo_wsl.errors import InputError
 from histo_wsl.slideio.slide import ReadPlan, Slide
 
+__all__ = ["PatchGrid", "make_grid", "cover_grid"]
+
 
 @dataclass(frozen=True)
 class PatchGrid:

@@ -23,6 +23,23 @@ from PIL import Image
 from histo_wsl.errors import InputError
 from histo_wsl.runtime.inputs import IMAGE_SUFFIXES
 
+__all__ = [
+    "MAX_PLAUSIBLE_MPP",
+    "MAX_PLAIN_IMAGE_PIXELS",
+    "LEVEL_TOLERANCE",
+    "DEFAULT_TILE_CACHE",
+    "THUMBNAIL_TILE_CACHE",
+    "Slide",
+    "open_slide",
+    "ReadPlan",
+    "plan_read",
+    "read_patch",
+    "ThumbnailGeometry",
+    "thumbnail_geometry",
+    "read_thumbnail_rows",
+    "read_thumbnail",
+]
+
 #: A level-0 resolution coarser than this (µm/px) is a placeholder (e.g. a 72-dpi default), not a scan.
 MAX_PLAUSIBLE_MPP = 50.0
 #: Plain images larger than this many pixels are refused (they would be held in memory whole).

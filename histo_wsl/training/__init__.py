@@ -12,9 +12,19 @@ from histo_wsl.runtime.lazy import lazy_exports
 
 #: public name → the module of this package that defines it
 _EXPORTS = {
+    "DataSettings": "config",
+    "FLAT": "config",
+    "flatten": "config",
+    "KNNSettings": "config",
     "load_config": "config",
+    "MaxMinSettings": "config",
     "merge_config": "config",
+    "ModelSettings": "config",
+    "NEGEVSettings": "config",
+    "OptimSettings": "config",
+    "RunSettings": "config",
     "save_config": "config",
+    "SECTIONS": "config",
     "TrainConfig": "config",
     "Criterion": "engine",
     "FillingSampler": "engine",
