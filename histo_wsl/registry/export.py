@@ -2,7 +2,8 @@
 
 :func:`export_model` re-saves a checkpoint's weights in fp16 (floating tensors fp16 cannot hold stay
 fp32: :func:`compact_state_dict`), writes ``card.yaml`` from the checkpoint's card plus the zoo
-fields (description, recipe, evaluation read from a ``metrics.json``, terms), checks that the copy
+fields (description, recipe, evaluation read from a ``metrics.json``, terms) with the build
+machine's absolute paths cut to their last parts (:func:`portable`), checks that the copy
 predicts as the source does (within :data:`EXPORT_TOLERANCE`) and swaps the folder in atomically.
 It loads the model through the predictor, so it sits above inference in the layers.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -38,6 +40,7 @@ __all__ = [
     "compact_state_dict",
     "export_model",
     "plain",
+    "portable",
     "read_metrics",
 ]
 
@@ -127,6 +130,34 @@ def plain(obj: Any) -> Any:
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
     return str(obj)
+
+
+#: An absolute path inside a string: POSIX (two components or more) or Windows (``C:\\...``).
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~:/])(?:/[\w.+@-]+){2,}|\b[A-Za-z]:\\[^\s:*?\"<>|]+")
+
+
+def _short_path(match: re.Match) -> str:
+    """A path by its last parts: ``parent/name`` for a file, ``name`` for a folder."""
+    parts = [p for p in re.split(r"[\\/]", match.group(0)) if p]
+    if "." in parts[-1] and len(parts) > 1:
+        return "/".join(parts[-2:])
+    return parts[-1]
+
+
+def portable(obj: Any) -> Any:
+    """A card without the exporting machine's absolute paths (they mean nothing elsewhere).
+
+    Each absolute path in a string is cut to its last parts (``/data/runs/a/stage2/best-loc.pt``
+    -> ``stage2/best-loc.pt``, ``/data/glas (fold 0)`` -> ``glas (fold 0)``), so a shipped card
+    still says which run and dataset it came from without naming a home folder.
+    """
+    if isinstance(obj, dict):
+        return {k: portable(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [portable(v) for v in obj]
+    if isinstance(obj, str):
+        return _ABSOLUTE_PATH.sub(_short_path, obj)
+    return obj
 
 
 def read_metrics(path: Path) -> dict:
@@ -366,7 +397,8 @@ def export_model(
     except OSError as exc:
         raise InputError(f"the models folder cannot be written ({exc.strerror})", dest) from None
     try:
-        weights = save_checkpoint(staging / MODEL_FILE, plain(card), state)
+        card = portable(plain(card))
+        weights = save_checkpoint(staging / MODEL_FILE, card, state)
         card["weights"] = {
             "file": MODEL_FILE,
             "dtype": dtype,

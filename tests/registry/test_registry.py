@@ -140,6 +140,9 @@ def test_export_halves_the_size_and_predicts_like_the_source(exported, source, t
     text = (folder / "card.yaml").read_text()
     for needle in ("name: tiny", "recipe: histo-wsl train-decoder", "sha256:", "mpp: 2.0"):
         assert needle in text, needle
+    # the build machine's paths are cut to their last parts (the source was under a tmp folder)
+    assert card["exported"]["from"] == f"{source.parent.name}/{source.name}"
+    assert str(source.parent) not in text
 
 
 def test_export_refuses_to_overwrite_and_bad_input_leaves_nothing(exported, source, tmp_path):
