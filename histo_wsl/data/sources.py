@@ -329,20 +329,7 @@ def load_samples(
             split, or a negative class that is not a class.
     """
     path = Path(source)
-    if not path.exists():
-        raise InputError(
-            "dataset not found: give a patch folder, a class-folder directory, a GlaS "
-            "folder or a CSV image,label[,mask][,split]",
-            path,
-        )
-    if path.is_file():
-        ds = _from_csv(path, classes, allow_test=evaluation)
-    elif (path / "manifest.csv").is_file():
-        ds = _from_manifest(path, classes)
-    elif (path / "splits").is_dir() and (path / "train").is_dir():
-        ds = _from_glas(path, fold)
-    else:
-        ds = _from_class_folders(path, classes)
+    ds = _read_layout(path, classes, fold, evaluation)
     if ds.layout in ("class-folders", "patch-folder") or (
         ds.layout == "csv" and any("no split column" in n for n in ds.notes)
     ):
@@ -351,6 +338,38 @@ def load_samples(
             _draw_split(ds, val_fraction, seed)
     if not any(s.valpx for s in ds.samples):
         ds.samples = [replace(s, valpx=s.split == "val" and s.mask is not None) for s in ds.samples]
+    _check_files(ds, evaluation)
+    if not evaluation:
+        _check_trainable(ds, path)
+    if negative_class is not None:
+        if negative_class not in ds.class_names:
+            raise InputError(
+                f"--negative-class {negative_class!r} is not one of the classes {ds.class_names}",
+                path,
+            )
+        ds.negative_class = ds.class_names.index(negative_class)
+    return ds
+
+
+def _read_layout(path: Path, classes: list[str] | None, fold: int, evaluation: bool) -> Dataset:
+    """The dataset at ``path`` in whichever layout it has (CSV, manifest, GlaS, class folders)."""
+    if not path.exists():
+        raise InputError(
+            "dataset not found: give a patch folder, a class-folder directory, a GlaS "
+            "folder or a CSV image,label[,mask][,split]",
+            path,
+        )
+    if path.is_file():
+        return _from_csv(path, classes, allow_test=evaluation)
+    if (path / "manifest.csv").is_file():
+        return _from_manifest(path, classes)
+    if (path / "splits").is_dir() and (path / "train").is_dir():
+        return _from_glas(path, fold)
+    return _from_class_folders(path, classes)
+
+
+def _check_files(ds: Dataset, evaluation: bool) -> None:
+    """Every listed image exists, and every listed mask (evaluation leaves masks to the caller)."""
     for s in ds.samples:
         if not s.image.is_file():
             raise InputError(
@@ -360,22 +379,18 @@ def load_samples(
             raise InputError(
                 f"mask of {s.image.name} is missing; fix the path or drop the mask", s.mask
             )
-    if not evaluation and (len(ds.class_names) < 2 or len({s.label for s in ds.samples}) < 2):
+
+
+def _check_trainable(ds: Dataset, path: Path) -> None:
+    """Two classes at least, and images in both the train and the val split."""
+    if len(ds.class_names) < 2 or len({s.label for s in ds.samples}) < 2:
         raise InputError(
             f"only one class ({ds.class_names[0] if ds.class_names else 'none'}) in the data; a "
             "classifier needs images of at least two classes (e.g. tumour and normal)",
             path,
         )
     for name in ("train", "val"):
-        if not evaluation and not ds.split(name):
+        if not ds.split(name):
             raise InputError(
                 f"the {name} split is empty; add images or lower/raise --val-fraction", path
             )
-    if negative_class is not None:
-        if negative_class not in ds.class_names:
-            raise InputError(
-                f"--negative-class {negative_class!r} is not one of the classes {ds.class_names}",
-                path,
-            )
-        ds.negative_class = ds.class_names.index(negative_class)
-    return ds

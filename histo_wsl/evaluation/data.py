@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from histo_wsl.data.sources import Sample, load_samples
+from histo_wsl.data.sources import Dataset, Sample, load_samples
 from histo_wsl.errors import InputError
 from histo_wsl.evaluation.accumulator import Example
 
@@ -190,25 +190,7 @@ def select_data(
                 f"negative class {negative_class!r} is not one of the model's classes {class_names}"
             )
         neg = class_names.index(negative_class)
-    if split == "auto":
-        split = "val" if ds.splits_given and ds.split("val") else "all"
-        rule = "auto: val when the data has splits, else all"
-    else:
-        rule = "chosen (--split)"
-    if split == "all":
-        samples = list(ds.samples)
-    else:
-        if not ds.splits_given:
-            raise InputError(
-                f"--split {split}: the data has no split (no split column / fold file); use "
-                "--split all",
-                path,
-            )
-        samples = [s for s in ds.samples if s.split == split]
-        if not samples:
-            raise InputError(
-                f"the {split} split of the data is empty; choose another --split", path
-            )
+    split, rule, samples = _split_samples(ds, split, path)
     missing: list[Sample] = []
     mismatched: list[tuple[Sample, dict[str, list[int]]]] = []
     kept: list[Sample] = []
@@ -258,6 +240,31 @@ def select_data(
         "skipped_mask_size_mismatch": {ev.name(s): sizes for s, sizes in mismatched},
     }
     return ev
+
+
+def _split_samples(ds: Dataset, split: str, path: Path) -> tuple[str, str, list[Sample]]:
+    """The split evaluated (``auto`` resolved), the rule that chose it, and its images.
+
+    Raises:
+        InputError: a split the data does not have, or an empty one.
+    """
+    if split == "auto":
+        split = "val" if ds.splits_given and ds.split("val") else "all"
+        rule = "auto: val when the data has splits, else all"
+    else:
+        rule = "chosen (--split)"
+    if split == "all":
+        return split, rule, list(ds.samples)
+    if not ds.splits_given:
+        raise InputError(
+            f"--split {split}: the data has no split (no split column / fold file); use "
+            "--split all",
+            path,
+        )
+    samples = [s for s in ds.samples if s.split == split]
+    if not samples:
+        raise InputError(f"the {split} split of the data is empty; choose another --split", path)
+    return split, rule, samples
 
 
 def _image_and_mask_sizes(s: Sample) -> tuple[tuple[int, int], tuple[int, int]]:

@@ -282,7 +282,6 @@ def run_evaluate(
         InputError: unusable settings, checkpoints or data (see :func:`select_data`), models with
             different classes, or a calibrated checkpoint that exists already.
     """
-    from histo_wsl.inference.predictor import load_model
     from histo_wsl.reporting import report
     from histo_wsl.training.engine import resolve_device
 
@@ -290,32 +289,8 @@ def run_evaluate(
     started, t0 = now(), time.perf_counter()
     argv = list(argv if argv is not None else sys.argv)
     out = atomic.ensure_writable_dir(settings.out)  # before the evaluation, not after it
-    predictors = [
-        load_model(m, cam_method=settings.cam_method, tta=settings.tta) for m in settings.models
-    ]
-    names = _display_names([Path(m) for m in settings.models])
-    classes = list(predictors[0].card.get("class_names") or [])
-    if not classes:
-        raise InputError("the model card has no class_names", settings.models[0])
-    for p in predictors[1:]:
-        if list(p.card.get("class_names") or []) != classes:
-            raise InputError(
-                f"the models have different classes ({p.card.get('class_names')} vs {classes}); "
-                "compare models trained on the same classes",
-                p.path,
-            )
-    targets: list[Path] = []
-    if settings.calibrate:
-        taken: set[str] = set()
-        for m in settings.models:
-            target = calibrated_path(Path(m), out, taken)
-            if target.exists():
-                raise InputError(
-                    "the calibrated checkpoint exists already and is never overwritten; remove "
-                    "it or choose another --out",
-                    target,
-                )
-            targets.append(target)
+    predictors, classes = _load_models(settings)
+    targets = _calibration_targets(settings, out)
     negative = settings.negative_class
     if negative is None:
         negative = predictors[0].card.get("negative_class")
@@ -327,57 +302,21 @@ def run_evaluate(
         skip_missing=settings.skip_missing,
         negative_class=negative,
     )
-    if data.info["skipped_missing_masks"]:
-        warn(
-            f"{len(data.info['skipped_missing_masks'])} image(s) without a mask left out "
-            "(--skip-missing); listed in metrics.json"
-        )
-    for name, sizes in data.info["skipped_mask_size_mismatch"].items():
-        (iw, ih), (mw, mh) = sizes["image"], sizes["mask"]
-        warn(f"{name}: left out (--skip-missing): its mask is {mw}x{mh} px, the image {iw}x{ih}")
+    _warn_left_out(data)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise InputError(f"the output folder cannot be created ({exc})", out) from None
     device = resolve_device(settings.device)
-    results = []
-    for predictor, name in zip(predictors, names, strict=True):
-        results.append(
-            evaluate_model(
-                predictor,
-                data,
-                settings,
-                device,
-                out,
-                name=name,
-                quiet=quiet,
-            )
-        )
-    calibrations = []
-    for res, target in zip(results, targets, strict=False):
-        at_best = res.metrics["localization"]["at_threshold"]["best"]
-        calibration = {
-            "set": f"{data.info['source']} [{data.info['split']}, {data.info['n_images']} images]",
-            "criterion": f"{CALIBRATION_CRITERION} (dataset-level mean of foreground and "
-            "background IoU over the 0.001 threshold grid)",
-            "value": at_best["miou"]["value"],
-            "threshold": res.best_threshold,
-            "previous_threshold": res.card.get("threshold"),
-            "protocol": settings.protocol,
-            "map": res.metrics["map"],
-            "date": now(),
-            "histo-wsl": __version__,
-        }
-        calibrated_checkpoint(
-            res.path,
-            target,
-            res.best_threshold,
-            calibration,
-            cam_method=settings.cam_method,
-            tta=res.card.get("tta"),
-        )
-        res.metrics["calibration"] = {**calibration, "checkpoint": str(target)}
-        calibrations.append(str(target))
+    names = _display_names([Path(m) for m in settings.models])
+    results = [
+        evaluate_model(predictor, data, settings, device, out, name=name, quiet=quiet)
+        for predictor, name in zip(predictors, names, strict=True)
+    ]
+    calibrations = [
+        _calibrate(res, target, data, settings)
+        for res, target in zip(results, targets, strict=False)
+    ]
 
     # the report's example grid: images and masks read again, only for the few examples
     for res in results:
@@ -385,7 +324,6 @@ def run_evaluate(
         for ex in res.examples:
             load_example_arrays(ex, data.samples[ex.index], size)
 
-    env = versions()
     metrics = {
         "tool": "histo-wsl",
         "command": "evaluate",
@@ -395,7 +333,7 @@ def run_evaluate(
         "started": started,
         "ended": now(),
         "seconds": round(time.perf_counter() - t0, 3),
-        **env,
+        **versions(),
         "data": {
             **data.info,
         },
@@ -408,17 +346,7 @@ def run_evaluate(
             "confidence": 0.95,
             "unit": "image",
         },
-        "models": [
-            {
-                **res.metrics,
-                "curves": {
-                    "thresholds": "threshold_grid",
-                    **{k: round_curve(res.curves[k]) for k in ("precision", "recall")},
-                    **{k: round_curve(res.curves[k]) for k in OVERLAP_KEYS},
-                },
-            }
-            for res in results
-        ],
+        "models": [_model_entry(res) for res in results],
     }
     metrics = json_ready(metrics)
     atomic.write_json(out / "metrics.json", metrics)
@@ -436,14 +364,113 @@ def run_evaluate(
         "models": [headline(m) for m in metrics["models"]],
         "seconds": round(time.perf_counter() - t0, 3),
     }
+    _write_run_json(out / "run.json", metrics, summary, settings.seed, str(device))
+    return summary
+
+
+def _load_models(settings: EvalSettings) -> tuple[list, list[str]]:
+    """The models to evaluate and their (common) class names.
+
+    Raises:
+        InputError: a card without class names, or models trained on different classes.
+    """
+    from histo_wsl.inference.predictor import load_model
+
+    predictors = [
+        load_model(m, cam_method=settings.cam_method, tta=settings.tta) for m in settings.models
+    ]
+    classes = list(predictors[0].card.get("class_names") or [])
+    if not classes:
+        raise InputError("the model card has no class_names", settings.models[0])
+    for p in predictors[1:]:
+        if list(p.card.get("class_names") or []) != classes:
+            raise InputError(
+                f"the models have different classes ({p.card.get('class_names')} vs {classes}); "
+                "compare models trained on the same classes",
+                p.path,
+            )
+    return predictors, classes
+
+
+def _calibration_targets(settings: EvalSettings, out: Path) -> list[Path]:
+    """Where ``--calibrate`` writes each model's calibrated copy (none may exist yet)."""
+    if not settings.calibrate:
+        return []
+    targets: list[Path] = []
+    taken: set[str] = set()
+    for m in settings.models:
+        target = calibrated_path(Path(m), out, taken)
+        if target.exists():
+            raise InputError(
+                "the calibrated checkpoint exists already and is never overwritten; remove "
+                "it or choose another --out",
+                target,
+            )
+        targets.append(target)
+    return targets
+
+
+def _warn_left_out(data: EvalData) -> None:
+    """One warning per kind of image ``--skip-missing`` left out."""
+    if data.info["skipped_missing_masks"]:
+        warn(
+            f"{len(data.info['skipped_missing_masks'])} image(s) without a mask left out "
+            "(--skip-missing); listed in metrics.json"
+        )
+    for name, sizes in data.info["skipped_mask_size_mismatch"].items():
+        (iw, ih), (mw, mh) = sizes["image"], sizes["mask"]
+        warn(f"{name}: left out (--skip-missing): its mask is {mw}x{mh} px, the image {iw}x{ih}")
+
+
+def _calibrate(res: ModelResult, target: Path, data: EvalData, settings: EvalSettings) -> str:
+    """Write the model's copy at its mIoU-best threshold (``--calibrate``); returns its path."""
+    at_best = res.metrics["localization"]["at_threshold"]["best"]
+    calibration = {
+        "set": f"{data.info['source']} [{data.info['split']}, {data.info['n_images']} images]",
+        "criterion": f"{CALIBRATION_CRITERION} (dataset-level mean of foreground and "
+        "background IoU over the 0.001 threshold grid)",
+        "value": at_best["miou"]["value"],
+        "threshold": res.best_threshold,
+        "previous_threshold": res.card.get("threshold"),
+        "protocol": settings.protocol,
+        "map": res.metrics["map"],
+        "date": now(),
+        "histo-wsl": __version__,
+    }
+    calibrated_checkpoint(
+        res.path,
+        target,
+        res.best_threshold,
+        calibration,
+        cam_method=settings.cam_method,
+        tta=res.card.get("tta"),
+    )
+    res.metrics["calibration"] = {**calibration, "checkpoint": str(target)}
+    return str(target)
+
+
+def _model_entry(res: ModelResult) -> dict:
+    """One model's entry of metrics.json: its metrics and its curves on the threshold grid."""
+    return {
+        **res.metrics,
+        "curves": {
+            "thresholds": "threshold_grid",
+            **{k: round_curve(res.curves[k]) for k in ("precision", "recall")},
+            **{k: round_curve(res.curves[k]) for k in OVERLAP_KEYS},
+        },
+    }
+
+
+def _write_run_json(path: Path, metrics: dict, summary: dict, seed: int, device: str) -> None:
+    """run.json of an image evaluation: the command, versions, one item per model, the outputs."""
     atomic.write_json(
-        out / "run.json",
+        path,
         {k: metrics[k] for k in ("tool", "command", "argv", "cwd", "params", "started", "versions")}
         | {
             "platform": metrics.get("platform"),
             "host": metrics.get("host"),
-            "seed": settings.seed,
-            "device": str(device),
+            "seed": seed,
+            "device": device,
             "ended": now(),
             "seconds": summary["seconds"],
             "items": [
@@ -459,4 +486,3 @@ def run_evaluate(
             "exit_code": 0,
         },
     )
-    return summary

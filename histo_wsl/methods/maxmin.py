@@ -191,11 +191,7 @@ class MaxMinTask:
         out = model(batch["image"], branches=True)
         negative = labels == self.negative if self.negative is not None else None
         loss, stats = maxmin_loss(
-            out.loc_logits,
-            out.pos_logits,
-            out.neg_logits,
-            out.mask,
-            out.mask_logits,
+            out,
             labels,
             lam=self.cfg.maxmin.maxmin_lambda,
             regularizer=self.cfg.maxmin.maxmin_regularizer,

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor
 
+from histo_wsl.networks.maxmin import MaxMinOutput
+
 __all__ = [
     "REGULARIZERS",
     "eem",
@@ -98,11 +100,7 @@ def negative_mask_loss(mask_logits: Tensor) -> Tensor:
 
 
 def maxmin_loss(
-    loc_logits: Tensor,
-    pos_logits: Tensor,
-    neg_logits: Tensor,
-    mask: Tensor,
-    mask_logits: Tensor,
+    out: MaxMinOutput,
     labels: Tensor,
     *,
     lam: float,
@@ -120,11 +118,9 @@ def maxmin_loss(
     both cross-entropies apply to every image, so C learns that an empty X+ means the negative class.
 
     Args:
-        loc_logits: the localizer's pooled scores s_M (B,K).
-        pos_logits: C(X+) (B,K).
-        neg_logits: C(X−) (B,K).
-        mask: pseudo-binary mask M (B,H,W) in [0,1].
-        mask_logits: its logits (sigmoid(mask_logits) = mask), for the negative-image term.
+        out: one forward pass with its branches: the localizer's pooled scores s_M, C(X+), C(X−)
+            (B,K), the pseudo-binary mask M (B,H,W) in [0,1] and its logits (the negative-image
+            term).
         labels: (B,) class indices.
         lam: weight λ of the background regulariser R.
         regularizer: ``sem`` or ``eem``.
@@ -138,8 +134,9 @@ def maxmin_loss(
     if regularizer not in REGULARIZERS:
         raise ValueError(f"regularizer must be one of {REGULARIZERS}, got {regularizer!r}")
     reg_fn = sem if regularizer == "sem" else eem
-    ce_loc = F.cross_entropy(loc_logits.float(), labels)
-    ce_pos = F.cross_entropy(pos_logits.float(), labels)
+    mask, mask_logits, neg_logits = out.mask, out.mask_logits, out.neg_logits
+    ce_loc = F.cross_entropy(out.loc_logits.float(), labels)
+    ce_pos = F.cross_entropy(out.pos_logits.float(), labels)
     loss = ce_loc + ce_pos
     stats = {"ce_loc": float(ce_loc.detach()), "ce_pos": float(ce_pos.detach())}
     pos = torch.ones_like(labels, dtype=torch.bool) if negative is None else ~negative

@@ -319,6 +319,19 @@ def check_name(name: str) -> str:
     return name
 
 
+def _check_destination(final: Path, overwrite: bool) -> None:
+    """Refuse to replace a model without ``overwrite``, or anything that is not a model folder."""
+    if (final.exists() or final.is_symlink()) and not overwrite:
+        raise InputError(
+            "a model of that name exists; add --overwrite to replace it or choose another --name",
+            final,
+        )
+    if final.exists() and not final.is_dir():
+        raise InputError(
+            "exists and is not a model folder; remove it or choose another name", final
+        )
+
+
 def export_model(
     source: str | Path,
     name: str,
@@ -362,15 +375,7 @@ def export_model(
     check_name(name)
     dest = Path(dest).expanduser() if dest is not None else user_dir()
     final = dest / name
-    if (final.exists() or final.is_symlink()) and not overwrite:
-        raise InputError(
-            "a model of that name exists; add --overwrite to replace it or choose another --name",
-            final,
-        )
-    if final.exists() and not final.is_dir():
-        raise InputError(
-            "exists and is not a model folder; remove it or choose another name", final
-        )
+    _check_destination(final, overwrite)
     src = resolve_model(source)
     evaluation = read_metrics(metrics) if metrics is not None else None
     ckpt = load_checkpoint(src)

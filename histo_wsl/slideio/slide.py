@@ -370,28 +370,7 @@ def open_slide(path: str | Path, mpp: float | None = None) -> Slide:
     except Exception:  # detect_format itself can raise on unreadable files
         vendor = None
     if vendor is None:
-        if path.suffix.lower() in IMAGE_SUFFIXES:
-            return _open_plain(path, mpp)
-        if _starts_like_a_slide(path):
-            kind = _complete_tiff_kind(path)
-            if kind is not None:
-                raise InputError(
-                    f"is {kind}, which histo-wsl does not read: it works on brightfield RGB "
-                    "slides (H&E, IHC); export the brightfield image as an RGB pyramidal TIFF "
-                    "(e.g. vips tiffsave in out.tif --tile --pyramid --compression jpeg)",
-                    path,
-                )
-            raise InputError(
-                f"looks truncated or corrupt: it begins like a TIFF- or DICOM-based slide but "
-                f"OpenSlide cannot read its structure ({path.stat().st_size:,} bytes; often an "
-                "interrupted copy); copy it again from the scanner or archive",
-                path,
-            )
-        raise InputError(
-            "not a slide or image histo-wsl can read (OpenSlide does not recognise it and it is not "
-            "a PNG/JPEG/BMP/TIFF image); check the file, or convert it to a pyramidal TIFF",
-            path,
-        )
+        return _open_unrecognised(path, mpp)
     try:
         osr = openslide.OpenSlide(str(path))
     except Exception as exc:
@@ -400,33 +379,10 @@ def open_slide(path: str | Path, mpp: float | None = None) -> Slide:
                 return _open_plain(path, mpp)
             except InputError:
                 pass
-        if vendor == "dicom":
-            raise InputError(
-                f"OpenSlide cannot open this DICOM file ({exc}): it is not a complete DICOM "
-                "whole-slide image (VL Whole Slide Microscopy) as OpenSlide needs one; export the "
-                "series again from the archive, with every instance of the series in one folder",
-                path,
-            ) from exc
-        raise InputError(
-            f"OpenSlide cannot open this {vendor} file ({exc}); the file is corrupt or uses an "
-            "unsupported encoding: re-export it (e.g. as a JPEG-compressed pyramidal TIFF)",
-            path,
-        ) from exc
-
+        raise _cannot_open(path, vendor, exc) from exc
     props = dict(osr.properties)
     notes: list[str] = []
-    meta_mpp = None
-    mx = _float_or_none(props.get(openslide.PROPERTY_NAME_MPP_X))
-    my = _float_or_none(props.get(openslide.PROPERTY_NAME_MPP_Y))
-    if mx is not None and my is not None and abs(mx - my) > 0.01 * max(mx, my):
-        notes.append(f"pixels are not square (mpp-x {mx}, mpp-y {my}); mpp-x is used")
-    meta_mpp = _plausible_mpp(mx if mx is not None else my, "the file's metadata", notes)
-    if mpp is not None:
-        slide_mpp, source = mpp, "override"
-    elif meta_mpp is not None:
-        slide_mpp, source = meta_mpp, "metadata"
-    else:
-        slide_mpp, source = None, "none"
+    slide_mpp, source = _slide_resolution(props, mpp, notes)
     try:
         dims = tuple(tuple(int(v) for v in d) for d in osr.level_dimensions)
         downsamples = tuple(float(d) for d in osr.level_downsamples)
@@ -456,6 +412,64 @@ def open_slide(path: str | Path, mpp: float | None = None) -> Slide:
         notes=notes,
         _osr=osr,
     )
+
+
+def _open_unrecognised(path: Path, mpp: float | None) -> Slide:
+    """A file OpenSlide does not recognise: a plain image, or a one-line error saying what it is."""
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return _open_plain(path, mpp)
+    if _starts_like_a_slide(path):
+        kind = _complete_tiff_kind(path)
+        if kind is not None:
+            raise InputError(
+                f"is {kind}, which histo-wsl does not read: it works on brightfield RGB "
+                "slides (H&E, IHC); export the brightfield image as an RGB pyramidal TIFF "
+                "(e.g. vips tiffsave in out.tif --tile --pyramid --compression jpeg)",
+                path,
+            )
+        raise InputError(
+            f"looks truncated or corrupt: it begins like a TIFF- or DICOM-based slide but "
+            f"OpenSlide cannot read its structure ({path.stat().st_size:,} bytes; often an "
+            "interrupted copy); copy it again from the scanner or archive",
+            path,
+        )
+    raise InputError(
+        "not a slide or image histo-wsl can read (OpenSlide does not recognise it and it is not "
+        "a PNG/JPEG/BMP/TIFF image); check the file, or convert it to a pyramidal TIFF",
+        path,
+    )
+
+
+def _cannot_open(path: Path, vendor: str, exc: Exception) -> InputError:
+    """The error for a file OpenSlide recognises but cannot open."""
+    if vendor == "dicom":
+        return InputError(
+            f"OpenSlide cannot open this DICOM file ({exc}): it is not a complete DICOM "
+            "whole-slide image (VL Whole Slide Microscopy) as OpenSlide needs one; export the "
+            "series again from the archive, with every instance of the series in one folder",
+            path,
+        )
+    return InputError(
+        f"OpenSlide cannot open this {vendor} file ({exc}); the file is corrupt or uses an "
+        "unsupported encoding: re-export it (e.g. as a JPEG-compressed pyramidal TIFF)",
+        path,
+    )
+
+
+def _slide_resolution(props: dict, mpp: float | None, notes: list[str]) -> tuple[float | None, str]:
+    """Level-0 µm/px and where it comes from: the override, the metadata, or none."""
+    import openslide
+
+    mx = _float_or_none(props.get(openslide.PROPERTY_NAME_MPP_X))
+    my = _float_or_none(props.get(openslide.PROPERTY_NAME_MPP_Y))
+    if mx is not None and my is not None and abs(mx - my) > 0.01 * max(mx, my):
+        notes.append(f"pixels are not square (mpp-x {mx}, mpp-y {my}); mpp-x is used")
+    meta_mpp = _plausible_mpp(mx if mx is not None else my, "the file's metadata", notes)
+    if mpp is not None:
+        return mpp, "override"
+    if meta_mpp is not None:
+        return meta_mpp, "metadata"
+    return None, "none"
 
 
 def _to_rgb8(image: Image.Image) -> tuple[Image.Image, str | None]:

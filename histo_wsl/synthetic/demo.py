@@ -160,7 +160,7 @@ def _write_slide(slide: Path, truth: Path, recipe: DemoRecipe, seed: int) -> Non
     atomic.write_text(truth, json.dumps(geo))
 
 
-def run_demo(
+def run_demo(  # noqa: PLR0915 (the demo's steps in order, one library call each)
     out: Path,
     *,
     seed: int = 0,

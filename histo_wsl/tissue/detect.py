@@ -187,7 +187,7 @@ def is_greyscale(saturation_hist: np.ndarray) -> bool:
     return int(saturation_hist[: GREY_SATURATION + 1].sum()) >= 0.995 * total
 
 
-def detect_tissue_strips(
+def detect_tissue_strips(  # noqa: PLR0915 (one recipe, step by step, as detect_tissue)
     read_rows: RowReader,
     shape: tuple[int, int],
     mpp: float,

@@ -144,7 +144,7 @@ def _merge_labels(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
             parent = grand
 
 
-def flip_components_strips(
+def flip_components_strips(  # noqa: PLR0915 (one two-pass labelling over strips)
     mask: PackedMask,
     *,
     foreground: bool,

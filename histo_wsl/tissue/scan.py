@@ -313,12 +313,7 @@ def write_tissue_images(
             for y0 in range(0, h, BAND_ROWS):
                 y1 = min(h, y0 + BAND_ROWS)
                 lo, hi = max(0, y0 - margin), min(h, y1 + margin)
-                if found.rgb is not None:
-                    band = np.ascontiguousarray(found.rgb[lo:hi]).copy()
-                else:
-                    band = read_thumbnail_rows(slide, found.geometry, lo, hi)
-                if contours:
-                    cv2.drawContours(band, contours, -1, TISSUE_COLOR, thickness, offset=(0, -lo))
+                band = _contoured_rows(slide, found, lo, hi, contours, thickness)
                 if outs[0] is not None:
                     outs[0].write_rows(band[y0 - lo : y1 - lo])
                 if outs[1] is not None:
@@ -334,6 +329,24 @@ def write_tissue_images(
             if out is not None:
                 out.abort()
         raise
+
+
+def _contoured_rows(
+    slide: Slide,
+    found: TissueMap,
+    lo: int,
+    hi: int,
+    contours: Sequence[np.ndarray],
+    thickness: int,
+) -> np.ndarray:
+    """Thumbnail rows ``lo:hi`` (kept or read again) with the tissue contours drawn on them."""
+    if found.rgb is not None:
+        band = np.ascontiguousarray(found.rgb[lo:hi]).copy()
+    else:
+        band = read_thumbnail_rows(slide, found.geometry, lo, hi)
+    if contours:
+        cv2.drawContours(band, contours, -1, TISSUE_COLOR, thickness, offset=(0, -lo))
+    return band
 
 
 def save_png(path: Path, rgb: np.ndarray) -> None:

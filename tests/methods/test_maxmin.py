@@ -25,7 +25,7 @@ from histo_wsl.methods.maxmin_losses import (
     size_barrier,
 )
 from histo_wsl.networks.backbones import Backbone
-from histo_wsl.networks.maxmin import MaxMinModel, maxmin_param_groups
+from histo_wsl.networks.maxmin import MaxMinModel, MaxMinOutput, maxmin_param_groups
 from histo_wsl.registry.checkpoint import save_checkpoint
 from histo_wsl.synthetic.patches import write_patch_dataset
 from histo_wsl.training.config import TrainConfig
@@ -159,19 +159,14 @@ def test_size_barrier_uses_fractions_and_maxmin_loss_terms():
     logits = torch.zeros(2, 2)
     labels = torch.tensor([0, 1])
     mask_logits = torch.zeros(2, 8, 8)
-    loss, stats = maxmin_loss(
-        logits, logits, logits, half, mask_logits, labels, lam=2.0, regularizer="sem", t=t
-    )
+    out = MaxMinOutput(logits, mask_logits, half, logits, logits)
+    loss, stats = maxmin_loss(out, labels, lam=2.0, regularizer="sem", t=t)
     expected = 2 * math.log(2) + 2.0 * math.log(2) + 2 * math.log(2) / t
     assert loss.item() == pytest.approx(expected, rel=1e-5)
     assert set(stats) >= {"ce_loc", "ce_pos", "sem_neg", "size_barrier"}
     negative = torch.tensor([False, True])
     loss, stats = maxmin_loss(
-        logits,
-        logits,
-        logits,
-        half,
-        mask_logits,
+        out,
         labels,
         lam=2.0,
         regularizer="eem",
@@ -318,11 +313,7 @@ def test_localizer_learns_the_glands_better_than_chance(synthetic, mode, steps, 
         i = torch.randperm(len(x), generator=g)[:8]
         out = model.train()(x[i], branches=True)
         loss, _ = maxmin_loss(
-            out.loc_logits,
-            out.pos_logits,
-            out.neg_logits,
-            out.mask,
-            out.mask_logits,
+            out,
             labels[i],
             lam=1.0,
             negative=labels[i] == 1 if neg is not None else None,
