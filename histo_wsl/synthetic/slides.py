@@ -1,5 +1,8 @@
 """Deterministic synthetic H&E-like slides with tissue and glands at known places.
 
+One concept, kept in one module: a synthetic slide from its layout through its rendering to its
+pyramidal TIFF and truth masks (the three share the layout's geometry and the texture's period).
+
 A :class:`SlideLayout` places elliptical tissue sections on a glass slide and elliptical glands
 inside them, all in level-0 pixel coordinates and all derived from a seed (:func:`make_layout`).
 :func:`render_region` paints any region of the slide at any downsample: near-white glass, pink

@@ -103,6 +103,7 @@ def _run(cmd: list[str], cwd: Path, torch_home: Path) -> subprocess.CompletedPro
     )
 
 
+@pytest.mark.slow
 def test_readme_lab_path_runs_on_labels_only_slides(lab):
     root, torch_home = lab
     commands = lab_path_commands(ROOT / "README.md")
@@ -141,6 +142,7 @@ def _card(path: Path) -> dict:
     return load_checkpoint(path)["card"]
 
 
+@pytest.mark.slow
 def test_lab_workflow_script_runs_on_labels_only_slides(lab):
     root, torch_home = lab
     script = ROOT / "examples" / "lab_workflow.sh"

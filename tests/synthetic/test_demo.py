@@ -49,6 +49,7 @@ def test_demo_help_lists_its_options():
     assert result.exit_code == 0 and "--quick" in result.stdout and "--out" in result.stdout
 
 
+@pytest.mark.slow
 def test_quick_demo_decoder_beats_the_cam_it_starts_from(tmp_path):
     """Issue 9: the demo's NEGEV decoder (trained, not its epoch 0) beats its stage-1 CAM."""
     result = CliRunner().invoke(app, ["demo", "--quick", "--out", str(tmp_path / "d"), "--json"])
