@@ -43,8 +43,6 @@ background IoU, NEGEV's criterion, §4.2) on the evaluated set and writes a new 
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -87,7 +85,7 @@ from histo_wsl.reporting.metrics_file import (
 )
 from histo_wsl.runtime import atomic
 from histo_wsl.runtime.console import stderr_console, warn
-from histo_wsl.runtime.record import json_ready, now, versions
+from histo_wsl.runtime.record import RunRecord, json_ready, now, versions
 
 __all__ = ["evaluate_model", "run_evaluate"]
 
@@ -286,9 +284,15 @@ def run_evaluate(
     from histo_wsl.training.engine import resolve_device
 
     settings.check()
-    started, t0 = now(), time.perf_counter()
-    argv = list(argv if argv is not None else sys.argv)
     out = atomic.ensure_writable_dir(settings.out)  # before the evaluation, not after it
+    record = RunRecord(
+        out / "run.json",
+        "evaluate",
+        params=settings.as_dict(),
+        argv=argv,
+        seed=settings.seed,
+        machine=versions(),
+    )
     predictors, classes = _load_models(settings)
     targets = _calibration_targets(settings, out)
     negative = settings.negative_class
@@ -308,6 +312,7 @@ def run_evaluate(
     except OSError as exc:
         raise InputError(f"the output folder cannot be created ({exc})", out) from None
     device = resolve_device(settings.device)
+    record.note(device=str(device))
     names = _display_names([Path(m) for m in settings.models])
     results = [
         evaluate_model(predictor, data, settings, device, out, name=name, quiet=quiet)
@@ -325,15 +330,9 @@ def run_evaluate(
             load_example_arrays(ex, data.samples[ex.index], size)
 
     metrics = {
-        "tool": "histo-wsl",
-        "command": "evaluate",
-        "argv": argv,
-        "cwd": os.getcwd(),
-        "params": settings.as_dict(),
-        "started": started,
+        **{k: v for k, v in record.header.items() if k not in ("seed", "device")},
         "ended": now(),
-        "seconds": round(time.perf_counter() - t0, 3),
-        **versions(),
+        "seconds": record.seconds(),
         "data": {
             **data.info,
         },
@@ -362,9 +361,13 @@ def run_evaluate(
         "calibrated_checkpoints": calibrations,
         "data": {k: data.info[k] for k in ("source", "split", "n_images")},
         "models": [headline(m) for m in metrics["models"]],
-        "seconds": round(time.perf_counter() - t0, 3),
+        "seconds": record.seconds(),
     }
-    _write_run_json(out / "run.json", metrics, summary, settings.seed, str(device))
+    items = [
+        {"name": m["name"], "path": m["checkpoint"], "status": "done", "seconds": m["seconds"]}
+        for m in metrics["models"]
+    ]
+    record.write(ended=True, items=items, outputs=summary["files"])
     return summary
 
 
@@ -459,30 +462,3 @@ def _model_entry(res: ModelResult) -> dict:
             **{k: round_curve(res.curves[k]) for k in OVERLAP_KEYS},
         },
     }
-
-
-def _write_run_json(path: Path, metrics: dict, summary: dict, seed: int, device: str) -> None:
-    """run.json of an image evaluation: the command, versions, one item per model, the outputs."""
-    atomic.write_json(
-        path,
-        {k: metrics[k] for k in ("tool", "command", "argv", "cwd", "params", "started", "versions")}
-        | {
-            "platform": metrics.get("platform"),
-            "host": metrics.get("host"),
-            "seed": seed,
-            "device": device,
-            "ended": now(),
-            "seconds": summary["seconds"],
-            "items": [
-                {
-                    "name": m["name"],
-                    "path": m["checkpoint"],
-                    "status": "done",
-                    "seconds": m["seconds"],
-                }
-                for m in metrics["models"]
-            ],
-            "outputs": summary["files"],
-            "exit_code": 0,
-        },
-    )

@@ -18,8 +18,6 @@ the ROI class), bootstrap intervals over slides. Every pixel of the map counts, 
 from __future__ import annotations
 
 import json
-import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +37,7 @@ from histo_wsl.reporting.metrics_file import (
 )
 from histo_wsl.runtime import atomic
 from histo_wsl.runtime.console import warn
-from histo_wsl.runtime.record import json_ready, now, versions
+from histo_wsl.runtime.record import RunRecord, json_ready, now, versions
 from histo_wsl.slideio.annotations import (
     ANNOTATION_SUFFIXES,
     annotation_mask,
@@ -204,11 +202,17 @@ def run_evaluate_slides(
             predictions and annotations without a slide in common, malformed annotations.
     """
     s = settings
-    t0, started = time.perf_counter(), now()
-    argv = list(argv if argv is not None else sys.argv)
     if not 0.0 <= s.threshold <= 1.0:
         raise InputError(f"--threshold {s.threshold} is not in [0, 1]")
     atomic.ensure_writable_dir(s.out)  # before the evaluation, not after it
+    record = RunRecord(
+        s.out / "run.json",
+        "evaluate",
+        params=s.params(),
+        argv=argv,
+        seed=s.seed,
+        machine=versions(),
+    )
     slides = find_predictions(Path(s.predictions))
     pairs, missing = pair_slides_with_annotations(slides, Path(s.annotations), s.skip_missing)
     try:
@@ -224,8 +228,8 @@ def run_evaluate_slides(
     finally:
         acc.close()
     result = _slides_result(acc, pairs, images, metrics_m, curves, roi, seconds, s)
-    metrics = _slides_metrics(s, argv, started, t0, pairs, missing, ann_notes, result, curves)
-    return _write_slide_outputs(s, metrics, result, pairs, missing, t0)
+    metrics = _slides_metrics(s, record, pairs, missing, ann_notes, result, curves)
+    return _write_slide_outputs(s, metrics, result, pairs, missing, record)
 
 
 def pair_slides_with_annotations(
@@ -419,9 +423,7 @@ def _slides_result(
 
 def _slides_metrics(
     s: SlideEvalSettings,
-    argv: list[str],
-    started: str,
-    t0: float,
+    record: RunRecord,
     pairs: list[SlidePair],
     missing: list[str],
     ann_notes: dict[str, dict],
@@ -432,15 +434,9 @@ def _slides_metrics(
     class_names = result.metrics["class_names"]
     n_pos = sum(1 for r in result.rows if r["has_roi"])
     metrics = {
-        "tool": "histo-wsl",
-        "command": "evaluate",
-        "argv": argv,
-        "cwd": os.getcwd(),
-        "params": s.params(),
-        "started": started,
+        **{k: v for k, v in record.header.items() if k not in ("seed", "device")},
         "ended": now(),
-        "seconds": round(time.perf_counter() - t0, 3),
-        **versions(),
+        "seconds": record.seconds(),
         "data": {
             "source": f"{s.predictions} + {s.annotations}",
             "layout": "slides",
@@ -491,7 +487,7 @@ def _write_slide_outputs(
     result: ModelResult,
     pairs: list[SlidePair],
     missing: list[str],
-    t0: float,
+    record: RunRecord,
 ) -> dict:
     """metrics.json, per_image.csv, the reports and run.json; returns the summary."""
     from histo_wsl.reporting import report
@@ -510,20 +506,10 @@ def _write_slide_outputs(
         "data": {"source": metrics["data"]["source"], "split": "all", "n_images": len(pairs)},
         "skipped_slides": missing if s.skip_missing else [],
         "models": [headline(m) for m in metrics["models"]],
-        "seconds": round(time.perf_counter() - t0, 3),
+        "seconds": record.seconds(),
     }
-    atomic.write_json(
-        out / "run.json",
-        {k: metrics[k] for k in ("tool", "command", "argv", "cwd", "params", "started", "versions")}
-        | {
-            "ended": now(),
-            "seconds": summary["seconds"],
-            "items": [
-                {"name": p[0], "path": str(p[2]), "annotation": str(p[4]), "status": "done"}
-                for p in pairs
-            ],
-            "outputs": summary["files"],
-            "exit_code": 0,
-        },
-    )
+    items = [
+        {"name": p[0], "path": str(p[2]), "annotation": str(p[4]), "status": "done"} for p in pairs
+    ]
+    record.write(ended=True, items=items, outputs=summary["files"])
     return summary

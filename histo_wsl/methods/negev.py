@@ -502,7 +502,7 @@ def train_decoder(
         cfg.data.classes = list(stage1.card["class_names"])
     ds = load_training_data(cfg)
     task = DecoderTask(cfg, ds, stage1)
-    summary = fit(cfg, task, resume=resume, quiet=quiet, argv=argv)
+    summary = fit(cfg, task, resume=resume, quiet=quiet, argv=argv, command="train-decoder")
     return {
         **summary,
         "data": ds.describe(),

@@ -15,7 +15,6 @@ import contextlib
 import json
 import os
 import shutil
-import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -34,7 +33,7 @@ from histo_wsl.errors import (
 from histo_wsl.runtime import atomic
 from histo_wsl.runtime.console import print_line
 from histo_wsl.runtime.inputs import InputItem
-from histo_wsl.runtime.record import environment, now
+from histo_wsl.runtime.record import RunRecord, now
 
 __all__ = [
     "STAGING",
@@ -271,7 +270,7 @@ class BatchRunner:
         """
         self.prepare()
         t0 = time.perf_counter()
-        log = _RunLog(self.run_file, self._header(), t0)
+        log = _RunLog(self._record())
         bar = _Bar(self.command, len(items), self.options.quiet)
         try:
             for item in items:
@@ -289,14 +288,14 @@ class BatchRunner:
                 log.results.append(result)
                 if stop_code is not None:
                     log.exit_code = stop_code
-                    log.save(now())
+                    log.save(ended=True)
                     break
                 if result.status == "failed":
                     log.exit_code = EXIT_SOME_FAILED
-                log.save(None)
+                log.save(ended=False)
                 bar.item_done()
             else:
-                log.save(now())
+                log.save(ended=True)
         finally:
             bar.stop()
             staging = self.out_dir / STAGING
@@ -306,21 +305,18 @@ class BatchRunner:
         seconds = time.perf_counter() - t0
         return RunSummary(self.out_dir, self.run_file, log.results, log.exit_code, seconds)
 
-    def _header(self) -> dict:
-        """What run.json records about the run itself (before any item)."""
+    def _record(self) -> RunRecord:
+        """The run's run.json (the shard's own file when this process runs one shard)."""
         opts = self.options
-        return {
-            "tool": "histo-wsl",
-            "command": self.command,
-            "argv": list(opts.argv if opts.argv is not None else sys.argv),
-            "cwd": os.getcwd(),
-            "params": self.params,
-            "seed": self.seed,
-            "shard": None if opts.shard is None else f"{opts.shard[0]}/{opts.shard[1]}",
-            "device": self.device,
-            "started": now(),
-            **environment(),
-        }
+        return RunRecord(
+            self.run_file,
+            self.command,
+            params=self.params,
+            argv=opts.argv,
+            seed=self.seed,
+            device=self.device,
+            shard=None if opts.shard is None else f"{opts.shard[0]}/{opts.shard[1]}",
+        )
 
     def _claim(self, item: InputItem) -> tuple[Any, str]:
         """The item's lock, held; or None and why the item is skipped."""
@@ -378,23 +374,20 @@ class BatchRunner:
 
 
 class _RunLog:
-    """The items' results and the exit code so far, saved as run.json after each item."""
+    """The items' results and the exit code so far, saved in run.json after each item."""
 
-    def __init__(self, path: Path, header: dict, t0: float) -> None:
-        self.path, self.header, self.t0 = path, header, t0
+    def __init__(self, record: RunRecord) -> None:
+        self.record = record
         self.results: list[ItemResult] = []
         self.exit_code = 0
 
-    def save(self, ended: str | None) -> None:
-        """Write run.json (``ended``: when the run ended, None while it goes on)."""
-        record = dict(
-            self.header,
+    def save(self, *, ended: bool) -> None:
+        """Write run.json (``ended``: the run is over)."""
+        self.record.write(
             ended=ended,
-            seconds=round(time.perf_counter() - self.t0, 3),
             items=[r.as_dict() for r in self.results],
             exit_code=self.exit_code,
         )
-        atomic.write_json(self.path, record)
 
 
 class _Bar:

@@ -1,9 +1,10 @@
-"""What every command records about its run: the time, the machine and versions, JSON-ready values.
+"""What every command records about its run: run.json, the time, the machine, JSON-ready values.
 
-``run.json`` of every command (training, the batch commands, evaluate) and the ``metrics.json`` of
-evaluate take their timestamps from :func:`now`, the machine from :func:`environment` (and
-:func:`versions`, which adds the packages the metrics and plots depend on), and pass their values
-through :func:`json_ready` (NaN and infinities become null, numpy values plain Python).
+Every command writes its ``run.json`` through one :class:`RunRecord` (training, the batch commands,
+evaluate on images and on slides), so they share one shape. Its timestamps come from :func:`now`,
+the machine from :func:`environment` (evaluate's from :func:`versions`, which adds the packages the
+metrics and plots depend on); ``metrics.json`` of evaluate takes the same header, and its values
+pass through :func:`json_ready` (NaN and infinities become null, numpy values plain Python).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import math
 import os
 import platform
+import sys
+import time
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -19,8 +22,17 @@ from typing import Any
 import numpy as np
 
 from histo_wsl import __version__
+from histo_wsl.runtime.atomic import write_json
 
-__all__ = ["environment", "json_ready", "now", "number_or_none", "processor_name", "versions"]
+__all__ = [
+    "RunRecord",
+    "environment",
+    "json_ready",
+    "now",
+    "number_or_none",
+    "processor_name",
+    "versions",
+]
 
 _PACKAGES = (
     "numpy",
@@ -111,3 +123,71 @@ def json_ready(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     return obj
+
+
+class RunRecord:
+    """A command's ``run.json``, in the one shape every command writes.
+
+    First what ran and where: ``tool``, ``command``, ``argv``, ``cwd``, ``params``, ``seed``,
+    ``device``, what the command adds to that (``shard``, ``world_size``), ``started`` and the
+    machine (``versions``, ``platform``, ``host``, ``processor``, ``cpu_count``); then, at each
+    :meth:`write`, what the command reports (``items``, ``outputs``, ``summary``, ``status``...),
+    ``ended`` (null while the run goes on), ``seconds`` and ``exit_code``. Written atomically.
+
+    Args:
+        path: the run.json file.
+        command: the subcommand (``extract-patches``, ``train-decoder``...).
+        params: the resolved parameters.
+        argv: the command line (default: ``sys.argv``).
+        seed: the run's random seed.
+        device: the compute device, when known (``note(device=...)`` sets it later).
+        machine: the machine's record (default :func:`environment`).
+        **extra: more fields of the header.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        command: str,
+        *,
+        params: Any,
+        argv: list[str] | tuple[str, ...] | None = None,
+        seed: int | None = None,
+        device: str | None = None,
+        machine: dict | None = None,
+        **extra: Any,
+    ) -> None:
+        self.path = Path(path)
+        self.t0 = time.perf_counter()
+        self.header: dict[str, Any] = {
+            "tool": "histo-wsl",
+            "command": command,
+            "argv": list(argv if argv is not None else sys.argv),
+            "cwd": os.getcwd(),
+            "params": params,
+            "seed": seed,
+            "device": device,
+            **extra,
+            "started": now(),
+            **(machine if machine is not None else environment()),
+        }
+
+    def note(self, **fields: Any) -> None:
+        """Set header fields learnt after the start (e.g. the device once the model is loaded)."""
+        self.header.update(fields)
+
+    def seconds(self) -> float:
+        """Seconds since the run started."""
+        return round(time.perf_counter() - self.t0, 3)
+
+    def write(self, *, ended: bool, exit_code: int = 0, **fields: Any) -> dict:
+        """Write run.json: the header, ``fields``, then the end (None while the run goes on)."""
+        record = {
+            **self.header,
+            **fields,
+            "ended": now() if ended else None,
+            "seconds": self.seconds(),
+            "exit_code": exit_code,
+        }
+        write_json(self.path, record)
+        return record

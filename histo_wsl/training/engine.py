@@ -25,7 +25,6 @@ import dataclasses
 import math
 import os
 import random
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,10 +36,10 @@ from torch import nn
 
 from histo_wsl.errors import FaultError, InputError
 from histo_wsl.registry.checkpoint import load_checkpoint, save_checkpoint
-from histo_wsl.runtime.atomic import atomic_path, ensure_writable_dir, write_json
+from histo_wsl.runtime.atomic import atomic_path, ensure_writable_dir
 from histo_wsl.runtime.console import stderr_console
 from histo_wsl.runtime.memory import release_freed_memory
-from histo_wsl.runtime.record import environment, now
+from histo_wsl.runtime.record import RunRecord
 from histo_wsl.training.config import TrainConfig, save_config
 
 __all__ = [
@@ -238,6 +237,7 @@ def fit(
     resume: bool = False,
     quiet: bool = False,
     argv: list[str] | None = None,
+    command: str = "train-classifier",
 ) -> dict:
     """Train ``task`` under ``cfg``; returns the run summary (best metrics, files, timings).
 
@@ -256,15 +256,15 @@ def fit(
         run.out.mkdir(parents=True, exist_ok=True)
         save_config(run.out / "config.yaml", cfg)
     run.prepare_data()
-    record: dict[str, Any] = {
-        "command": argv or sys.argv,
-        "config": dataclasses.asdict(cfg),
-        "seed": cfg.run.seed,
-        "device": str(run.device),
-        "world_size": run.world,
-        "environment": environment(),
-        "started": now(),
-    }
+    record = RunRecord(
+        run.out / "run.json",
+        command,
+        params=dataclasses.asdict(cfg),
+        argv=argv,
+        seed=cfg.run.seed,
+        device=str(run.device),
+        world_size=run.world,
+    )
     t_run = time.perf_counter()
     if run.start_epoch == 1:
         run.print_row(run.evaluate_and_select(0, {}, 0.0))
@@ -288,11 +288,12 @@ def fit(
 
     summary = run.summary(stopped_after, time.perf_counter() - t_run)
     if run.main:
-        record["finished"] = now()
-        record["summary"] = summary
-        record["training_data"] = task.card().get("training_data")
-        record["status"] = "done" if stopped_after is None else "stopped"
-        write_json(run.out / "run.json", record)
+        record.write(
+            ended=True,
+            status="done" if stopped_after is None else "stopped",
+            summary=summary,
+            training_data=task.card().get("training_data"),
+        )
         if not quiet:
             _print_closing(run.console, summary, run.history, task.selection[0].file)
     if run.world > 1:

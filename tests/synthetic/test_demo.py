@@ -39,6 +39,12 @@ def test_demo_runs_every_step_and_resumes(tmp_path):
     geo = json.loads(open(summary["qupath_geojson"]).read())
     assert geo["type"] == "FeatureCollection"
     assert (out / "patches" / "manifest.csv").is_file()
+    # every command's run.json has the one shape (runtime/record.py)
+    runs = ["patches", "runs/cam", "runs/negev", "localize", "evaluate", "evaluate-slide"]
+    head = {"tool", "command", "argv", "cwd", "params", "seed", "device", "started", "versions"}
+    for folder in runs:
+        run = json.loads((out / folder / "run.json").read_text())
+        assert head | {"ended", "seconds", "exit_code"} <= set(run), folder
     again = run_demo(out, recipe=TINY, quiet=True)
     assert again["test"] == summary["test"]
     assert again["seconds"]["train-classifier"] < 5 and again["seconds"]["localize"] < 5
