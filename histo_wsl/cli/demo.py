@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from histo_wsl.cli.common import JsonOpt, QuietOpt, SeedOpt, print_json, reports_errors
+from histo_wsl.cli.common import print_json, reports_errors
+from histo_wsl.cli.options import JsonOpt, QuietOpt, SeedOpt
 
 EPILOG = """Examples:
 

@@ -8,7 +8,8 @@ from typing import Annotated
 
 import typer
 
-from histo_wsl.cli.common import JsonOpt, QuietOpt, fail, print_json, reports_errors
+from histo_wsl.cli.common import fail, print_json, reports_errors
+from histo_wsl.cli.options import JsonOpt, QuietOpt
 
 EPILOG = (
     "Examples: histo-wsl evaluate runs/cam/best-loc.pt --data ../shared/data/glas --out eval/cam  |  "

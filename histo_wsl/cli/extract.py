@@ -9,6 +9,11 @@ from typing import Annotated
 import typer
 
 from histo_wsl.cli.common import (
+    batch_options,
+    reports_errors,
+    run_batch_command,
+)
+from histo_wsl.cli.options import (
     InputsArg,
     JsonOpt,
     OutOpt,
@@ -19,9 +24,6 @@ from histo_wsl.cli.common import (
     SkipErrorsOpt,
     SlideMppOpt,
     WorkersOpt,
-    batch_options,
-    reports_errors,
-    run_batch_command,
 )
 
 EPILOG = """Examples:

@@ -9,6 +9,12 @@ from typing import Annotated
 import typer
 
 from histo_wsl.cli.common import (
+    batch_options,
+    fail,
+    reports_errors,
+    run_batch_command,
+)
+from histo_wsl.cli.options import (
     InputsArg,
     JsonOpt,
     OverwriteOpt,
@@ -17,10 +23,6 @@ from histo_wsl.cli.common import (
     ShardOpt,
     SkipErrorsOpt,
     SlideMppOpt,
-    batch_options,
-    fail,
-    reports_errors,
-    run_batch_command,
 )
 
 EPILOG = """Examples:

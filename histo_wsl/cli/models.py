@@ -8,7 +8,8 @@ from typing import Annotated
 
 import typer
 
-from histo_wsl.cli.common import JsonOpt, print_json, reports_errors
+from histo_wsl.cli.common import print_json, reports_errors
+from histo_wsl.cli.options import JsonOpt
 
 EPILOG = """Examples:
 

@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from histo_wsl.cli.common import JsonOpt, SlideMppOpt, print_json, reports_errors
+from histo_wsl.cli.common import print_json, reports_errors
+from histo_wsl.cli.options import JsonOpt, SlideMppOpt
 from histo_wsl.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_SOME_FAILED
 
 

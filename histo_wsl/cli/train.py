@@ -8,7 +8,8 @@ from typing import Annotated
 
 import typer
 
-from histo_wsl.cli.common import JsonOpt, QuietOpt, print_json, reports_errors
+from histo_wsl.cli.common import print_json, reports_errors
+from histo_wsl.cli.options import JsonOpt, QuietOpt
 
 EPILOG = (
     "Examples: histo-wsl train-classifier ../shared/data/glas --fold 0 --out runs/cam "
