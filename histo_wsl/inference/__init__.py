@@ -4,6 +4,8 @@
   sliding-window inference does).
 * :mod:`~histo_wsl.inference.engine` — The inference engine: a trained model run over a slide's
   windows.
+* :mod:`~histo_wsl.inference.job` — One slide being localized: what the per-slide steps share, and
+  the grid its map is made on.
 * :mod:`~histo_wsl.inference.localize` — ``localize``: sliding-window inference over slides and
   images, with QuPath-ready outputs.
 * :mod:`~histo_wsl.inference.outputs` — What ``localize`` writes for a slide, and the resolution
@@ -30,6 +32,8 @@ _EXPORTS = {
     "roi_class": "engine",
     "run_windows": "engine",
     "TRIM_SECONDS": "engine",
+    "SlideGrid": "job",
+    "SlideJob": "job",
     "check_inputs": "localize",
     "localize_slide": "localize",
     "localize_whole_image": "localize",

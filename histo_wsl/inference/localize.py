@@ -50,7 +50,6 @@ import math
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -58,6 +57,7 @@ import numpy as np
 
 from histo_wsl.inference.blending import BandCanvas, WindowBlender
 from histo_wsl.inference.engine import Engine, run_windows
+from histo_wsl.inference.job import SlideGrid, SlideJob
 from histo_wsl.inference.outputs import (
     ROI_COLOR,
     check_mpp,
@@ -73,7 +73,7 @@ from histo_wsl.runtime.console import warn
 from histo_wsl.runtime.inputs import InputItem
 from histo_wsl.runtime.memory import release_freed_memory
 from histo_wsl.slideio.geojson import GeoJSONStyle, mask_to_geojson, write_geojson
-from histo_wsl.slideio.slide import ReadPlan, Slide, open_slide, plan_read
+from histo_wsl.slideio.slide import ReadPlan, open_slide, plan_read
 from histo_wsl.tissue.fraction import tissue_fraction_map
 from histo_wsl.tissue.scan import SlideTissue, find_tissue, tissue_geojson_for
 
@@ -94,30 +94,15 @@ def localize_slide(
     scratch = stage / f".scratch-{item.name}"
     try:
         with open_slide(item.path, mpp=mpp_override) as slide:
-            return _localize_open_slide(
-                item, slide, slide_dir, scratch, progress, engine, params, mpp_override, t_start
-            )
+            job = SlideJob(item, slide, slide_dir, scratch, engine, params, mpp_override, t_start)
+            return _localize_open_slide(job, progress)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-@dataclass
-class _SlideGrid:
-    """Where a slide is read and where its map is written: resolutions, the output grid, notes."""
-
-    model_mpp: float
-    plan: ReadPlan
-    output_mpp: float
-    s_out: float  # level-0 px per output px
-    out_w: int
-    out_h: int
-    notes: list[str]
-
-
-def _slide_grid(
-    item: InputItem, slide: Slide, engine: Engine, params: LocalizeParams
-) -> _SlideGrid:
+def _slide_grid(job: SlideJob) -> SlideGrid:
     """The reading plan at the model's resolution and the output grid (warnings noted)."""
+    item, slide, engine, params = job.item, job.slide, job.engine, job.params
     model_mpp = check_mpp(slide, engine.model_mpp, item.path)
     notes = list(slide.notes) + list(engine.notes)
     plan = plan_read(slide, mpp=model_mpp)
@@ -133,19 +118,18 @@ def _slide_grid(
             f"--output-mpp {output_mpp:.4g} is finer than the slide ({slide.mpp:.4g} µm/px): "
             "the map has more pixels than the slide"
         )
-    return _SlideGrid(model_mpp, plan, output_mpp, s_out, out_w, out_h, notes)
+    return SlideGrid(model_mpp, plan, output_mpp, s_out, out_w, out_h, notes)
 
 
-def _tissue_windows(
-    item: InputItem, slide: Slide, plan: ReadPlan, size: int, params: LocalizeParams
-) -> tuple[SlideTissue, PatchGrid, PatchGrid, int]:
+def _tissue_windows(job: SlideJob, plan: ReadPlan) -> tuple[SlideTissue, PatchGrid, PatchGrid, int]:
     """The slide's tissue, the window grid, the windows that touch tissue, and the stride."""
     from histo_wsl.slideio.grid import cover_grid
 
+    slide, params, size = job.slide, job.params, job.engine.size
     found = find_tissue(
         slide,
         thumbnail_mpp=params.thumbnail_mpp,
-        geojson=tissue_geojson_for(item, params.tissue_geojson),
+        geojson=tissue_geojson_for(job.item, params.tissue_geojson),
         params=params.tissue,
         whole_slide=not params.tissue_detection,
     )
@@ -167,7 +151,7 @@ def _tissue_windows(
 class _MapSink:
     """Finished output rows into the uint8 map, zeroed outside tissue (counts the tissue pixels)."""
 
-    def __init__(self, prob_u8: np.ndarray, found: SlideTissue, g: _SlideGrid) -> None:
+    def __init__(self, prob_u8: np.ndarray, found: SlideTissue, g: SlideGrid) -> None:
         th, tw = found.mask.shape
         self.prob_u8 = prob_u8
         self.mask = found.mask
@@ -198,30 +182,20 @@ def _slide_class(
     return engine.class_names[top], round(float(mean_probs[top]), 6), class_probs
 
 
-def _localize_open_slide(
-    item: InputItem,
-    slide: Slide,
-    slide_dir: Path,
-    scratch: Path,
-    progress: Progress,
-    engine: Engine,
-    params: LocalizeParams,
-    mpp_override: float | None,
-    t_start: float,
-) -> dict:
+def _localize_open_slide(job: SlideJob, progress: Progress) -> dict:
     """Tissue, windows, blended map, outputs of one open slide; returns the slide's record."""
     from histo_wsl.slideio import writers
 
-    g = _slide_grid(item, slide, engine, params)
+    item, slide, engine, params = job.item, job.slide, job.engine, job.params
+    g = _slide_grid(job)
     w0, h0 = slide.dimensions
     size = engine.size
-    found, grid, windows, stride = _tissue_windows(item, slide, g.plan, size, params)
-    t_tissue = time.perf_counter() - t_start
+    found, grid, windows, stride = _tissue_windows(job, g.plan)
+    t_tissue = time.perf_counter() - job.t_start
 
     # the output map: uint8, in memory or a memmap in the staging folder
-    max_bytes = int(params.canvas_max_mb * 2**20)
     prob_u8 = writers.scratch_array(
-        (g.out_h, g.out_w), np.uint8, scratch=scratch, max_bytes=max_bytes, name="prob"
+        (g.out_h, g.out_w), np.uint8, scratch=job.scratch, max_bytes=job.max_bytes, name="prob"
     )
     sink = _MapSink(prob_u8, found, g)
     footprint = size * g.plan.scale / g.s_out
@@ -233,7 +207,14 @@ def _localize_open_slide(
     t_infer0 = time.perf_counter()
     in_process = slide if engine.workers == 0 else None
     dataset = WindowBatches(
-        item.path, mpp_override, g.plan, windows.xs, windows.ys, size, params.batch_size, in_process
+        item.path,
+        job.slide_mpp,
+        g.plan,
+        windows.xs,
+        windows.ys,
+        size,
+        params.batch_size,
+        in_process,
     )
     origin = (windows.xs / g.s_out, windows.ys / g.s_out)
     class_sum, t_model, t_wait = run_windows(
@@ -244,18 +225,7 @@ def _localize_open_slide(
     t_infer = time.perf_counter() - t_infer0
 
     t_write0 = time.perf_counter()
-    written = write_slide_outputs(
-        item.name,
-        slide,
-        slide_dir,
-        scratch,
-        prob_u8,
-        found,
-        engine,
-        g.output_mpp,
-        g.s_out,
-        max_bytes,
-    )
+    written = write_slide_outputs(job, g, prob_u8, found)
     g.notes += written.pop("notes")
     t_write = time.perf_counter() - t_write0
 
@@ -310,7 +280,7 @@ def _localize_open_slide(
             "model_s": round(t_model, 3),
             "read_wait_s": round(t_wait, 3),
             "write_s": round(t_write, 3),
-            "total_s": round(time.perf_counter() - t_start, 3),
+            "total_s": round(time.perf_counter() - job.t_start, 3),
             "windows_per_s": round(n / t_infer, 2) if n and t_infer > 0 else None,
         },
         "model": engine.describe(),

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from histo_wsl.errors import InputError
-from histo_wsl.inference.engine import Engine
+from histo_wsl.inference.job import SlideGrid, SlideJob
 from histo_wsl.slideio.geojson import GeoJSONStyle, mask_to_geojson, write_geojson
 from histo_wsl.slideio.slide import ReadPlan, Slide
 from histo_wsl.tissue.scan import SlideTissue
@@ -105,18 +105,11 @@ def check_whole_image(slide: Slide, path: Path) -> None:
 
 
 def write_slide_outputs(
-    name: str,
-    slide: Slide,
-    slide_dir: Path,
-    scratch: Path,
-    prob_u8: np.ndarray,
-    found: SlideTissue,
-    engine: Engine,
-    output_mpp: float,
-    s_out: float,
-    max_bytes: int,
+    job: SlideJob, grid: SlideGrid, prob_u8: np.ndarray, found: SlideTissue
 ) -> dict:
     """Write the probability TIFF, mask, GeoJSON and overlay of a finished map, band by band.
+
+    ``prob_u8`` is the map on ``grid`` (uint8, 255 = probability 1); ``found`` the slide's tissue.
 
     Returns:
         ``roi_px`` and ``roi_sum`` (ROI pixels and their summed uint8 probability), ``step`` (the
@@ -124,6 +117,9 @@ def write_slide_outputs(
     """
     from histo_wsl.slideio import writers
 
+    name, slide, slide_dir, scratch = job.item.name, job.slide, job.slide_dir, job.scratch
+    engine, max_bytes = job.engine, job.max_bytes
+    output_mpp, s_out = grid.output_mpp, grid.s_out
     out_h, out_w = prob_u8.shape
     w0, h0 = slide.dimensions
     t8 = max(1, math.ceil(engine.threshold * 255.0 - 1e-6))  # probability >= threshold

@@ -8,8 +8,8 @@
 * :mod:`~histo_wsl.runtime.inputs` — Slide inputs from files, folders, glob patterns and CSV lists.
 * :mod:`~histo_wsl.runtime.memory` — Memory handed back to the operating system after large
   temporaries (long runs stay flat).
-* :mod:`~histo_wsl.runtime.record` — What every command records about its run: the time, the machine
-  and versions, JSON-ready values.
+* :mod:`~histo_wsl.runtime.record` — What every command records about its run: run.json, the time,
+  the machine, JSON-ready values.
 
 The names below are imported from their module on first use, so importing the package is free.
 """
@@ -48,6 +48,7 @@ _EXPORTS = {
     "now": "record",
     "number_or_none": "record",
     "processor_name": "record",
+    "RunRecord": "record",
     "versions": "record",
 }
 
