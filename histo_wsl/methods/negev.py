@@ -3,7 +3,7 @@
 :class:`DecoderTask` is the recipe the engine runs for ``histo-wsl train-decoder``: the stage-1
 classifier (encoder and head) is copied from its checkpoint and frozen; at every step its CAM of the
 ground-truth class on the augmented crop gives pixel seeds
-(:func:`histo_wsl.methods.negev_losses.sample_seeds`;
+(:class:`histo_wsl.methods.negev_losses.SeedSampler`;
 drawn at random, or the top/bottom CAM pixels with ``seed_mode: static``), and images of the
 negative class push every pixel to background. With ``seed_teacher`` (a previous train-decoder
 checkpoint) the seeds come from that decoder's foreground map instead of the CAM: a second round.
@@ -54,10 +54,10 @@ from histo_wsl.methods.negev_losses import (
     BG_SAMPLERS,
     FG_SAMPLERS,
     SEED_MODES,
+    SeedSampler,
     crf_loss,
     crf_window,
     negative_loss,
-    sample_seeds,
     seed_loss,
     size_loss,
     size_t_at,
@@ -158,6 +158,16 @@ class DecoderTask:
         for ok, message in checks:
             if not ok:
                 raise InputError(message)
+        self.seed_sampler = SeedSampler(
+            n_fg=n.seeds_fg,
+            n_bg=n.seeds_bg,
+            ksize=n.seed_ksize,
+            bg_sampler=n.bg_sampler,
+            low_fraction=n.low_fraction,
+            mode=n.seed_mode,
+            fg_sampler=n.fg_sampler,
+            fg_erode=n.fg_erode,
+        )
         self.negative = ds.negative_class
         #: the k-NN seed map's bank of training pixels (``seed_map: knn``; built at the first step)
         self.bank: FeatureBank | None = None
@@ -332,17 +342,7 @@ class DecoderTask:
             owners = batch.get("index")
             owners = None if owners is None else torch.as_tensor(owners)[pos.cpu()]
             cams = self.seed_maps(m, images[pos], labels[pos], [s[pos] for s in stages], owners)
-            seeds = sample_seeds(
-                cams,
-                self.cfg.negev.seeds_fg,
-                self.cfg.negev.seeds_bg,
-                self.cfg.negev.seed_ksize,
-                self.cfg.negev.bg_sampler,
-                self.cfg.negev.low_fraction,
-                mode=self.cfg.negev.seed_mode,
-                fg_sampler=self.cfg.negev.fg_sampler,
-                fg_erode=self.cfg.negev.fg_erode,
-            )
+            seeds = self.seed_sampler(cams)
             ls = seed_loss(seg[pos], seeds)
             loss = loss + self.cfg.negev.seed_lambda * ls
             stats["seed_loss"] = float(ls.detach())

@@ -31,6 +31,7 @@ colour-affinity (CRF) term: the original code has a dense-CRF regulariser, off i
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -49,7 +50,7 @@ __all__ = [
     "crf_window",
     "negative_loss",
     "otsu_thresholds",
-    "sample_seeds",
+    "SeedSampler",
     "seed_loss",
     "size_loss",
     "size_t_at",
@@ -128,73 +129,87 @@ def _otsu_region(cams: Tensor, erode: int) -> Tensor:
     return region
 
 
-def sample_seeds(
-    cams: Tensor,
-    n_fg: int = 1,
-    n_bg: int = 1,
-    ksize: int = 3,
-    bg_sampler: str = "proportional",
-    low_fraction: float = 0.2,
-    generator: torch.Generator | None = None,
-    mode: str = "random",
-    fg_sampler: str = "proportional",
-    fg_erode: int = 11,
-) -> Tensor:
-    """Seed map (B,H,W) long: 1 foreground seed, 0 background seed, :data:`IGNORE` elsewhere.
+@dataclass(frozen=True)
+class SeedSampler:
+    """How pixel seeds are drawn from CAMs: ``sampler(cams, generator)`` -> seed map.
 
-    Args:
-        cams: (B,H,W) CAMs in [0,1] (per-image min-max normalised).
+    Built once per run from the NEGEV settings; called on every batch. The seed map is (B,H,W)
+    long: 1 foreground seed, 0 background seed, :data:`IGNORE` elsewhere.
+
+    Attributes:
         n_fg: foreground pixels per image: drawn with ``fg_sampler``, or the highest (static).
         n_bg: background pixels per image: drawn with ``bg_sampler``, or the lowest (static);
             0 = no background seeds (the "C+ only" ablation).
         ksize: side of the square each seed is dilated to (1 = no dilation; odd).
         bg_sampler: ``proportional`` (∝ 1 − CAM), ``uniform`` or ``lowest`` (random mode only).
         low_fraction: share of lowest-CAM pixels the ``lowest`` sampler draws from.
-        generator: random generator (on the CAMs' device) for reproducible draws (random mode).
         mode: ``random`` (draws, the paper) or ``static`` (the ``n_fg`` highest and ``n_bg``
             lowest CAM pixels, ties to the lower row-major index; no randomness).
         fg_sampler: ``proportional`` (∝ CAM + 1e-6) or ``otsu`` (uniform inside the CAM's Otsu
             foreground eroded by ``fg_erode``; random mode only).
         fg_erode: side of the erosion square of the ``otsu`` sampler (1 = no erosion; odd).
+
+    Raises:
+        ValueError: a sampler, mode or size that is not one of the valid ones.
     """
-    if fg_sampler not in FG_SAMPLERS:
-        raise ValueError(f"fg_sampler must be one of {FG_SAMPLERS}, got {fg_sampler!r}")
-    if fg_erode < 1 or fg_erode % 2 == 0:
-        raise ValueError(f"fg_erode must be a positive odd number, got {fg_erode}")
-    if bg_sampler not in BG_SAMPLERS:
-        raise ValueError(f"bg_sampler must be one of {BG_SAMPLERS}, got {bg_sampler!r}")
-    if mode not in SEED_MODES:
-        raise ValueError(f"mode must be one of {SEED_MODES}, got {mode!r}")
-    if ksize < 1 or ksize % 2 == 0:
-        raise ValueError(f"ksize must be a positive odd number, got {ksize}")
-    b, h, w = cams.shape
-    flat = cams.detach().float().reshape(b, -1).nan_to_num(0.0).clamp(0, 1)
-    if mode == "static":
-        fg = _extreme(flat, n_fg, highest=True)
-        bg = _extreme(flat, n_bg, highest=False)
-    else:
-        if fg_sampler == "otsu":
-            fg = _draw(_otsu_region(flat.reshape(b, h, w), fg_erode), n_fg, generator)
+
+    n_fg: int = 1
+    n_bg: int = 1
+    ksize: int = 3
+    bg_sampler: str = "proportional"
+    low_fraction: float = 0.2
+    mode: str = "random"
+    fg_sampler: str = "proportional"
+    fg_erode: int = 11
+
+    def __post_init__(self) -> None:
+        if self.fg_sampler not in FG_SAMPLERS:
+            raise ValueError(f"fg_sampler must be one of {FG_SAMPLERS}, got {self.fg_sampler!r}")
+        if self.fg_erode < 1 or self.fg_erode % 2 == 0:
+            raise ValueError(f"fg_erode must be a positive odd number, got {self.fg_erode}")
+        if self.bg_sampler not in BG_SAMPLERS:
+            raise ValueError(f"bg_sampler must be one of {BG_SAMPLERS}, got {self.bg_sampler!r}")
+        if self.mode not in SEED_MODES:
+            raise ValueError(f"mode must be one of {SEED_MODES}, got {self.mode!r}")
+        if self.ksize < 1 or self.ksize % 2 == 0:
+            raise ValueError(f"ksize must be a positive odd number, got {self.ksize}")
+
+    def __call__(self, cams: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """The seed map of ``cams`` (B,H,W) in [0,1] (per-image min-max normalised).
+
+        ``generator``: random generator (on the CAMs' device) for reproducible draws.
+        """
+        n_fg, n_bg, ksize, mode = self.n_fg, self.n_bg, self.ksize, self.mode
+        bg_sampler, low_fraction = self.bg_sampler, self.low_fraction
+        fg_sampler, fg_erode = self.fg_sampler, self.fg_erode
+        b, h, w = cams.shape
+        flat = cams.detach().float().reshape(b, -1).nan_to_num(0.0).clamp(0, 1)
+        if mode == "static":
+            fg = _extreme(flat, n_fg, highest=True)
+            bg = _extreme(flat, n_bg, highest=False)
         else:
-            fg = _draw(flat + 1e-6, n_fg, generator)
-        if bg_sampler == "proportional":
-            bw = 1.0 - flat
-        elif bg_sampler == "uniform":
-            bw = torch.ones_like(flat)
-        else:
-            k = max(1, int(round(low_fraction * flat.shape[1])))
-            cut = flat.kthvalue(k, dim=1, keepdim=True).values
-            bw = (flat <= cut).float()
-        bg = _draw(bw, n_bg, generator)
-    fg, bg = fg.reshape(b, 1, h, w).float(), bg.reshape(b, 1, h, w).float()
-    if ksize > 1:
-        fg = F.max_pool2d(fg, ksize, stride=1, padding=ksize // 2)
-        bg = F.max_pool2d(bg, ksize, stride=1, padding=ksize // 2)
-    fg, bg = fg[:, 0] > 0, bg[:, 0] > 0
-    seeds = torch.full((b, h, w), IGNORE, dtype=torch.long, device=cams.device)
-    seeds[fg & ~bg] = 1
-    seeds[bg & ~fg] = 0
-    return seeds
+            if fg_sampler == "otsu":
+                fg = _draw(_otsu_region(flat.reshape(b, h, w), fg_erode), n_fg, generator)
+            else:
+                fg = _draw(flat + 1e-6, n_fg, generator)
+            if bg_sampler == "proportional":
+                bw = 1.0 - flat
+            elif bg_sampler == "uniform":
+                bw = torch.ones_like(flat)
+            else:
+                k = max(1, int(round(low_fraction * flat.shape[1])))
+                cut = flat.kthvalue(k, dim=1, keepdim=True).values
+                bw = (flat <= cut).float()
+            bg = _draw(bw, n_bg, generator)
+        fg, bg = fg.reshape(b, 1, h, w).float(), bg.reshape(b, 1, h, w).float()
+        if ksize > 1:
+            fg = F.max_pool2d(fg, ksize, stride=1, padding=ksize // 2)
+            bg = F.max_pool2d(bg, ksize, stride=1, padding=ksize // 2)
+        fg, bg = fg[:, 0] > 0, bg[:, 0] > 0
+        seeds = torch.full((b, h, w), IGNORE, dtype=torch.long, device=cams.device)
+        seeds[fg & ~bg] = 1
+        seeds[bg & ~fg] = 0
+        return seeds
 
 
 def seed_loss(seg_logits: Tensor, seeds: Tensor) -> Tensor:

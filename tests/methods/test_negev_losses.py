@@ -3,11 +3,11 @@ import torch
 
 from histo_wsl.methods.negev_losses import (
     IGNORE,
+    SeedSampler,
     crf_loss,
     crf_window,
     negative_loss,
     otsu_thresholds,
-    sample_seeds,
     seed_loss,
     size_loss,
     size_t_at,
@@ -22,9 +22,7 @@ def _cams(b=4, h=32, w=32):
 
 
 def test_counts_without_dilation():
-    seeds = sample_seeds(
-        _cams(), n_fg=5, n_bg=7, ksize=1, generator=torch.Generator().manual_seed(0)
-    )
+    seeds = SeedSampler(n_fg=5, n_bg=7, ksize=1)(_cams(), torch.Generator().manual_seed(0))
     assert ((seeds == 1).sum((1, 2)) <= 5).all() and ((seeds == 0).sum((1, 2)) <= 7).all()
     # overlap is only possible on the same pixel: counts are exact unless fg and bg coincide
     assert (seeds == 1).sum() + (seeds == 0).sum() >= 4 * 12 - 8
@@ -33,13 +31,8 @@ def test_counts_without_dilation():
 def test_dilation_makes_k_by_k_squares():
     cams = torch.zeros(1, 31, 31)
     cams[0, 15, 15] = 1.0  # almost all fg weight on one pixel
-    seeds = sample_seeds(
-        cams,
-        n_fg=1,
-        n_bg=1,
-        ksize=5,
-        bg_sampler="proportional",
-        generator=torch.Generator().manual_seed(1),
+    seeds = SeedSampler(n_fg=1, n_bg=1, ksize=5, bg_sampler="proportional")(
+        cams, torch.Generator().manual_seed(1)
     )
     fg = (seeds[0] == 1).nonzero()
     assert len(fg) == 25 and fg[:, 0].min() == 13 and fg[:, 0].max() == 17
@@ -48,13 +41,8 @@ def test_dilation_makes_k_by_k_squares():
 
 def test_fg_bg_overlap_is_dropped():
     cams = torch.full((1, 3, 3), 0.5)
-    seeds = sample_seeds(
-        cams,
-        n_fg=9,
-        n_bg=9,
-        ksize=1,
-        bg_sampler="uniform",
-        generator=torch.Generator().manual_seed(0),
+    seeds = SeedSampler(n_fg=9, n_bg=9, ksize=1, bg_sampler="uniform")(
+        cams, torch.Generator().manual_seed(0)
     )
     assert (seeds == IGNORE).all()  # every pixel drawn by both: none kept
 
@@ -62,47 +50,31 @@ def test_fg_bg_overlap_is_dropped():
 def test_proportional_sampler_never_draws_background_from_the_top():
     cams = _cams(b=64)
     for s in range(5):
-        seeds = sample_seeds(
-            cams,
-            n_fg=1,
-            n_bg=20,
-            ksize=1,
-            bg_sampler="proportional",
-            generator=torch.Generator().manual_seed(s),
+        seeds = SeedSampler(n_fg=1, n_bg=20, ksize=1, bg_sampler="proportional")(
+            cams, torch.Generator().manual_seed(s)
         )
         assert not (seeds[:, 8:16, 8:16] == 0).any()
-    lowest = sample_seeds(
-        cams,
-        n_fg=1,
-        n_bg=20,
-        ksize=1,
-        bg_sampler="lowest",
-        low_fraction=0.2,
-        generator=torch.Generator().manual_seed(0),
+    lowest = SeedSampler(n_fg=1, n_bg=20, ksize=1, bg_sampler="lowest", low_fraction=0.2)(
+        cams, torch.Generator().manual_seed(0)
     )
     assert (cams[lowest == 0] == 0).all()  # only zero-CAM pixels are among the lowest 20 %
-    uniform = sample_seeds(
-        cams,
-        n_fg=1,
-        n_bg=200,
-        ksize=1,
-        bg_sampler="uniform",
-        generator=torch.Generator().manual_seed(0),
+    uniform = SeedSampler(n_fg=1, n_bg=200, ksize=1, bg_sampler="uniform")(
+        cams, torch.Generator().manual_seed(0)
     )
     assert (uniform[:, 8:16, 8:16] == 0).any()  # the original code's effective sampler does
 
 
 def test_foreground_follows_the_cam():
     cams = _cams(b=256)
-    seeds = sample_seeds(cams, n_fg=1, n_bg=1, ksize=1, generator=torch.Generator().manual_seed(3))
+    seeds = SeedSampler(n_fg=1, n_bg=1, ksize=1)(cams, torch.Generator().manual_seed(3))
     inside = (seeds[:, 8:16, 8:16] == 1).sum().item()
     # weights: 64 px at 1.0, 256 px at 0.3, the rest ~0 -> P(top square) = 64 / (64 + 76.8)
     assert inside / 256 == pytest.approx(64 / 140.8, abs=0.1)
 
 
 def test_seeded_draws_are_reproducible():
-    a = sample_seeds(_cams(), 3, 3, 3, generator=torch.Generator().manual_seed(7))
-    b = sample_seeds(_cams(), 3, 3, 3, generator=torch.Generator().manual_seed(7))
+    a = SeedSampler(n_fg=3, n_bg=3, ksize=3)(_cams(), torch.Generator().manual_seed(7))
+    b = SeedSampler(n_fg=3, n_bg=3, ksize=3)(_cams(), torch.Generator().manual_seed(7))
     assert torch.equal(a, b)
 
 
@@ -117,18 +89,18 @@ def test_losses():
     confident[:, 0] = 10.0
     assert negative_loss(confident).item() < 1e-3
     with pytest.raises(ValueError):
-        sample_seeds(_cams(), ksize=2)
+        SeedSampler(ksize=2)(_cams())
 
 
 def test_static_seeds_are_the_cam_extremes_and_ignore_the_rng():
     cams = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(0))
     cams[1] = 0.5  # a flat CAM: ties go to the lowest row-major index
     runs = [
-        sample_seeds(cams, 1, 1, ksize=1, mode="static", generator=torch.Generator().manual_seed(s))
+        SeedSampler(n_fg=1, n_bg=1, ksize=1, mode="static")(cams, torch.Generator().manual_seed(s))
         for s in (0, 1)
     ]
     torch.manual_seed(123)
-    runs.append(sample_seeds(cams, 1, 1, ksize=1, mode="static"))
+    runs.append(SeedSampler(n_fg=1, n_bg=1, ksize=1, mode="static")(cams))
     assert all(torch.equal(runs[0], r) for r in runs[1:])
     seeds = runs[0]
     for i in (0, 2):
@@ -136,12 +108,12 @@ def test_static_seeds_are_the_cam_extremes_and_ignore_the_rng():
         assert (seeds[i].flatten() == 1).nonzero().flatten().tolist() == [int(flat.argmax())]
         assert (seeds[i].flatten() == 0).nonzero().flatten().tolist() == [int(flat.argmin())]
     assert (seeds[1] == IGNORE).all()  # fg and bg both pick pixel 0 of the flat CAM: dropped
-    top = sample_seeds(cams[:1], 5, 0, ksize=1, mode="static")
+    top = SeedSampler(n_fg=5, n_bg=0, ksize=1, mode="static")(cams[:1])
     assert set((top[0].flatten() == 1).nonzero().flatten().tolist()) == set(
         cams[0].flatten().topk(5).indices.tolist()
     )
     assert not (top == 0).any()  # n_bg = 0: no background seed (C+ only)
-    dilated = sample_seeds(cams[:1], 1, 1, ksize=3, mode="static")
+    dilated = SeedSampler(n_fg=1, n_bg=1, ksize=3, mode="static")(cams[:1])
     assert (dilated == 1).sum() in (4, 6, 9) and (dilated == 0).sum() in (4, 6, 9)
 
 
@@ -189,16 +161,9 @@ def test_otsu_sampler_draws_foreground_only_inside_the_eroded_region():
     cams[:, 5:30, 5:30] = 0.9  # Otsu region: the 25×25 square; eroded by 11: rows/cols 10..24
     cams[:, 12:14, 12:14] = 1.0
     for s in range(3):
-        seeds = sample_seeds(
-            cams,
-            n_fg=30,
-            n_bg=30,
-            ksize=1,
-            fg_sampler="otsu",
-            fg_erode=11,
-            bg_sampler="lowest",
-            generator=torch.Generator().manual_seed(s),
-        )
+        seeds = SeedSampler(
+            n_fg=30, n_bg=30, ksize=1, fg_sampler="otsu", fg_erode=11, bg_sampler="lowest"
+        )(cams, torch.Generator().manual_seed(s))
         fg = (seeds == 1).nonzero()
         assert len(fg) == 4 * 30
         assert fg[:, 1:].min() >= 10 and fg[:, 1:].max() <= 24
@@ -208,13 +173,13 @@ def test_otsu_sampler_draws_foreground_only_inside_the_eroded_region():
 def test_otsu_sampler_falls_back_when_erosion_empties_the_region():
     cams = torch.zeros(1, 20, 20)
     cams[0, 3:6, 3:6] = 1.0  # a 3×3 region that an 11×11 erosion removes
-    seeds = sample_seeds(cams, n_fg=5, n_bg=0, ksize=1, fg_sampler="otsu", fg_erode=11)
+    seeds = SeedSampler(n_fg=5, n_bg=0, ksize=1, fg_sampler="otsu", fg_erode=11)(cams)
     fg = (seeds[0] == 1).nonzero()
     assert len(fg) == 5 and fg.min() >= 3 and fg.max() <= 5
     with pytest.raises(ValueError):
-        sample_seeds(cams, fg_sampler="top")
+        SeedSampler(fg_sampler="top")(cams)
     with pytest.raises(ValueError):
-        sample_seeds(cams, fg_sampler="otsu", fg_erode=4)
+        SeedSampler(fg_sampler="otsu", fg_erode=4)(cams)
 
 
 def _two_colour_image(size=32):
