@@ -51,10 +51,8 @@ from histo_wsl.methods.knn import (
     refiner_from_card,
 )
 from histo_wsl.methods.negev_losses import (
-    BG_SAMPLERS,
-    FG_SAMPLERS,
-    SEED_MODES,
     SeedSampler,
+    SeedSettingError,
     crf_loss,
     crf_window,
     negative_loss,
@@ -67,7 +65,7 @@ from histo_wsl.networks.cams import compute_cams
 from histo_wsl.networks.classifier import build_classifier, unwrap
 from histo_wsl.networks.knn import FeatureBank, KNNRefiner
 from histo_wsl.networks.negev import NEGEVModel
-from histo_wsl.training.config import TrainConfig
+from histo_wsl.training.config import NEGEVSettings, TrainConfig
 from histo_wsl.training.engine import LAST_EPOCH, VALPX_PXAP, Selection
 
 __all__ = [
@@ -86,6 +84,33 @@ SEED_MAPS = ("cam", "knn")
 
 #: stage-2 defaults that differ from stage 1 (method.md §1.4: lr 0.1 for the decoder)
 STAGE2_DEFAULTS = {"lr": 0.1, "method": "negev", "out": "runs/negev"}
+
+
+#: the option of each seed-sampler setting (for errors that name what the user typed)
+_SEED_OPTIONS = {
+    "fg_sampler": "--fg-sampler",
+    "fg_erode": "--fg-erode",
+    "bg_sampler": "--bg-sampler",
+    "mode": "--seed-mode",
+    "ksize": "--seed-ksize",
+}
+
+
+def _seed_sampler(n: NEGEVSettings) -> SeedSampler:
+    """The run's seed sampler; a setting out of range is an InputError naming its option."""
+    try:
+        return SeedSampler(
+            n_fg=n.seeds_fg,
+            n_bg=n.seeds_bg,
+            ksize=n.seed_ksize,
+            bg_sampler=n.bg_sampler,
+            low_fraction=n.low_fraction,
+            mode=n.seed_mode,
+            fg_sampler=n.fg_sampler,
+            fg_erode=n.fg_erode,
+        )
+    except SeedSettingError as exc:
+        raise InputError(f"{_SEED_OPTIONS[exc.field]} {exc.rule}") from None
 
 
 class DecoderTask:
@@ -109,16 +134,7 @@ class DecoderTask:
                 stage1.path,
             )
         n = cfg.negev
-        if n.bg_sampler not in BG_SAMPLERS:
-            raise InputError(f"--bg-sampler must be one of {BG_SAMPLERS}, got {n.bg_sampler!r}")
-        if n.fg_sampler not in FG_SAMPLERS:
-            raise InputError(f"--fg-sampler must be one of {FG_SAMPLERS}, got {n.fg_sampler!r}")
-        if n.fg_erode < 1 or n.fg_erode % 2 == 0:
-            raise InputError(f"--fg-erode must be a positive odd number, got {n.fg_erode}")
-        if n.seed_ksize % 2 == 0:
-            raise InputError(f"--seed-ksize must be odd, got {n.seed_ksize}")
-        if n.seed_mode not in SEED_MODES:
-            raise InputError(f"--seed-mode must be one of {SEED_MODES}, got {n.seed_mode!r}")
+        self.seed_sampler = _seed_sampler(n)
         if n.seeds_fg < 1 or n.seeds_bg < 0:
             raise InputError(
                 f"--seeds-fg must be >= 1 and --seeds-bg >= 0, got {n.seeds_fg}, {n.seeds_bg}"
@@ -158,16 +174,6 @@ class DecoderTask:
         for ok, message in checks:
             if not ok:
                 raise InputError(message)
-        self.seed_sampler = SeedSampler(
-            n_fg=n.seeds_fg,
-            n_bg=n.seeds_bg,
-            ksize=n.seed_ksize,
-            bg_sampler=n.bg_sampler,
-            low_fraction=n.low_fraction,
-            mode=n.seed_mode,
-            fg_sampler=n.fg_sampler,
-            fg_erode=n.fg_erode,
-        )
         self.negative = ds.negative_class
         #: the k-NN seed map's bank of training pixels (``seed_map: knn``; built at the first step)
         self.bank: FeatureBank | None = None

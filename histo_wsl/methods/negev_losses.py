@@ -51,6 +51,7 @@ __all__ = [
     "negative_loss",
     "otsu_thresholds",
     "SeedSampler",
+    "SeedSettingError",
     "seed_loss",
     "size_loss",
     "size_t_at",
@@ -129,6 +130,14 @@ def _otsu_region(cams: Tensor, erode: int) -> Tensor:
     return region
 
 
+class SeedSettingError(ValueError):
+    """A :class:`SeedSampler` setting out of its range: ``field`` names it, ``rule`` says why."""
+
+    def __init__(self, field: str, rule: str) -> None:
+        super().__init__(f"{field} {rule}")
+        self.field, self.rule = field, rule
+
+
 @dataclass(frozen=True)
 class SeedSampler:
     """How pixel seeds are drawn from CAMs: ``sampler(cams, generator)`` -> seed map.
@@ -163,16 +172,20 @@ class SeedSampler:
     fg_erode: int = 11
 
     def __post_init__(self) -> None:
-        if self.fg_sampler not in FG_SAMPLERS:
-            raise ValueError(f"fg_sampler must be one of {FG_SAMPLERS}, got {self.fg_sampler!r}")
-        if self.fg_erode < 1 or self.fg_erode % 2 == 0:
-            raise ValueError(f"fg_erode must be a positive odd number, got {self.fg_erode}")
-        if self.bg_sampler not in BG_SAMPLERS:
-            raise ValueError(f"bg_sampler must be one of {BG_SAMPLERS}, got {self.bg_sampler!r}")
-        if self.mode not in SEED_MODES:
-            raise ValueError(f"mode must be one of {SEED_MODES}, got {self.mode!r}")
-        if self.ksize < 1 or self.ksize % 2 == 0:
-            raise ValueError(f"ksize must be a positive odd number, got {self.ksize}")
+        checks = [
+            ("fg_sampler", self.fg_sampler in FG_SAMPLERS, f"must be one of {FG_SAMPLERS}"),
+            (
+                "fg_erode",
+                self.fg_erode >= 1 and self.fg_erode % 2 == 1,
+                "must be a positive odd number",
+            ),
+            ("bg_sampler", self.bg_sampler in BG_SAMPLERS, f"must be one of {BG_SAMPLERS}"),
+            ("mode", self.mode in SEED_MODES, f"must be one of {SEED_MODES}"),
+            ("ksize", self.ksize >= 1 and self.ksize % 2 == 1, "must be a positive odd number"),
+        ]
+        for name, ok, rule in checks:
+            if not ok:
+                raise SeedSettingError(name, f"{rule}, got {getattr(self, name)!r}")
 
     def __call__(self, cams: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """The seed map of ``cams`` (B,H,W) in [0,1] (per-image min-max normalised).
