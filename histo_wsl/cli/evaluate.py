@@ -143,6 +143,16 @@ def evaluate(
             "CAMELYON16) or mask images (<slide>.png, <slide>_mask.tif), or one such file.",
         ),
     ] = None,
+    roi_class: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--roi-class",
+            metavar="NAME",
+            help="With --annotations: the annotation class(es) that are the ROI (repeat for "
+            "several). Default: the model's ROI class when the annotations have it, else every "
+            "class; QuPath's Ignore* regions are always left out of the metrics.",
+        ),
+    ] = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -167,7 +177,15 @@ def evaluate(
         from histo_wsl.evaluation.slides import SlideEvalSettings, run_evaluate_slides
 
         settings = SlideEvalSettings(
-            predictions, annotations, out, threshold, bootstrap, seed, skip_missing, examples
+            predictions,
+            annotations,
+            out,
+            threshold,
+            bootstrap,
+            seed,
+            skip_missing,
+            examples,
+            roi_classes=list(roi_class) if roi_class else None,
         )
         summary = run_evaluate_slides(settings, argv=sys.argv, quiet=quiet or json_out)
         if json_out:
@@ -175,6 +193,10 @@ def evaluate(
         else:
             _print_summary(out)
         return
+    if roi_class:
+        raise fail(
+            "--roi-class chooses annotation classes: it goes with --predictions/--annotations"
+        )
     if not models:
         raise fail("give a checkpoint to evaluate (or several with --compare)")
     if len(models) > 1 and not compare:

@@ -210,7 +210,7 @@ class Accumulator:
         name: str,
         img_meter: PxAPMeter,
         label: int,
-        pred: int,
+        pred: int | None,
         *,
         extra: dict | None = None,
         thumbnail: np.ndarray | None = None,
@@ -226,7 +226,8 @@ class Accumulator:
             name: the image's name.
             img_meter: a :class:`~histo_wsl.evaluation.metrics.PxAPMeter` filled with this image only.
             label: true class index.
-            pred: predicted class index.
+            pred: predicted class index (None: no prediction to compare, e.g. a slide whose
+                ROI class is not a class of the model; no accuracy then).
             extra: more columns of the row.
             thumbnail: the map as shown in the report grid (uint8 0-255).
             thumbnail_mask: the ground truth at the thumbnail's size.
@@ -238,15 +239,16 @@ class Accumulator:
         self.per_class_px[label].merge(img_meter)
         if self.spill is not None:
             self.spill.add(img_meter)
-        self.cls.update(np.array([pred]), np.array([label]))
+        if pred is not None:
+            self.cls.update(np.array([pred]), np.array([label]))
         at = img_meter.dice_iou(F1_THRESHOLD)
         tmi = self.f1.update_counts(at["tp"], at["fp"], at["fn"], at["tn"], F1_THRESHOLD, name=name)
         row: dict[str, Any] = {
             "model": self.model,
             "image": name,
             "label": self.class_names[label],
-            "predicted": self.class_names[pred],
-            "correct": pred == label,
+            "predicted": None if pred is None else self.class_names[pred],
+            "correct": None if pred is None else pred == label,
             **(extra or {}),
             "has_roi": tmi["has_roi"],
             "has_background": tmi["has_background"],
@@ -335,8 +337,9 @@ def _summarise(
         ci.update(bootstrap_histograms(hists[0], hists[1], stats, n=n_boot, seed=seed))
         ci["f1_pos"] = bootstrap_ci(f1.f1_pos_values(), n=n_boot, seed=seed)
         ci["f1_neg"] = bootstrap_ci(f1.f1_neg_values(), n=n_boot, seed=seed)
-        correct = np.array([100.0 * r["correct"] for r in rows])
-        ci["accuracy"] = bootstrap_ci(correct, n=n_boot, seed=seed)
+        correct = np.array([100.0 * r["correct"] for r in rows if r["correct"] is not None])
+        if correct.size:
+            ci["accuracy"] = bootstrap_ci(correct, n=n_boot, seed=seed)
 
     at: dict[str, dict] = {}
     for key, t in points.items():

@@ -158,6 +158,8 @@ class SlideEvalSettings:
         seed: seed of the bootstrap.
         skip_missing: leave out slides without an annotation instead of failing.
         examples: best and worst slides shown in the report (each).
+        roi_classes: the annotation classes that are the ROI (``--roi-class``); None: the model's
+            ROI class when an annotation has it, else every class but QuPath's ``Ignore*``.
     """
 
     predictions: Path
@@ -168,6 +170,7 @@ class SlideEvalSettings:
     seed: int = 0
     skip_missing: bool = False
     examples: int = 4
+    roi_classes: list[str] | None = None
 
     def params(self) -> dict:
         """The settings as recorded in metrics.json and run.json."""
@@ -180,6 +183,7 @@ class SlideEvalSettings:
             "seed": self.seed,
             "skip_missing": self.skip_missing,
             "examples": self.examples,
+            "roi_classes": self.roi_classes,
         }
 
 
@@ -222,7 +226,7 @@ def run_evaluate_slides(
     acc, roi = _slide_accumulator(pairs, s)
     t_eval = time.perf_counter()
     try:
-        ann_notes, images = _accumulate(acc, pairs, roi, s.examples)
+        ann_notes, images = _accumulate(acc, pairs, roi, s)
         seconds = time.perf_counter() - t_eval
         metrics_m, curves, _ = acc.summarise()
     finally:
@@ -343,8 +347,22 @@ def _slide_accumulator(pairs: list[SlidePair], s: SlideEvalSettings) -> tuple[Ac
     return acc, roi
 
 
+def _slide_prediction(record: dict, roi: str) -> int | None:
+    """1 when localize predicted the ROI class for the slide, 0 when another; None without a label.
+
+    A slide's label is whether its annotation has a region; it can be compared with the prediction
+    only when the ROI class is one of the model's classes (a model whose ROI is ``ROI``, such as
+    the benign/malignant GlaS model, predicts no ROI-or-not label: no accuracy then, not 0 %).
+    """
+    classes = (record.get("model") or {}).get("class_names") or []
+    predicted = record.get("predicted_class")
+    if roi not in classes or predicted is None:
+        return None
+    return int(predicted == roi)
+
+
 def _accumulate(
-    acc: Accumulator, pairs: list[SlidePair], roi: str, examples: int
+    acc: Accumulator, pairs: list[SlidePair], roi: str, s: SlideEvalSettings
 ) -> tuple[dict[str, dict], dict[int, np.ndarray]]:
     """Feed every slide's map and annotation to ``acc``, one slide in memory at a time.
 
@@ -359,12 +377,13 @@ def _accumulate(
         prob = _read_prob(prob_path, shape)
         h, w = prob.shape
         d = float(record.get("output_downsample") or 1.0)
-        gt, notes = annotation_mask(ann_path, (h, w), d)
-        ann_notes[name] = {"file": str(ann_path), **notes}
+        truth = annotation_mask(ann_path, (h, w), d, roi_classes=s.roi_classes, model_roi=roi)
+        gt, ignore = truth.mask, truth.ignore
+        ann_notes[name] = {"file": str(ann_path), **truth.notes}
         meter = PxAPMeter()
         for r in range(0, h, _BAND):
-            meter.update(prob[r : r + _BAND] / 255.0, gt[r : r + _BAND])
-        predicted = record.get("predicted_class")
+            band_ignore = None if ignore is None else ignore[r : r + _BAND]
+            meter.update(prob[r : r + _BAND] / 255.0, gt[r : r + _BAND], band_ignore)
         scale = _THUMB / max(h, w)
         tsize = (max(1, round(w * scale)), max(1, round(h * scale)))
         acc.add_meter(
@@ -372,7 +391,7 @@ def _accumulate(
             name,
             meter,
             int(gt.any()),
-            int(predicted is not None and predicted == roi),
+            _slide_prediction(record, roi),
             extra={
                 "p_label": None,
                 "p_predicted": record.get("score"),
@@ -383,9 +402,9 @@ def _accumulate(
             thumbnail=_thumb(prob, tsize, nearest=False),
             thumbnail_mask=_thumb(gt.astype(np.uint8) * 255, tsize, nearest=True) > 127,
         )
-        if examples:
+        if s.examples:
             images[i] = _slide_thumbnail(record, tsize)
-        del prob, gt
+        del prob, gt, ignore
     return ann_notes, images
 
 
@@ -404,7 +423,12 @@ def _slides_result(
     for ex in examples_list:
         ex.image = images.get(ex.index)
     first = pairs[0][3]
-    model_path = first.get("model") or _localize_model(Path(s.predictions)) or "localize"
+    model = first.get("model")
+    model_path = (
+        (model.get("path") if isinstance(model, dict) else model)
+        or _localize_model(Path(s.predictions))
+        or "localize"
+    )
     metrics_m.update(
         {
             "name": Path(s.predictions).name or "predictions",

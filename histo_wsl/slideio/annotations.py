@@ -4,10 +4,13 @@ Every reader ends in a bool mask on a grid given by its shape and its ``downsamp
 pixels per mask pixel): mask pixel ``(c, r)`` covers level-0 ``[c·d, (c+1)·d) × [r·d, (r+1)·d)``,
 the grid of ``localize``'s ``<slide>.prob.tif``.
 
-- **GeoJSON** (QuPath *Export objects*): every Polygon/MultiPolygon counts (holes honoured), in
-  level-0 pixels; read and rasterised with :func:`histo_wsl.tissue.detect.read_geojson` and
-  :func:`histo_wsl.tissue.detect.geojson_to_mask`. A FeatureCollection without polygon is an empty ground
-  truth (a negative slide).
+- **GeoJSON** (QuPath *Export objects*): Polygon/MultiPolygon features (holes honoured), in
+  level-0 pixels; read and rasterised with :func:`histo_wsl.slideio.geojson.read_geojson` and
+  :func:`histo_wsl.slideio.geojson.geojson_to_mask`. Which features are the ROI goes by their
+  QuPath classification: the classes asked for (``--roi-class``), else the model's ROI class when
+  the file has it, else every class; regions of QuPath's ``Ignore*`` class are left out of every
+  metric (:class:`GroundTruth` ``ignore``), as QuPath means them. A FeatureCollection without
+  polygon is an empty ground truth (a negative slide).
 - **ASAP XML** (CAMELYON16's format): ``<ASAP_Annotations><Annotations><Annotation Type="Polygon"
   PartOfGroup="..."><Coordinates><Coordinate Order="0" X=".." Y=".."/>``, level-0 pixels. Polygon,
   Spline (its control points taken as a polygon) and Rectangle annotations count; Dot and PointSet
@@ -25,6 +28,8 @@ and the reason.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from xml.sax.handler import ContentHandler
@@ -36,7 +41,9 @@ from histo_wsl.errors import InputError
 __all__ = [
     "ANNOTATION_SUFFIXES",
     "EXCLUSION_GROUPS",
+    "GroundTruth",
     "annotation_mask",
+    "feature_class",
     "find_annotation",
     "read_asap_xml",
 ]
@@ -277,6 +284,10 @@ def _geojson(path: Path) -> dict | None:
         raise
 
 
+def _collection(features: list[dict]) -> dict:
+    return {"type": "FeatureCollection", "features": features}
+
+
 def _mask_image(path: Path, shape: tuple[int, int]) -> tuple[np.ndarray, dict]:
     """A mask image (the level nearest above ``shape`` of a pyramidal TIFF) resized to ``shape``."""
     from PIL import Image
@@ -321,18 +332,100 @@ def _mask_image(path: Path, shape: tuple[int, int]) -> tuple[np.ndarray, dict]:
     return np.asarray(fg) > 127, info
 
 
+@dataclass
+class GroundTruth:
+    """An annotation rasterised on a grid.
+
+    Attributes:
+        mask: (H, W) bool, the ROI.
+        ignore: (H, W) bool, pixels left out of every metric (QuPath's ``Ignore*`` regions), or
+            None when there are none.
+        notes: JSON-ready: format, counts, the classes found and the ones taken as the ROI.
+    """
+
+    mask: np.ndarray
+    ignore: np.ndarray | None = None
+    notes: dict = field(default_factory=dict)
+
+
+#: QuPath's class of regions to leave out of analysis is ``Ignore*``: any class named so
+IGNORE_PREFIX = "ignore"
+_UNCLASSIFIED = "(unclassified)"
+
+
+def feature_class(feature: Any) -> str | None:
+    """A GeoJSON feature's QuPath classification name (None: unclassified).
+
+    QuPath writes ``properties.classification`` as ``{"name": ..., "color": [...]}`` (older
+    versions ``colorRGB``); a plain string is accepted too.
+    """
+    props = feature.get("properties") if isinstance(feature, dict) else None
+    if not isinstance(props, dict):
+        return None
+    cls = props.get("classification")
+    if isinstance(cls, dict):
+        cls = cls.get("name")
+    return cls if isinstance(cls, str) and cls else None
+
+
+def _roi_features(
+    geo: dict, roi_classes: Sequence[str] | None, model_roi: str | None
+) -> tuple[list[dict], list[dict], dict]:
+    """The ROI features and the Ignore* features of a FeatureCollection, and which classes counted.
+
+    ``roi_classes`` (case-insensitive): those classes; else ``model_roi`` when a feature has it;
+    else every class but ``Ignore*`` (unclassified features included).
+    """
+    features = [f for f in geo.get("features", []) or [] if isinstance(f, dict)]
+    found: dict[str, int] = {}
+    for f in features:
+        name = feature_class(f) or _UNCLASSIFIED
+        found[name] = found.get(name, 0) + 1
+
+    def is_ignore(f: dict) -> bool:
+        return (feature_class(f) or "").casefold().startswith(IGNORE_PREFIX)
+
+    ignore = [f for f in features if is_ignore(f)]
+    others = [f for f in features if not is_ignore(f)]
+    present = {(feature_class(f) or "").casefold() for f in others}
+    if roi_classes:
+        wanted = {c.casefold() for c in roi_classes}
+        rule = "--roi-class"
+    elif model_roi and model_roi.casefold() in present:
+        wanted, rule = {model_roi.casefold()}, "the model's ROI class"
+    else:
+        wanted, rule = None, "every class but Ignore*"
+    roi = [f for f in others if wanted is None or (feature_class(f) or "").casefold() in wanted]
+    used = sorted({feature_class(f) or _UNCLASSIFIED for f in roi})
+    notes = {
+        "classes_found": found,
+        "roi_classes": used,
+        "roi_rule": rule,
+        "ignore_regions": len(ignore),
+    }
+    return roi, ignore, notes
+
+
 def annotation_mask(
-    path: str | Path, shape: tuple[int, int], downsample: float
-) -> tuple[np.ndarray, dict]:
+    path: str | Path,
+    shape: tuple[int, int],
+    downsample: float,
+    *,
+    roi_classes: Sequence[str] | None = None,
+    model_roi: str | None = None,
+) -> GroundTruth:
     """Rasterise an annotation file on a grid.
 
     Args:
         path: GeoJSON (``.geojson``/``.json``), ASAP XML (``.xml``) or a mask image.
         shape: (H, W) of the grid.
         downsample: level-0 pixels per grid pixel (ignored for mask images, which cover the slide).
+        roi_classes: the classes (GeoJSON classification names, ASAP groups) that are the ROI;
+            None: the model's ROI class when the file has it, else every class but ``Ignore*``.
+        model_roi: the model's ROI class (``localize``'s ``roi_class``).
 
     Returns:
-        (bool mask of ``shape``, JSON-ready notes: format, polygon counts, resizing).
+        The ROI mask, the ``Ignore*`` pixels, and notes (format, counts, classes used).
 
     Raises:
         InputError: a missing or malformed file (with line and reason where the format has lines).
@@ -344,14 +437,26 @@ def annotation_mask(
     if suffix in (".geojson", ".json"):
         geo = _geojson(path)
         if geo is None:
-            return np.zeros(shape, dtype=bool), {"format": "geojson", "polygons": 0}
+            return GroundTruth(
+                np.zeros(shape, dtype=bool), None, {"format": "geojson", "polygons": 0}
+            )
+        roi, ignore, notes = _roi_features(geo, roi_classes, model_roi)
         try:
-            mask = geojson_to_mask(geo, shape, downsample)
+            mask = geojson_to_mask(_collection(roi), shape, downsample)
+            ign = geojson_to_mask(_collection(ignore), shape, downsample) if ignore else None
         except InputError as exc:
             raise InputError(exc.message, path) from None
-        return mask, {"format": "geojson", "features": len(geo.get("features", []) or [])}
+        notes = {"format": "geojson", "features": len(geo.get("features", []) or []), **notes}
+        return GroundTruth(mask, ign, notes)
     if suffix == ".xml":
         asap = read_asap_xml(path)
+        if roi_classes:
+            wanted = {c.casefold() for c in roi_classes}
+            asap["include"]["features"] = [
+                f
+                for f in asap["include"]["features"]
+                if str(f["properties"].get("group", "")).casefold() in wanted
+            ]
         mask = geojson_to_mask(asap["include"], shape, downsample)
         if asap["exclude"]["features"]:
             mask &= ~geojson_to_mask(asap["exclude"], shape, downsample)
@@ -365,10 +470,12 @@ def annotation_mask(
             notes["ignored"] = asap["ignored"]
         if asap["degenerate"]:
             notes["degenerate_left_out"] = asap["degenerate"]
-        return mask, notes
+        if roi_classes:
+            notes["roi_classes"] = sorted(roi_classes)
+        return GroundTruth(mask, None, notes)
     if suffix in MASK_SUFFIXES:
         mask, info = _mask_image(path, shape)
-        return mask, {"format": "mask-image", **info}
+        return GroundTruth(mask, None, {"format": "mask-image", **info})
     raise InputError(
         f"unknown annotation format {suffix!r}: give QuPath GeoJSON (.geojson), ASAP XML (.xml) or "
         "a mask image (.png, .tif)",

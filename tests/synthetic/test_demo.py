@@ -87,8 +87,8 @@ def test_full_demo_holds_its_band_and_its_geojson_lies_on_the_glands(tmp_path):
     slide = openslide.OpenSlide(summary["slide"])
     ds = 8.0
     shape = (int(slide.dimensions[1] / ds), int(slide.dimensions[0] / ds))
-    pred, _ = annotation_mask(summary["qupath_geojson"], shape, ds)
-    truth, _ = annotation_mask(summary["ground_truth"], shape, ds)
+    pred = annotation_mask(summary["qupath_geojson"], shape, ds).mask
+    truth = annotation_mask(summary["ground_truth"], shape, ds).mask
     iou = np.logical_and(pred, truth).sum() / max(1, np.logical_or(pred, truth).sum())
     # a random mask of the same size would reach about pred.mean() * truth.mean() / union
     assert pred.any() and iou > max(0.2, 4 * truth.mean()), (iou, truth.mean())
