@@ -8,7 +8,11 @@ Key components:
   (on disk past a size), so memory stays bounded whatever the map's size.
 - :func:`scratch_array`: an array in memory, or a numpy memmap in a scratch folder past a size.
 - :func:`overlay_image`: a thumbnail tinted by the probability, with the mask's contours.
-- :func:`write_png`, :func:`write_probability_png`, :func:`write_mask_png`: atomic PNG writes.
+- :func:`write_ome_pyramid_tiff`: the same map as an OME-TIFF pyramid (OME-XML with the physical
+  pixel size on level 0, reduced levels as its SubIFDs), the layout QuPath/Bio-Formats and
+  TIAToolbox read.
+- :func:`write_png`, :func:`write_probability_png`, :func:`write_mask_png`: atomic PNG writes
+  (with ``mpp``, a ``pHYs`` chunk records the resolution).
 - :class:`PngStream`: a PNG written band of rows by band of rows (the image is never held whole).
 
 Geometry of the probability TIFF: its level 0 is the map at the output resolution ``mpp``; it
@@ -23,11 +27,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import struct
 import tempfile
 import uuid
 import zlib
 from collections.abc import Iterator, Sequence
+from contextlib import closing
 from pathlib import Path
 
 import cv2
@@ -44,6 +50,7 @@ __all__ = [
     "scratch_array",
     "TILE",
     "write_mask_png",
+    "write_ome_pyramid_tiff",
     "write_png",
     "write_probability_png",
     "write_pyramid_tiff",
@@ -126,6 +133,93 @@ def _tiles(level: np.ndarray, tile: int) -> Iterator[np.ndarray]:
                 yield out
 
 
+def _check_map(image: np.ndarray, tile: int, compression: str) -> None:
+    """Raise ValueError unless ``image`` is a 2-D uint8 map and ``tile``/``compression`` are valid."""
+    if image.ndim != 2 or image.dtype != np.uint8:
+        raise ValueError(f"expected a 2-D uint8 map, got {image.dtype} {image.shape}")
+    if tile < 16 or tile % 16:
+        raise ValueError(f"tile must be a positive multiple of 16, got {tile}")
+    if compression not in ("zlib", "jpeg"):
+        raise ValueError(f"compression must be 'zlib' or 'jpeg', got {compression!r}")
+
+
+def _pyramid_levels(
+    image: np.ndarray, tile: int, *, scratch: Path | None, max_bytes: int
+) -> Iterator[np.ndarray]:
+    """Yield the pyramid's levels: ``image`` itself, then each reduced level (2 × 2 mean).
+
+    Level ``i + 1`` is built from level ``i`` only once level ``i`` has been consumed, so a writer
+    that streams each level to its file before asking for the next never waits on the whole
+    pyramid. Reduced levels past ``max_bytes`` are memmaps in ``scratch``; their files are removed
+    when the generator ends or is closed (use it under :func:`contextlib.closing`).
+    """
+    files: list[str] = []
+    try:
+        level = image
+        yield level
+        for i, shape in enumerate(pyramid_shapes(*image.shape, tile=tile)[1:], start=1):
+            dst = scratch_array(shape, scratch=scratch, max_bytes=max_bytes, name=f"level{i}")
+            if isinstance(dst, np.memmap) and dst.filename:
+                files.append(dst.filename)
+            level = _halve(level, dst)
+            yield level
+    finally:
+        for name in files:
+            Path(name).unlink(missing_ok=True)
+
+
+def _write_pyramid(
+    path: Path,
+    image: np.ndarray,
+    mpp: float | None,
+    *,
+    tile: int,
+    compression: str,
+    scratch: Path | None,
+    max_bytes: int,
+    first: dict,
+    ome: bool,
+) -> Path:
+    """Stream every pyramid level of ``image`` to a tiled TIFF at ``path``, atomically.
+
+    Level 0 is written with the extra ``tifffile`` arguments ``first``; reduced levels follow it
+    with ``SubfileType`` 1 (consecutive pages, or SubIFDs of level 0 when ``first`` asks for them).
+    """
+    import tifffile
+
+    bigtiff = image.size > 2**31
+    if compression == "zlib":
+        codec: dict = {"compression": "zlib", "compressionargs": {"level": 6}, "predictor": True}
+    else:
+        codec = {"compression": "jpeg", "compressionargs": {"level": 90}}
+    levels = _pyramid_levels(image, tile, scratch=scratch, max_bytes=max_bytes)
+    with (
+        closing(levels),
+        atomic_path(path) as tmp,
+        tifffile.TiffWriter(tmp, bigtiff=bigtiff, ome=ome) as tw,
+    ):
+        for i, level in enumerate(levels):
+            if mpp is not None:
+                res = 1e4 / (mpp * 2**i)
+                resolution: tuple[float, float] | None = (res, res)
+                unit = "CENTIMETER"
+            else:
+                resolution, unit = None, "NONE"
+            extra = first if i == 0 else {"subfiletype": 1, "description": None, "metadata": None}
+            tw.write(
+                data=_tiles(level, tile),
+                shape=level.shape,
+                dtype=np.uint8,
+                tile=(tile, tile),
+                photometric="minisblack",
+                resolution=resolution,
+                resolutionunit=unit,
+                **extra,
+                **codec,
+            )
+    return path
+
+
 def write_pyramid_tiff(
     path: str | Path,
     image: np.ndarray,
@@ -159,54 +253,81 @@ def write_pyramid_tiff(
     Returns:
         The path written.
     """
-    import tifffile
-
     path = Path(path)
-    if image.ndim != 2 or image.dtype != np.uint8:
-        raise ValueError(f"expected a 2-D uint8 map, got {image.dtype} {image.shape}")
-    if tile < 16 or tile % 16:
-        raise ValueError(f"tile must be a positive multiple of 16, got {tile}")
-    if compression not in ("zlib", "jpeg"):
-        raise ValueError(f"compression must be 'zlib' or 'jpeg', got {compression!r}")
-    shapes = pyramid_shapes(*image.shape, tile=tile)
-    levels: list[np.ndarray] = [image]
-    for i, shape in enumerate(shapes[1:], start=1):
-        dst = scratch_array(shape, scratch=scratch, max_bytes=max_bytes, name=f"level{i}")
-        levels.append(_halve(levels[-1], dst))
-    bigtiff = image.size > 2**31
-    if compression == "zlib":
-        codec: dict = {"compression": "zlib", "compressionargs": {"level": 6}, "predictor": True}
-    else:
-        codec = {"compression": "jpeg", "compressionargs": {"level": 90}}
+    _check_map(image, tile, compression)
     text = "histo-wsl " + json.dumps(description or {}, separators=(",", ":"))
-    try:
-        with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=bigtiff) as tw:
-            for i, level in enumerate(levels):
-                if mpp is not None:
-                    res = 1e4 / (mpp * 2**i)
-                    resolution: tuple[float, float] | None = (res, res)
-                    unit = "CENTIMETER"
-                else:
-                    resolution, unit = None, "NONE"
-                tw.write(
-                    data=_tiles(level, tile),
-                    shape=level.shape,
-                    dtype=np.uint8,
-                    tile=(tile, tile),
-                    photometric="minisblack",
-                    resolution=resolution,
-                    resolutionunit=unit,
-                    subfiletype=0 if i == 0 else 1,
-                    description=text if i == 0 else None,
-                    metadata=None,
-                    **codec,
-                )
-    finally:
-        files = [lv.filename for lv in levels[1:] if isinstance(lv, np.memmap) and lv.filename]
-        levels.clear()
-        for name in files:
-            Path(name).unlink(missing_ok=True)
-    return path
+    first = {"subfiletype": 0, "description": text, "metadata": None}
+    return _write_pyramid(
+        path,
+        image,
+        mpp,
+        tile=tile,
+        compression=compression,
+        scratch=scratch,
+        max_bytes=max_bytes,
+        first=first,
+        ome=False,
+    )
+
+
+def write_ome_pyramid_tiff(
+    path: str | Path,
+    image: np.ndarray,
+    mpp: float | None,
+    *,
+    tile: int = TILE,
+    compression: str = "zlib",
+    description: dict | None = None,
+    scratch: Path | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> Path:
+    """Write a 2-D uint8 map as a tiled OME-TIFF pyramid (QuPath/Bio-Formats, TIAToolbox layout).
+
+    Level 0 is the file's only main IFD and carries the OME-XML metadata (one image, axes ``YX``,
+    uint8, and with ``mpp`` ``PhysicalSizeX``/``PhysicalSizeY`` = ``mpp`` in ``µm``); the reduced
+    levels, each half the previous (2 × 2 mean, as :func:`write_pyramid_tiff`), are SubIFDs of level
+    0 marked ``SubfileType`` 1. Tiles, compression and resolution tags are those of
+    :func:`write_pyramid_tiff`. The levels are streamed tile by tile (reduced levels on disk past
+    ``max_bytes``), and the file is written under a temporary name beside ``path`` and renamed when
+    complete.
+
+    Args:
+        path: the file (by convention ``.ome.tif``).
+        image: (H, W) uint8 map (an array or a memmap); read band by band.
+        mpp: µm per pixel of level 0 (None: no physical size, no resolution tags).
+        tile: tile side (multiple of 16).
+        compression: ``zlib`` (deflate, lossless) or ``jpeg``.
+        description: JSON-ready dict written as the OME image's Description (after ``histo-wsl ``).
+        scratch: folder for reduced levels that exceed ``max_bytes`` (memmaps).
+        max_bytes: in-memory limit of one reduced level.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    _check_map(image, tile, compression)
+    metadata: dict = {"axes": "YX"}
+    if mpp is not None:
+        metadata |= {
+            "PhysicalSizeX": float(mpp),
+            "PhysicalSizeXUnit": "µm",
+            "PhysicalSizeY": float(mpp),
+            "PhysicalSizeYUnit": "µm",
+        }
+    metadata["Description"] = "histo-wsl " + json.dumps(description or {}, separators=(",", ":"))
+    n_levels = len(pyramid_shapes(*image.shape, tile=tile))
+    first = {"subfiletype": 0, "subifds": n_levels - 1, "metadata": metadata}
+    return _write_pyramid(
+        path,
+        image,
+        mpp,
+        tile=tile,
+        compression=compression,
+        scratch=scratch,
+        max_bytes=max_bytes,
+        first=first,
+        ome=True,
+    )
 
 
 def overlay_image(
@@ -245,11 +366,64 @@ def overlay_image(
     return draw_tissue(out, mask, color=color, thickness=2)
 
 
-def write_png(path: str | Path, array: np.ndarray, compress_level: int = 3) -> Path:
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    """One PNG chunk: length, type, data and CRC-32 (of type and data)."""
+    crc = zlib.crc32(data, zlib.crc32(kind)) & 0xFFFFFFFF
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+
+def _phys_chunk(mpp: float) -> bytes:
+    """The PNG ``pHYs`` chunk of a ``mpp`` µm/pixel image: ``round(1e6 / mpp)`` pixels per metre.
+
+    Raises:
+        ValueError: ``mpp`` is not a positive number, or too large or small for the chunk.
+    """
+    mpp = float(mpp)
+    if not math.isfinite(mpp) or mpp <= 0:
+        raise ValueError(f"mpp must be a positive number, got {mpp}")
+    ppm = round(1e6 / mpp)
+    if not 1 <= ppm <= 0xFFFFFFFF:
+        raise ValueError(f"mpp {mpp} is out of the range a PNG can record")
+    return _png_chunk(b"pHYs", struct.pack(">IIB", ppm, ppm, 1))  # unit 1: metre
+
+
+def _insert_after_ihdr(png: Path, chunk: bytes) -> None:
+    """Insert ``chunk`` right after the IHDR chunk of the PNG file ``png`` (streamed copy)."""
+    with open(png, "rb") as src:
+        head = src.read(33)  # signature (8) + IHDR (4 + 4 + 13 + 4)
+        if len(head) != 33 or head[:8] != _PNG_SIGNATURE or head[8:16] != b"\x00\x00\x00\rIHDR":
+            raise OSError(f"{png} does not start with a PNG header")
+        fd, tmp = tempfile.mkstemp(prefix=f".{png.stem}.", suffix=".phys.png", dir=png.parent)
+        try:
+            with os.fdopen(fd, "wb") as dst:
+                dst.write(head + chunk)
+                shutil.copyfileobj(src, dst, 2**20)
+            os.replace(tmp, png)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def write_png(
+    path: str | Path, array: np.ndarray, compress_level: int = 3, *, mpp: float | None = None
+) -> Path:
     """Write a grey (uint8/uint16) or RGB (uint8) array as a PNG, atomically.
 
     The array may be a memmap: OpenCV encodes it row by row without a copy. The file is written
     under a temporary name beside ``path`` and renamed when complete.
+
+    Args:
+        path: the PNG to write.
+        array: (H, W) uint8/uint16 grey or (H, W, 3) uint8 RGB image.
+        compress_level: zlib level (0-9).
+        mpp: µm per pixel: recorded as a ``pHYs`` chunk of ``round(1e6 / mpp)`` pixels per metre
+            on both axes (None: no ``pHYs`` chunk).
+
+    Returns:
+        The path written.
     """
     import cv2
 
@@ -257,18 +431,24 @@ def write_png(path: str | Path, array: np.ndarray, compress_level: int = 3) -> P
     arr = np.asarray(array) if not isinstance(array, np.memmap) else array
     if arr.dtype not in (np.uint8, np.uint16) or arr.ndim not in (2, 3):
         raise ValueError(f"expected a uint8/uint16 grey or RGB image, got {arr.dtype} {arr.shape}")
+    phys = _phys_chunk(mpp) if mpp is not None else None
     if arr.ndim == 3:
         arr = cv2.cvtColor(np.ascontiguousarray(arr), cv2.COLOR_RGB2BGR)
     with atomic_path(path) as tmp:
         if not cv2.imwrite(str(tmp), arr, [cv2.IMWRITE_PNG_COMPRESSION, int(compress_level)]):
             raise OSError(f"could not write {path}")
+        if phys is not None:
+            _insert_after_ihdr(tmp, phys)
     return path
 
 
-def write_probability_png(path: str | Path, prob: np.ndarray, bits: int = 8) -> Path:
+def write_probability_png(
+    path: str | Path, prob: np.ndarray, bits: int = 8, *, mpp: float | None = None
+) -> Path:
     """A probability map (float in [0, 1], or uint8 0-255) as an 8- or 16-bit grey PNG.
 
     Value ``v`` of the file is the probability ``v / 255`` (8-bit) or ``v / 65535`` (16-bit).
+    With ``mpp`` (µm per pixel) the PNG records its resolution (``pHYs``, see :func:`write_png`).
     """
     if bits not in (8, 16):
         raise ValueError(f"bits must be 8 or 16, got {bits}")
@@ -279,12 +459,15 @@ def write_probability_png(path: str | Path, prob: np.ndarray, bits: int = 8) -> 
     else:
         q = np.clip(np.rint(p.astype(np.float64) * top), 0, top)
         q = q.astype(np.uint8 if bits == 8 else np.uint16)
-    return write_png(path, q)
+    return write_png(path, q, mpp=mpp)
 
 
-def write_mask_png(path: str | Path, mask: np.ndarray) -> Path:
-    """A binary mask as an 8-bit grey PNG: 255 inside, 0 outside."""
-    return write_png(path, np.asarray(mask, dtype=bool).astype(np.uint8) * 255)
+def write_mask_png(path: str | Path, mask: np.ndarray, *, mpp: float | None = None) -> Path:
+    """A binary mask as an 8-bit grey PNG: 255 inside, 0 outside.
+
+    With ``mpp`` (µm per pixel) the PNG records its resolution (``pHYs``, see :func:`write_png`).
+    """
+    return write_png(path, np.asarray(mask, dtype=bool).astype(np.uint8) * 255, mpp=mpp)
 
 
 class PngStream:
@@ -293,7 +476,8 @@ class PngStream:
     Rows are "Sub"-filtered (each byte minus the same channel of the pixel on its left) and
     deflated as they arrive; the file is written under a temporary name beside ``path`` and renamed
     by :meth:`close` once every row is in. Use it as a context manager: leaving the block on an
-    exception removes the temporary file.
+    exception removes the temporary file. With ``mpp`` a ``pHYs`` chunk (``round(1e6 / mpp)``
+    pixels per metre on both axes) follows the header.
 
     Args:
         path: the PNG to write.
@@ -301,17 +485,26 @@ class PngStream:
         height: image height in pixels.
         channels: 3 (RGB) or 1 (grey).
         compress_level: zlib level (1 is fast, 9 small).
+        mpp: µm per pixel, recorded in a ``pHYs`` chunk (None: no ``pHYs`` chunk).
     """
 
-    _SIGNATURE = b"\x89PNG\r\n\x1a\n"
+    _SIGNATURE = _PNG_SIGNATURE
 
     def __init__(
-        self, path: str | Path, width: int, height: int, channels: int = 3, compress_level: int = 1
+        self,
+        path: str | Path,
+        width: int,
+        height: int,
+        channels: int = 3,
+        compress_level: int = 1,
+        *,
+        mpp: float | None = None,
     ) -> None:
         if width < 1 or height < 1:
             raise ValueError(f"a PNG needs at least one pixel, got {width} x {height}")
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 (grey) or 3 (RGB), got {channels}")
+        phys = _phys_chunk(mpp) if mpp is not None else None
         self.path = Path(path)
         self.width, self.height, self.channels = int(width), int(height), int(channels)
         self.rows_written = 0
@@ -327,10 +520,11 @@ class PngStream:
         self._chunk(
             b"IHDR", struct.pack(">IIBBBBB", self.width, self.height, 8, colour_type, 0, 0, 0)
         )
+        if phys is not None:
+            self._fh.write(phys)
 
     def _chunk(self, kind: bytes, data: bytes) -> None:
-        self._fh.write(struct.pack(">I", len(data)) + kind + data)
-        self._fh.write(struct.pack(">I", zlib.crc32(data, zlib.crc32(kind)) & 0xFFFFFFFF))
+        self._fh.write(_png_chunk(kind, data))
 
     def write_rows(self, rows: np.ndarray) -> None:
         """Append rows: (n, W, 3) uint8 for RGB, (n, W) or (n, W, 1) for grey."""
