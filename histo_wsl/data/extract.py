@@ -280,7 +280,10 @@ def extract_slide(
 
         # GeoJSON and QC images from one tracing of the whole mask's contours
         full = found.mask.to_bool()
-        write_geojson(slide_dir / "tissue.geojson", mask_to_geojson(full, ds, mpp=slide.mpp))
+        write_geojson(
+            slide_dir / "tissue.geojson",
+            mask_to_geojson(full, ds, mpp=slide.mpp, id_namespace=item.name),
+        )
         contours, _ = cv2.findContours(full.view(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
         del full
         side = chosen.size_level0 / ds

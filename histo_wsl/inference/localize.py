@@ -327,7 +327,12 @@ def localize_whole_image(
     writers.write_probability_png(out / f"{name}.prob.png", prob, bits=params.prob_bits)
     writers.write_mask_png(out / f"{name}.mask.png", mask)
     geo = mask_to_geojson(
-        mask, 1.0, style=GeoJSONStyle(engine.roi_name, ROI_COLOR), mpp=mpp, values=prob
+        mask,
+        1.0,
+        style=GeoJSONStyle(engine.roi_name, ROI_COLOR),
+        mpp=mpp,
+        values=prob,
+        id_namespace=name,
     )
     write_geojson(out / f"{name}.geojson", geo)
     p = probs[0].double().cpu().tolist()

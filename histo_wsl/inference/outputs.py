@@ -175,6 +175,7 @@ def write_slide_outputs(
         style=GeoJSONStyle(engine.roi_name, ROI_COLOR, value_scale=1.0 / 255.0),
         mpp=slide.mpp,
         values=small,
+        id_namespace=name,
     )
     write_geojson(slide_dir / f"{name}.geojson", geo)
     if step > 1:

@@ -36,27 +36,75 @@ _GEOJSON_HINT = (
 )
 
 
-def _signed_area(ring: np.ndarray) -> float:
-    """Shoelace signed area of an (N, 2) ring (closed or not)."""
-    x, y = ring[:, 0], ring[:, 1]
-    return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(np.roll(x, -1), y))
+#: level-0 ring coordinates are written with this many decimals
+_DECIMALS = 3
+#: namespace of the features' stable ids (uuid5 of the mask, style and component)
+_ID_NAMESPACE = uuid.UUID("6f1c2a57-6b0e-4f4e-9a51-5d1f2e3c4b7a")
 
 
-def _ring_coords(contour: np.ndarray, downsample: float, outer: bool) -> list[list[float]] | None:
-    """OpenCV contour -> closed GeoJSON ring in level-0 pixels, or None when degenerate."""
-    pts = contour.reshape(-1, 2).astype(np.float64)
-    if len(np.unique(pts, axis=0)) < 3:
-        return None
-    area = _signed_area(pts)
-    if area == 0:
-        return None
-    # RFC 7946 right-hand rule on the coordinates as written: exterior positive, holes negative.
-    if (area < 0) == outer:
-        pts = pts[::-1]
-    pts = (pts + 0.5) * downsample  # pixel centres in pixel-corner coordinates, then level 0
-    ring = [[round(float(x), 3), round(float(y), 3)] for x, y in pts]
-    ring.append(list(ring[0]))
-    return ring
+def _ring(contour: np.ndarray) -> np.ndarray:
+    """A contour traced on the mask upscaled 3x -> its ring on the mask's pixel edges.
+
+    On the 3x grid a boundary pixel of an original pixel ``c`` sits at ``3c`` (its left or top
+    edge) or ``3c + 2`` (its right or bottom edge): ``(i + 1) // 3`` is that edge's coordinate,
+    ``c`` or ``c + 1``. The diagonal steps OpenCV takes at corners collapse onto the corner.
+    """
+    q = (contour.reshape(-1, 2) + 1) // 3
+    keep = np.ones(len(q), dtype=bool)
+    keep[1:] = np.any(q[1:] != q[:-1], axis=1)
+    q = q[keep]
+    if len(q) > 1 and (q[0] == q[-1]).all():
+        q = q[:-1]
+    return q
+
+
+def _trace(mask: np.ndarray, offset: tuple[int, int] = (0, 0)) -> list[tuple]:
+    """Each outer contour of ``mask`` as (shell, holes, a pixel of it), on pixel edges + offset."""
+    up = cv2.resize(mask.view(np.uint8), None, fx=3, fy=3, interpolation=cv2.INTER_NEAREST)
+    contours, hierarchy = cv2.findContours(up, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+    if hierarchy is None:
+        return []
+    hier = hierarchy.reshape(-1, 4)  # next, previous, first child, parent
+    off = np.asarray(offset)
+    out = []
+    for i in np.flatnonzero(hier[:, 3] < 0):
+        holes, child = [], hier[i, 2]
+        while child >= 0:
+            hole = _ring(contours[child])
+            if len(hole) >= 3:
+                holes.append(hole + off)
+            child = hier[child, 0]
+        x, y = contours[i].reshape(-1, 2)[0] // 3 + off
+        out.append((_ring(contours[i]) + off, holes, (int(x), int(y))))
+    return out
+
+
+def _component_geometry(shell: np.ndarray, holes: list, sub: np.ndarray, origin: tuple) -> Any:
+    """A component's polygon, valid by OGC rules (what QuPath and shapely measure right).
+
+    Traced as one 8-connected piece, a component whose pixels touch only at corners gives a ring
+    that touches itself (invalid); it is then traced again as its 4-connected parts (``sub``, its
+    pixels in its bounding box at ``origin``), which touch at points only: a valid MultiPolygon.
+    """
+    import shapely
+
+    polygon = shapely.Polygon(shell, holes)
+    if polygon.is_valid:
+        return polygon
+    x0, y0 = origin
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(sub.view(np.uint8), connectivity=4)
+    parts = []
+    for j in range(1, n):
+        x, y, w, h, area = (int(v) for v in stats[j])
+        if area == w * h:  # a filled rectangle
+            parts.append(shapely.box(x0 + x, y0 + y, x0 + x + w, y0 + y + h))
+            continue
+        piece = np.ascontiguousarray(labels[y : y + h, x : x + w] == j)
+        for ring, hole_rings, _ in _trace(piece, (x0 + x, y0 + y)):
+            part = shapely.Polygon(ring, hole_rings)
+            part = part if part.is_valid else shapely.make_valid(part)
+            parts.extend(getattr(part, "geoms", [part]))
+    return shapely.MultiPolygon([p for p in parts if p.geom_type == "Polygon"])
 
 
 @dataclass(frozen=True)
@@ -84,15 +132,19 @@ def mask_to_geojson(
     mpp: float | None = None,
     min_area_px: int = 0,
     values: np.ndarray | None = None,
+    id_namespace: str | None = None,
 ) -> dict:
     """Outline a mask as a QuPath-style GeoJSON FeatureCollection in level-0 pixels.
 
     Each 8-connected component becomes one ``Feature`` whose ``geometry`` is a ``Polygon`` (outer
-    ring, then one ring per hole). Rings run through the centres of the boundary pixels, written in
-    pixel-corner coordinates (pixel ``(c, r)`` has centre ``(c + 0.5, r + 0.5)``) and multiplied by
-    ``downsample``; they are closed, the outer ring has a positive shoelace area on the coordinates as
-    written and holes a negative one (RFC 7946 orientation; QuPath accepts either). Components or holes
-    with fewer than 3 distinct points (or no area) are dropped.
+    ring, then one ring per hole), or a ``MultiPolygon`` of its 4-connected parts when they touch
+    only at corners. Rings run along the pixels' edges (pixel ``(c, r)`` covers ``[c, c+1) ×
+    [r, r+1)``), multiplied by ``downsample``: a polygon's area is its pixels' area exactly, and
+    every geometry is valid by OGC rules (no self-intersection or spike; holes kept), so QuPath and
+    shapely measure what the mask holds. Rings are closed, exteriors counter-clockwise and holes
+    clockwise on the coordinates as written (RFC 7946; QuPath accepts either). Each feature has a
+    stable ``id`` (a UUID, as QuPath 0.4+ writes): the same mask, style and ``id_namespace`` give
+    the same ids.
 
     Args:
         mask: (H, W) bool mask (thumbnail coordinates).
@@ -100,17 +152,19 @@ def mask_to_geojson(
         style: the features' classification name and colour, and the measurement's name and
             scale.
         mpp: level-0 µm per pixel; when given each feature gets ``measurements["Area µm^2"]``.
-        min_area_px: components whose polygon area (mask px², holes subtracted) is below this are
-            dropped.
+        min_area_px: components of fewer pixels than this are dropped.
         values: optional (H, W) per-pixel values (e.g. a probability map); each feature then gets
             ``measurements[style.value_name]``, the mean of ``values × style.value_scale`` over the
             pixels of its 8-connected component.
+        id_namespace: what the ids are unique within (e.g. the slide's name).
 
     Returns:
         A JSON-serialisable ``FeatureCollection`` dict whose features have ``properties.objectType``
         ``"annotation"``, ``classification`` ``{name, color}``, ``isLocked`` False, and
         ``measurements``.
     """
+    import shapely
+
     m = np.asarray(mask, dtype=bool)
     if m.ndim != 2:
         raise ValueError(f"expected a 2-D mask, got shape {m.shape}")
@@ -119,48 +173,38 @@ def mask_to_geojson(
         raise ValueError(f"downsample must be a positive number, got {downsample!r}")
     rgb = [int(c) for c in style.color]
     features: list[dict] = []
-    m = np.ascontiguousarray(m)  # bool as uint8 0/1 without a copy (findContours copies anyway)
-    contours, hierarchy = cv2.findContours(
-        m.view(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE
+    m = np.ascontiguousarray(m)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(
+        m.view(np.uint8), connectivity=8, ltype=cv2.CV_32S
     )
-    if hierarchy is None:
-        return {"type": "FeatureCollection", "features": features}
-    hier = hierarchy.reshape(-1, 4)  # next, previous, first child, parent
     means = None
     if values is not None:
         v = np.asarray(values)
         if v.shape != m.shape:
             raise ValueError(f"values shape {v.shape} does not match mask shape {m.shape}")
-        # 8-connected components are exactly the outer contours' components.
-        _, labels = cv2.connectedComponents(m.view(np.uint8), connectivity=8, ltype=cv2.CV_32S)
-        counts = np.bincount(labels.ravel())
-        sums = np.bincount(labels.ravel(), weights=v.ravel().astype(np.float64))
+        counts = np.bincount(labels.ravel(), minlength=n)
+        sums = np.bincount(labels.ravel(), weights=v.ravel().astype(np.float64), minlength=n)
         means = sums / np.maximum(counts, 1) * float(style.value_scale)
-    for i in np.flatnonzero(hier[:, 3] < 0):
-        outer = _ring_coords(contours[i], downsample, outer=True)
-        if outer is None:
-            continue
-        rings = [outer]
-        area_px = abs(_signed_area(contours[i].reshape(-1, 2).astype(np.float64)))
-        child = hier[i, 2]
-        while child >= 0:
-            hole = _ring_coords(contours[child], downsample, outer=False)
-            if hole is not None:
-                rings.append(hole)
-                area_px -= abs(_signed_area(contours[child].reshape(-1, 2).astype(np.float64)))
-            child = hier[child, 0]
+    namespace = f"{id_namespace or ''}|{style.name}|{downsample!r}|{m.shape}"
+    for shell, holes, (px, py) in _trace(m):
+        k = int(labels[py, px])  # an outer contour runs through its 8-connected component
+        x, y, w, h, area_px = (int(a) for a in stats[k])
         if area_px < min_area_px:
             continue
+        sub = labels[y : y + h, x : x + w] == k
+        geometry = _component_geometry(shell, holes, sub, (x, y))
+        geometry = shapely.orient_polygons(geometry)  # RFC 7946: exteriors counter-clockwise
+        geometry = shapely.transform(geometry, lambda c: np.round(c * downsample, _DECIMALS))
         measurements: dict[str, float] = {}
         if mpp is not None:
             measurements["Area µm^2"] = round(area_px * (downsample * float(mpp)) ** 2, 3)
         if means is not None:
-            cx, cy = contours[i].reshape(-1, 2)[0]  # a contour runs through its component's pixels
-            measurements[style.value_name] = round(float(means[labels[cy, cx]]), 4)
+            measurements[style.value_name] = round(float(means[k]), 4)
         features.append(
             {
                 "type": "Feature",
-                "geometry": {"type": "Polygon", "coordinates": rings},
+                "id": str(uuid.uuid5(_ID_NAMESPACE, f"{namespace}|{px},{py}")),
+                "geometry": json.loads(shapely.to_geojson(geometry)),
                 "properties": {
                     "objectType": "annotation",
                     "classification": {"name": style.name, "color": rgb},

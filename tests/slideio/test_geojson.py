@@ -1,10 +1,13 @@
 """GeoJSON in level-0 pixels: QuPath's annotations out and back, atomic writes, clear errors."""
 
 import json
+import uuid
 
 import cv2
 import numpy as np
 import pytest
+import shapely
+import shapely.geometry
 
 from histo_wsl.errors import InputError
 from histo_wsl.slideio.geojson import (
@@ -57,21 +60,24 @@ def test_mask_to_geojson_writes_qupath_annotations_in_level0_pixels():
 
     outer, hole = (np.asarray(r) for r in block["geometry"]["coordinates"])
     assert signed_area(outer) > 0 and signed_area(hole) < 0  # RFC 7946 orientation
-    # rings through the centres of the boundary pixels, in level-0 pixels: pixel (c, r) has its
-    # centre at ((c + 0.5) * ds, (r + 0.5) * ds)
-    assert outer[:, 0].min() == 10.5 * ds and outer[:, 0].max() == 49.5 * ds
-    assert outer[:, 1].min() == 10.5 * ds and outer[:, 1].max() == 39.5 * ds
-    # the hole ring runs through the tissue pixels around the hole
-    assert hole[:, 0].min() == 19.5 * ds and hole[:, 0].max() == 35.5 * ds
-    assert hole[:, 1].min() == 19.5 * ds and hole[:, 1].max() == 30.5 * ds
+    # rings along the pixels' edges, in level-0 pixels: pixel (c, r) covers [c, c+1) x [r, r+1)
+    assert outer[:, 0].min() == 10 * ds and outer[:, 0].max() == 50 * ds
+    assert outer[:, 1].min() == 10 * ds and outer[:, 1].max() == 40 * ds
+    assert hole[:, 0].min() == 20 * ds and hole[:, 0].max() == 35 * ds
+    assert hole[:, 1].min() == 20 * ds and hole[:, 1].max() == 30 * ds
     small_ring = np.asarray(small["geometry"]["coordinates"][0])
-    assert small_ring[:, 0].min() == 60.5 * ds and small_ring[:, 1].max() == 54.5 * ds
-    # area: polygons through pixel centres, hole subtracted, in level-0 µm²
-    # (the hole's ring cuts its four corners: 16 x 11 less 4 half pixels)
-    area_px = 29 * 39 - (16 * 11 - 2)
+    assert small_ring[:, 0].min() == 60 * ds and small_ring[:, 1].max() == 55 * ds
+    # area: the pixels' area exactly (hole subtracted), in level-0 µm²
+    area_px = 30 * 40 - 10 * 15
     assert block["properties"]["measurements"]["Area µm^2"] == pytest.approx(
         area_px * (ds * mpp) ** 2
     )
+    assert shapely.geometry.shape(block["geometry"]).area == pytest.approx(area_px * ds**2)
+    # stable ids (UUIDs, as QuPath 0.4+ writes): the same mask gives the same ids
+    ids = [f["id"] for f in geo["features"]]
+    assert len(set(ids)) == 2 and all(str(uuid.UUID(i)) == i for i in ids)
+    assert ids == [f["id"] for f in mask_to_geojson(mask, ds, mpp=mpp)["features"]]
+    assert ids != [f["id"] for f in mask_to_geojson(mask, ds, id_namespace="other")["features"]]
     # coordinates are the downsample-1 ones times the downsample
     one = mask_to_geojson(mask, 1.0)
     for a, b in zip(one["features"], mask_to_geojson(mask, 2.5)["features"], strict=True):
@@ -254,3 +260,40 @@ def test_mask_to_geojson_mean_value_per_component():
     means = sorted(f["properties"]["measurements"]["Mean probability"] for f in geo["features"])
     assert means == [pytest.approx(100 / 255, abs=1e-4), pytest.approx(200 / 255, abs=1e-4)]
     assert all("Area µm^2" in f["properties"]["measurements"] for f in geo["features"])
+
+
+def _tricky_masks():
+    rng = np.random.default_rng(0)
+    checker = (np.indices((12, 14)).sum(0) % 2).astype(bool)
+    line = np.zeros((20, 20), bool)
+    line[5, 2:18] = True  # a one-pixel line (a spike when traced through pixel centres)
+    line[5:15, 9] = True
+    diagonal = np.eye(15, dtype=bool)  # pixels touching only at corners
+    ring = np.zeros((9, 9), bool)
+    ring[2:7, 2:7] = True
+    ring[3:6, 3:6] = False
+    ring[2, 2] = False
+    ring[3, 3] = True  # a hole that touches the outside at a corner
+    return {
+        "noise": rng.random((60, 70)) > 0.5,
+        "sparse": rng.random((50, 50)) > 0.8,
+        "checker": checker,
+        "line": line,
+        "diagonal": diagonal,
+        "ring": ring,
+        "single": np.pad(np.ones((1, 1), bool), 3),
+    }
+
+
+@pytest.mark.parametrize("name", list(_tricky_masks()))
+def test_every_polygon_is_valid_and_measures_the_masks_area(name):
+    mask = _tricky_masks()[name]
+    ds = 2.5
+    geo = mask_to_geojson(mask, ds, mpp=0.5)
+    geoms = [shapely.geometry.shape(f["geometry"]) for f in geo["features"]]
+    assert all(g.is_valid for g in geoms), [shapely.is_valid_reason(g) for g in geoms]
+    assert sum(g.area for g in geoms) == pytest.approx(mask.sum() * ds**2)
+    areas = sum(f["properties"]["measurements"]["Area µm^2"] for f in geo["features"])
+    rounding = 1e-3 * len(geo["features"])  # each feature's area is written to 3 decimals
+    assert areas == pytest.approx(mask.sum() * (ds * 0.5) ** 2, abs=rounding)
+    assert (geojson_to_mask(geo, mask.shape, ds) == mask).all()  # still the exact inverse
