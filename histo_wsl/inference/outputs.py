@@ -130,27 +130,40 @@ def write_slide_outputs(
         sel = part >= t8
         roi_px += int(sel.sum())
         roi_sum += float(part[sel].sum(dtype=np.float64))
-    writers.write_pyramid_tiff(
-        slide_dir / f"{name}.prob.tif",
-        prob_u8,
-        output_mpp,
-        description={
-            "map": "probability",
-            "class": engine.roi_name,
-            "scale": "value / 255",
-            "mpp": output_mpp,
-            "slide": str(slide.path),
-            "slide_mpp": slide.mpp,
-            "level0_px_per_px": s_out,
-        },
-        scratch=scratch,
-        max_bytes=max_bytes,
-    )
-    outputs = [f"{name}.prob.tif", f"{name}.mask.png", f"{name}.geojson", f"{name}.overlay.png"]
+    description = {
+        "map": "probability",
+        "class": engine.roi_name,
+        "scale": "value / 255",
+        "mpp": output_mpp,
+        "slide": str(slide.path),
+        "slide_mpp": slide.mpp,
+        "level0_px_per_px": s_out,
+    }
+    # the same pyramid twice: levels as pages (OpenSlide, QuPath's OpenSlide reader) and as
+    # OME-TIFF SubIFDs (Bio-Formats, the layout TIAToolbox writes for QuPath)
+    for write, suffix in (
+        (writers.write_pyramid_tiff, "prob.tif"),
+        (writers.write_ome_pyramid_tiff, "prob.ome.tif"),
+    ):
+        write(
+            slide_dir / f"{name}.{suffix}",
+            prob_u8,
+            output_mpp,
+            description=description,
+            scratch=scratch,
+            max_bytes=max_bytes,
+        )
+    outputs = [
+        f"{name}.prob.tif",
+        f"{name}.prob.ome.tif",
+        f"{name}.mask.png",
+        f"{name}.geojson",
+        f"{name}.overlay.png",
+    ]
     if slide.vendor == "image":  # plain images: maps at the image's own size
         full = resize_u8(prob_u8, (h0, w0))
-        writers.write_probability_png(slide_dir / f"{name}.prob.png", full)
-        writers.write_mask_png(slide_dir / f"{name}.mask.png", full >= t8)
+        writers.write_probability_png(slide_dir / f"{name}.prob.png", full, mpp=slide.mpp)
+        writers.write_mask_png(slide_dir / f"{name}.mask.png", full >= t8, mpp=slide.mpp)
         outputs.append(f"{name}.prob.png")
         notes.append(f"{name}.prob.png and {name}.mask.png are at the image's own size")
         del full
@@ -161,7 +174,7 @@ def write_slide_outputs(
         for r in range(0, out_h, 4096):
             part = np.asarray(prob_u8[r : r + 4096])
             mask_u8[r : r + 4096] = (part >= t8).astype(np.uint8) * 255
-        writers.write_png(slide_dir / f"{name}.mask.png", mask_u8)
+        writers.write_png(slide_dir / f"{name}.mask.png", mask_u8, mpp=output_mpp)
         del mask_u8
 
     # outlines on a mask of bounded size

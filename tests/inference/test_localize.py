@@ -124,9 +124,17 @@ def test_constant_model_gives_constant_map_on_tissue_only(tmp_path, synthetic_sl
         "synth.json",
         "synth.mask.png",
         "synth.overlay.png",
+        "synth.prob.ome.tif",
         "synth.prob.tif",
     ]
     prob, mpp, levels = _prob(d / "synth.prob.tif")
+    import tifffile
+
+    with tifffile.TiffFile(d / "synth.prob.ome.tif") as ome:  # the same pyramid, for Bio-Formats
+        assert ome.is_ome and len(ome.pages) == 1
+        assert (ome.series[0].levels[0].asarray() == prob).all()
+        assert len(ome.series[0].levels) == levels
+    assert Image.open(d / "synth.mask.png").info["dpi"][0] == pytest.approx(25400 / 16.0, rel=1e-3)
     assert mpp == pytest.approx(16.0)  # default output: 4 x the model's (here --mpp 4)
     assert (
         abs(prob.shape[1] - 3000 * 0.5 / 16.0) <= 1 and abs(prob.shape[0] - 2000 * 0.5 / 16.0) <= 1
