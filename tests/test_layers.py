@@ -34,7 +34,7 @@ LAYERS: list[set[str]] = [
         # fp16 re-save with a prediction check: needs the predictor
         "histo_wsl.registry.export",
     },
-    {"histo_wsl.cli", "histo_wsl.__main__"},
+    {"histo_wsl.cli", "histo_wsl.__main__", "histo_wsl.api"},
 ]
 
 

@@ -18,7 +18,7 @@ app = typer.Typer(
     "fault (NaN, disk full; saved outputs intact), 4 internal error (traceback saved), 130 "
     "interrupted.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )

@@ -210,20 +210,15 @@ def localize(
     skipped on a rerun. Exit code: 0 all done, 1 some inputs failed (--skip-errors), 2 bad input.
     """
     from histo_wsl.inference.localize import localize as run
-    from histo_wsl.inference.params import MISSING_MODEL, LocalizeParams
+    from histo_wsl.inference.params import LocalizeParams
 
     if prob_bits not in (8, 16):
         raise fail(f"--prob-bits must be 8 or 16, got {prob_bits}")
-    from histo_wsl.registry.registry import default_model, resolve_model
+    from histo_wsl.api import model_checkpoint
 
-    if model is None:
-        entry = default_model()
-        if entry is None:
-            raise fail(MISSING_MODEL)
-        model_path = entry.weights
-        print(f"histo-wsl: using the default model {entry.name} ({model_path})", file=sys.stderr)
-    else:
-        model_path = resolve_model(model)
+    model_path, default = model_checkpoint(model)
+    if default is not None:
+        print(f"histo-wsl: using the default model {default} ({model_path})", file=sys.stderr)
 
     from histo_wsl.tissue.detect import TissueParams
 

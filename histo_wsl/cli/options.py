@@ -78,7 +78,8 @@ InputsArg = Annotated[
     list[str],
     typer.Argument(
         help="Slides, images, folders, glob patterns ('*.svs', "
-        "quoted) or CSV lists (path[,slide_mpp][,label]).",
+        "quoted), CSV lists (path[,slide_mpp][,label]) or - (paths on standard input, one per "
+        "line).",
         show_default=False,
     ),
 ]

@@ -54,7 +54,7 @@ def slide_info(
             infos.append({"path": str(item.path), "name": item.name, "error": str(exc)})
             print(f"histo-wsl: error: {exc}", file=sys.stderr)
     if json_out:
-        print_json(infos if len(infos) != 1 else infos[0])
+        print_json({"items": infos, "failed": failed})
     else:
         console = Console(highlight=False)
         for info in infos:

@@ -114,6 +114,11 @@ class RunSummary:
             counts[item.status] = counts.get(item.status, 0) + 1
         return counts
 
+    @property
+    def records(self) -> dict[str, dict]:
+        """Each finished item's record by name (what the command wrote in its JSON)."""
+        return {it.name: it.as_dict() for it in self.items if it.status == "done"}
+
     def skipped_phrase(self) -> str:
         """``N skipped (...)``: how many items were skipped and why, for the closing line."""
         held = sum(

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import csv
 import glob
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 from histo_wsl.errors import InputError
 from histo_wsl.runtime.console import warn
@@ -19,6 +21,7 @@ __all__ = [
     "InputItem",
     "read_csv_list",
     "collect_inputs",
+    "stdin_paths",
     "parse_shard",
     "select_shard",
 ]
@@ -160,14 +163,37 @@ def read_csv_list(csv_path: Path) -> list[InputItem]:
     return items
 
 
+def stdin_paths(stream: TextIO | None = None) -> list[str]:
+    """The paths listed on standard input, one per line (blank lines and ``#`` comments skipped).
+
+    ``-`` as an input reads them, so ``find . -name '*.svs' | histo-wsl localize -`` works.
+    """
+    stream = sys.stdin if stream is None else stream
+    lines = (line.strip() for line in stream)
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def _with_stdin(specs: Sequence[str | Path]) -> Sequence[str | Path]:
+    """``specs`` with ``-`` replaced by the paths read from standard input."""
+    if not any(str(s) == "-" for s in specs):
+        return specs
+    expanded = [p for s in specs for p in (stdin_paths() if str(s) == "-" else [s])]
+    if not expanded:
+        raise InputError("standard input listed no path (give '-' a list, one path per line)")
+    return expanded
+
+
 def collect_inputs(specs: Sequence[str | Path]) -> list[InputItem]:
     """Expand files, folders (their slide and image files), glob patterns and CSV lists.
+
+    ``-`` stands for the paths listed on standard input (:func:`stdin_paths`).
 
     Raises:
         InputError: a path that does not exist, a pattern that matches nothing, a folder without
             slides, or two inputs whose outputs would share a name.
     """
     items: list[InputItem] = []
+    specs = _with_stdin(specs)
     for spec in specs:
         text = str(spec)
         path = Path(text).expanduser()

@@ -153,17 +153,18 @@ def test_extract_cli_csv_input_with_mpp_column(tmp_path, synthetic_slide_no_mpp)
 def test_slide_info_json(synthetic_slide, not_a_slide):
     result = runner.invoke(app, ["slide-info", str(synthetic_slide), "--json"])
     assert result.exit_code == 0
-    info = json.loads(result.stdout)
+    info = json.loads(result.stdout)["items"][0]  # one shape whatever the number of inputs
     assert info["width"] == 3000 and info["mpp"] == pytest.approx(0.5) and len(info["levels"]) >= 3
     result = runner.invoke(app, ["slide-info", str(synthetic_slide), str(not_a_slide), "--json"])
-    assert result.exit_code == 1 and len(json.loads(result.stdout)) == 2
+    listed = json.loads(result.stdout)
+    assert result.exit_code == 1 and len(listed["items"]) == 2 and listed["failed"] == 1
     human = runner.invoke(app, ["slide-info", str(synthetic_slide)])
     assert human.exit_code == 0 and "generic-tiff" in human.stdout
 
 
 def test_slide_info_real(wsi_dir):
     result = runner.invoke(app, ["slide-info", str(wsi_dir / "cmu-1-small-region.svs"), "--json"])
-    info = json.loads(result.stdout)
+    info = json.loads(result.stdout)["items"][0]
     assert info["vendor"] == "aperio" and info["objective_power"] == 20
     assert set(info["associated_images"]) == {"label", "macro", "thumbnail"}
 
@@ -176,7 +177,7 @@ def test_slide_info_decodes_a_tile_so_damaged_pixels_are_found(tmp_path, synthet
 
     ok = runner.invoke(app, ["slide-info", str(synthetic_slide), "--json"])
     assert ok.exit_code == 0
-    pixels = json.loads(ok.stdout)["pixels"]
+    pixels = json.loads(ok.stdout)["items"][0]["pixels"]
     assert pixels["status"] == "ok" and pixels["read"][0]["level"] == 0
     assert (
         "pixels: a 256 px tile decoded"

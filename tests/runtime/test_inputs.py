@@ -110,3 +110,16 @@ def test_files_of_other_types_in_a_folder_are_named_never_left_out_silently(tmp_
     only = _touch_slides(tmp_path / "only", ["readme.txt"])
     with pytest.raises(InputError, match="other file.*readme.txt"):
         collect_inputs([only])
+
+
+def test_a_dash_reads_the_paths_on_standard_input(tmp_path, synthetic_slide, monkeypatch):
+    """``find . -name '*.svs' | histo-wsl localize -``: one path per line, comments skipped."""
+    import io
+
+    listing = f"# slides to map\n{synthetic_slide}\n\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO(listing))
+    items = collect_inputs(["-"])
+    assert [i.path for i in items] == [synthetic_slide]
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n"))
+    with pytest.raises(InputError, match="standard input"):
+        collect_inputs(["-"])
