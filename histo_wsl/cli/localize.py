@@ -192,6 +192,14 @@ def localize(
         ),
     ] = 256.0,
     slide_mpp: SlideMppOpt = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Map slides that do not look like the model's training domain (e.g. a "
+            "fluorescence slide for a brightfield model) instead of refusing them.",
+        ),
+    ] = False,
     seed: SeedOpt = 0,
     overwrite: OverwriteOpt = False,
     skip_errors: SkipErrorsOpt = False,
@@ -245,6 +253,7 @@ def localize(
         prob_bits=prob_bits,
         canvas_max_mb=canvas_max_mb,
         seed=seed,
+        force=force,
     )
     params.validate()
 

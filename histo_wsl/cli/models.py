@@ -255,6 +255,32 @@ def export(
             "only; cite the GlaS challenge'.",
         ),
     ] = None,
+    license_id: Annotated[
+        str | None,
+        typer.Option("--license", help="The weights' licence (SPDX identifier or short name)."),
+    ] = None,
+    intended_use: Annotated[
+        str | None,
+        typer.Option("--intended-use", help="What the model is for (task, data, users)."),
+    ] = None,
+    out_of_scope: Annotated[
+        str | None,
+        typer.Option("--out-of-scope", help="Uses it is not meant for (e.g. clinical diagnosis)."),
+    ] = None,
+    modality: Annotated[
+        str,
+        typer.Option(
+            "--modality",
+            help="What it was trained on: brightfield or dark-field (localize refuses slides "
+            "of the other kind unless --force).",
+        ),
+    ] = "brightfield",
+    stain: Annotated[
+        str | None, typer.Option("--stain", help="The stain it was trained on, e.g. H&E.")
+    ] = None,
+    tissue: Annotated[
+        str | None, typer.Option("--tissue", help="The tissue it was trained on, e.g. colon.")
+    ] = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing model of that name.")
     ] = False,
@@ -267,18 +293,20 @@ def export(
     terms. The folder appears complete or not at all; the copy is loaded back and its predictions
     compared with the source's on a fixed random input (the largest difference is reported).
     """
-    from histo_wsl.registry.export import export_model
+    from histo_wsl.registry.export import CardText, export_model
 
-    result = export_model(
-        checkpoint,
-        name,
-        dest,
-        fp16=fp16,
+    domain = {"modality": modality, "stain": stain, "tissue": tissue}
+    text = CardText(
         description=description,
         recipe=recipe,
-        metrics=metrics,
         terms=license_note,
-        overwrite=overwrite,
+        license=license_id,
+        intended_use=intended_use,
+        out_of_scope=out_of_scope,
+        domain={k: v for k, v in domain.items() if v is not None},
+    )
+    result = export_model(
+        checkpoint, name, dest, fp16=fp16, text=text, metrics=metrics, overwrite=overwrite
     )
     for note in result.notes:
         print(f"histo-wsl: warning: {note}", file=sys.stderr)

@@ -56,6 +56,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from histo_wsl.inference.blending import BandCanvas, WindowBlender
+from histo_wsl.inference.domain import check_domain
 from histo_wsl.inference.engine import Engine, run_windows
 from histo_wsl.inference.job import SlideGrid, SlideJob
 from histo_wsl.inference.outputs import (
@@ -191,6 +192,8 @@ def _localize_open_slide(job: SlideJob, progress: Progress) -> dict:
     w0, h0 = slide.dimensions
     size = engine.size
     found, grid, windows, stride = _tissue_windows(job, g.plan)
+    domain, domain_notes = check_domain(found.thumbnail, engine.card, item.path, params.force)
+    g.notes += domain_notes
     t_tissue = time.perf_counter() - job.t_start
 
     # the output map: uint8, in memory or a memmap in the staging folder
@@ -250,6 +253,7 @@ def _localize_open_slide(job: SlideJob, progress: Progress) -> dict:
         "roi_features": written["features"],
         "tissue_area_um2": round(tissue_area, 3),
         "roi_fraction_of_tissue": round(roi_px * px_um2 / tissue_area, 6) if tissue_area else None,
+        "domain": domain,
         "tissue_source": found.source,
         "tissue_fraction": found.fraction,
         "slide_mpp": slide.mpp,
@@ -310,6 +314,7 @@ def localize_whole_image(
         w, h = slide.dimensions
         image = slide.read_region((0, 0), 0, (w, h))
         mpp = slide.mpp
+    domain, notes = check_domain(np.asarray(image), engine.card, item.path, params.force)
     progress.start(1, item.name)
     s = engine.size
     x = torch.from_numpy(np.asarray(image.resize((s, s), Image.Resampling.BILINEAR)).copy())
@@ -340,6 +345,7 @@ def localize_whole_image(
     roi_px = int(mask.sum())
     return {
         "mode": "whole-image",
+        "domain": domain,
         "predicted_class": engine.class_names[top],
         "score": round(float(p[top]), 6),
         "class_probabilities": {
@@ -358,7 +364,7 @@ def localize_whole_image(
         "timings": {"total_s": round(time.perf_counter() - t0, 3)},
         "model": engine.describe(),
         "outputs": [f"{name}.prob.png", f"{name}.mask.png", f"{name}.geojson"],
-        "notes": list(engine.notes),
+        "notes": list(engine.notes) + notes,
     }
 
 

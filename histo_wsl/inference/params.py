@@ -49,6 +49,8 @@ class LocalizeParams:
         prob_bits: bit depth of the per-image ``.prob.png`` (8 or 16).
         canvas_max_mb: the output map goes to a memmap in the staging folder past this size.
         seed: random seed (noise of ``smoothgradcampp``).
+        force: map slides that do not look like the model's training domain (e.g. fluorescence
+            for a brightfield model; :mod:`histo_wsl.inference.domain`) instead of refusing them.
     """
 
     model: Path | str | None = None
@@ -74,6 +76,7 @@ class LocalizeParams:
     prob_bits: int = 8
     canvas_max_mb: float = 256.0
     seed: int = 0
+    force: bool = False
 
     def validate(self) -> None:
         """Raise InputError on impossible values."""

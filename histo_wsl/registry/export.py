@@ -35,6 +35,7 @@ from histo_wsl.runtime.atomic import shared_mode
 __all__ = [
     "EXPORT_TOLERANCE",
     "SHIPPED_MAX_MB",
+    "CardText",
     "ExportResult",
     "check_name",
     "compact_state_dict",
@@ -214,6 +215,10 @@ def read_metrics(path: Path) -> dict:
 _CARD_ORDER = (
     "name",
     "description",
+    "intended_use",
+    "out_of_scope",
+    "domain",
+    "license",
     "method",
     "backbone",
     "head",
@@ -319,6 +324,34 @@ def check_name(name: str) -> str:
     return name
 
 
+@dataclass(frozen=True)
+class CardText:
+    """What a model card says in words, beside what the checkpoint records (model-card style).
+
+    Attributes:
+        description: what the model is, in a sentence or two.
+        recipe: the exact command(s) that trained it.
+        terms: terms of use of the weights and their training data (citation, restrictions).
+        license: the weights' licence (an SPDX identifier or a short name).
+        intended_use: what the model is for (task, data, users).
+        out_of_scope: uses it is not meant for (e.g. clinical diagnosis, other stains).
+        domain: what it was trained on: ``modality`` (``brightfield``...), ``stain``, ``tissue``;
+            ``localize`` checks slides against ``modality``.
+    """
+
+    description: str | None = None
+    recipe: str | None = None
+    terms: str | None = None
+    license: str | None = None
+    intended_use: str | None = None
+    out_of_scope: str | None = None
+    domain: dict | None = None
+
+    def fields(self) -> dict:
+        """The card fields given (None left out)."""
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
 def _check_destination(final: Path, overwrite: bool) -> None:
     """Refuse to replace a model without ``overwrite``, or anything that is not a model folder."""
     if (final.exists() or final.is_symlink()) and not overwrite:
@@ -338,10 +371,8 @@ def export_model(
     dest: Path | None = None,
     *,
     fp16: bool = True,
-    description: str | None = None,
-    recipe: str | None = None,
+    text: CardText | None = None,
     metrics: Path | None = None,
-    terms: str | None = None,
     overwrite: bool = False,
 ) -> ExportResult:
     """Write ``<dest>/<name>/`` (``model.pt`` + ``card.yaml``): a compact copy of a checkpoint.
@@ -358,10 +389,9 @@ def export_model(
         name: the model's name (its folder).
         dest: the models root to write in (default: the user folder, :func:`user_dir`).
         fp16: store floating weights in fp16 (about half the size).
-        description: one or two sentences about the model.
-        recipe: the exact command(s) that trained it.
+        text: the card's written sections (description, recipe, terms, licence, intended use,
+            out of scope, domain): :class:`CardText`.
         metrics: a JSON file of evaluation numbers (e.g. evaluate's ``metrics.json``).
-        terms: terms of use of the weights and their training data (licence, citation).
         overwrite: replace an existing model folder of that name.
 
     Raises:
@@ -383,9 +413,7 @@ def export_model(
     dtype = "float16" if fp16 else "float32"
     card = dict(ckpt["card"])
     card["name"] = name
-    for key, value in (("description", description), ("recipe", recipe), ("terms", terms)):
-        if value is not None:
-            card[key] = value
+    card.update((text or CardText()).fields())
     if evaluation is not None:
         card["evaluation"] = evaluation
     card["weights_dtype"] = dtype

@@ -457,3 +457,19 @@ def test_cli_help_has_units_and_an_example():
         "Examples",
     ):
         assert needle in text, needle
+
+
+def test_a_fluorescence_image_is_refused_unless_forced(tmp_path, models):
+    """A dark-field (fluorescence) image for a brightfield model: one line naming --force."""
+    rng = np.random.default_rng(0)
+    dark = (rng.random((300, 400, 3)) * 20).astype(np.uint8)  # DAPI-like: black, faint spots
+    dark[100:140, 100:160] = (20, 40, 230)
+    path = tmp_path / "dapi.png"
+    Image.fromarray(dark).save(path)
+    s = _run([_item(path)], tmp_path / "o", models / "cam.pt", whole_image=True, skip_errors=True)
+    assert s.exit_code == 1 and "dark-field" in s.items[0].error and "--force" in s.items[0].error
+    s = _run([_item(path)], tmp_path / "f", models / "cam.pt", whole_image=True, force=True)
+    assert s.exit_code == 0
+    rec = json.loads((tmp_path / "f" / "dapi" / "dapi.json").read_text())
+    assert rec["domain"]["kind"] == "dark-field" and rec["domain"]["forced"] is True
+    assert any("--force" in n for n in rec["notes"])

@@ -52,3 +52,13 @@ def test_shipped_cards_name_no_build_machine_path(folder):
     for where, card in cards.items():
         found = [s for s in _strings(card) if ABSOLUTE.search(s) or s.startswith("/")]
         assert not found, f"{folder.name}/{where} names absolute paths: {found}"
+
+
+@pytest.mark.parametrize("folder", sorted(p for p in MODELS.iterdir() if p.is_dir()), ids=str)
+def test_shipped_cards_say_what_the_model_is_for_and_not_for(folder):
+    card = yaml.safe_load((folder / "card.yaml").read_text(encoding="utf-8"))
+    inner = torch.load(folder / "model.pt", weights_only=True, map_location="cpu")["card"]
+    for c in (card, inner):
+        assert c["intended_use"] and c["out_of_scope"] and c["license"] and c["terms"]
+        assert c["domain"]["modality"] in ("brightfield", "dark-field")
+
