@@ -200,6 +200,14 @@ def localize(
             "fluorescence slide for a brightfield model) instead of refusing them.",
         ),
     ] = False,
+    geojson_tiles: Annotated[
+        bool,
+        typer.Option(
+            "--geojson-tiles",
+            help="Also write <slide>.tiles.geojson: each window as a QuPath detection with its "
+            "mean probability (a heatmap QuPath can colour and filter).",
+        ),
+    ] = False,
     seed: SeedOpt = 0,
     overwrite: OverwriteOpt = False,
     skip_errors: SkipErrorsOpt = False,
@@ -254,6 +262,7 @@ def localize(
         canvas_max_mb=canvas_max_mb,
         seed=seed,
         force=force,
+        geojson_tiles=geojson_tiles,
     )
     params.validate()
 

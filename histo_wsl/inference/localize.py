@@ -66,6 +66,7 @@ from histo_wsl.inference.outputs import (
     mpp_notes,
     nearest_index,
     write_slide_outputs,
+    write_tile_detections,
 )
 from histo_wsl.inference.params import OUTPUT_FACTOR, LocalizeParams
 from histo_wsl.inference.windows import WindowBatches
@@ -229,6 +230,12 @@ def _localize_open_slide(job: SlideJob, progress: Progress) -> dict:
 
     t_write0 = time.perf_counter()
     written = write_slide_outputs(job, g, prob_u8, found)
+    if params.geojson_tiles:
+        side = float(grid.size_level0)
+        write_tile_detections(
+            job, g, prob_u8, windows.xs.astype(float), windows.ys.astype(float), side
+        )
+        written["outputs"].append(f"{item.name}.tiles.geojson")
     g.notes += written.pop("notes")
     t_write = time.perf_counter() - t_write0
 

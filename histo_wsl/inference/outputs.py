@@ -27,6 +27,7 @@ __all__ = [
     "check_mpp",
     "check_whole_image",
     "write_slide_outputs",
+    "write_tile_detections",
 ]
 
 #: Reduction (after reading the nearest pyramid level) beyond which a warning is given.
@@ -209,3 +210,54 @@ def write_slide_outputs(
         "outputs": outputs,
         "notes": notes,
     }
+
+
+def write_tile_detections(
+    job: SlideJob, grid: SlideGrid, prob_u8: np.ndarray, xs: np.ndarray, ys: np.ndarray, side: float
+) -> int:
+    """``<slide>.tiles.geojson``: each window read as a QuPath detection with its mean probability.
+
+    Args:
+        job: the slide.
+        grid: its output grid.
+        prob_u8: the finished map (uint8, 255 = probability 1) on ``grid``.
+        xs: the windows' level-0 left edges.
+        ys: the windows' level-0 top edges.
+        side: the windows' side in level-0 pixels.
+
+    Returns:
+        The number of detections written.
+    """
+    import uuid
+
+    name, engine = job.item.name, job.engine
+    h, w = prob_u8.shape
+    rgb = list(ROI_COLOR)
+    features = []
+    for x, y in zip(xs.tolist(), ys.tolist(), strict=True):
+        c0, r0 = int(x / grid.s_out), int(y / grid.s_out)
+        c1, r1 = (
+            min(w, max(c0 + 1, round((x + side) / grid.s_out))),
+            min(h, max(r0 + 1, round((y + side) / grid.s_out))),
+        )
+        mean = (
+            float(np.asarray(prob_u8[r0:r1, c0:c1]).mean()) / 255.0 if r1 > r0 and c1 > c0 else 0.0
+        )
+        x1, y1 = min(x + side, job.slide.dimensions[0]), min(y + side, job.slide.dimensions[1])
+        ring = [[x, y], [x1, y], [x1, y1], [x, y1], [x, y]]
+        features.append(
+            {
+                "type": "Feature",
+                "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"histo-wsl-tile|{name}|{x},{y}")),
+                "geometry": {"type": "Polygon", "coordinates": [ring]},
+                "properties": {
+                    "objectType": "detection",
+                    "classification": {"name": engine.roi_name, "color": rgb},
+                    "measurements": {"Mean probability": round(mean, 4)},
+                },
+            }
+        )
+    write_geojson(
+        job.slide_dir / f"{name}.tiles.geojson", {"type": "FeatureCollection", "features": features}
+    )
+    return len(features)

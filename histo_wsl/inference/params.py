@@ -49,6 +49,9 @@ class LocalizeParams:
         prob_bits: bit depth of the per-image ``.prob.png`` (8 or 16).
         canvas_max_mb: the output map goes to a memmap in the staging folder past this size.
         seed: random seed (noise of ``smoothgradcampp``).
+        geojson_tiles: also write ``<slide>.tiles.geojson``: one QuPath detection per window
+            read, with its mean probability as a measurement (a heatmap QuPath can colour and
+            filter, as WSInfer writes).
         force: map slides that do not look like the model's training domain (e.g. fluorescence
             for a brightfield model; :mod:`histo_wsl.inference.domain`) instead of refusing them.
     """
@@ -77,6 +80,7 @@ class LocalizeParams:
     canvas_max_mb: float = 256.0
     seed: int = 0
     force: bool = False
+    geojson_tiles: bool = False
 
     def validate(self) -> None:
         """Raise InputError on impossible values."""

@@ -473,3 +473,23 @@ def test_a_fluorescence_image_is_refused_unless_forced(tmp_path, models):
     rec = json.loads((tmp_path / "f" / "dapi" / "dapi.json").read_text())
     assert rec["domain"]["kind"] == "dark-field" and rec["domain"]["forced"] is True
     assert any("--force" in n for n in rec["notes"])
+
+
+def test_geojson_tiles_are_qupath_detections_with_their_mean_probability(
+    tmp_path, synthetic_slide, models
+):
+    s = _run(
+        [_item(synthetic_slide)], tmp_path / "o", models / "const.pt", mpp=4.0, geojson_tiles=True
+    )
+    assert s.exit_code == 0, s.items[0].error
+    d = tmp_path / "o" / "synth"
+    rec = json.loads((d / "synth.json").read_text())
+    tiles = json.loads((d / "synth.tiles.geojson").read_text())["features"]
+    assert len(tiles) == rec["windows"] and "synth.tiles.geojson" in rec["outputs"]
+    for f in tiles:
+        assert f["properties"]["objectType"] == "detection" and f["id"]
+        assert 0.0 <= f["properties"]["measurements"]["Mean probability"] <= SIGMOID_1 + 0.01
+    # a window fully inside tissue has the constant model's probability
+    assert max(f["properties"]["measurements"]["Mean probability"] for f in tiles) == pytest.approx(
+        SIGMOID_1, abs=0.01
+    )
