@@ -124,7 +124,7 @@ def localize(
             "--threshold",
             min=0.0,
             max=1.0,
-            help="Mask threshold on the probability (default: the card's calibrated threshold).",
+            help="Mask threshold on the probability (default: the card's threshold).",
             show_default=False,
         ),
     ] = None,

@@ -1,9 +1,10 @@
 """One model's evaluation as a stream: meters fed image by image, then its metrics.json entry.
 
 :class:`Accumulator` feeds the dataset-level PxAP meters, the per-image F1 meter, the
-classification meter, one row of numbers per image and the few best and worst images; per-image
-histograms for the bootstrap spill to a temporary file (:class:`HistogramSpill`), so memory does not
-grow with the number of images. Images and slides both go through it.
+classification meter, one row of numbers per image, the few best and worst images and, for the
+report's grid of every image, one small JPEG thumbnail per image (:class:`Thumbnail`, a few
+kilobytes: no image or map is kept); per-image histograms for the bootstrap spill to a temporary
+file (:class:`HistogramSpill`). Images and slides both go through it.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from histo_wsl.reporting.metrics_file import (
     BEST_NAME,
     value_with_ci,
 )
+from histo_wsl.reporting.report import thumbnail_jpeg
 from histo_wsl.runtime.record import number_or_none
 
 #: threshold of the Max-Min per-image F1+/F1- protocol
@@ -45,6 +47,7 @@ __all__ = [
     "Example",
     "HistogramSpill",
     "ModelResult",
+    "Thumbnail",
     "map_description",
 ]
 
@@ -85,16 +88,37 @@ class HistogramSpill:
 
 @dataclass
 class Example:
-    """One image of the report's grid (arrays at the network's input size)."""
+    """One image of the report's best-and-worst grid (arrays at the thumbnail's size)."""
 
     name: str
     kind: str  # best | worst
     rank_value: float
     index: int
-    score_map: np.ndarray  # (S, S) uint8, score × 255
+    score_map: np.ndarray  # (h, w) uint8, score × 255
     caption: str
-    image: np.ndarray | None = None  # (S, S, 3) uint8, loaded after the pass
-    mask: np.ndarray | None = None  # (S, S) bool
+    image: np.ndarray | None = None  # (h, w, 3) uint8
+    mask: np.ndarray | None = None  # (h, w) bool
+
+
+@dataclass(frozen=True)
+class Thumbnail:
+    """One evaluated image as the report's grid of every image shows it: a small JPEG.
+
+    Attributes:
+        index: the image's index in the evaluated list.
+        name: the image's name.
+        row: the position of its row in :attr:`Accumulator.rows`.
+        jpeg: the map over the image, the ground truth outlined (JPEG bytes).
+        width: the JPEG's width in pixels.
+        height: the JPEG's height in pixels.
+    """
+
+    index: int
+    name: str
+    row: int
+    jpeg: bytes
+    width: int
+    height: int
 
 
 @dataclass
@@ -109,6 +133,7 @@ class ModelResult:
     curves: dict
     examples: list[Example] = field(default_factory=list)
     best_threshold: float = 0.5
+    thumbnails: list[Thumbnail] = field(default_factory=list)
 
 
 def map_description(card: dict, map_class: str) -> str:
@@ -124,7 +149,8 @@ class Accumulator:
 
     Each :meth:`add` feeds the dataset-level PxAP meter (and the per-class ones), the per-image
     F1 meter, the classification meter, the per-image row, the temporary histogram file of the
-    bootstrap and the heaps of best and worst examples; no map is kept.
+    bootstrap, the heaps of best and worst examples and the image's JPEG thumbnail (when its
+    thumbnail arrays are given); no full-size map or image is kept.
 
     Args:
         model: the model's display name (first column of the rows).
@@ -159,6 +185,7 @@ class Accumulator:
         self.cls = ClassificationMeter(len(class_names), class_names)
         self.spill = HistogramSpill(work_dir) if bootstrap > 0 else None
         self.rows: list[dict] = []
+        self.thumbnails: list[Thumbnail] = []
         self._best: list[tuple] = []
         self._worst: list[tuple] = []
 
@@ -174,6 +201,7 @@ class Accumulator:
         extra: dict | None = None,
         thumbnail: np.ndarray | None = None,
         thumbnail_mask: np.ndarray | None = None,
+        thumbnail_image: np.ndarray | None = None,
     ) -> dict:
         """Score one image.
 
@@ -185,8 +213,11 @@ class Accumulator:
             label: true class index.
             pred: predicted class index.
             extra: more columns of the row (after the class columns).
-            thumbnail: the map as shown in the report grid (uint8 0-255), if it may be an example.
-            thumbnail_mask: the ground truth at the thumbnail's size (else loaded later).
+            thumbnail: the map as the report shows it (uint8 0-255, small, at the image's aspect
+                ratio); None: the image is in no grid of the report.
+            thumbnail_mask: the ground truth at the thumbnail's size.
+            thumbnail_image: the image (RGB uint8) at the thumbnail's size; with ``thumbnail``,
+                the image's JPEG thumbnail is made and kept (:attr:`thumbnails`).
 
         Returns:
             The image's row.
@@ -202,6 +233,7 @@ class Accumulator:
             extra=extra,
             thumbnail=thumbnail,
             thumbnail_mask=thumbnail_mask,
+            thumbnail_image=thumbnail_image,
         )
 
     def add_meter(
@@ -215,6 +247,7 @@ class Accumulator:
         extra: dict | None = None,
         thumbnail: np.ndarray | None = None,
         thumbnail_mask: np.ndarray | None = None,
+        thumbnail_image: np.ndarray | None = None,
     ) -> dict:
         """Score one image from its own score histograms (e.g. a slide read in bands).
 
@@ -229,8 +262,9 @@ class Accumulator:
             pred: predicted class index (None: no prediction to compare, e.g. a slide whose
                 ROI class is not a class of the model; no accuracy then).
             extra: more columns of the row.
-            thumbnail: the map as shown in the report grid (uint8 0-255).
+            thumbnail: the map as the report shows it (uint8 0-255, at the image's aspect ratio).
             thumbnail_mask: the ground truth at the thumbnail's size.
+            thumbnail_image: the image (RGB uint8) at the thumbnail's size.
 
         Returns:
             The image's row.
@@ -259,20 +293,37 @@ class Accumulator:
             for key in OVERLAP_KEYS:
                 row[f"{key}@{t:g}"] = round(float(r[key]), 6)
         self.rows.append(row)
-        if self.k_examples and thumbnail is not None:
+        if thumbnail is not None:
+            self._keep(index, row, thumbnail, thumbnail_mask, thumbnail_image)
+        return row
+
+    def _keep(
+        self,
+        index: int,
+        row: dict,
+        score: np.ndarray,
+        mask: np.ndarray | None,
+        image: np.ndarray | None,
+    ) -> None:
+        """Keep what the report shows of one image: its JPEG thumbnail and, maybe, an example."""
+        name = row["image"]
+        if image is not None:
+            jpeg, w, h = thumbnail_jpeg(image, score, mask)
+            self.thumbnails.append(Thumbnail(index, name, len(self.rows) - 1, jpeg, w, h))
+        if self.k_examples:
             value = row[f"miou@{self.thresholds['card']:g}"]
             ex = Example(
                 name,
                 "",
                 value,
                 index,
-                thumbnail,
+                score,
                 f"{row['label']} → {row['predicted']}, mIoU {100 * value:.1f}%",
-                mask=thumbnail_mask,
+                image=image,
+                mask=mask,
             )
             _push(self._best, (value, -index), ex, self.k_examples)
             _push(self._worst, (-value, index), ex, self.k_examples)
-        return row
 
     def examples(self) -> list[Example]:
         """The best images (highest mIoU at the card threshold first), then the worst.

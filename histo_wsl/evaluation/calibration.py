@@ -11,6 +11,7 @@ from pathlib import Path
 
 from histo_wsl.errors import InputError
 from histo_wsl.methods import get_method
+from histo_wsl.reporting.metrics_file import card_threshold_name
 
 __all__ = [
     "CALIBRATION_CRITERION",
@@ -24,12 +25,8 @@ CALIBRATION_CRITERION = "miou"
 
 
 def card_threshold(card: dict) -> tuple[float, str]:
-    """The card's threshold and its name in reports (calibrated on which set, or the default)."""
-    t = float(card.get("threshold", 0.5))
-    cal = card.get("calibration")
-    if isinstance(cal, dict) and cal.get("set"):
-        return t, f"card threshold (calibrated on {cal['set']})"
-    return t, "card threshold (training default, not calibrated)"
+    """The card's threshold and its name in reports (:func:`card_threshold_name`: one wording)."""
+    return float(card.get("threshold", 0.5)), card_threshold_name(card)
 
 
 def calibrated_path(model: Path, out: Path, taken: set[str] | None = None) -> Path:

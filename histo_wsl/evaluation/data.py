@@ -14,7 +14,6 @@ import numpy as np
 
 from histo_wsl.data.sources import Dataset, Sample, load_samples
 from histo_wsl.errors import InputError
-from histo_wsl.evaluation.accumulator import Example
 
 __all__ = [
     "MAP_CLASSES",
@@ -24,7 +23,6 @@ __all__ = [
     "EvalImages",
     "EvalSettings",
     "collate",
-    "load_example_arrays",
     "select_data",
 ]
 
@@ -337,17 +335,3 @@ def collate(items: list[dict]) -> dict:
         "mask": [it["mask"] for it in items],
         "index": [it["index"] for it in items],
     }
-
-
-def load_example_arrays(ex: Example, sample: Sample, size: int) -> None:
-    """Load an example's image and mask (at the evaluated size) for the report's figures."""
-    from PIL import Image
-
-    from histo_wsl.data.images import _load_mask, _load_rgb
-
-    ex.image = np.asarray(_load_rgb(sample.image).resize((size, size), Image.Resampling.BILINEAR))
-    if sample.mask is not None and sample.mask.is_file():
-        m = _load_mask(sample.mask).resize((size, size), Image.Resampling.NEAREST)
-        ex.mask = np.asarray(m) > 127
-    else:
-        ex.mask = np.zeros((size, size), dtype=bool)

@@ -1,8 +1,8 @@
 """``histo-wsl evaluate``: the papers' metrics of one or more models on images with ground truth.
 
 For each model, one streaming pass over the images (nothing but meters, one row of numbers per
-image and the few best and worst images for the report is kept; per-image score histograms for
-the bootstrap go to a temporary file in the output folder):
+image, one small JPEG thumbnail per image and the few best and worst images for the report is
+kept; per-image score histograms for the bootstrap go to a temporary file in the output folder):
 
 - **PxAP** (dataset level, method.md §4.1) with :class:`~histo_wsl.evaluation.metrics.PxAPMeter`;
 - dataset-level **Dice / IoU** of foreground and background (§4.2) at three thresholds: the card's
@@ -69,7 +69,6 @@ from histo_wsl.evaluation.data import (
     EvalImages,
     EvalSettings,
     collate,
-    load_example_arrays,
     select_data,
 )
 from histo_wsl.evaluation.metrics import (
@@ -78,11 +77,13 @@ from histo_wsl.evaluation.metrics import (
 from histo_wsl.methods import get_method
 from histo_wsl.reporting.metrics_file import (
     DEFINITIONS,
+    card_threshold_name,
     headline,
     round_curve,
     snap,
     write_per_image_csv,
 )
+from histo_wsl.reporting.report import fit_size, resize_array
 from histo_wsl.runtime import atomic
 from histo_wsl.runtime.console import stderr_console, warn
 from histo_wsl.runtime.record import RunRecord, json_ready, now, versions
@@ -134,13 +135,13 @@ def evaluate_model(
     mean = norm.get("mean", [0.485, 0.456, 0.406])
     std = norm.get("std", [0.229, 0.224, 0.225])
     class_names = data.class_names
-    t_card, card_name = card_threshold(card)
+    t_card, _ = card_threshold(card)
     thresholds = {"card": snap(t_card), "user": snap(settings.threshold)}
     acc = Accumulator(
         name,
         class_names,
         thresholds,
-        card_name,
+        card_threshold_name(card),
         examples=settings.examples,
         bootstrap=settings.bootstrap,
         seed=settings.seed,
@@ -154,6 +155,7 @@ def evaluate_model(
         collate_fn=collate,
     )
     predictor.to(device)
+    native = settings.protocol == "native"
     t0 = time.perf_counter()
     try:
         for batch in _progress(loader, quiet, f"evaluate {name}", len(data.samples)):
@@ -163,6 +165,7 @@ def evaluate_model(
             logits, maps = predictor.predict(images, classes)
             maps = maps.float().cpu().clamp_(0.0, 1.0)
             probs = torch.softmax(logits.float().cpu(), dim=1).numpy()
+            pixels = _unnormalise(batch["image"], mean, std)
             for j, idx in enumerate(batch["index"]):
                 label, pred = int(labels[j]), int(np.argmax(probs[j]))
                 gt = batch["mask"][j].astype(bool)
@@ -172,6 +175,9 @@ def evaluate_model(
                         score[None, None], size=gt.shape, mode="bilinear", align_corners=False
                     )[0, 0].clamp_(0.0, 1.0)
                 image_name = data.name(data.samples[idx])
+                thumb, thumb_mask, thumb_image = _thumbnail_arrays(
+                    pixels[j], maps[j].numpy(), gt, _image_size(data.samples[idx].image, gt, native)
+                )
                 acc.add(
                     idx,
                     image_name,
@@ -183,7 +189,9 @@ def evaluate_model(
                         "p_label": round(float(probs[j, label]), 6),
                         "p_predicted": round(float(probs[j, pred]), 6),
                     },
-                    thumbnail=(maps[j].numpy() * 255 + 0.5).astype(np.uint8),
+                    thumbnail=thumb,
+                    thumbnail_mask=thumb_mask,
+                    thumbnail_image=thumb_image,
                 )
         seconds = time.perf_counter() - t0
         metrics, curves, best_t = acc.summarise()
@@ -208,8 +216,58 @@ def evaluate_model(
         }
     )
     return ModelResult(
-        name, predictor.path, card, metrics, acc.rows, curves, acc.examples(), best_t
+        name,
+        predictor.path,
+        card,
+        metrics,
+        acc.rows,
+        curves,
+        acc.examples(),
+        best_t,
+        thumbnails=acc.thumbnails,
     )
+
+
+def _unnormalise(images: Any, mean: list, std: list) -> np.ndarray:
+    """The network's input batch (B, 3, S, S), normalised, back to (B, S, S, 3) uint8 pixels."""
+    x = images.float().permute(0, 2, 3, 1).numpy()
+    rgb = (x * np.asarray(std, np.float32) + np.asarray(mean, np.float32)) * 255 + 0.5
+    return np.clip(rgb, 0, 255).astype(np.uint8)
+
+
+def _image_size(path: Path, gt: np.ndarray, native: bool) -> tuple[int, int]:
+    """The image's own (width, height): its mask's under the native protocol, else its header's."""
+    if native:
+        return gt.shape[1], gt.shape[0]
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except Exception:  # the thumbnail is decoration: the mask's (the network's) square then
+        return gt.shape[1], gt.shape[0]
+
+
+def _thumbnail_arrays(
+    pixels: np.ndarray, score: np.ndarray, gt: np.ndarray, image_size: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The map, the ground truth and the image as the report shows them.
+
+    At the image's own aspect ratio (``image_size``), the longest side that of the network's
+    square input (what the map resolves): the report's grids never squash an image.
+
+    Args:
+        pixels: (S, S, 3) uint8, the network's input.
+        score: (S, S) map in [0, 1].
+        gt: the ground truth (at S × S, or at the image's size).
+        image_size: the image's (width, height).
+
+    Returns:
+        (map uint8 0-255, mask bool, image uint8), each at the thumbnail size.
+    """
+    tsize = fit_size(image_size[0], image_size[1], max(pixels.shape[:2]))
+    thumb = resize_array((score * 255 + 0.5).astype(np.uint8), tsize)
+    return thumb, resize_array(gt.astype(bool), tsize, nearest=True), resize_array(pixels, tsize)
 
 
 def _progress(loader: Any, quiet: bool, description: str, total: int):
@@ -322,12 +380,6 @@ def run_evaluate(
         _calibrate(res, target, data, settings)
         for res, target in zip(results, targets, strict=False)
     ]
-
-    # the report's example grid: images and masks read again, only for the few examples
-    for res in results:
-        size = int(res.metrics["input_size"])
-        for ex in res.examples:
-            load_example_arrays(ex, data.samples[ex.index], size)
 
     metrics = {
         **{k: v for k, v in record.header.items() if k not in ("seed", "device")},

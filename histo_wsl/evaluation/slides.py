@@ -53,7 +53,7 @@ __all__ = [
 ]
 
 _BAND = 2048  # rows of the map compared at a time
-_THUMB = 256  # long side of the report's thumbnails
+_THUMB = 256  # long side of the report's thumbnail arrays (its JPEG thumbnails are smaller)
 
 
 def find_predictions(folder: Path) -> list[tuple[str, Path, Path, dict]]:
@@ -127,10 +127,9 @@ def _localize_model(folder: Path) -> str | None:
 
 
 def _thumb(arr: np.ndarray, size: tuple[int, int], nearest: bool) -> np.ndarray:
-    from PIL import Image
+    from histo_wsl.reporting.report import resize_array
 
-    resample = Image.Resampling.NEAREST if nearest else Image.Resampling.BILINEAR
-    return np.asarray(Image.fromarray(arr).resize(size, resample))
+    return resize_array(arr, size, nearest=nearest)
 
 
 def _slide_thumbnail(record: dict, size: tuple[int, int]) -> np.ndarray:
@@ -226,12 +225,12 @@ def run_evaluate_slides(
     acc, roi = _slide_accumulator(pairs, s)
     t_eval = time.perf_counter()
     try:
-        ann_notes, images = _accumulate(acc, pairs, roi, s)
+        ann_notes = _accumulate(acc, pairs, roi, s)
         seconds = time.perf_counter() - t_eval
         metrics_m, curves, _ = acc.summarise()
     finally:
         acc.close()
-    result = _slides_result(acc, pairs, images, metrics_m, curves, roi, seconds, s)
+    result = _slides_result(acc, pairs, metrics_m, curves, roi, seconds, s)
     metrics = _slides_metrics(s, record, pairs, missing, ann_notes, result, curves)
     return _write_slide_outputs(s, metrics, result, pairs, missing, record)
 
@@ -363,14 +362,16 @@ def _slide_prediction(record: dict, roi: str) -> int | None:
 
 def _accumulate(
     acc: Accumulator, pairs: list[SlidePair], roi: str, s: SlideEvalSettings
-) -> tuple[dict[str, dict], dict[int, np.ndarray]]:
+) -> dict[str, dict]:
     """Feed every slide's map and annotation to ``acc``, one slide in memory at a time.
 
+    With each slide go its thumbnails (map, annotation, the slide itself, at most :data:`_THUMB`
+    pixels long): the report's grid of every slide and its best and worst examples.
+
     Returns:
-        Each slide's annotation notes, and the thumbnails of the slides (for the report's examples).
+        Each slide's annotation notes.
     """
     ann_notes: dict[str, dict] = {}
-    images: dict[int, np.ndarray] = {}
     for i, (name, _, prob_path, record, ann_path) in enumerate(pairs):
         size = record.get("output_size")
         shape = (int(size[1]), int(size[0])) if size else None
@@ -401,27 +402,23 @@ def _accumulate(
             },
             thumbnail=_thumb(prob, tsize, nearest=False),
             thumbnail_mask=_thumb(gt.astype(np.uint8) * 255, tsize, nearest=True) > 127,
+            thumbnail_image=_slide_thumbnail(record, tsize),
         )
-        if s.examples:
-            images[i] = _slide_thumbnail(record, tsize)
         del prob, gt, ignore
-    return ann_notes, images
+    return ann_notes
 
 
 def _slides_result(
     acc: Accumulator,
     pairs: list[SlidePair],
-    images: dict[int, np.ndarray],
     metrics_m: dict,
     curves: dict,
     roi: str,
     seconds: float,
     s: SlideEvalSettings,
 ) -> ModelResult:
-    """The predictions' result as one model's, with the example slides' thumbnails."""
+    """The predictions' result as one model's, with the slides' thumbnails and examples."""
     examples_list: list[Example] = acc.examples()
-    for ex in examples_list:
-        ex.image = images.get(ex.index)
     first = pairs[0][3]
     model = first.get("model")
     model_path = (
@@ -441,7 +438,14 @@ def _slides_result(
         }
     )
     return ModelResult(
-        metrics_m["name"], Path(str(model_path)), {}, metrics_m, acc.rows, curves, examples_list
+        metrics_m["name"],
+        Path(str(model_path)),
+        {},
+        metrics_m,
+        acc.rows,
+        curves,
+        examples_list,
+        thumbnails=acc.thumbnails,
     )
 
 

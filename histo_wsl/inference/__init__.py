@@ -2,6 +2,8 @@
 
 * :mod:`~histo_wsl.inference.blending` — Overlapping windows blended into one map (as MONAI's
   sliding-window inference does).
+* :mod:`~histo_wsl.inference.domain` — Is a slide what the model was trained on? A cheap check
+  before its windows are read.
 * :mod:`~histo_wsl.inference.engine` — The inference engine: a trained model run over a slide's
   windows.
 * :mod:`~histo_wsl.inference.job` — One slide being localized: what the per-slide steps share, and
@@ -28,6 +30,9 @@ _EXPORTS = {
     "BLEND_MODES": "blending",
     "importance_map": "blending",
     "WindowBlender": "blending",
+    "check_domain": "domain",
+    "DARK_FIELD_P90": "domain",
+    "illumination": "domain",
     "Engine": "engine",
     "roi_class": "engine",
     "run_windows": "engine",
@@ -46,6 +51,7 @@ _EXPORTS = {
     "resize_u8": "outputs",
     "ROI_COLOR": "outputs",
     "write_slide_outputs": "outputs",
+    "write_tile_detections": "outputs",
     "LocalizeParams": "params",
     "MISSING_MODEL": "params",
     "OUTPUT_FACTOR": "params",

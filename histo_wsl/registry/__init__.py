@@ -17,6 +17,7 @@ _EXPORTS = {
     "FORMAT": "checkpoint",
     "load_checkpoint": "checkpoint",
     "save_checkpoint": "checkpoint",
+    "CardText": "export",
     "check_name": "export",
     "compact_state_dict": "export",
     "export_model": "export",

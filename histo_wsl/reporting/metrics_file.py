@@ -21,6 +21,8 @@ from histo_wsl.runtime.record import number_or_none
 __all__ = [
     "BEST_NAME",
     "DEFINITIONS",
+    "UNCALIBRATED_NAME",
+    "card_threshold_name",
     "headline",
     "round_curve",
     "snap",
@@ -30,6 +32,9 @@ __all__ = [
 
 #: how the optimistic threshold is named in metrics.json and reports
 BEST_NAME = "best_threshold (optimistic)"
+
+#: how a card's threshold is named when the card carries no calibration record
+UNCALIBRATED_NAME = "card threshold (not calibrated: the card has no calibration record)"
 
 
 #: Names and definitions of every number in metrics.json (units: PxAP, accuracy, error in %;
@@ -57,12 +62,35 @@ DEFINITIONS: dict[str, str] = {
     "ci95": "percentile bootstrap 95% interval over images: images resampled with replacement "
     "(numpy default_rng(seed)); dataset-level numbers recomputed on each resample's pooled "
     "histograms, per-image means on the resampled values; at a fixed threshold.",
-    "card": "the threshold in the model card (set by --calibrate on a validation set, else the "
-    "training default 0.5).",
+    "card": "the threshold in the model card; calibrated only when the card carries a calibration "
+    "record (written by evaluate --calibrate, naming the set it was chosen on), else the card's "
+    "threshold as trained or exported, not calibrated.",
     "user": "the --threshold option.",
     "best": f"{BEST_NAME}: the threshold of the grid 0, 0.001, ..., 0.999 maximising miou on the "
     "evaluated set itself (NEGEV's logged numbers); optimistic, not a test number.",
 }
+
+
+def card_threshold_name(card: dict) -> str:
+    """How metrics.json and the reports name a model card's threshold.
+
+    The threshold is called calibrated only when the card carries a ``calibration`` record (what
+    ``evaluate --calibrate`` writes, with the set it was chosen on); otherwise it is the card's
+    threshold, not calibrated (:data:`UNCALIBRATED_NAME`), whatever its value.
+
+    Args:
+        card: the model card.
+
+    Returns:
+        The threshold's name.
+    """
+    cal = card.get("calibration")
+    if not cal:
+        return UNCALIBRATED_NAME
+    where = cal.get("set") if isinstance(cal, dict) else None
+    if where:
+        return f"card threshold (calibrated on {where})"
+    return "card threshold (calibrated by evaluate --calibrate)"
 
 
 def snap(t: float) -> float:

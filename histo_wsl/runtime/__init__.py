@@ -41,6 +41,7 @@ _EXPORTS = {
     "read_csv_list": "inputs",
     "select_shard": "inputs",
     "SLIDE_SUFFIXES": "inputs",
+    "stdin_paths": "inputs",
     "WSI_SUFFIXES": "inputs",
     "release_freed_memory": "memory",
     "environment": "record",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -180,6 +181,24 @@ def test_per_image_csv_and_thresholds(evaluated):
     assert (out / "run.json").is_file()
 
 
+def test_report_shows_every_image_and_no_absolute_path(setup, evaluated):
+    root, _, _ = setup
+    out, _, metrics = evaluated
+    text = (out / "report.html").read_text(encoding="utf-8")
+    md = (out / "report.md").read_text(encoding="utf-8")
+    n = metrics["models"][0]["n_images"]
+    assert n == 12
+    # one thumbnail per image (not the 2 + 2 examples), one table row per image
+    assert text.count('src="data:image/jpeg;base64,') == n
+    assert len(re.findall(r'<figure class="tile" data-k="\d+"', text)) == n
+    assert len(re.findall(r'<tr data-k="\d+">', text)) == n
+    assert text.count('<th data-sort="') >= 8
+    for doc in (text, md):
+        assert str(root) not in doc and str(root.resolve()) not in doc
+        assert "card threshold (not calibrated: the card has no calibration record)" in doc
+    assert "model: model.pt — cam" in md
+
+
 def test_bootstrap_histograms_uses_the_draws_of_bootstrap_ci():
     rng = np.random.default_rng(1)
     pos = rng.integers(0, 50, size=(9, 1002))
@@ -217,6 +236,9 @@ def test_split_auto_picks_val_and_calibrate_writes_a_new_checkpoint(setup, tmp_p
     assert {"set", "criterion", "value"} <= set(card["calibration"])
     assert card["calibration"]["value"] == pytest.approx(best["miou"]["value"])
     assert "miou" in card["calibration"]["criterion"] and "val" in card["calibration"]["set"]
+    md = (out / "report.md").read_text(encoding="utf-8")
+    assert "written to model.calibrated.pt" in md and str(tmp_path) not in md
+    assert "card threshold (not calibrated" in md  # the evaluated card was not calibrated
     # never overwritten: a second calibration into the same folder is refused before any work
     again = runner.invoke(app, args + ["--calibrate", "--bootstrap", "0", "--quiet"])
     assert again.exit_code == 2 and "never overwritten" in again.stderr
@@ -233,6 +255,11 @@ def test_split_auto_picks_val_and_calibrate_writes_a_new_checkpoint(setup, tmp_p
     assert at["card"]["threshold"] == best["threshold"]
     assert at["card"]["miou"]["value"] == pytest.approx(best["miou"]["value"])
     assert "calibrated on" in at["card"]["name"]
+    for doc in ("report.md", "report.html"):  # the calibrated card's threshold, in the same words
+        text = (out2 / doc).read_text(encoding="utf-8")
+        assert "card threshold (calibrated on dataset.csv [val, 4 images])" in text
+        assert "card threshold (not calibrated" not in text and str(tmp_path) not in text
+        assert str(csv_path.parent) not in text
 
 
 def _copy_data(csv_path: Path, dest: Path) -> Path:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import base64
 import csv
+import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from histo_wsl.cli.app import app
@@ -121,7 +125,20 @@ def test_slides_against_geojson_asap_and_empty_annotations(slides, tmp_path):
     assert (
         notes["format"] == "asap-xml" and notes["exclusions"] == 1 and notes["ignored"]["Dot"] == 1
     )
-    assert (out / "report.html").is_file()
+    text = (out / "report.html").read_text(encoding="utf-8")
+    md = (out / "report.md").read_text(encoding="utf-8")
+    # every slide as a thumbnail at the map's aspect ratio (50 x 40), one table row per slide
+    jpegs = re.findall(r'src="data:image/jpeg;base64,([A-Za-z0-9+/=]+)"', text)
+    assert len(jpegs) == 3
+    for data in jpegs:
+        with Image.open(io.BytesIO(base64.b64decode(data))) as im:
+            assert im.size == (160, 128)
+    rows = re.findall(r'<tr data-k="\d+"><td[^>]*>\d+</td><td>([^<]*)</td>', text)
+    assert sorted(rows) == ["normal_b", "tumor_a", "tumor_c"]
+    # no absolute path: the folders by their names, the model by its file name
+    for doc in (text, md):
+        assert str(tmp_path) not in doc and "/models/tumor.pt" not in doc
+    assert "tumor.pt" in md and "localized + annotations" in md
 
 
 def test_slides_without_annotation_are_named_or_skipped(slides, tmp_path):
