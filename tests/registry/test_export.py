@@ -61,4 +61,3 @@ def test_shipped_cards_say_what_the_model_is_for_and_not_for(folder):
     for c in (card, inner):
         assert c["intended_use"] and c["out_of_scope"] and c["license"] and c["terms"]
         assert c["domain"]["modality"] in ("brightfield", "dark-field")
-
