@@ -142,17 +142,15 @@ def write_slide_outputs(
     }
     # the same pyramid twice: levels as pages (OpenSlide, QuPath's OpenSlide reader) and as
     # OME-TIFF SubIFDs (Bio-Formats, the layout TIAToolbox writes for QuPath)
-    for write, suffix in (
-        (writers.write_pyramid_tiff, "prob.tif"),
-        (writers.write_ome_pyramid_tiff, "prob.ome.tif"),
-    ):
-        write(
+    for ome, suffix in ((False, "prob.tif"), (True, "prob.ome.tif")):
+        writers.write_pyramid_tiff(
             slide_dir / f"{name}.{suffix}",
             prob_u8,
             output_mpp,
             description=description,
             scratch=scratch,
             max_bytes=max_bytes,
+            ome=ome,
         )
     outputs = [
         f"{name}.prob.tif",

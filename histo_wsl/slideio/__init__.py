@@ -53,7 +53,6 @@ _EXPORTS = {
     "scratch_array": "writers",
     "TILE": "writers",
     "write_mask_png": "writers",
-    "write_ome_pyramid_tiff": "writers",
     "write_png": "writers",
     "write_probability_png": "writers",
     "write_pyramid_tiff": "writers",

@@ -8,7 +8,7 @@ Key components:
   (on disk past a size), so memory stays bounded whatever the map's size.
 - :func:`scratch_array`: an array in memory, or a numpy memmap in a scratch folder past a size.
 - :func:`overlay_image`: a thumbnail tinted by the probability, with the mask's contours.
-- :func:`write_ome_pyramid_tiff`: the same map as an OME-TIFF pyramid (OME-XML with the physical
+- :func:`write_pyramid_tiff` with ``ome=True``: the same map as an OME-TIFF pyramid (OME-XML with the physical
   pixel size on level 0, reduced levels as its SubIFDs), the layout QuPath/Bio-Formats and
   TIAToolbox read.
 - :func:`write_png`, :func:`write_probability_png`, :func:`write_mask_png`: atomic PNG writes
@@ -50,7 +50,6 @@ __all__ = [
     "scratch_array",
     "TILE",
     "write_mask_png",
-    "write_ome_pyramid_tiff",
     "write_png",
     "write_probability_png",
     "write_pyramid_tiff",
@@ -230,25 +229,34 @@ def write_pyramid_tiff(
     description: dict | None = None,
     scratch: Path | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    ome: bool = False,
 ) -> Path:
-    """Write a 2-D uint8 map as a tiled, pyramidal, compressed TIFF that OpenSlide and QuPath open.
+    """Write a 2-D uint8 map as a tiled, pyramidal, compressed TIFF that OpenSlide or QuPath open.
 
-    Levels are consecutive pages (level 0 first, reduced levels marked ``SubfileType`` 1), each half
-    the previous (2 × 2 mean); every page is tiled ``tile × tile``, grey (``minisblack``) and
-    compressed (deflate with horizontal predictor, or JPEG). With ``mpp`` the resolution tags are
-    ``ResolutionUnit`` CENTIMETER and X/YResolution ``1e4 / (mpp · 2**i)``, so OpenSlide reports
-    ``openslide.mpp-x == mpp``. The file is written under a temporary name beside ``path`` and
-    renamed when complete.
+    Each level is half the previous (2 × 2 mean); every level is tiled ``tile × tile``, grey
+    (``minisblack``) and compressed (deflate with horizontal predictor, or JPEG). With ``mpp`` the
+    resolution tags are ``ResolutionUnit`` CENTIMETER and X/YResolution ``1e4 / (mpp · 2**i)``, so
+    OpenSlide reports ``openslide.mpp-x == mpp``. Two layouts:
+
+    - default: levels are consecutive pages (level 0 first, reduced levels ``SubfileType`` 1), the
+      layout OpenSlide reads; ``description`` goes in level 0's ImageDescription;
+    - ``ome``: OME-TIFF, the layout QuPath/Bio-Formats and TIAToolbox use: level 0 is the only main
+      IFD and carries the OME-XML (axes ``YX``; with ``mpp`` ``PhysicalSizeX``/``Y`` in ``µm``;
+      ``description`` as the image's Description), the reduced levels are its SubIFDs.
+
+    The levels are streamed tile by tile (reduced levels on disk past ``max_bytes``); the file is
+    written under a temporary name beside ``path`` and renamed when complete.
 
     Args:
-        path: the ``.tif`` file.
+        path: the ``.tif`` file (by convention ``.ome.tif`` with ``ome``).
         image: (H, W) uint8 map (an array or a memmap); read band by band.
-        mpp: µm per pixel of level 0 (None: no resolution tags).
+        mpp: µm per pixel of level 0 (None: no resolution tags, no physical size).
         tile: tile side (multiple of 16).
         compression: ``zlib`` (deflate, lossless) or ``jpeg``.
-        description: JSON-ready dict written in level 0's ImageDescription (after ``histo-wsl ``).
+        description: JSON-ready dict recorded after ``histo-wsl `` (see the layouts).
         scratch: folder for reduced levels that exceed ``max_bytes`` (memmaps).
         max_bytes: in-memory limit of one reduced level.
+        ome: write the OME-TIFF layout instead of consecutive pages.
 
     Returns:
         The path written.
@@ -256,7 +264,20 @@ def write_pyramid_tiff(
     path = Path(path)
     _check_map(image, tile, compression)
     text = "histo-wsl " + json.dumps(description or {}, separators=(",", ":"))
-    first = {"subfiletype": 0, "description": text, "metadata": None}
+    if ome:
+        metadata: dict = {"axes": "YX"}
+        if mpp is not None:
+            metadata |= {
+                "PhysicalSizeX": float(mpp),
+                "PhysicalSizeXUnit": "µm",
+                "PhysicalSizeY": float(mpp),
+                "PhysicalSizeYUnit": "µm",
+            }
+        metadata["Description"] = text
+        n_levels = len(pyramid_shapes(*image.shape, tile=tile))
+        first = {"subfiletype": 0, "subifds": n_levels - 1, "metadata": metadata}
+    else:
+        first = {"subfiletype": 0, "description": text, "metadata": None}
     return _write_pyramid(
         path,
         image,
@@ -266,67 +287,7 @@ def write_pyramid_tiff(
         scratch=scratch,
         max_bytes=max_bytes,
         first=first,
-        ome=False,
-    )
-
-
-def write_ome_pyramid_tiff(
-    path: str | Path,
-    image: np.ndarray,
-    mpp: float | None,
-    *,
-    tile: int = TILE,
-    compression: str = "zlib",
-    description: dict | None = None,
-    scratch: Path | None = None,
-    max_bytes: int = DEFAULT_MAX_BYTES,
-) -> Path:
-    """Write a 2-D uint8 map as a tiled OME-TIFF pyramid (QuPath/Bio-Formats, TIAToolbox layout).
-
-    Level 0 is the file's only main IFD and carries the OME-XML metadata (one image, axes ``YX``,
-    uint8, and with ``mpp`` ``PhysicalSizeX``/``PhysicalSizeY`` = ``mpp`` in ``µm``); the reduced
-    levels, each half the previous (2 × 2 mean, as :func:`write_pyramid_tiff`), are SubIFDs of level
-    0 marked ``SubfileType`` 1. Tiles, compression and resolution tags are those of
-    :func:`write_pyramid_tiff`. The levels are streamed tile by tile (reduced levels on disk past
-    ``max_bytes``), and the file is written under a temporary name beside ``path`` and renamed when
-    complete.
-
-    Args:
-        path: the file (by convention ``.ome.tif``).
-        image: (H, W) uint8 map (an array or a memmap); read band by band.
-        mpp: µm per pixel of level 0 (None: no physical size, no resolution tags).
-        tile: tile side (multiple of 16).
-        compression: ``zlib`` (deflate, lossless) or ``jpeg``.
-        description: JSON-ready dict written as the OME image's Description (after ``histo-wsl ``).
-        scratch: folder for reduced levels that exceed ``max_bytes`` (memmaps).
-        max_bytes: in-memory limit of one reduced level.
-
-    Returns:
-        The path written.
-    """
-    path = Path(path)
-    _check_map(image, tile, compression)
-    metadata: dict = {"axes": "YX"}
-    if mpp is not None:
-        metadata |= {
-            "PhysicalSizeX": float(mpp),
-            "PhysicalSizeXUnit": "µm",
-            "PhysicalSizeY": float(mpp),
-            "PhysicalSizeYUnit": "µm",
-        }
-    metadata["Description"] = "histo-wsl " + json.dumps(description or {}, separators=(",", ":"))
-    n_levels = len(pyramid_shapes(*image.shape, tile=tile))
-    first = {"subfiletype": 0, "subifds": n_levels - 1, "metadata": metadata}
-    return _write_pyramid(
-        path,
-        image,
-        mpp,
-        tile=tile,
-        compression=compression,
-        scratch=scratch,
-        max_bytes=max_bytes,
-        first=first,
-        ome=True,
+        ome=ome,
     )
 
 

@@ -14,11 +14,15 @@ from histo_wsl.slideio.writers import (
     pyramid_shapes,
     scratch_array,
     write_mask_png,
-    write_ome_pyramid_tiff,
     write_png,
     write_probability_png,
     write_pyramid_tiff,
 )
+
+
+def _write_ome(path, image, mpp, **kw):
+    """The OME-TIFF layout of write_pyramid_tiff."""
+    return write_pyramid_tiff(path, image, mpp, ome=True, **kw)
 
 
 def _ramp(h, w):
@@ -89,7 +93,7 @@ def test_ome_pyramid_tiff_levels_are_subifds_with_physical_size(tmp_path, memmap
         src = image
     out = tmp_path / "out"
     scratch = tmp_path / "scratch"
-    path = write_ome_pyramid_tiff(
+    path = _write_ome(
         out / "p.ome.tif",
         src,
         0.5,
@@ -146,7 +150,7 @@ def test_ome_pyramid_tiff_single_level_without_mpp(tmp_path):
     import tifffile
 
     image = _ramp(100, 80)
-    path = write_ome_pyramid_tiff(tmp_path / "s.ome.tif", image, None, compression="jpeg")
+    path = _write_ome(tmp_path / "s.ome.tif", image, None, compression="jpeg")
     with tifffile.TiffFile(path) as tif:
         assert tif.is_ome and not tif.pages[0].subifds
         assert _ome_physical_sizes(tif) == {}
@@ -170,9 +174,7 @@ def test_ome_pyramid_tiff_failing_write_leaves_nothing(tmp_path, monkeypatch):
     out = tmp_path / "out"
     scratch = tmp_path / "scratch"
     with pytest.raises(RuntimeError, match="boom"):
-        write_ome_pyramid_tiff(
-            out / "p.ome.tif", _ramp(1300, 700), 0.5, scratch=scratch, max_bytes=1000
-        )
+        _write_ome(out / "p.ome.tif", _ramp(1300, 700), 0.5, scratch=scratch, max_bytes=1000)
     assert len(calls) == 2
     assert not out.exists() or not any(out.iterdir())  # no file under any name
     assert not scratch.exists() or not any(scratch.iterdir())
@@ -181,16 +183,16 @@ def test_ome_pyramid_tiff_failing_write_leaves_nothing(tmp_path, monkeypatch):
     (out / "p.ome.tif").write_bytes(b"old")
     calls.clear()
     with pytest.raises(RuntimeError, match="boom"):
-        write_ome_pyramid_tiff(out / "p.ome.tif", _ramp(1300, 700), 0.5)
+        _write_ome(out / "p.ome.tif", _ramp(1300, 700), 0.5)
     assert [p.name for p in out.iterdir()] == ["p.ome.tif"]
     assert (out / "p.ome.tif").read_bytes() == b"old"
 
 
 def test_ome_pyramid_tiff_rejects_bad_input(tmp_path):
     with pytest.raises(ValueError):
-        write_ome_pyramid_tiff(tmp_path / "x.ome.tif", np.zeros((10, 10), np.float32), 1.0)
+        _write_ome(tmp_path / "x.ome.tif", np.zeros((10, 10), np.float32), 1.0)
     with pytest.raises(ValueError):
-        write_ome_pyramid_tiff(tmp_path / "x.ome.tif", np.zeros((10, 10), np.uint8), 1.0, tile=100)
+        _write_ome(tmp_path / "x.ome.tif", np.zeros((10, 10), np.uint8), 1.0, tile=100)
     assert not any(tmp_path.iterdir())
 
 
