@@ -33,6 +33,7 @@ _EXPORTS = {
     "check_domain": "domain",
     "DARK_FIELD_P90": "domain",
     "illumination": "domain",
+    "SAMPLE_PIXELS": "domain",
     "Engine": "engine",
     "roi_class": "engine",
     "run_windows": "engine",

@@ -18,15 +18,23 @@ import numpy as np
 from histo_wsl.errors import InputError
 from histo_wsl.runtime.console import warn
 
-__all__ = ["DARK_FIELD_P90", "check_domain", "illumination"]
+__all__ = ["DARK_FIELD_P90", "SAMPLE_PIXELS", "check_domain", "illumination"]
 
 #: an image whose 90th-percentile luminance (0-255) is below this is dark-field (fluorescence)
 DARK_FIELD_P90 = 64.0
+#: pixels the brightness is measured on, at most (about; a regular subsample)
+SAMPLE_PIXELS = 2**18
 
 
 def illumination(rgb: np.ndarray) -> dict:
-    """``{"kind": "brightfield" | "dark-field", "p90_luminance": ...}`` of an RGB uint8 image."""
-    rgb = np.asarray(rgb)[..., :3].astype(np.float32)
+    """``{"kind": "brightfield" | "dark-field", "p90_luminance": ...}`` of an RGB uint8 image.
+
+    Measured on at most about :data:`SAMPLE_PIXELS` pixels (a regular subsample of a large
+    thumbnail), so the check costs the same on any slide.
+    """
+    rgb = np.asarray(rgb)
+    step = max(1, int(np.ceil(np.sqrt(rgb.shape[0] * rgb.shape[1] / SAMPLE_PIXELS))))
+    rgb = rgb[::step, ::step, :3].astype(np.float32)
     lum = rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
     p90 = float(np.percentile(lum, 90)) if lum.size else 255.0
     kind = "dark-field" if p90 < DARK_FIELD_P90 else "brightfield"
