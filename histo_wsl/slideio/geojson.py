@@ -79,19 +79,23 @@ def _trace(mask: np.ndarray, offset: tuple[int, int] = (0, 0)) -> list[tuple]:
     return out
 
 
-def _component_geometry(shell: np.ndarray, holes: list, sub: np.ndarray, origin: tuple) -> Any:
-    """A component's polygon, valid by OGC rules (what QuPath and shapely measure right).
+def _component_geometry(
+    shell: np.ndarray, holes: list, labels: np.ndarray, k: int, box: tuple[int, int, int, int]
+) -> Any:
+    """Component ``k``'s polygon, valid by OGC rules (what QuPath and shapely measure right).
 
     Traced as one 8-connected piece, a component whose pixels touch only at corners gives a ring
-    that touches itself (invalid); it is then traced again as its 4-connected parts (``sub``, its
-    pixels in its bounding box at ``origin``), which touch at points only: a valid MultiPolygon.
+    that touches itself (invalid); it is then traced again as its 4-connected parts (its pixels in
+    ``labels`` within its bounding ``box`` x, y, w, h), which touch at points only: a valid
+    MultiPolygon.
     """
     import shapely
 
     polygon = shapely.Polygon(shell, holes)
     if polygon.is_valid:
         return polygon
-    x0, y0 = origin
+    x0, y0, bw, bh = box
+    sub = labels[y0 : y0 + bh, x0 : x0 + bw] == k
     n, labels, stats, _ = cv2.connectedComponentsWithStats(sub.view(np.uint8), connectivity=4)
     parts = []
     for j in range(1, n):
@@ -191,8 +195,7 @@ def mask_to_geojson(
         x, y, w, h, area_px = (int(a) for a in stats[k])
         if area_px < min_area_px:
             continue
-        sub = labels[y : y + h, x : x + w] == k
-        geometry = _component_geometry(shell, holes, sub, (x, y))
+        geometry = _component_geometry(shell, holes, labels, k, (x, y, w, h))
         geometry = shapely.orient_polygons(geometry)  # RFC 7946: exteriors counter-clockwise
         geometry = shapely.transform(geometry, lambda c: np.round(c * downsample, _DECIMALS))
         measurements: dict[str, float] = {}
