@@ -11,7 +11,6 @@ from pathlib import Path
 
 from histo_wsl.errors import InputError
 from histo_wsl.methods import get_method
-from histo_wsl.reporting.metrics_file import card_threshold_name
 
 __all__ = [
     "CALIBRATION_CRITERION",
@@ -24,9 +23,12 @@ __all__ = [
 CALIBRATION_CRITERION = "miou"
 
 
-def card_threshold(card: dict) -> tuple[float, str]:
-    """The card's threshold and its name in reports (:func:`card_threshold_name`: one wording)."""
-    return float(card.get("threshold", 0.5)), card_threshold_name(card)
+def card_threshold(card: dict) -> float:
+    """The card's threshold (0.5 when it has none).
+
+    Its name in reports is :func:`~histo_wsl.reporting.metrics_file.card_threshold_name`.
+    """
+    return float(card.get("threshold", 0.5))
 
 
 def calibrated_path(model: Path, out: Path, taken: set[str] | None = None) -> Path:

@@ -135,7 +135,7 @@ def evaluate_model(
     mean = norm.get("mean", [0.485, 0.456, 0.406])
     std = norm.get("std", [0.229, 0.224, 0.225])
     class_names = data.class_names
-    t_card, _ = card_threshold(card)
+    t_card = card_threshold(card)
     thresholds = {"card": snap(t_card), "user": snap(settings.threshold)}
     acc = Accumulator(
         name,
