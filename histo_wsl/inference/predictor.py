@@ -16,6 +16,10 @@ scores and a foreground map in [0, 1] for any method:
 With ``tta="flips"`` (the card's ``tta``, or ``--tta flips``) every batch is also predicted
 flipped left-right, up-down and both; the class logits and the maps (flipped back) are averaged
 over the four views, and a stage-1 map is that of the class of the averaged logits.
+
+The network is loaded in its inference form (:func:`histo_wsl.networks.folding.for_inference`:
+BatchNorm folded into the convolutions; channels-last on CPU, where :meth:`Predictor.predict`
+hands it channels-last batches): the same maps to float rounding, about twice as fast on CPU.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from torch import Tensor
 from histo_wsl.errors import InputError
 from histo_wsl.methods import TrainedModel, get_method, model_from_checkpoint
 from histo_wsl.networks.cams import compute_cams
+from histo_wsl.networks.folding import for_inference
 from histo_wsl.registry.checkpoint import load_checkpoint
 
 __all__ = ["TTA_MODES", "Predictor", "load_model"]
@@ -47,6 +52,13 @@ class Predictor(TrainedModel):
     #: test-time augmentation, a key of :data:`TTA_MODES`
     tta: str = "none"
 
+    def to(self, device: torch.device | str) -> Predictor:
+        """Move the network to ``device`` (channels-last on CPU, contiguous elsewhere)."""
+        device = torch.device(device)
+        fmt = torch.channels_last if device.type == "cpu" else torch.contiguous_format
+        self.model.to(device=device, memory_format=fmt)
+        return self
+
     def predict(self, images: Tensor, classes: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(class logits (B,K), foreground map (B,H,W) in [0,1]) of normalised images.
 
@@ -54,6 +66,8 @@ class Predictor(TrainedModel):
         back); a stage-1 map without ``classes`` is that of the class of the mean logits.
         """
         self.model.eval()
+        if images.device.type == "cpu":
+            images = images.contiguous(memory_format=torch.channels_last)
         views = TTA_MODES[self.tta]
         if not get_method(self.method).has_cam:  # a class-agnostic map: model.localize
             with torch.no_grad():
@@ -119,4 +133,5 @@ def load_model(
     model = model_from_checkpoint(card, ckpt["state_dict"], path)
     if cam_method is not None and get_method(card["method"]).has_cam:
         card["cam_method"] = cam_method
-    return Predictor(model, card, path, mode)
+    device = next(iter(model.parameters())).device
+    return Predictor(for_inference(model, device), card, path, mode)

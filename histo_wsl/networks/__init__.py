@@ -6,6 +6,8 @@
   min-max normalised to [0, 1].
 * :mod:`~histo_wsl.networks.classifier` — WSOL classifier (stride-8 backbone + pooling head) and its
   two learning-rate groups.
+* :mod:`~histo_wsl.networks.folding` — The inference form of a trained network: BatchNorm folded
+  into its convolution, channels-last.
 * :mod:`~histo_wsl.networks.heads` — Classification heads on the CAM layer: class logits and raw
   class activation maps.
 * :mod:`~histo_wsl.networks.knn` — k-NN refinement of a model's map: each pixel takes the model's
@@ -37,6 +39,8 @@ _EXPORTS = {
     "split_params": "classifier",
     "unwrap": "classifier",
     "WSOLClassifier": "classifier",
+    "fold_batchnorm": "folding",
+    "for_inference": "folding",
     "build_head": "heads",
     "GAPHead": "heads",
     "Head": "heads",
@@ -57,6 +61,7 @@ _EXPORTS = {
     "decoder_channels": "negev",
     "NEGEVModel": "negev",
     "UNetDecoder": "negev",
+    "upsample": "negev",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from histo_wsl.networks.classifier import WSOLClassifier
 from histo_wsl.networks.knn import KNNRefiner
 
-__all__ = ["NEGEVModel", "UNetDecoder", "decoder_channels"]
+__all__ = ["NEGEVModel", "UNetDecoder", "decoder_channels", "upsample"]
 
 _CHANNELS = (256, 128, 64, 32, 16)
 
@@ -48,6 +48,49 @@ def _conv_bn_relu(cin: int, cout: int, norm: str = "batch") -> nn.Sequential:
     )
 
 
+def _resize_matrix(n_in: int, n_out: int) -> Tensor:
+    """(n_out, n_in) matrix of a ×2 nearest upsampling followed by a bilinear resize to ``n_out``.
+
+    The bilinear step samples the upsampled row (length ``2·n_in``) with ``align_corners=True``,
+    as :func:`torch.nn.functional.interpolate` does; each upsampled entry ``q`` is input ``q // 2``.
+    """
+    up = 2 * n_in
+    a = torch.zeros(n_out, n_in, dtype=torch.float64)
+    scale = (up - 1) / (n_out - 1) if n_out > 1 else 0.0
+    for i in range(n_out):
+        src = scale * i
+        i0 = min(int(src), up - 1)
+        frac = src - i0
+        i1 = i0 + 1 if i0 < up - 1 else i0
+        a[i, i0 // 2] += 1.0 - frac
+        a[i, i1 // 2] += frac
+    return a
+
+
+def upsample(x: Tensor, target: tuple[int, int] | None) -> Tensor:
+    """``x`` upsampled ×2 (nearest), then resized bilinearly (``align_corners``) to ``target``.
+
+    A U-Net block over a stride-8 backbone meets skips at its own resolution (MobileNetV2's and
+    ResNet's stages 3–5 are all at stride 8): the ×2 upsampling is then resized straight back.
+    Both steps are linear along each axis, so they are applied as one small matrix per axis
+    (:func:`_resize_matrix`) on the input: the same values to float rounding, without building
+    the 4×-larger upsampled tensor (on MobileNetV2's 1,280-channel CAM layer that copy cost
+    more than the block's convolutions).
+    """
+    h, w = x.shape[-2:]
+    if target is None or (target[0] == 2 * h and target[1] == 2 * w):
+        return F.interpolate(x, scale_factor=2.0, mode="nearest")
+    ah = _resize_matrix(h, target[0]).to(device=x.device, dtype=x.dtype)
+    aw = _resize_matrix(w, target[1]).to(device=x.device, dtype=x.dtype)
+    if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
+        return torch.matmul(torch.matmul(ah, x), aw.T)
+    # channels-last (inference on CPU): rows of (w·c) and (c) values are contiguous
+    b, c = x.shape[:2]
+    y = torch.matmul(ah, x.permute(0, 2, 3, 1).reshape(b, h, w * c))
+    y = torch.matmul(aw, y.reshape(b * target[0], w, c))
+    return y.reshape(b, target[0], target[1], c).permute(0, 3, 1, 2)
+
+
 class _Block(nn.Module):
     def __init__(self, cin: int, skip: int, cout: int, norm: str = "batch") -> None:
         super().__init__()
@@ -55,10 +98,8 @@ class _Block(nn.Module):
         self.conv2 = _conv_bn_relu(cout, cout, norm)
 
     def forward(self, x: Tensor, skip: Tensor | None, size: tuple[int, int] | None) -> Tensor:
-        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
         target = skip.shape[-2:] if skip is not None else size
-        if target is not None and tuple(x.shape[-2:]) != tuple(target):
-            x = F.interpolate(x, size=tuple(target), mode="bilinear", align_corners=True)
+        x = upsample(x, None if target is None else (int(target[0]), int(target[1])))
         if skip is not None:
             x = torch.cat([x, skip], dim=1)
         return self.conv2(self.conv1(x))
@@ -199,9 +240,17 @@ class NEGEVModel(nn.Module):
     def localize(self, x: Tensor, refine: bool = True) -> tuple[Tensor, Tensor]:
         """(classifier logits, foreground probability (B,H,W)).
 
-        With a ready refiner and ``refine``, the map is the refiner's blend; otherwise the
-        decoder's own.
+        With a ready refiner and ``refine``, the map is the refiner's blend (with ``alpha`` 1 the
+        k-NN map alone, and the decoder is not run); otherwise the decoder's own.
         """
+        refiner = self.refiner
+        if refine and refiner is not None and refiner.ready and refiner.alpha == 1.0:
+            # the blend is the k-NN map alone: the decoder's map would be weighted 0
+            with torch.no_grad():
+                stages = self.classifier.forward_features(x)
+                logits = self.classifier.head(stages[-1])
+            knn = refiner.knn_map([s.detach() for s in stages], tuple(x.shape[-2:]))
+            return logits, knn.float().clamp(0.0, 1.0)
         logits, seg, stages = self.segment(x, features=True)
         return logits, self.foreground(seg, stages, refine)
 

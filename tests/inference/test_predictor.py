@@ -32,9 +32,11 @@ def test_modes_are_the_four_flips():
 
 
 def test_flips_average_the_views_of_a_maxmin_model(tmp_path):
-    path, model = _maxmin_checkpoint(tmp_path / "mm.pt")
+    path, _ = _maxmin_checkpoint(tmp_path / "mm.pt")
     x = torch.randn(2, 3, 48, 40)  # not square: flips of H and W must not be mixed up
     plain = load_model(path)
+    model = plain.model  # the inference form the predictor runs (an untrained network's
+    # near-zero deep features make its mask sensitive to the float rounding of the folding)
     assert plain.tta == "none" and plain.card["tta"] == "none"
     pred = load_model(path, tta="flips")
     assert pred.tta == "flips" and pred.card["tta"] == "flips"

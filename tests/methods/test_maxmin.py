@@ -191,6 +191,7 @@ def test_sigma_and_t_schedules():
 # -- checkpoints --------------------------------------------------------------------------------
 def test_checkpoint_round_trip_through_the_predictor(tmp_path):
     from histo_wsl.networks.backbones import build_backbone
+    from histo_wsl.networks.folding import for_inference
 
     torch.manual_seed(1)
     model = MaxMinModel(build_backbone("mobilenetv2", False), 2, sigma=0.17, cl_scale=0.8).eval()
@@ -206,8 +207,9 @@ def test_checkpoint_round_trip_through_the_predictor(tmp_path):
     assert load_model(tmp_path / "old.pt").model.cl_scale == 1.0
     x = torch.randn(2, 3, 40, 40)
     logits, maps = pred.predict(x, torch.tensor([1, 1]))
-    with torch.no_grad():
-        ref_logits, ref_maps = model.localize(x)
+    with torch.no_grad():  # against the same inference form (folded, channels-last)
+        fast = for_inference(model)
+        ref_logits, ref_maps = fast.localize(x.contiguous(memory_format=torch.channels_last))
     assert torch.allclose(logits, ref_logits, atol=1e-5) and torch.allclose(maps, ref_maps)
     assert maps.shape == (2, 40, 40) and 0 <= maps.min() and maps.max() <= 1
     bad = dict(card, maxmin={"w": 5.0})

@@ -5,6 +5,7 @@ from typer.testing import CliRunner
 from histo_wsl.cli.app import app
 from histo_wsl.errors import InputError
 from histo_wsl.inference.predictor import load_model
+from histo_wsl.methods import load_trained
 from histo_wsl.methods.negev import DecoderTask
 from histo_wsl.methods.negev_losses import negative_loss
 from histo_wsl.networks.classifier import build_classifier
@@ -231,10 +232,10 @@ def test_seed_teacher_second_round(tmp_path, stage1):
     assert load_model(first / "best-loc.pt").card["seeds"]["teacher"] is None
 
     # the seeds are drawn from the teacher's foreground probability, not from the CAM
-    classifier = load_model(ckpt)
+    classifier = load_trained(ckpt)  # as training loads it (not the folded inference form)
     ds = SimpleNamespace(class_names=classifier.card["class_names"], negative_class=None)
     task = DecoderTask(TrainConfig.from_flat(seed_teacher=str(teacher)), ds, classifier)
-    student = NEGEVModel(load_model(ckpt).model)
+    student = NEGEVModel(load_trained(ckpt).model)
     x = torch.randn(2, 3, 48, 48)
     want = load_model(teacher).predict(x)[1]
     torch.testing.assert_close(task.seed_maps(student, x, torch.tensor([0, 0])), want)

@@ -115,3 +115,36 @@ def test_a_card_with_an_unknown_refinement_is_refused(tmp_path):
         _refiner_from_card({"refine": {"method": "crf"}}, tmp_path / "m.pt")
     with pytest.raises(InputError, match="malformed"):
         _refiner_from_card({"refine": {"method": "knn"}}, tmp_path / "m.pt")
+
+
+def test_a_refiner_of_alpha_one_does_not_run_the_decoder(monkeypatch):
+    from histo_wsl.networks.classifier import build_classifier
+    from histo_wsl.networks.negev import NEGEVModel
+
+    torch.manual_seed(0)
+    model = NEGEVModel(build_classifier("tinycnn", "wgap", 2, pretrained=False)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        _, _, stages = model.segment(x, features=True)
+    refiner = KNNRefiner(k=2, alpha=1.0)
+    g = torch.Generator().manual_seed(1)
+    bank_stages = [torch.randn(3, s.shape[1], 4, 4, generator=g) for s in stages]
+    from histo_wsl.networks.knn import FeatureBank, _stage_pixels
+
+    pixels = _stage_pixels(bank_stages, (4, 4))
+    eye = [(torch.zeros(p.shape[1]), torch.eye(p.shape[1])) for p in pixels]
+    bank = FeatureBank(
+        torch.empty(0), torch.rand(48, generator=g), torch.arange(3).repeat_interleave(16), eye
+    )
+    bank.keys = bank.embed(pixels)
+    refiner.set_bank(bank)
+    model.refiner = refiner
+    with torch.no_grad():
+        logits_full, seg, st = model.segment(x, features=True)
+        want = refiner(model.foreground(seg, st, refine=False), st)
+        calls = []
+        monkeypatch.setattr(model.decoder, "forward", lambda *a: calls.append(a))
+        logits, got = model.localize(x)
+    assert not calls  # the decoder's map would be weighted 0
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(logits, logits_full)

@@ -320,3 +320,24 @@ def test_tinycnn_has_no_imagenet_weights_and_a_narrow_groupnorm_decoder():
     assert model.decoder.channels == (64, 32, 16, 8)
     norms = [m for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
     assert norms and not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+
+
+@pytest.mark.parametrize(
+    ("size", "target"), [((28, 28), (28, 28)), ((7, 9), (28, 30)), ((13, 17), (26, 35))]
+)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_decoder_upsampling_is_nearest_then_bilinear(size, target, channels_last):
+    import torch.nn.functional as F  # noqa: N812
+
+    from histo_wsl.networks.negev import upsample
+
+    x = torch.randn(2, 6, *size, generator=torch.Generator().manual_seed(0))
+    want = F.interpolate(x, scale_factor=2.0, mode="nearest")
+    if tuple(want.shape[-2:]) != target:
+        want = F.interpolate(want, size=target, mode="bilinear", align_corners=True)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    got = upsample(x, target)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(upsample(x, (2 * size[0], 2 * size[1])), F.interpolate(x, scale_factor=2.0))
