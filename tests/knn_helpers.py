@@ -51,3 +51,68 @@ def tiny_classifier(tmp_path: Path) -> tuple[Path, Path, list[str]]:
     )
     assert r.exit_code == 0, r.stderr
     return data, tmp_path / "cam" / "best-loc.pt", common
+
+
+def refined_negev_checkpoint(path: Path, images: int = 4, per_image: int = 10, k: int = 8) -> Path:
+    """A tiny NEGEV checkpoint (``tinycnn``) whose k-NN refiner holds a random bank."""
+    from histo_wsl.data.images import IMAGENET_MEAN, IMAGENET_STD
+    from histo_wsl.networks.classifier import build_classifier
+    from histo_wsl.networks.knn import KNNRefiner, _stage_pixels
+    from histo_wsl.networks.negev import NEGEVModel
+    from histo_wsl.registry.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    model = NEGEVModel(build_classifier("tinycnn", "wgap", 2, pretrained=False)).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        stages = model.classifier.forward_features(torch.randn(images, 3, 32, 32, generator=g))
+    pixels = _stage_pixels(stages, tuple(stages[-1].shape[-2:]))
+    side = stages[-1].shape[-1]
+    pick = torch.cat(
+        [
+            i * side * side + torch.randperm(side * side, generator=g)[:per_image]
+            for i in range(images)
+        ]
+    )
+    rows = [p[pick] for p in pixels]
+    projections = [
+        (r.mean(0), torch.linalg.qr(torch.randn(r.shape[1], 4, generator=g))[0]) for r in rows
+    ]
+    bank = FeatureBank(
+        torch.empty(0),
+        torch.rand(len(pick), generator=g),
+        torch.arange(images).repeat_interleave(per_image),
+        projections,
+    )
+    bank.keys = bank.embed(rows)
+    model.refiner = KNNRefiner(k=k, alpha=1.0)
+    model.refiner.set_bank(bank)
+    clf = {
+        "method": "cam",
+        "backbone": "tinycnn",
+        "head": "wgap",
+        "head_opts": {},
+        "num_classes": 2,
+        "class_names": ["gland", "normal"],
+    }
+    card = {
+        **clf,
+        "method": "negev",
+        "stage": 2,
+        "classifier_card": clf,
+        "input_size": 32,
+        "mpp": 2.0,
+        "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        "threshold": 0.5,
+        "domain": {"modality": "brightfield", "stain": "H&E"},
+        "refine": {
+            "method": "knn",
+            "k": k,
+            "alpha": 1.0,
+            "stages": 2,
+            "bank_pixels": images * per_image,
+            "dims": 4,
+            "bank_seed": 0,
+        },
+    }
+    return save_checkpoint(path, card, model.state_dict())

@@ -268,18 +268,37 @@ def export(
         typer.Option("--out-of-scope", help="Uses it is not meant for (e.g. clinical diagnosis)."),
     ] = None,
     modality: Annotated[
-        str,
+        str | None,
         typer.Option(
             "--modality",
             help="What it was trained on: brightfield or dark-field (localize refuses slides "
-            "of the other kind unless --force).",
+            "of the other kind unless --force; default: the checkpoint's, else brightfield).",
+            show_default=False,
         ),
-    ] = "brightfield",
+    ] = None,
     stain: Annotated[
         str | None, typer.Option("--stain", help="The stain it was trained on, e.g. H&E.")
     ] = None,
     tissue: Annotated[
         str | None, typer.Option("--tissue", help="The tissue it was trained on, e.g. colon.")
+    ] = None,
+    knn_bank: Annotated[
+        int | None,
+        typer.Option(
+            "--knn-bank",
+            help="Keep at most this many pixels of the k-NN refiner's bank, the same number "
+            "from each training image (the lookup's cost is proportional to it).",
+            show_default=False,
+        ),
+    ] = None,
+    knn_k: Annotated[
+        int | None,
+        typer.Option(
+            "--knn-k",
+            help="Neighbours per pixel of the k-NN refinement (default with --knn-bank: the "
+            "card's k scaled with the bank).",
+            show_default=False,
+        ),
     ] = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing model of that name.")
@@ -306,7 +325,15 @@ def export(
         domain={k: v for k, v in domain.items() if v is not None},
     )
     result = export_model(
-        checkpoint, name, dest, fp16=fp16, text=text, metrics=metrics, overwrite=overwrite
+        checkpoint,
+        name,
+        dest,
+        fp16=fp16,
+        text=text,
+        metrics=metrics,
+        overwrite=overwrite,
+        knn_bank=knn_bank,
+        knn_k=knn_k,
     )
     for note in result.notes:
         print(f"histo-wsl: warning: {note}", file=sys.stderr)

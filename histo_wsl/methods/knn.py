@@ -43,6 +43,7 @@ __all__ = [
     "REFINEMENTS",
     "TrainSplitBanks",
     "build_feature_bank",
+    "compact_refiner",
     "refine_card",
     "refine_checks",
     "refiner_from_card",
@@ -234,3 +235,64 @@ def refiner_from_card(card: dict, path: str | Path) -> KNNRefiner | None:
         return KNNRefiner(int(refine["k"]), float(refine["alpha"]), int(refine.get("stages", 2)))
     except (KeyError, TypeError, ValueError) as exc:
         raise InputError(f"the model card's k-NN refinement is malformed ({exc})", path) from None
+
+
+def compact_refiner(
+    card: dict, state_dict: dict, pixels: int, k: int | None = None, path: str | Path = ""
+) -> tuple[dict, dict]:
+    """A checkpoint's k-NN refinement with a smaller bank: fewer similarities and a cheaper top-k.
+
+    Every training image keeps the same number of its bank pixels, ``pixels // images`` (at
+    least 1): the first ones of the seeded random draw that built the bank, so the result is a
+    random subset of each image's pixels, the same at every call. The keys keep their projection.
+    ``k`` (default: the card's ``k`` scaled by the bank's shrinkage, at least 1) is the number of
+    neighbours of the smaller bank. The cost of the lookup is proportional to the bank's size
+    (one matrix product over it, one top-k per pixel); on GlaS a quarter of the shipped bank with
+    a quarter of its ``k`` scores as the whole (docs/results.md, *Localize speed*).
+
+    Args:
+        card: the checkpoint's card (``refine`` must be ``knn``).
+        state_dict: its weights (``...refiner.keys``, ``values``, ``owners``).
+        pixels: the most bank pixels to keep.
+        k: neighbours per pixel of the smaller bank.
+        path: the checkpoint, named in errors.
+
+    Returns:
+        (the new card, whose ``refine`` records ``bank_pixels``, ``k`` and what it was compacted
+        from; the new state dict). Both are copies.
+
+    Raises:
+        InputError: a card without k-NN refinement, ``pixels`` or ``k`` below 1, or a bank
+            smaller than asked.
+    """
+    refine = dict(card.get("refine") or {})
+    if refine.get("method") != "knn":
+        raise InputError(
+            "the model has no k-NN refinement (refine: knn), so it has no bank to compact; "
+            "drop --knn-bank",
+            path or None,
+        )
+    prefix = next((key[: -len("keys")] for key in state_dict if key.endswith("refiner.keys")), None)
+    if prefix is None:
+        raise InputError("the checkpoint's k-NN refiner holds no bank", path or None)
+    keys, values, owners = (state_dict[prefix + n] for n in ("keys", "values", "owners"))
+    images = owners.unique()
+    per_image = max(1, int(pixels) // len(images)) if pixels >= 1 else 0
+    if per_image < 1:
+        raise InputError(f"--knn-bank must be at least 1, got {pixels}")
+    if pixels > len(owners):
+        raise InputError(
+            f"--knn-bank {pixels}: the bank holds only {len(owners)} pixels; give a smaller number"
+        )
+    keep = torch.cat([(owners == o).nonzero()[:per_image, 0] for o in images]).sort().values
+    old_k = int(refine["k"])
+    new_k = int(k) if k is not None else max(1, round(old_k * len(keep) / len(owners)))
+    if new_k < 1:
+        raise InputError(f"--knn-k must be at least 1, got {k}")
+    state = dict(state_dict)
+    state[prefix + "keys"] = keys[keep].clone()
+    state[prefix + "values"] = values[keep].clone()
+    state[prefix + "owners"] = owners[keep].clone()
+    refine["compacted_from"] = {"bank_pixels": int(len(owners)), "k": old_k}
+    refine.update(bank_pixels=int(len(keep)), k=new_k)
+    return dict(card, refine=refine), state

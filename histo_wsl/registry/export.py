@@ -365,6 +365,33 @@ def _check_destination(final: Path, overwrite: bool) -> None:
         )
 
 
+def _source(ckpt: dict, src: Path, knn_bank: int | None, knn_k: int | None) -> tuple[dict, dict]:
+    """The checkpoint's card and weights, its k-NN bank compacted when asked."""
+    card, state = dict(ckpt["card"]), ckpt["state_dict"]
+    if knn_bank is None and knn_k is None:
+        return card, state
+    from histo_wsl.methods.knn import compact_refiner
+
+    pixels = knn_bank if knn_bank is not None else (card.get("refine") or {}).get("bank_pixels")
+    return compact_refiner(card, state, int(pixels or 0), knn_k, src)
+
+
+def _exported_card(
+    source_card: dict, name: str, text: CardText | None, evaluation: dict | None
+) -> dict:
+    """The source's card with the name, the written sections and the evaluation."""
+    card = dict(source_card)
+    card["name"] = name
+    fields = (text or CardText()).fields()
+    # the domain's entries given now complete the checkpoint's (a re-export keeps its stain)
+    domain = {**(card.get("domain") or {}), **fields.pop("domain", {})}
+    domain.setdefault("modality", "brightfield")
+    card.update(fields, domain=domain)
+    if evaluation is not None:
+        card["evaluation"] = evaluation
+    return card
+
+
 def export_model(
     source: str | Path,
     name: str,
@@ -374,6 +401,8 @@ def export_model(
     text: CardText | None = None,
     metrics: Path | None = None,
     overwrite: bool = False,
+    knn_bank: int | None = None,
+    knn_k: int | None = None,
 ) -> ExportResult:
     """Write ``<dest>/<name>/`` (``model.pt`` + ``card.yaml``): a compact copy of a checkpoint.
 
@@ -393,6 +422,10 @@ def export_model(
             out of scope, domain): :class:`CardText`.
         metrics: a JSON file of evaluation numbers (e.g. evaluate's ``metrics.json``).
         overwrite: replace an existing model folder of that name.
+        knn_bank: keep at most this many pixels of the k-NN refiner's bank (a faster lookup;
+            :func:`histo_wsl.methods.knn.compact_refiner`); the predictions are then checked
+            against the compacted source.
+        knn_k: neighbours per pixel of the compacted bank (default: scaled with the bank).
 
     Raises:
         InputError: a bad name or source, an unreadable metrics file, an existing model without
@@ -409,13 +442,10 @@ def export_model(
     src = resolve_model(source)
     evaluation = read_metrics(metrics) if metrics is not None else None
     ckpt = load_checkpoint(src)
-    state, kept = compact_state_dict(ckpt["state_dict"], fp16=fp16)
+    source_card, source_state = _source(ckpt, src, knn_bank, knn_k)
+    state, kept = compact_state_dict(source_state, fp16=fp16)
     dtype = "float16" if fp16 else "float32"
-    card = dict(ckpt["card"])
-    card["name"] = name
-    card.update((text or CardText()).fields())
-    if evaluation is not None:
-        card["evaluation"] = evaluation
+    card = _exported_card(source_card, name, text, evaluation)
     card["weights_dtype"] = dtype
     card["exported"] = {
         "from": str(src),
@@ -440,7 +470,12 @@ def export_model(
         }
         (staging / CARD_FILE).write_text(_card_yaml(card), encoding="utf-8")
         _share(staging)
-        max_diff = _prediction_diff(src, weights, card)
+        reference = src
+        if source_state is not ckpt["state_dict"]:  # compared with the compacted source
+            reference = save_checkpoint(staging / "reference.pt", source_card, source_state)
+        max_diff = _prediction_diff(reference, weights, card)
+        if reference != src:
+            reference.unlink()
         if final.exists():
             _swap_in(staging, final)
         else:

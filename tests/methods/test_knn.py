@@ -110,3 +110,30 @@ def test_train_decoder_with_knn_seed_map(tmp_path):
     torch.testing.assert_close(bank.values[first].sort().values, want.sort().values)
     maps = task.seed_maps(student, item["image"][None], torch.tensor([0]), owners=torch.tensor([0]))
     assert maps.shape == (1, 48, 48) and 0 <= maps.min() and maps.max() <= 1
+
+
+def test_compact_refiner_keeps_the_first_pixels_of_each_image_and_scales_k(tmp_path):
+    from knn_helpers import refined_negev_checkpoint
+
+    from histo_wsl.errors import InputError
+    from histo_wsl.methods.knn import compact_refiner
+    from histo_wsl.registry.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(refined_negev_checkpoint(tmp_path / "r.pt", images=4, per_image=10))
+    card, state = ckpt["card"], ckpt["state_dict"]
+    new_card, new_state = compact_refiner(card, state, 20)
+    owners = state["refiner.owners"]
+    keep = torch.cat([(owners == o).nonzero()[:5, 0] for o in range(4)])
+    assert torch.equal(new_state["refiner.keys"], state["refiner.keys"][keep])
+    assert torch.equal(new_state["refiner.values"], state["refiner.values"][keep])
+    assert new_state["refiner.owners"].tolist() == [o for o in range(4) for _ in range(5)]
+    assert new_card["refine"]["bank_pixels"] == 20 and new_card["refine"]["k"] == 4  # 8 · 20/40
+    assert new_card["refine"]["compacted_from"] == {"bank_pixels": 40, "k": 8}
+    assert card["refine"]["bank_pixels"] == 40 and len(state["refiner.keys"]) == 40  # copies
+    assert compact_refiner(card, state, 20, k=3)[0]["refine"]["k"] == 3
+    with pytest.raises(InputError, match="holds only 40"):
+        compact_refiner(card, state, 41)
+    with pytest.raises(InputError, match="at least 1"):
+        compact_refiner(card, state, 0)
+    with pytest.raises(InputError, match="no k-NN refinement"):
+        compact_refiner(dict(card, refine={"method": "none"}), state, 20)

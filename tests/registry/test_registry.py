@@ -304,3 +304,23 @@ def test_a_source_checkout_finds_its_shipped_models_folder():
     root = Path(__file__).resolve().parents[2]
     assert reg.SHIPPED_DIR == root / "models"
     assert (root / "models" / "DEFAULT").is_file()
+
+
+def test_export_compacts_the_knn_bank_and_keeps_the_card_domain(tmp_path):
+    from knn_helpers import refined_negev_checkpoint
+
+    src = refined_negev_checkpoint(tmp_path / "src.pt", images=4, per_image=10, k=8)
+    dest = tmp_path / "zoo"
+    args = ["models", "export", str(src), "--name", "small", "--dest", str(dest), "--json"]
+    r = runner.invoke(app, [*args, "--knn-bank", "20"])
+    assert r.exit_code == 0, r.stderr
+    summary = json.loads(r.stdout)
+    # compared with the compacted source: only the fp16 rounding differs
+    assert summary["max_prediction_diff"] < 1e-2 and not summary["notes"]
+    assert sorted(p.name for p in (dest / "small").iterdir()) == ["card.yaml", "model.pt"]
+    card = load_model(dest / "small" / "model.pt").card
+    assert card["refine"]["bank_pixels"] == 20 and card["refine"]["k"] == 4
+    assert card["domain"] == {"modality": "brightfield", "stain": "H&E"}  # kept, not reset
+    r = runner.invoke(app, [*args, "--overwrite", "--knn-bank", "80"])
+    assert r.exit_code == 2 and "holds only 40" in r.stderr
+    assert load_model(dest / "small" / "model.pt").card["refine"]["bank_pixels"] == 20
