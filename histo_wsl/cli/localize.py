@@ -146,6 +146,15 @@ def localize(
             show_default=False,
         ),
     ] = None,
+    threads: Annotated[
+        int,
+        typer.Option(
+            "--threads",
+            min=0,
+            help="CPU threads of the forward (0: the cores other processes leave free, "
+            "measured again every few seconds).",
+        ),
+    ] = 0,
     whole_image: Annotated[
         bool,
         typer.Option(
@@ -252,6 +261,7 @@ def localize(
         device=device,
         amp=amp,
         workers=workers,
+        threads=threads or None,
         slide_mpp=slide_mpp,
         tissue_geojson=tissue_geojson,
         tissue_detection=tissue_detection,

@@ -59,6 +59,7 @@ _EXPORTS = {
     "load_model": "predictor",
     "Predictor": "predictor",
     "TTA_MODES": "predictor",
+    "FIRST_BATCH": "windows",
     "Prefetch": "windows",
     "WindowBatches": "windows",
 }

@@ -21,6 +21,7 @@ from histo_wsl.methods import get_method
 from histo_wsl.runtime.batch import Progress
 from histo_wsl.runtime.console import warn
 from histo_wsl.runtime.memory import release_freed_memory
+from histo_wsl.runtime.threads import ThreadGovernor
 
 if TYPE_CHECKING:
     import torch
@@ -83,6 +84,8 @@ class Engine:
         if params.cam is not None and params.cam not in CAM_METHODS:
             raise InputError(f"--cam {params.cam!r}: use one of {', '.join(CAM_METHODS)}")
         self.device = resolve_device(params.device)
+        #: the forward's CPU threads (measured before the model's load, again while slides run)
+        self.governor = ThreadGovernor(params.threads) if self.device.type == "cpu" else None
         self.predictor = load_model(
             model_path, map_location="cpu", cam_method=params.cam, tta=params.tta
         )
@@ -129,6 +132,11 @@ class Engine:
             )
         self.params = params
         torch.manual_seed(params.seed)
+
+    def threads_record(self) -> dict | None:
+        """The forward's CPU threads and how they were chosen (None on a GPU)."""
+        g = self.governor
+        return None if g is None else {"used": g.threads, "chosen_by": g.reason}
 
     def describe(self) -> dict:
         """The model, as recorded in every slide's JSON."""
@@ -199,6 +207,8 @@ def run_windows(
         done = 0
         t_ready = t_trim = time.perf_counter()
         for batch in reader:
+            if engine.governor is not None:
+                engine.governor.update()
             t_got = time.perf_counter()
             t_wait += t_got - t_ready
             b = batch.shape[0]

@@ -284,6 +284,7 @@ def _localize_open_slide(job: SlideJob, progress: Progress) -> dict:
         "batch_size": params.batch_size,
         "device": str(engine.device),
         "workers": engine.workers,
+        "threads": engine.threads_record(),
         "canvas": "memmap" if isinstance(prob_u8, np.memmap) else "memory",
         "timings": {
             "tissue_s": round(t_tissue, 3),

@@ -38,6 +38,8 @@ class LocalizeParams:
         amp: mixed precision on CUDA.
         workers: reader processes that each open the slide (0: one reader thread; default 0 on
             CPU, 4 on CUDA).
+        threads: CPU threads of the forward (None or 0: the cores other processes leave free,
+            measured again while slides run: :mod:`histo_wsl.runtime.threads`).
         slide_mpp: level-0 µm/px overriding every slide's metadata (a CSV column overrides it).
         tissue_geojson: a GeoJSON file, or a folder of ``<slide>.geojson`` /
             ``<slide>/tissue.geojson``, replacing tissue detection.
@@ -70,6 +72,7 @@ class LocalizeParams:
     device: str = "auto"
     amp: bool = True
     workers: int | None = None
+    threads: int | None = None
     slide_mpp: float | None = None
     tissue_geojson: Path | None = None
     tissue_detection: bool = True
@@ -98,6 +101,8 @@ class LocalizeParams:
             raise InputError("--batch-size must be at least 1")
         if self.workers is not None and self.workers < 0:
             raise InputError("--workers must be 0 (a reader thread) or more")
+        if self.threads is not None and self.threads < 0:
+            raise InputError("--threads must be 0 (as many as the free cores) or more")
         for name in ("mpp", "output_mpp", "slide_mpp"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):

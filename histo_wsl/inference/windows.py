@@ -6,7 +6,6 @@ own slide handle); :class:`Prefetch` reads the next batches on a thread while th
 
 from __future__ import annotations
 
-import math
 import queue
 import threading
 from collections.abc import Iterable, Iterator
@@ -20,10 +19,14 @@ from histo_wsl.slideio.slide import ReadPlan, Slide, open_slide, read_patch
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["WindowBatches", "Prefetch"]
+__all__ = ["FIRST_BATCH", "Prefetch", "WindowBatches"]
 
 
 # -- windows ------------------------------------------------------------------------------------
+#: windows in the first batch (see :class:`WindowBatches`)
+FIRST_BATCH = 4
+
+
 class WindowBatches:
     """Batch ``i`` of the windows as a uint8 tensor (B, S, S, 3); a map-style dataset.
 
@@ -39,6 +42,10 @@ class WindowBatches:
         size: window side in pixels at the plan's resolution.
         batch_size: windows per batch.
         slide: an open slide to use in this process.
+        first_batch: windows in the first batch (default :data:`FIRST_BATCH`, at most
+            ``batch_size``): the model starts once it is read, while the reader reads on, instead
+            of idling for a whole batch (on a 20-window slide a 16-window first read was a
+            sixth of its time).
     """
 
     def __init__(
@@ -51,13 +58,18 @@ class WindowBatches:
         size: int,
         batch_size: int,
         slide: Slide | None = None,
+        first_batch: int | None = None,
     ) -> None:
         self.path, self.slide_mpp, self.plan = path, slide_mpp, plan
         self.xs, self.ys, self.size, self.batch_size = xs, ys, size, batch_size
         self._slide = slide
+        first = min(batch_size, FIRST_BATCH if first_batch is None else max(1, first_batch))
+        n = len(xs)
+        #: index of each batch's first window, and the end
+        self.bounds = [0, *range(min(first, n), n, batch_size), n] if n else [0]
 
     def __len__(self) -> int:
-        return math.ceil(len(self.xs) / self.batch_size)
+        return len(self.bounds) - 1
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -71,8 +83,7 @@ class WindowBatches:
             raise IndexError(i)
         if self._slide is None:
             self._slide = open_slide(self.path, mpp=self.slide_mpp)
-        lo = i * self.batch_size
-        hi = min(lo + self.batch_size, len(self.xs))
+        lo, hi = self.bounds[i], self.bounds[i + 1]
         out = np.empty((hi - lo, self.size, self.size, 3), dtype=np.uint8)
         for j, k in enumerate(range(lo, hi)):
             loc = (int(self.xs[k]), int(self.ys[k]))

@@ -10,6 +10,8 @@
   temporaries (long runs stay flat).
 * :mod:`~histo_wsl.runtime.record` — What every command records about its run: run.json, the time,
   the machine, JSON-ready values.
+* :mod:`~histo_wsl.runtime.threads` — How many CPU threads the model's forward gets: the cores other
+  processes leave free.
 
 The names below are imported from their module on first use, so importing the package is free.
 """
@@ -51,6 +53,9 @@ _EXPORTS = {
     "processor_name": "record",
     "RunRecord": "record",
     "versions": "record",
+    "RECHECK_SECONDS": "threads",
+    "ThreadGovernor": "threads",
+    "usable_cores": "threads",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -493,3 +493,19 @@ def test_geojson_tiles_are_qupath_detections_with_their_mean_probability(
     assert max(f["properties"]["measurements"]["Mean probability"] for f in tiles) == pytest.approx(
         SIGMOID_1, abs=0.01
     )
+
+
+def test_the_thread_count_is_recorded_and_a_fixed_one_kept(tmp_path, synthetic_slide, models):
+    import torch
+
+    before = torch.get_num_threads()
+    kw = {"mpp": 4.0, "output_mpp": 8.0}
+    try:
+        s = _run([_item(synthetic_slide)], tmp_path / "one", models / "cam.pt", threads=1, **kw)
+        assert s.exit_code == 0
+        assert s.items[0].details["threads"] == {"used": 1, "chosen_by": "--threads 1"}
+        assert torch.get_num_threads() == 1
+        s = _run([_item(synthetic_slide)], tmp_path / "auto", models / "cam.pt", **kw)
+        assert s.exit_code == 0 and s.items[0].details["threads"]["used"] >= 1
+    finally:
+        torch.set_num_threads(before)
