@@ -12,6 +12,13 @@ band; :func:`histo_wsl.tissue.scan.scan_tissue`), tissue fractions come from sum
 of one band of mask rows at a time, and ``patches.csv`` and the patch-writing jobs are streamed.
 Each slide's record gives the thumbnail's size and the resolution detection ran at
 (``thumbnail_size``, ``tissue_mpp``).
+
+A small slide costs little more than its patches: when its thumbnail and its patches are both
+read from level 0 (a slide without a pyramid, or too small for one) and its level 0 is at most
+:data:`histo_wsl.tissue.scan.HELD_LEVEL_BYTES`, level 0 is read once for both
+(:class:`~histo_wsl.tissue.scan.HeldLevel`); the QC images and the GeoJSON are written in a thread
+while the patches are; and worker processes start only for a slide of at least
+:data:`POOL_MIN_PATCHES` grid positions. The files are the same either way.
 """
 
 from __future__ import annotations
@@ -20,11 +27,11 @@ import csv
 import os
 import zlib
 from collections.abc import Iterator, Sequence
-from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from histo_wsl.errors import InputError
@@ -34,11 +41,21 @@ from histo_wsl.runtime.console import warn
 from histo_wsl.runtime.inputs import InputItem
 from histo_wsl.slideio.geojson import mask_to_geojson, write_geojson
 from histo_wsl.slideio.grid import PatchGrid, make_grid
-from histo_wsl.slideio.slide import ReadPlan, open_slide, plan_read, read_patch
+from histo_wsl.slideio.slide import (
+    ReadPlan,
+    Slide,
+    open_slide,
+    plan_read,
+    read_patch,
+    thumbnail_geometry,
+)
 from histo_wsl.tissue import detect as tissue
 from histo_wsl.tissue.fraction import tissue_fraction_map
 from histo_wsl.tissue.scan import (
     ASSUMED_MPP,
+    HeldLevel,
+    TissueMap,
+    keeps_thumbnail,
     scan_tissue,
     tissue_geojson_for,
     write_tissue_images,
@@ -63,6 +80,10 @@ PNG_COMPRESS_LEVEL = 1
 __all__ = ["ASSUMED_MPP", "ExtractParams", "extract_patches", "extract_slide", "write_manifest"]
 
 CHUNK = 32
+#: A slide with fewer grid positions than this has its patches written in this process even with
+#: ``workers > 1`` (:class:`PatchWriter`): a worker's start-up (about 0.3 s of CPU) is worth
+#: about a hundred patches.
+POOL_MIN_PATCHES = 256
 
 
 @dataclass
@@ -168,9 +189,24 @@ def write_patch_chunk(
     quality: int,
 ) -> int:
     """Read and save the patches at ``coords``; returns how many were written."""
-    slide = _worker_slide(path, slide_mpp)
+    return _save_patches(
+        _worker_slide(path, slide_mpp), plan, coords, size, folder, prefix, fmt, quality
+    )
+
+
+def _save_patches(
+    slide: Slide | HeldLevel,
+    plan: ReadPlan,
+    coords: list[tuple[int, int]],
+    size: int,
+    folder: str,
+    prefix: str,
+    fmt: str,
+    quality: int,
+) -> int:
+    """Read the patches at ``coords`` from ``slide`` and save them; returns how many."""
     for x, y in coords:
-        patch = read_patch(slide, plan, (x, y), (size, size))
+        patch = read_patch(slide, plan, (x, y), (size, size))  # type: ignore[arg-type]
         target = os.path.join(folder, f"{prefix}_x{x}_y{y}.{fmt}")
         if fmt == "png":
             patch.save(target, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
@@ -180,17 +216,33 @@ def write_patch_chunk(
 
 
 class PatchWriter:
-    """Writes patches in this process (1 worker) or a pool of processes that each open the slide."""
+    """Writes patches in this process (1 worker) or a pool of processes that each open the slide.
+
+    The pool is started for the first slide with at least :data:`POOL_MIN_PATCHES` grid positions
+    (:meth:`prepare`): on a smaller slide, starting worker processes (an interpreter and its imports
+    each) costs more than they save, and its patches are written in this process.
+    """
 
     def __init__(self, workers: int) -> None:
         self.workers = workers
         self._pool: ProcessPoolExecutor | None = None
 
-    def start(self) -> None:
-        """Start the worker processes, before the slide's arrays are allocated (a no-op for 1 worker).
+    @property
+    def in_process(self) -> bool:
+        """Whether :meth:`write` writes in this process (1 worker, or no pool started)."""
+        return self._pool is None
 
-        Workers are spawned, so they never copy the parent's memory whenever they start.
+    def prepare(self, grid_patches: int) -> None:
+        """Start the pool for a slide of ``grid_patches`` positions when it is worth it.
+
+        Called before the slide's thumbnail is read, so that the workers start up meanwhile;
+        they are spawned, so they never copy the parent's memory.
         """
+        if grid_patches >= POOL_MIN_PATCHES:
+            self.start()
+
+    def start(self) -> None:
+        """Start the worker processes (a no-op for 1 worker or a started pool)."""
         if self.workers > 1 and self._pool is None:
             import multiprocessing
 
@@ -198,17 +250,21 @@ class PatchWriter:
                 self.workers, mp_context=multiprocessing.get_context("spawn")
             )
 
-    def write(self, jobs: Iterator[tuple], progress: Progress) -> None:
+    def write(
+        self, jobs: Iterator[tuple], progress: Progress, source: HeldLevel | None = None
+    ) -> None:
         """Run :func:`write_patch_chunk` over ``jobs`` (argument tuples), advancing ``progress``.
 
-        Jobs are taken lazily: at most ``4 × workers`` are queued at a time.
+        Jobs are taken lazily: at most ``4 × workers`` are queued at a time. In this process,
+        ``source`` (the slide's level 0 held in memory) is read instead of opening the slide.
         """
-        if self.workers == 1:
+        if self._pool is None:
             for job in jobs:
-                progress.advance(write_patch_chunk(*job))
+                if source is not None:
+                    progress.advance(_save_patches(source, *job[2:]))
+                else:
+                    progress.advance(write_patch_chunk(*job))
             return
-        self.start()
-        assert self._pool is not None
         pending: set = set()
         todo = iter(jobs)
         try:
@@ -241,87 +297,61 @@ class PatchWriter:
 def extract_slide(
     item: InputItem, stage: Path, progress: Progress, params: ExtractParams, writer: PatchWriter
 ) -> dict:
-    """Extract one slide's patches into ``stage/<slide>/``; returns the slide's record."""
+    """Extract one slide's patches into ``stage/<slide>/``; returns the slide's record.
+
+    A small slide whose thumbnail and patches are both read from level 0, written in this process,
+    is read once (:class:`~histo_wsl.tissue.scan.HeldLevel`, at most
+    :data:`~histo_wsl.tissue.scan.HELD_LEVEL_BYTES`): the same pixels, one read instead of two.
+    """
     mpp_override = item.slide_mpp if item.slide_mpp is not None else params.slide_mpp
     label = item.label if item.label is not None else params.label
     slide_dir = stage / item.name
     patch_dir = slide_dir / "patches"
     patch_dir.mkdir(parents=True)
-    writer.start()
-    with open_slide(item.path, mpp=mpp_override) as slide:
+    with open_slide(item.path, mpp=mpp_override) as slide, ExitStack() as cleanup:
         plan = plan_read(slide, mpp=params.mpp, level=params.level)
         grid = make_grid(slide, plan, params.patch_size, params.step)
+        grid_patches = len(grid)
+        geometry = thumbnail_geometry(slide, mpp=params.thumbnail_mpp)
+        held = None
+        if not params.coords_only and grid_patches:
+            writer.prepare(grid_patches)
+            if writer.in_process and plan.level == 0 and geometry.plan.level == 0:
+                held = HeldLevel.read(slide)
+                if held is not None:
+                    cleanup.callback(held.close)
 
+        # a thumbnail kept in memory is written with the other QC images, else while it is read
+        thumbnail_png = slide_dir / "thumbnail.png"
+        kept = keeps_thumbnail(geometry)
         found = scan_tissue(
             slide,
             thumbnail_mpp=params.thumbnail_mpp,
             geojson=tissue_geojson_for(item, params.tissue_geojson),
             params=params.tissue,
-            thumbnail_png=slide_dir / "thumbnail.png",
+            thumbnail_png=None if kept else thumbnail_png,
+            pixels=held,
         )
-        ds = found.downsample
-        fractions = tissue_fraction_map(found.mask).fraction(
-            grid.xs / ds,
-            grid.ys / ds,
-            (grid.xs + grid.size_level0) / ds,
-            (grid.ys + grid.size_level0) / ds,
-        )
-        in_tissue = fractions >= params.min_tissue - 1e-9
-        tissue_patches = int(np.count_nonzero(in_tissue))
-        keep = np.flatnonzero(in_tissue)
-        del in_tissue
-        if params.max_patches is not None and keep.size > params.max_patches:
-            rng = np.random.default_rng([params.seed, zlib.crc32(item.name.encode())])
-            keep = np.sort(rng.choice(keep, size=params.max_patches, replace=False))
-        chosen = grid.subset(keep)
-        chosen_fractions = fractions[keep]
-        grid_patches = len(grid)
-        del grid, fractions, keep
-
-        # GeoJSON and QC images from one tracing of the whole mask's contours
-        full = found.mask.to_bool()
-        write_geojson(
-            slide_dir / "tissue.geojson",
-            mask_to_geojson(full, ds, mpp=slide.mpp, id_namespace=item.name),
-        )
-        contours, _ = cv2.findContours(full.view(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
-        del full
-        side = chosen.size_level0 / ds
-        x0, y0 = chosen.xs / ds, chosen.ys / ds
-        write_tissue_images(
-            slide,
-            found,
-            tissue_png=slide_dir / "tissue.png",
-            patches_png=slide_dir / "patches.png",
-            boxes=np.stack([x0, y0, x0 + side, y0 + side], axis=1),
-            contours=contours,
-        )
-        del contours, x0, y0
-
+        chosen, chosen_fractions, tissue_patches = _choose(grid, found, params, item.name)
+        del grid
         n = len(chosen)
         progress.start(n, item.name)
-        if not params.coords_only and n:
-            jobs = (
-                (
-                    str(item.path),
-                    mpp_override,
-                    plan,
-                    list(
-                        zip(
-                            chosen.xs[i : i + CHUNK].tolist(),
-                            chosen.ys[i : i + CHUNK].tolist(),
-                            strict=True,
-                        )
-                    ),
-                    params.patch_size,
-                    str(patch_dir),
-                    item.name,
-                    params.image_format,
-                    params.jpeg_quality,
-                )
-                for i in range(0, n, CHUNK)
+        # the QC images and GeoJSON are written in a thread while the patches are (zlib, OpenCV
+        # and Pillow's encoders release the GIL); both are finished before the slide is
+        with ThreadPoolExecutor(1, thread_name_prefix="histo-wsl-qc") as background:
+            qc = background.submit(
+                _write_qc,
+                slide,
+                found,
+                chosen,
+                slide_dir,
+                item.name,
+                thumbnail_png if kept else None,
             )
-            writer.write(jobs, progress)
+            if not params.coords_only and n:
+                jobs = _patch_jobs(item, mpp_override, plan, chosen, params, patch_dir)
+                writer.write(jobs, progress, source=held)
+            qc.result()
 
         _write_patches_csv(
             slide_dir / "patches.csv", item.name, chosen, chosen_fractions, plan, params, label
@@ -351,11 +381,93 @@ def extract_slide(
             "label": label,
             "read": plan.as_dict(),
             "size_level0": chosen.size_level0,
-            "thumbnail_downsample": ds,
+            "thumbnail_downsample": found.downsample,
             "thumbnail_size": [found.geometry.width, found.geometry.height],
             "tissue_mpp": round(found.tissue_mpp, 6),
             "notes": notes,
         }
+
+
+def _choose(
+    grid: PatchGrid, found: TissueMap, params: ExtractParams, name: str
+) -> tuple[PatchGrid, np.ndarray, int]:
+    """The grid positions kept: (patches, their tissue fractions, how many had enough tissue)."""
+    ds = found.downsample
+    fractions = tissue_fraction_map(found.mask).fraction(
+        grid.xs / ds,
+        grid.ys / ds,
+        (grid.xs + grid.size_level0) / ds,
+        (grid.ys + grid.size_level0) / ds,
+    )
+    in_tissue = fractions >= params.min_tissue - 1e-9
+    tissue_patches = int(np.count_nonzero(in_tissue))
+    keep = np.flatnonzero(in_tissue)
+    del in_tissue
+    if params.max_patches is not None and keep.size > params.max_patches:
+        rng = np.random.default_rng([params.seed, zlib.crc32(name.encode())])
+        keep = np.sort(rng.choice(keep, size=params.max_patches, replace=False))
+    return grid.subset(keep), fractions[keep], tissue_patches
+
+
+def _write_qc(
+    slide: Slide,
+    found: TissueMap,
+    chosen: PatchGrid,
+    slide_dir: Path,
+    name: str,
+    thumbnail_png: Path | None,
+) -> None:
+    """Write ``tissue.geojson``, ``tissue.png`` and ``patches.png``, and ``thumbnail_png`` if given.
+
+    The GeoJSON and the drawings come from one tracing of the mask's contours.
+    """
+    import cv2
+
+    ds = found.downsample
+    full = found.mask.to_bool()
+    write_geojson(
+        slide_dir / "tissue.geojson",
+        mask_to_geojson(full, ds, mpp=slide.mpp, id_namespace=name),
+    )
+    contours, _ = cv2.findContours(full.view(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+    del full
+    side = chosen.size_level0 / ds
+    x0, y0 = chosen.xs / ds, chosen.ys / ds
+    write_tissue_images(
+        slide,
+        found,
+        tissue_png=slide_dir / "tissue.png",
+        patches_png=slide_dir / "patches.png",
+        boxes=np.stack([x0, y0, x0 + side, y0 + side], axis=1),
+        contours=contours,
+        thumbnail_png=thumbnail_png,
+    )
+
+
+def _patch_jobs(
+    item: InputItem,
+    mpp_override: float | None,
+    plan: ReadPlan,
+    chosen: PatchGrid,
+    params: ExtractParams,
+    patch_dir: Path,
+) -> Iterator[tuple]:
+    """:func:`write_patch_chunk` argument tuples of :data:`CHUNK` patches each."""
+    for i in range(0, len(chosen), CHUNK):
+        coords = list(
+            zip(chosen.xs[i : i + CHUNK].tolist(), chosen.ys[i : i + CHUNK].tolist(), strict=True)
+        )
+        yield (
+            str(item.path),
+            mpp_override,
+            plan,
+            coords,
+            params.patch_size,
+            str(patch_dir),
+            item.name,
+            params.image_format,
+            params.jpeg_quality,
+        )
 
 
 def _write_patches_csv(

@@ -434,11 +434,12 @@ def write_mask_png(path: str | Path, mask: np.ndarray, *, mpp: float | None = No
 class PngStream:
     """Write an 8-bit RGB or grey PNG band by band, atomically; the image is never held whole.
 
-    Rows are "Sub"-filtered (each byte minus the same channel of the pixel on its left) and
-    deflated as they arrive; the file is written under a temporary name beside ``path`` and renamed
-    by :meth:`close` once every row is in. Use it as a context manager: leaving the block on an
-    exception removes the temporary file. With ``mpp`` a ``pHYs`` chunk (``round(1e6 / mpp)``
-    pixels per metre on both axes) follows the header.
+    Rows are "Sub"-filtered (each byte minus the same channel of the pixel on its left), or with
+    ``up=True`` "Up"-filtered (minus the byte above: smaller and faster to deflate on photographs
+    such as slide thumbnails), and deflated as they arrive; the file is written under a temporary
+    name beside ``path`` and renamed by :meth:`close` once every row is in. Use it as a context
+    manager: leaving the block on an exception removes the temporary file. With ``mpp`` a ``pHYs``
+    chunk (``round(1e6 / mpp)`` pixels per metre on both axes) follows the header.
 
     Args:
         path: the PNG to write.
@@ -447,6 +448,8 @@ class PngStream:
         channels: 3 (RGB) or 1 (grey).
         compress_level: zlib level (1 is fast, 9 small).
         mpp: µm per pixel, recorded in a ``pHYs`` chunk (None: no ``pHYs`` chunk).
+        strategy: zlib strategy (``zlib.Z_RLE`` is faster than the default at a few % more bytes).
+        up: "Up" filter instead of "Sub".
     """
 
     _SIGNATURE = _PNG_SIGNATURE
@@ -460,6 +463,8 @@ class PngStream:
         compress_level: int = 1,
         *,
         mpp: float | None = None,
+        strategy: int = zlib.Z_DEFAULT_STRATEGY,
+        up: bool = False,
     ) -> None:
         if width < 1 or height < 1:
             raise ValueError(f"a PNG needs at least one pixel, got {width} x {height}")
@@ -469,13 +474,15 @@ class PngStream:
         self.path = Path(path)
         self.width, self.height, self.channels = int(width), int(height), int(channels)
         self.rows_written = 0
+        self._up = bool(up)
+        self._above: np.ndarray | None = None  # the last row written ("Up" filter)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(
             prefix=f".{self.path.stem}.", suffix=".partial.png", dir=self.path.parent
         )
         self._tmp = Path(tmp)
         self._fh = os.fdopen(fd, "wb")
-        self._zip = zlib.compressobj(int(compress_level))
+        self._zip = zlib.compressobj(int(compress_level), zlib.DEFLATED, 15, 8, int(strategy))
         colour_type = 2 if channels == 3 else 0
         self._fh.write(self._SIGNATURE)
         self._chunk(
@@ -502,11 +509,20 @@ class PngStream:
         n = arr.shape[0]
         flat = arr.reshape(n, self.width * self.channels)
         lines = np.empty((n, flat.shape[1] + 1), dtype=np.uint8)
-        lines[:, 0] = 1  # filter type Sub
-        lines[:, 1 : 1 + self.channels] = flat[:, : self.channels]
-        np.subtract(
-            flat[:, self.channels :], flat[:, : -self.channels], out=lines[:, 1 + self.channels :]
-        )
+        if self._up and n:
+            lines[:, 0] = 2  # filter type Up (the row above the first row is zeros)
+            above = self._above if self._above is not None else np.zeros_like(flat[0])
+            np.subtract(flat[0], above, out=lines[0, 1:])
+            np.subtract(flat[1:], flat[:-1], out=lines[1:, 1:])
+            self._above = flat[-1].copy()
+        else:
+            lines[:, 0] = 1  # filter type Sub
+            lines[:, 1 : 1 + self.channels] = flat[:, : self.channels]
+            np.subtract(
+                flat[:, self.channels :],
+                flat[:, : -self.channels],
+                out=lines[:, 1 + self.channels :],
+            )
         data = self._zip.compress(lines.tobytes())
         if data:
             self._chunk(b"IDAT", data)

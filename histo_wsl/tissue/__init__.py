@@ -32,6 +32,8 @@ _EXPORTS = {
     "strip_spans": "packed",
     "ASSUMED_MPP": "scan",
     "find_tissue": "scan",
+    "HeldLevel": "scan",
+    "keeps_thumbnail": "scan",
     "save_png": "scan",
     "scan_tissue": "scan",
     "SlideTissue": "scan",

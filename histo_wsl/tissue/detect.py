@@ -245,16 +245,16 @@ def detect_tissue_strips(  # noqa: PLR0915 (one recipe, step by step, as detect_
         del rgb
         hsv = cv2.cvtColor(smooth, cv2.COLOR_RGB2HSV)
         sat = hsv[:, :, 1]
-        candidate = (hsv[:, :, 2] >= params.dark_value) & (
-            smooth.min(axis=2) <= params.bright_value
-        )
+        # min(R, G, B) channel by channel: several times faster than a reduction over axis 2
+        least = np.minimum(np.minimum(smooth[:, :, 0], smooth[:, :, 1]), smooth[:, :, 2])
+        candidate = (hsv[:, :, 2] >= params.dark_value) & (least <= params.bright_value)
         hist += np.bincount(sat[candidate], minlength=256)
         saturation[y0:y1] = np.where(candidate, sat, 0)
         lit = hsv[:, :, 2] >= params.dark_value
         dark = np.where(lit, 255 - hsv[:, :, 2], 0).astype(np.uint8)
         hist_dark += np.bincount(dark[lit], minlength=256)
         darkness[y0:y1] = dark
-        del smooth, hsv, sat, candidate, lit, dark
+        del smooth, hsv, sat, least, candidate, lit, dark
     if hist.sum() == 0:
         return PackedMask((h, w))
 

@@ -6,10 +6,13 @@ user gave (``--tissue-geojson``: one file, or a folder of ``<slide>.geojson`` /
 ``<slide>/tissue.geojson``, or a ``tissue_geojson`` CSV column per slide).
 
 ``localize`` keeps the thumbnail (:func:`find_tissue`: its overlay is drawn on it).
-``extract-patches`` never holds it: :func:`scan_tissue` reads it band by band, streams it to
-``thumbnail.png`` and detects tissue strip by strip into a packed mask (1 bit per pixel), and
-:func:`write_tissue_images` reads it again band by band to draw ``tissue.png`` and ``patches.png``.
-Its peak memory therefore does not grow with the slide (``benchmarks/extract_memory.py``). The
+``extract-patches`` holds it only when it is small (:data:`THUMBNAIL_KEEP_BYTES`): else
+:func:`scan_tissue` reads it band by band, streams it to ``thumbnail.png`` and detects tissue
+strip by strip into a packed mask (1 bit per pixel), and :func:`write_tissue_images` reads it
+again band by band to draw ``tissue.png`` and ``patches.png``. Its peak memory therefore does not
+grow with the slide (``benchmarks/extract_memory.py``); a small slide's level 0 may be held
+(:class:`HeldLevel`, at most :data:`HELD_LEVEL_BYTES`) to read it once for the thumbnail and the
+patches. The
 thumbnail is at ``thumbnail_mpp`` (default 8 µm/px) between 1,024 and 4,096 px on its long side
 (:func:`histo_wsl.slideio.slide.thumbnail_geometry`); the resolution used is recorded per slide
 (``tissue_mpp``, ``thumbnail_size``).
@@ -17,7 +20,9 @@ thumbnail is at ``thumbnail_mpp`` (default 8 µm/px) between 1,024 and 4,096 px 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import zlib
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,9 +47,11 @@ from histo_wsl.tissue.packed import PackedMask
 
 __all__ = [
     "ASSUMED_MPP",
+    "HeldLevel",
     "SlideTissue",
     "TissueMap",
     "find_tissue",
+    "keeps_thumbnail",
     "save_png",
     "scan_tissue",
     "tissue_geojson_for",
@@ -57,6 +64,13 @@ BAND_ROWS = tissue.DETECT_STRIP_ROWS
 #: reading a small thumbnail band by band costs more time than it saves memory. Larger ones
 #: (slides over about 46,000 px at 0.25 µm/px) are read in bands, so the peak stays bounded.
 THUMBNAIL_KEEP_BYTES = 6 * 2**20
+#: A level-0 of at most this many RGB bytes (about 4,700² px) may be read once and held
+#: (:class:`HeldLevel`), so that a small slide's thumbnail and patches come from one read.
+HELD_LEVEL_BYTES = 64 * 2**20
+#: How the QC PNGs (thumbnail, tissue, patches) are compressed: "Up" filter, zlib level 1 with
+#: run-length matching, about a third faster than "Sub" and zlib's default strategy and no larger
+#: on H&E thumbnails.
+QC_PNG = {"compress_level": 1, "strategy": zlib.Z_RLE, "up": True}
 #: Colours of the QC drawings (RGB): tissue contours and extracted patches.
 TISSUE_COLOR = (0, 200, 0)
 PATCH_COLOR = (30, 90, 230)
@@ -188,6 +202,91 @@ class TissueMap:
         }
 
 
+class HeldLevel:
+    """A small slide's level 0, read once and held as RGB; regions are cut from memory.
+
+    :meth:`read_region` returns what :meth:`Slide.read_region` returns: the same RGB values (white
+    outside the level), as OpenSlide paints level 0 at whole-pixel offsets and the flattening of
+    its alpha works pixel by pixel, and the same ICC profile in ``info`` (a region wholly inside an
+    opaque level carries the slide's profile, one reaching outside it none). A small slide's
+    thumbnail (:func:`scan_tissue`) and its patches can then come from one read of the file
+    instead of one each. Regions of other levels are read from the slide. Make one with
+    :meth:`read`.
+
+    Attributes:
+        slide: the open slide (its other levels, and everything but level-0 pixels).
+        rgb: (H, W, 3) uint8 level 0.
+        icc_profile: the ICC profile of the regions inside the level, or None.
+    """
+
+    level = 0
+
+    def __init__(self, slide: Slide, rgb: np.ndarray, icc_profile: bytes | None = None) -> None:
+        self.slide = slide
+        self.rgb: np.ndarray | None = rgb
+        self.icc_profile = icc_profile
+
+    @classmethod
+    def read(
+        cls, slide: Slide, *, max_bytes: int | None = None, band_rows: int = 512
+    ) -> HeldLevel | None:
+        """Read ``slide``'s level 0 band by band; None when its RGB is over ``max_bytes``.
+
+        ``max_bytes`` defaults to :data:`HELD_LEVEL_BYTES`. Plain images (already held by
+        :class:`Slide`) give None too, and so does a slide with an ICC profile whose level 0 is
+        not opaque: its regions carry the profile or not depending on their own alpha.
+        """
+        limit = HELD_LEVEL_BYTES if max_bytes is None else max_bytes
+        w, h = slide.dimensions
+        if slide.vendor == "image" or w * h * 3 > limit or w < 1 or h < 1:
+            return None
+        osr = getattr(slide, "_osr", None)
+        has_profile = getattr(osr, "color_profile", None) is not None
+        profiles = set()
+        rgb = np.empty((h, w, 3), dtype=np.uint8)
+        for y0 in range(0, h, band_rows):
+            n = min(band_rows, h - y0)
+            band = slide.read_region((0, y0), 0, (w, n))
+            # an opaque band keeps the profile; one flattened over white (some alpha) has none
+            profiles.add(band.info.get("icc_profile"))
+            rgb[y0 : y0 + n] = np.asarray(band)
+        if not has_profile:
+            return cls(slide, rgb)
+        if len(profiles) != 1 or None in profiles:
+            return None
+        return cls(slide, rgb, profiles.pop())
+
+    def read_region(
+        self, location: tuple[int, int], level: int, size: tuple[int, int]
+    ) -> Image.Image:
+        """An RGB region as :meth:`Slide.read_region` reads it (level 0 from memory)."""
+        if level != self.level or self.rgb is None:
+            return self.slide.read_region(location, level, size)
+        x, y = int(location[0]), int(location[1])
+        w, h = int(size[0]), int(size[1])
+        height, width = self.rgb.shape[:2]
+        if x >= 0 and y >= 0 and x + w <= width and y + h <= height:
+            region = Image.fromarray(self.rgb[y : y + h, x : x + w])
+            if self.icc_profile is not None:
+                region.info["icc_profile"] = self.icc_profile
+            return region
+        out = np.full((h, w, 3), 255, dtype=np.uint8)
+        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, width), min(y + h, height)
+        if x1 > x0 and y1 > y0:
+            out[y0 - y : y1 - y, x0 - x : x1 - x] = self.rgb[y0:y1, x0:x1]
+        return Image.fromarray(out)
+
+    @contextmanager
+    def tile_cache(self, capacity: int) -> Iterator[None]:
+        """The slide's tile cache for reads of other levels (see :meth:`Slide.tile_cache`)."""
+        with self.slide.tile_cache(capacity):
+            yield
+
+    def close(self) -> None:
+        """Drop the held pixels (the slide stays open: its owner closes it)."""
+        self.rgb = None
+
+
 def scan_tissue(
     slide: Slide,
     *,
@@ -196,6 +295,7 @@ def scan_tissue(
     params: tissue.TissueParams | None = None,
     whole_slide: bool = False,
     thumbnail_png: Path | None = None,
+    pixels: HeldLevel | None = None,
 ) -> TissueMap:
     """Find a slide's tissue reading its thumbnail band by band (:func:`find_tissue`'s mask).
 
@@ -211,6 +311,8 @@ def scan_tissue(
         params: detection parameters (default :class:`~histo_wsl.tissue.detect.TissueParams`).
         whole_slide: count the whole slide as tissue (no detection).
         thumbnail_png: where to stream the thumbnail as a PNG, or None.
+        pixels: the slide's level 0 already held in memory, read from instead of the slide (the
+            same pixels; :class:`HeldLevel`).
 
     Returns:
         The packed mask on the thumbnail grid and where it came from.
@@ -219,22 +321,25 @@ def scan_tissue(
     h, w = geometry.shape
     level0_mpp = slide.mpp if slide.mpp is not None else ASSUMED_MPP
     tissue_mpp = level0_mpp * geometry.downsample
-    png = PngStream(thumbnail_png, w, h, compress_level=1) if thumbnail_png is not None else None
+    png = PngStream(thumbnail_png, w, h, **QC_PNG) if thumbnail_png is not None else None
+    source = slide if pixels is None else pixels
     kept: np.ndarray | None = None
+    strip_rows = BAND_ROWS
 
     def read_rows(y0: int, y1: int) -> np.ndarray:
         if kept is not None:
             return kept[y0:y1]
-        return read_thumbnail_rows(slide, geometry, y0, y1)
+        return read_thumbnail_rows(source, geometry, y0, y1)  # type: ignore[arg-type]
 
     def on_rows(_y0: int, rgb: np.ndarray) -> None:
         if png is not None:
             png.write_rows(rgb)
 
     try:
-        with slide.tile_cache(THUMBNAIL_TILE_CACHE):
-            if h * w * 3 <= THUMBNAIL_KEEP_BYTES:
-                kept = read_thumbnail_rows(slide, geometry, 0, h)
+        with source.tile_cache(THUMBNAIL_TILE_CACHE):
+            if keeps_thumbnail(geometry):
+                kept = read_thumbnail_rows(source, geometry, 0, h)  # type: ignore[arg-type]
+                strip_rows = max(BAND_ROWS, h)  # held whole: one strip, no overlapping context
             if whole_slide or geojson is not None:
                 if png is not None:
                     for y0 in range(0, h, BAND_ROWS):
@@ -255,7 +360,7 @@ def scan_tissue(
                     (h, w),
                     tissue_mpp,
                     params or tissue.TissueParams(),
-                    strip_rows=BAND_ROWS,
+                    strip_rows=strip_rows,
                     on_rows=on_rows,
                 )
                 source = "detected"
@@ -277,11 +382,12 @@ def write_tissue_images(
     boxes: np.ndarray | None = None,
     contours: Sequence[np.ndarray] | None = None,
     thickness: int = 2,
+    thumbnail_png: Path | None = None,
 ) -> None:
     """Draw the QC images band by band: the thumbnail with the tissue contours (and patches).
 
-    A thumbnail kept by :func:`scan_tissue` is used as it is; a larger one is read again, one
-    band of rows at a time, through a small tile cache; the
+    A thumbnail kept by :func:`scan_tissue` is used as it is, in one band; a larger one is read
+    again, one band of rows at a time, through a small tile cache; the
     contours (traced on the whole mask) and the patch outlines are drawn on each band with the
     band's offset and a margin of rows, so the images equal drawing on the whole thumbnail.
 
@@ -294,8 +400,11 @@ def write_tissue_images(
         contours: the mask's contours (``cv2.findContours`` with ``RETR_CCOMP``), when already
             traced; else they are traced here.
         thickness: contour line thickness in pixels.
+        thumbnail_png: where to write the thumbnail itself, or None (e.g. when
+            :func:`scan_tissue` streamed it already).
     """
-    if tissue_png is None and patches_png is None:
+    paths = (thumbnail_png, tissue_png, patches_png)
+    if all(p is None for p in paths):
         return
     h, w = found.geometry.shape
     if contours is None:
@@ -307,20 +416,18 @@ def write_tissue_images(
     # cv2.rectangle corners, as the whole-image drawing truncates them
     rect = np.asarray(boxes, dtype=np.float64).reshape(-1, 4).astype(np.int64)
     margin = thickness + 2
-    outs = [PngStream(p, w, h) if p is not None else None for p in (tissue_png, patches_png)]
+    rows = max(BAND_ROWS, h) if found.rgb is not None else BAND_ROWS
+    outs = [PngStream(p, w, h, **QC_PNG) if p is not None else None for p in paths]
     try:
         with slide.tile_cache(THUMBNAIL_TILE_CACHE):
-            for y0 in range(0, h, BAND_ROWS):
-                y1 = min(h, y0 + BAND_ROWS)
+            for y0 in range(0, h, rows):
+                y1 = min(h, y0 + rows)
                 lo, hi = max(0, y0 - margin), min(h, y1 + margin)
-                band = _contoured_rows(slide, found, lo, hi, contours, thickness)
-                if outs[0] is not None:
-                    outs[0].write_rows(band[y0 - lo : y1 - lo])
-                if outs[1] is not None:
-                    near = np.flatnonzero((rect[:, 3] >= lo - 1) & (rect[:, 1] <= hi))
-                    for x0, r0, x1, r1 in rect[near].tolist():
-                        cv2.rectangle(band, (x0, r0 - lo), (x1, r1 - lo), PATCH_COLOR, 1)
-                    outs[1].write_rows(band[y0 - lo : y1 - lo])
+                if found.rgb is not None:
+                    band = np.array(found.rgb[lo:hi], order="C")  # a copy, drawn on
+                else:
+                    band = read_thumbnail_rows(slide, found.geometry, lo, hi)
+                _draw_band(band, lo, y0, y1, outs, contours, thickness, rect)
         for out in outs:
             if out is not None:
                 out.close()
@@ -331,22 +438,37 @@ def write_tissue_images(
         raise
 
 
-def _contoured_rows(
-    slide: Slide,
-    found: TissueMap,
+def _draw_band(
+    band: np.ndarray,
     lo: int,
-    hi: int,
+    y0: int,
+    y1: int,
+    outs: Sequence[PngStream | None],
     contours: Sequence[np.ndarray],
     thickness: int,
-) -> np.ndarray:
-    """Thumbnail rows ``lo:hi`` (kept or read again) with the tissue contours drawn on them."""
-    if found.rgb is not None:
-        band = np.ascontiguousarray(found.rgb[lo:hi]).copy()
-    else:
-        band = read_thumbnail_rows(slide, found.geometry, lo, hi)
+    rect: np.ndarray,
+) -> None:
+    """Rows ``y0:y1`` of each QC image from thumbnail rows ``lo:`` (``band``, drawn on).
+
+    ``outs``: the thumbnail's, the tissue contours' and the patches' PNG streams (or None).
+    """
+    if outs[0] is not None:
+        outs[0].write_rows(band[y0 - lo : y1 - lo])
     if contours:
         cv2.drawContours(band, contours, -1, TISSUE_COLOR, thickness, offset=(0, -lo))
-    return band
+    if outs[1] is not None:
+        outs[1].write_rows(band[y0 - lo : y1 - lo])
+    if outs[2] is not None:
+        hi = lo + band.shape[0]
+        near = np.flatnonzero((rect[:, 3] >= lo - 1) & (rect[:, 1] <= hi))
+        for x0, r0, x1, r1 in rect[near].tolist():
+            cv2.rectangle(band, (x0, r0 - lo), (x1, r1 - lo), PATCH_COLOR, 1)
+        outs[2].write_rows(band[y0 - lo : y1 - lo])
+
+
+def keeps_thumbnail(geometry: ThumbnailGeometry) -> bool:
+    """Whether :func:`scan_tissue` keeps this thumbnail in memory (:data:`THUMBNAIL_KEEP_BYTES`)."""
+    return geometry.height * geometry.width * 3 <= THUMBNAIL_KEEP_BYTES
 
 
 def save_png(path: Path, rgb: np.ndarray) -> None:

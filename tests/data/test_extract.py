@@ -120,7 +120,12 @@ def test_max_patches_is_seeded(tmp_path, synthetic_slide):
     assert a == b and a != c and len(a) == 6
 
 
-def test_workers_give_the_same_patches(tmp_path, synthetic_slide):
+@pytest.mark.parametrize("pool", [True, False], ids=["pool", "small-slide-in-process"])
+def test_workers_give_the_same_patches(tmp_path, synthetic_slide, monkeypatch, pool):
+    from histo_wsl.data import extract
+
+    if pool:  # the 104-position grid is under POOL_MIN_PATCHES: start the workers anyway
+        monkeypatch.setattr(extract, "POOL_MIN_PATCHES", 0)
     one, two = tmp_path / "one", tmp_path / "two"
     extract_patches(
         [_item(synthetic_slide)], one, ExtractParams(max_patches=40), BatchOptions(quiet=True)
@@ -463,3 +468,141 @@ def test_a_second_run_into_the_same_out_leaves_the_first_runs_slide_alone(
     rows = _manifest(out)
     assert record["status"] == "done" and record["patches"] == len(rows) > 0
     assert all((out / r["path"]).is_file() for r in rows)
+
+
+def test_the_pool_starts_only_for_slides_with_enough_positions():
+    from histo_wsl.data.extract import POOL_MIN_PATCHES, PatchWriter
+
+    writer = PatchWriter(2)
+    try:
+        writer.prepare(POOL_MIN_PATCHES - 1)
+        assert writer.in_process  # a small slide: no worker processes
+        writer.prepare(POOL_MIN_PATCHES)
+        assert not writer.in_process
+    finally:
+        writer.close()
+    single = PatchWriter(1)
+    single.prepare(10 * POOL_MIN_PATCHES)
+    assert single.in_process
+
+
+def _held_cases(slide):
+    w, h = slide.dimensions
+    return [
+        ((0, 0), (64, 48)),
+        ((w - 50, h - 30), (64, 48)),  # past the right and bottom edges: white there
+        ((-20, -10), (64, 48)),  # before the left and top edges
+        ((w + 5, 3), (16, 16)),  # wholly outside
+        ((w // 3, h // 2), (331, 257)),
+    ]
+
+
+def _assert_held_reads_like_the_slide(path):
+    from histo_wsl.slideio.slide import open_slide
+    from histo_wsl.tissue.scan import HeldLevel
+
+    with open_slide(path) as slide:
+        held = HeldLevel.read(slide, band_rows=100)  # several bands
+        if slide.vendor == "image":  # a plain image is held by its Slide already
+            assert held is None
+            return
+        assert held is not None and held.rgb.shape == (*slide.dimensions[::-1], 3)
+        for location, size in _held_cases(slide):
+            ours, theirs = held.read_region(location, 0, size), slide.read_region(location, 0, size)
+            np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+            assert ours.mode == theirs.mode == "RGB"
+            assert ours.info.get("icc_profile") == theirs.info.get("icc_profile")  # PNGs keep it
+        if slide.level_count > 1:  # other levels are read from the slide
+            np.testing.assert_array_equal(
+                np.asarray(held.read_region((0, 0), 1, (40, 30))),
+                np.asarray(slide.read_region((0, 0), 1, (40, 30))),
+            )
+        assert HeldLevel.read(slide, max_bytes=100) is None
+        held.close()
+        assert held.rgb is None
+
+
+def test_held_level_reads_the_pixels_the_slide_reads(synthetic_slide):
+    _assert_held_reads_like_the_slide(synthetic_slide)
+
+
+def test_held_level_reads_the_pixels_of_real_slides(wsi_dir):
+    names = ("cmu-1-small-region.svs", "test3-DAPI-2-(387).ndpi", "kidney-48-5.tif", "boxes.tiff")
+    for name in (*names, "boxes_0.dcm"):  # the boxes have an ICC profile
+        if (wsi_dir / name).is_file():
+            _assert_held_reads_like_the_slide(wsi_dir / name)
+
+
+def _outputs(folder):
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.suffix != ".json" and ".histo-wsl-locks" not in p.parts
+    }
+
+
+@pytest.mark.parametrize("thumbnail_mpp", [0.9, 8.0], ids=["level0-thumbnail", "level1-thumbnail"])
+def test_one_read_of_a_small_slide_writes_the_same_files(
+    tmp_path, synthetic_slide, monkeypatch, thumbnail_mpp
+):
+    """Level 0 held for the thumbnail and the patches: every file as with one read each."""
+    from histo_wsl.tissue import scan
+
+    params = ExtractParams(thumbnail_mpp=thumbnail_mpp, min_tissue=0.3)
+    held = []
+    real_read = scan.HeldLevel.read.__func__
+
+    def spy(cls, slide, **kw):
+        held.append(real_read(cls, slide, **kw))
+        return held[-1]
+
+    monkeypatch.setattr(scan.HeldLevel, "read", classmethod(spy))
+    extract_patches([_item(synthetic_slide)], tmp_path / "one", params, BatchOptions(quiet=True))
+    # at 0.9 µm/px the thumbnail is read from level 0 as the patches are: held (and let go)
+    assert [h is not None for h in held] == ([True] if thumbnail_mpp < 1 else [])
+    assert all(h.rgb is None for h in held if h is not None)
+    monkeypatch.setattr(scan, "HELD_LEVEL_BYTES", 0)  # never held: read twice
+    extract_patches([_item(synthetic_slide)], tmp_path / "two", params, BatchOptions(quiet=True))
+    one, two = _outputs(tmp_path / "one"), _outputs(tmp_path / "two")
+    assert sum(k.endswith(".png") for k in one) > 20 and one.keys() == two.keys()
+    for name in one:
+        assert one[name] == two[name], name
+
+
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [
+        ("cmu-1-small-region.svs", {"mpp": 0.499, "max_patches": 30}),
+        ("boxes.tiff", {"mpp": None, "level": 0, "patch_size": 16}),  # patches keep its ICC profile
+    ],
+)
+def test_one_read_of_a_real_small_slide_writes_the_same_files(
+    tmp_path, wsi_dir, monkeypatch, name, params
+):
+    from histo_wsl.tissue import scan
+
+    path = wsi_dir / name
+    params = ExtractParams(min_tissue=0.0, **params)
+    extract_patches([_item(path)], tmp_path / "one", params, BatchOptions(quiet=True))
+    monkeypatch.setattr(scan, "HELD_LEVEL_BYTES", 0)
+    extract_patches([_item(path)], tmp_path / "two", params, BatchOptions(quiet=True))
+    one, two = _outputs(tmp_path / "one"), _outputs(tmp_path / "two")
+    assert len(one) > 30 and one == two
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_png_stream_up_filter_and_rle_round_trip(tmp_path, channels):
+    import zlib
+
+    from histo_wsl.slideio.writers import PngStream
+
+    rng = np.random.default_rng(1)
+    shape = (37, 29, 3) if channels == 3 else (37, 29)
+    image = rng.integers(0, 256, shape, dtype=np.uint8)
+    image[10:20] = image[9]  # repeated rows: what "Up" and run-length matching are for
+    with PngStream(
+        tmp_path / "a.png", 29, 37, channels=channels, strategy=zlib.Z_RLE, up=True
+    ) as png:
+        for y in (0, 1, 9, 24):  # bands of 1, 8, 15 and 13 rows
+            png.write_rows(image[y : {0: 1, 1: 9, 9: 24, 24: 37}[y]])
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "a.png")), image)
