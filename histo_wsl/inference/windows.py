@@ -19,6 +19,8 @@ from histo_wsl.slideio.slide import ReadPlan, Slide, open_slide, read_patch
 if TYPE_CHECKING:
     import torch
 
+    from histo_wsl.tissue.scan import HeldLevel
+
 __all__ = ["FIRST_BATCH", "Prefetch", "WindowBatches"]
 
 
@@ -57,7 +59,7 @@ class WindowBatches:
         ys: np.ndarray,
         size: int,
         batch_size: int,
-        slide: Slide | None = None,
+        slide: Slide | HeldLevel | None = None,
         first_batch: int | None = None,
     ) -> None:
         self.path, self.slide_mpp, self.plan = path, slide_mpp, plan

@@ -136,6 +136,7 @@ def find_tissue(
     geojson: Path | None = None,
     params: tissue.TissueParams | None = None,
     whole_slide: bool = False,
+    pixels: HeldLevel | None = None,
 ) -> SlideTissue:
     """Read the slide's thumbnail and find its tissue.
 
@@ -145,12 +146,19 @@ def find_tissue(
         geojson: tissue polygons in level-0 pixels to use instead of detection.
         params: detection parameters (default :class:`~histo_wsl.tissue.detect.TissueParams`).
         whole_slide: count the whole slide as tissue (no detection).
+        pixels: the slide's level 0 already held in memory, the thumbnail read from it (the same
+            pixels; :class:`HeldLevel`).
 
     Returns:
         The thumbnail and its tissue mask. Sizes in detection are converted with the slide's mpp,
         or with :data:`ASSUMED_MPP` when the slide has none.
     """
-    thumb, ds = read_thumbnail(slide, mpp=thumbnail_mpp)
+    if pixels is None:
+        thumb, ds = read_thumbnail(slide, mpp=thumbnail_mpp)
+    else:
+        geometry = thumbnail_geometry(slide, mpp=thumbnail_mpp)
+        thumb = read_thumbnail_rows(pixels, geometry, 0, geometry.height)  # type: ignore[arg-type]
+        ds = geometry.downsample
     if whole_slide:
         return SlideTissue(thumb, ds, np.ones(thumb.shape[:2], dtype=bool), "whole slide")
     if geojson is not None:

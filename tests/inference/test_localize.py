@@ -509,3 +509,30 @@ def test_the_thread_count_is_recorded_and_a_fixed_one_kept(tmp_path, synthetic_s
         assert s.exit_code == 0 and s.items[0].details["threads"]["used"] >= 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_small_slide_is_read_once_with_the_same_outputs(tmp_path, wsi_dir, models, monkeypatch):
+    """cmu-1-small-region.svs: thumbnail and windows from one held read of level 0."""
+    from histo_wsl.tissue.scan import HeldLevel
+
+    slide = wsi_dir / "cmu-1-small-region.svs"
+    reads = []
+    original = HeldLevel.read.__func__
+
+    def spy(cls, *a, **kw):
+        reads.append(original(cls, *a, **kw))
+        return reads[-1]
+
+    monkeypatch.setattr(HeldLevel, "read", classmethod(spy))
+    kw = {"mpp": 1.0, "output_mpp": 4.0}
+    assert (
+        _run([_item(slide)], tmp_path / "held", models / "cam.pt", workers=0, **kw).exit_code == 0
+    )
+    assert len(reads) == 1 and reads[0] is not None  # held, and released after the slide
+    assert reads[0].rgb is None
+    s = _run([_item(slide)], tmp_path / "read", models / "cam.pt", workers=1, **kw)
+    assert s.exit_code == 0 and len(reads) == 1  # reader processes read the file themselves
+    name = slide.stem
+    for suffix in (".prob.tif", ".mask.png", ".geojson"):
+        a = (tmp_path / "held" / name / f"{name}{suffix}").read_bytes()
+        assert a == (tmp_path / "read" / name / f"{name}{suffix}").read_bytes(), suffix
