@@ -247,6 +247,15 @@ def export(
             "numbers with 95% intervals) or any JSON object.",
         ),
     ] = None,
+    slide_metrics: Annotated[
+        Path | None,
+        typer.Option(
+            "--slide-metrics",
+            help="JSON of the model's numbers on a slide, as labs run it (e.g. the output of "
+            "benchmarks/glas_slide.py): the card's evaluation_slide.",
+            show_default=False,
+        ),
+    ] = None,
     license_note: Annotated[
         str | None,
         typer.Option(
@@ -331,6 +340,7 @@ def export(
         fp16=fp16,
         text=text,
         metrics=metrics,
+        slide_metrics=slide_metrics,
         overwrite=overwrite,
         knn_bank=knn_bank,
         knn_k=knn_k,

@@ -239,6 +239,7 @@ _CARD_ORDER = (
     "epoch",
     "metrics",
     "evaluation",
+    "evaluation_slide",
     "terms",
     "training_data",
     "weights",
@@ -377,9 +378,9 @@ def _source(ckpt: dict, src: Path, knn_bank: int | None, knn_k: int | None) -> t
 
 
 def _exported_card(
-    source_card: dict, name: str, text: CardText | None, evaluation: dict | None
+    source_card: dict, name: str, text: CardText | None, evaluations: dict[str, dict]
 ) -> dict:
-    """The source's card with the name, the written sections and the evaluation."""
+    """The source's card with the name, the written sections and the evaluations."""
     card = dict(source_card)
     card["name"] = name
     fields = (text or CardText()).fields()
@@ -387,9 +388,21 @@ def _exported_card(
     domain = {**(card.get("domain") or {}), **fields.pop("domain", {})}
     domain.setdefault("modality", "brightfield")
     card.update(fields, domain=domain)
-    if evaluation is not None:
-        card["evaluation"] = evaluation
+    card.update(evaluations)
     return card
+
+
+def _export_record(src: Path, kept_fp32: list[str]) -> dict:
+    """The card's ``exported``: from where, when, with which versions."""
+    import torch
+
+    return {
+        "from": str(src),
+        "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "histo-wsl": __version__,
+        "torch": str(torch.__version__),
+        "kept_fp32": kept_fp32,
+    }
 
 
 def export_model(
@@ -400,6 +413,7 @@ def export_model(
     fp16: bool = True,
     text: CardText | None = None,
     metrics: Path | None = None,
+    slide_metrics: Path | None = None,
     overwrite: bool = False,
     knn_bank: int | None = None,
     knn_k: int | None = None,
@@ -421,6 +435,8 @@ def export_model(
         text: the card's written sections (description, recipe, terms, licence, intended use,
             out of scope, domain): :class:`CardText`.
         metrics: a JSON file of evaluation numbers (e.g. evaluate's ``metrics.json``).
+        slide_metrics: a JSON file of the model's numbers as labs run it, on a slide (e.g.
+            ``benchmarks/glas_slide.py``'s output): the card's ``evaluation_slide``.
         overwrite: replace an existing model folder of that name.
         knn_bank: keep at most this many pixels of the k-NN refiner's bank (a faster lookup;
             :func:`histo_wsl.methods.knn.compact_refiner`); the predictions are then checked
@@ -431,8 +447,6 @@ def export_model(
         InputError: a bad name or source, an unreadable metrics file, an existing model without
             ``overwrite``, or a destination that cannot be written.
     """
-    import torch
-
     from histo_wsl.registry.checkpoint import load_checkpoint, save_checkpoint
 
     check_name(name)
@@ -440,20 +454,15 @@ def export_model(
     final = dest / name
     _check_destination(final, overwrite)
     src = resolve_model(source)
-    evaluation = read_metrics(metrics) if metrics is not None else None
+    evaluations = {"evaluation": metrics, "evaluation_slide": slide_metrics}
+    evaluations = {k: read_metrics(v) for k, v in evaluations.items() if v is not None}
     ckpt = load_checkpoint(src)
     source_card, source_state = _source(ckpt, src, knn_bank, knn_k)
     state, kept = compact_state_dict(source_state, fp16=fp16)
     dtype = "float16" if fp16 else "float32"
-    card = _exported_card(source_card, name, text, evaluation)
+    card = _exported_card(source_card, name, text, evaluations)
     card["weights_dtype"] = dtype
-    card["exported"] = {
-        "from": str(src),
-        "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "histo-wsl": __version__,
-        "torch": str(torch.__version__),
-        "kept_fp32": kept,
-    }
+    card["exported"] = _export_record(src, kept)
     try:
         dest.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=dest))

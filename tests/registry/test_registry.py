@@ -312,7 +312,9 @@ def test_export_compacts_the_knn_bank_and_keeps_the_card_domain(tmp_path):
     src = refined_negev_checkpoint(tmp_path / "src.pt", images=4, per_image=10, k=8)
     dest = tmp_path / "zoo"
     args = ["models", "export", str(src), "--name", "small", "--dest", str(dest), "--json"]
-    r = runner.invoke(app, [*args, "--knn-bank", "20"])
+    slide = tmp_path / "slide.json"
+    slide.write_text(json.dumps({"slide_pxap": 76.8, "slide_dice": 0.74, "gap": 5.7}))
+    r = runner.invoke(app, [*args, "--knn-bank", "20", "--slide-metrics", str(slide)])
     assert r.exit_code == 0, r.stderr
     summary = json.loads(r.stdout)
     # compared with the compacted source: only the fp16 rounding differs
@@ -321,6 +323,7 @@ def test_export_compacts_the_knn_bank_and_keeps_the_card_domain(tmp_path):
     card = load_model(dest / "small" / "model.pt").card
     assert card["refine"]["bank_pixels"] == 20 and card["refine"]["k"] == 4
     assert card["domain"] == {"modality": "brightfield", "stain": "H&E"}  # kept, not reset
+    assert card["evaluation_slide"] == {"slide_pxap": 76.8, "slide_dice": 0.74, "gap": 5.7}
     r = runner.invoke(app, [*args, "--overwrite", "--knn-bank", "80"])
     assert r.exit_code == 2 and "holds only 40" in r.stderr
     assert load_model(dest / "small" / "model.pt").card["refine"]["bank_pixels"] == 20
