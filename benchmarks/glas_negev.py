@@ -22,6 +22,8 @@ The recipes are the dict :data:`RECIPES` below (edit the values there):
 
 * ``cpu``: pretrained MobileNetV2 (stride 8), short schedule, n = 20 seeds drawn from the k-NN
   seed map (``--seed-map knn``), one round, the saved map k-NN refined (``--refine knn``).
+* ``cpu-slide``: ``cpu`` at the slide geometry (``--geometry isotropic``: images resized by one
+  factor to the card's µm/px, aspect ratio kept), so ``localize`` meets on slides what training saw.
 * ``gpu``: the paper's protocol (method.md §1.4): ResNet50, 1000 epochs per stage, batch 32, step
   250, lr 0.003 / 0.1, n = 1, AMP. Needs ImageNet ResNet50 weights in ``$TORCH_HOME``.
 
@@ -76,6 +78,32 @@ RECIPES: dict[str, dict[str, Any]] = {
         "rounds": 1,
         # the frozen encoder/head and the CAM of stage 2 (and the CAM row of the comparison); the
         # paper-era code used best-loc for both (method.md §1.1, "Checkpoint subtlety")
+        "stage1_checkpoint": "best-cls.pt",
+    },
+    # the cpu recipe at the slide geometry: images resized by one factor to the card's µm/px,
+    # aspect kept (--geometry isotropic), so localize meets on slides what training saw
+    "cpu-slide": {
+        "stage1": {
+            "backbone": "mobilenetv2",
+            "pretrained": True,
+            "epochs": 24,
+            "batch_size": 16,
+            "lr": 0.003,
+            "step_size": 16,
+            "geometry": "isotropic",
+        },
+        "stage2": {
+            "epochs": 20,
+            "batch_size": 16,
+            "lr": 0.1,
+            "step_size": 14,
+            "seeds_fg": 20,
+            "seeds_bg": 20,
+            "seed_map": "knn",
+            "refine": "knn",
+            "geometry": "isotropic",
+        },
+        "rounds": 1,
         "stage1_checkpoint": "best-cls.pt",
     },
     "gpu": {

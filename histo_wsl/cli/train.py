@@ -55,6 +55,14 @@ ResizeSizeOpt = Annotated[
         help="Training images are resized to this square, then cropped at random to --crop-size.",
     ),
 ]
+GeometryOpt = Annotated[
+    str,
+    typer.Option(
+        help="squash: images resized to the --resize-size square (the papers' protocol); "
+        "isotropic: resized by one factor that keeps their aspect ratio, to the µm/px the card "
+        "records, so the network learns tissue as localize reads it from slides.",
+    ),
+]
 CropSizeOpt = Annotated[
     int,
     typer.Option(
@@ -308,6 +316,7 @@ def train_classifier(
     ] = None,
     resize_size: ResizeSizeOpt = 256,
     crop_size: CropSizeOpt = 224,
+    geometry: GeometryOpt = "squash",
     epochs: EpochsOpt = 20,
     batch_size: BatchSizeOpt = 16,
     lr: Annotated[
@@ -634,6 +643,7 @@ def train_decoder(
     refine_alpha: RefineAlphaOpt = 1.0,
     resize_size: ResizeSizeOpt = 256,
     crop_size: CropSizeOpt = 224,
+    geometry: GeometryOpt = "squash",
     epochs: EpochsOpt = 20,
     batch_size: BatchSizeOpt = 16,
     lr: Annotated[

@@ -3,7 +3,9 @@
 Train preset (NEGEV protocol, method.md §1.4): resize to 256×256 → random 224 crop → random
 horizontal and vertical flips → colour jitter (brightness, contrast, saturation .5, hue .05) →
 ImageNet normalisation. Eval preset: resize to 224×224 → normalisation. Masks follow every geometric
-step (nearest-neighbour) and never the colour ones.
+step (nearest-neighbour) and never the colour ones. With a ``scale`` (the ``isotropic`` training
+geometry), images are resized by one factor that keeps their aspect ratio instead of squashed to
+a square, so the network learns tissue at the one µm/px ``localize`` reads slides at.
 """
 
 from __future__ import annotations
@@ -35,9 +37,13 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def train_transform(crop: int = 224, resize: int = 256, jitter: bool = True) -> v2.Transform:
-    """The training preset: random crop of a resized image, flips, colour jitter."""
+    """The training preset: random crop of a resized image, flips, colour jitter.
+
+    An image smaller than ``crop`` on a side (isotropic geometry: a 775×522 GlaS image at
+    1.57 µm/px is 306×206) is reflected out to it first.
+    """
     steps: list = [
-        v2.RandomCrop(crop),
+        v2.RandomCrop(crop, pad_if_needed=True, padding_mode="reflect"),
         v2.RandomHorizontalFlip(),
         v2.RandomVerticalFlip(),
     ]
@@ -141,13 +147,22 @@ class LabelledImages(torch.utils.data.Dataset):
         transform: a torchvision v2 transform applied to (image, mask) together.
         preload: decode and resize every image once and keep it (small datasets such as GlaS:
             85 images of 256² take 17 MB); otherwise decode on every access.
+        scale: resize every image by this factor instead, keeping its aspect ratio (the
+            ``isotropic`` geometry: the network sees what ``localize`` reads from a slide); items
+            then differ in size.
     """
 
     def __init__(
-        self, samples: Sequence[Sample], size: int, transform: v2.Transform, preload: bool = True
+        self,
+        samples: Sequence[Sample],
+        size: int,
+        transform: v2.Transform,
+        preload: bool = True,
+        scale: float | None = None,
     ) -> None:
         self.samples = list(samples)
         self.size = size
+        self.scale = scale
         self.transform = transform
         self._cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         if preload:
@@ -158,18 +173,21 @@ class LabelledImages(torch.utils.data.Dataset):
 
     def _decode(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.samples[i]
+        img = _load_rgb(s.image)
         size = (self.size, self.size)
-        img = _load_rgb(s.image).resize(size, Image.Resampling.BILINEAR)
+        if self.scale is not None:
+            size = (max(1, round(img.width * self.scale)), max(1, round(img.height * self.scale)))
+        img = img.resize(size, Image.Resampling.BILINEAR)
         image = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
         if s.mask is not None:
             m = _load_mask(s.mask).resize(size, Image.Resampling.NEAREST)
             mask = torch.from_numpy((np.asarray(m) > 127).astype(np.uint8))
         else:
-            mask = torch.full(size, 255, dtype=torch.uint8)
+            mask = torch.full(size[::-1], 255, dtype=torch.uint8)
         return image, mask
 
     def cached(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The decoded (image uint8 3×S×S, mask uint8 S×S) pairs, decoding them now if needed."""
+        """The decoded (image uint8 3×H×W, mask uint8 H×W) pairs, decoding them now if needed."""
         if self._cache is None:
             self._cache = [self._decode(i) for i in range(len(self.samples))]
         return self._cache

@@ -27,10 +27,12 @@ from histo_wsl.runtime.console import warn
 from histo_wsl.training.config import TrainConfig
 
 __all__ = [
+    "GEOMETRIES",
     "Method",
     "MapFn",
     "evaluate_localizer",
     "evaluate_maps",
+    "image_scale",
     "load_training_data",
     "plain_config",
     "seen_mpp",
@@ -72,6 +74,9 @@ def refined_words(card: dict) -> str:
     return f", k-NN refined (α {refine.get('alpha')}, k {refine.get('k')})"
 
 
+#: how training images are resized (``--geometry``; see :func:`image_scale`)
+GEOMETRIES = ("squash", "isotropic")
+
 #: a map function: (model, images (B,3,H,W), labels (B,)) -> (logits (B,K), maps (B,H,W) in [0,1])
 MapFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -84,6 +89,13 @@ def load_training_data(cfg: TrainConfig) -> Dataset:
     Raises:
         InputError: a crop larger than the resized image, or a bad dataset.
     """
+    if cfg.data.geometry not in GEOMETRIES:
+        raise InputError(f"--geometry {cfg.data.geometry!r}: use one of {', '.join(GEOMETRIES)}")
+    if cfg.data.geometry == "isotropic" and cfg.run.data_on_device:
+        raise InputError(
+            "--data-on-device keeps square images on the device; it does not take "
+            "--geometry isotropic (images of their own aspect ratio): drop one of them"
+        )
     if cfg.data.crop_size > cfg.data.resize_size:
         raise InputError(
             f"--crop-size {cfg.data.crop_size} is larger than --resize-size {cfg.data.resize_size}: the "
@@ -110,7 +122,29 @@ def training_images(ds: Dataset, cfg: TrainConfig) -> LabelledImages:
         ds.split("train"),
         cfg.data.resize_size,
         train_transform(cfg.data.crop_size, jitter=cfg.data.color_jitter),
+        scale=image_scale(ds, cfg),
     )
+
+
+def _median_side(ds: Dataset) -> float | None:
+    sides = []
+    for s in ds.samples[:64]:
+        with Image.open(s.image) as im:
+            sides.append((im.size[0] + im.size[1]) / 2)
+    return median(sides) if sides else None
+
+
+def image_scale(ds: Dataset, cfg: TrainConfig) -> float | None:
+    """The ``isotropic`` geometry's resize factor (None: ``squash``, images resized to squares).
+
+    resize side / median image side: the network then sees every image at the one resolution
+    :func:`seen_mpp` records in the card (GlaS: 775×522 at 0.62 µm/px become 306×206 at
+    1.57 µm/px, where ``squash`` made them 256×256, 1.88 µm/px across and 1.26 down).
+    """
+    if cfg.data.geometry != "isotropic":
+        return None
+    side = _median_side(ds)
+    return cfg.data.resize_size / side if side else None
 
 
 def seen_mpp(ds: Dataset, data_mpp: float | None, resize: int) -> float | None:
@@ -122,11 +156,8 @@ def seen_mpp(ds: Dataset, data_mpp: float | None, resize: int) -> float | None:
     """
     if data_mpp is None:
         return None
-    sides = []
-    for s in ds.samples[:64]:
-        with Image.open(s.image) as im:
-            sides.append((im.size[0] + im.size[1]) / 2)
-    return round(data_mpp * median(sides) / resize, 4) if sides else None
+    side = _median_side(ds)
+    return round(data_mpp * side / resize, 4) if side else None
 
 
 @torch.no_grad()
@@ -139,28 +170,32 @@ def evaluate_maps(
     num_classes: int,
     batch_size: int = 16,
     size: int = 224,
+    scale: float | None = None,
 ) -> dict:
     """Accuracy on ``samples`` and PxAP / Dice at 0.5 on ``valpx`` (maps at ``size``²).
 
     PxAP follows method.md §4.1: maps of the ground-truth class, masks resized nearest to
-    ``size``², dataset-level histograms over 1000 thresholds.
+    ``size``², dataset-level histograms over 1000 thresholds. With ``scale`` (the isotropic
+    geometry) images and masks are resized by it instead, one image per batch.
     """
     model.eval()
     out: dict = {}
+    if scale is not None:
+        batch_size = 1  # images of their own sizes
+
+    def images(items: list[Sample]) -> LabelledImages:
+        return LabelledImages(items, size, eval_transform(), scale=scale)
+
     if samples:
         cls = ClassificationMeter(num_classes)
-        loader = torch.utils.data.DataLoader(
-            LabelledImages(samples, size, eval_transform()), batch_size=batch_size
-        )
+        loader = torch.utils.data.DataLoader(images(samples), batch_size=batch_size)
         for b in loader:
             logits = model(b["image"].to(device))
             cls.update(logits.float().cpu(), b["label"])
         out["val_acc"] = float(cls.accuracy())
     if valpx:
         px = PxAPMeter()
-        loader = torch.utils.data.DataLoader(
-            LabelledImages(valpx, size, eval_transform()), batch_size=batch_size
-        )
+        loader = torch.utils.data.DataLoader(images(valpx), batch_size=batch_size)
         for b in loader:
             _, maps = map_fn(model, b["image"].to(device), b["label"].to(device))
             maps = maps.float().cpu()
@@ -172,7 +207,12 @@ def evaluate_maps(
 
 
 def evaluate_localizer(
-    model: nn.Module, ds: Dataset, device: torch.device, size: int, own_key: str | None = None
+    model: nn.Module,
+    ds: Dataset,
+    device: torch.device,
+    size: int,
+    own_key: str | None = None,
+    scale: float | None = None,
 ) -> dict:
     """:func:`evaluate_maps` of a model with ``localize(x, refine=...)`` (NEGEV, Max-Min).
 
@@ -188,6 +228,7 @@ def evaluate_localizer(
         device,
         len(ds.class_names),
         size=size,
+        scale=scale,
     )
     if own_key is not None and "valpx_pxap" in metrics:
         own = evaluate_maps(
@@ -198,6 +239,7 @@ def evaluate_localizer(
             device,
             len(ds.class_names),
             size=size,
+            scale=scale,
         )
         metrics[own_key] = own["valpx_pxap"]
     return metrics

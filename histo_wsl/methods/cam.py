@@ -22,6 +22,7 @@ from histo_wsl.errors import InputError
 from histo_wsl.methods.base import (
     Method,
     evaluate_maps,
+    image_scale,
     load_training_data,
     plain_config,
     seen_mpp,
@@ -88,6 +89,7 @@ class ClassifierTask:
             device,
             len(self.ds.class_names),
             size=self.cfg.data.crop_size,
+            scale=image_scale(self.ds, self.cfg),
         )
 
     def card(self) -> dict:
@@ -106,6 +108,7 @@ class ClassifierTask:
             "negative_class": self.cfg.data.negative_class,
             "input_size": cfg.data.crop_size,
             "resize_size": cfg.data.resize_size,
+            "geometry": cfg.data.geometry,
             "data_mpp": data_mpp,
             "mpp": self._seen_mpp,
             "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},

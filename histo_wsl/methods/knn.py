@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from histo_wsl.data.images import LabelledImages, eval_transform
 from histo_wsl.data.sources import Dataset
 from histo_wsl.errors import InputError
+from histo_wsl.methods.base import image_scale
 from histo_wsl.networks.cams import compute_cams
 from histo_wsl.networks.knn import FeatureBank, KNNRefiner, _stage_pixels
 from histo_wsl.training.config import TrainConfig
@@ -150,9 +151,10 @@ class TrainSplitBanks:
         device: torch.device | str = "cpu",
     ) -> FeatureBank:
         """A bank over ``model``'s ``forward_features``; ``values`` as for :func:`build_feature_bank`."""
+        scale = image_scale(self.ds, self.cfg)
         if self._images is None:
             self._images = LabelledImages(
-                self.ds.split("train"), self.cfg.data.crop_size, eval_transform()
+                self.ds.split("train"), self.cfg.data.crop_size, eval_transform(), scale=scale
             )
         cfg = self.cfg
         return build_feature_bank(
@@ -164,6 +166,7 @@ class TrainSplitBanks:
             max_pixels=cfg.knn.knn_bank,
             dims=cfg.knn.knn_dims,
             seed=cfg.run.seed,
+            batch_size=1 if scale is not None else 16,  # images of their own sizes
             device=device,
         )
 

@@ -30,6 +30,7 @@ from histo_wsl.errors import InputError
 from histo_wsl.methods.base import (
     Method,
     evaluate_localizer,
+    image_scale,
     load_training_data,
     plain_config,
     refined_words,
@@ -217,6 +218,7 @@ class MaxMinTask:
             device,
             self.cfg.data.crop_size,
             own_key="valpx_pxap_mask" if self.refining else None,
+            scale=image_scale(self.ds, self.cfg),
         )
 
     def card(self) -> dict:
@@ -235,6 +237,7 @@ class MaxMinTask:
             "negative_class": cfg.data.negative_class,
             "input_size": cfg.data.crop_size,
             "resize_size": cfg.data.resize_size,
+            "geometry": cfg.data.geometry,
             "data_mpp": cfg.data.data_mpp,
             "mpp": self._seen_mpp,
             "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},

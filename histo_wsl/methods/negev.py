@@ -39,6 +39,7 @@ from histo_wsl.methods import load_trained
 from histo_wsl.methods.base import (
     Method,
     evaluate_localizer,
+    image_scale,
     load_training_data,
     refined_words,
     training_images,
@@ -131,6 +132,13 @@ class DecoderTask:
             raise InputError(
                 f"the classifier was trained on classes {card['class_names']} but the data has "
                 f"{ds.class_names}; use the same classes (or --class in the same order)",
+                stage1.path,
+            )
+        geometry = card.get("geometry", "squash")
+        if geometry != cfg.data.geometry:
+            raise InputError(
+                f"the classifier was trained with --geometry {geometry}: train the decoder with "
+                f"--geometry {geometry} too (the encoder learnt tissue at that geometry)",
                 stage1.path,
             )
         n = cfg.negev
@@ -391,6 +399,7 @@ class DecoderTask:
             device,
             self.cfg.data.crop_size,
             own_key="valpx_pxap_decoder" if self.refining else None,
+            scale=image_scale(self.ds, self.cfg),
         )
 
     def card(self) -> dict:
@@ -407,6 +416,7 @@ class DecoderTask:
             "negative_class": cfg.data.negative_class,
             "input_size": cfg.data.crop_size,
             "resize_size": cfg.data.resize_size,
+            "geometry": cfg.data.geometry,
             "data_mpp": c1.get("data_mpp"),
             "mpp": c1.get("mpp"),
             "normalization": c1.get("normalization"),

@@ -69,6 +69,9 @@ class DataSettings:
     crop_size: int = 224
     resize_size: int = 256
     color_jitter: bool = True
+    #: ``squash``: images resized to a resize_size square (the papers); ``isotropic``: resized by
+    #: one factor, aspect kept, to the µm/px the card records (what localize reads slides at)
+    geometry: str = "squash"
 
 
 @dataclass
@@ -178,7 +181,7 @@ FLAT: dict[str, tuple[str, str]] = {
             "gamma"
         ).split()
     },
-    **{k: ("data", k) for k in ("crop_size", "resize_size", "color_jitter")},
+    **{k: ("data", k) for k in ("crop_size", "resize_size", "color_jitter", "geometry")},
     "cam_method": ("model", "cam_method"),
     **{k: ("run", k) for k in "workers device amp seed deterministic max_steps_per_epoch".split()},
     "clip_grad_norm": ("optim", "clip_grad_norm"),

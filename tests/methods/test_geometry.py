@@ -1,0 +1,65 @@
+"""--geometry isotropic: training images keep their aspect ratio, at the card's one µm/px."""
+
+from __future__ import annotations
+
+import torch
+from knn_helpers import TINY
+from PIL import Image
+from typer.testing import CliRunner
+
+from histo_wsl.cli.app import app
+from histo_wsl.data.images import LabelledImages, eval_transform, train_transform
+from histo_wsl.data.sources import Sample
+from histo_wsl.inference.predictor import load_model
+from histo_wsl.synthetic.patches import write_patch_dataset
+
+runner = CliRunner()
+
+
+def _wide_dataset(tmp_path):
+    """The synthetic patches cut to 64×40 (landscape, as GlaS's 775×522)."""
+    csv = write_patch_dataset(tmp_path / "data", n_per_class=4, size=64, seed=5)
+    for folder in ("images", "masks"):
+        for f in (csv.parent / folder).glob("*.png"):
+            with Image.open(f) as im:
+                im.crop((0, 0, 64, 40)).save(f)
+    return csv
+
+
+def test_isotropic_images_keep_their_aspect_and_crops_are_reflected_out(tmp_path):
+    data = _wide_dataset(tmp_path).parent
+    sample = Sample(data / "images" / "gland_000.png", 1, data / "masks" / "gland_000.png")
+    item = LabelledImages([sample], 0, eval_transform(), scale=0.5)[0]
+    assert item["image"].shape == (3, 20, 32) and item["mask"].shape == (20, 32)
+    squash = LabelledImages([sample], 24, eval_transform())[0]
+    assert squash["image"].shape == (3, 24, 24)
+    crop = LabelledImages([sample], 0, train_transform(24), scale=0.5)[0]  # 20 px high: padded
+    assert crop["image"].shape == (3, 24, 24) and crop["mask"].shape == (24, 24)
+    assert set(torch.unique(crop["mask"]).tolist()) <= {0, 1}
+
+
+def test_train_both_stages_isotropic_and_a_mismatched_decoder_is_refused(tmp_path):
+    data = _wide_dataset(tmp_path)
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text("crop_size: 32\nresize_size: 40\nmax_steps_per_epoch: 2\n")
+    common = ["--config", str(cfg), "--epochs", "1", "--geometry", "isotropic", *TINY]
+    cam = tmp_path / "cam"
+    r = runner.invoke(
+        app, ["train-classifier", str(data), "--out", str(cam), "--no-pretrained", *common]
+    )
+    assert r.exit_code == 0, r.stderr
+    card = load_model(cam / "best-loc.pt").card
+    assert card["geometry"] == "isotropic" and card["input_size"] == 32
+    negev = tmp_path / "negev"
+    args = ["train-decoder", str(data), "--classifier", str(cam / "best-loc.pt")]
+    r = runner.invoke(
+        app,
+        [*args, "--out", str(negev), "--seeds-fg", "2", "--seeds-bg", "2", "--seed-map", "knn"]
+        + ["--refine", "knn", "--knn-bank", "64", *common],
+    )
+    assert r.exit_code == 0, r.stderr
+    assert load_model(negev / "best-loc.pt").card["geometry"] == "isotropic"
+    squash = [a for a in common if a not in ("--geometry", "isotropic")]
+    r = runner.invoke(app, [*args, "--out", str(tmp_path / "bad"), *squash])
+    assert r.exit_code == 2 and "--geometry isotropic" in r.stderr
+    assert not (tmp_path / "bad" / "best-loc.pt").exists()
