@@ -1,26 +1,38 @@
-"""Whole-slide inference speed: ``localize`` end to end against the model's pure forward rate.
+"""Whole-slide inference speed and memory, as a user waits for them: ``histo-wsl localize`` against
+the pure forward of the same model.
 
-In one run, on one model, batch size and device:
+For each slide, each load (``quiet``; ``busy``: beside another process that keeps one core busy)
+and each thread count (``--threads 1,2``; ``0`` is localize's own choice, :mod:`histo_wsl.runtime.
+threads`), in one run:
 
-* ``forward``: the compute limit, :meth:`histo_wsl.inference.engine.Engine.predict` (normalisation,
-  forward pass and map) on a batch of windows already in memory, repeated;
-* ``localize``: :func:`histo_wsl.inference.localize.localize` on a real slide
-  (``../shared/data/wsi/cmu-1-small-region.svs``, or a synthetic pyramid when it is absent),
-  counted over the slide's whole processing (thumbnail, tissue, reading, inference, blending,
-  writing the TIFF, mask, GeoJSON and overlay), in windows per second.
+* ``forward``: the compute limit. A child process loads the model as ``localize`` does
+  (:class:`histo_wsl.inference.engine.Engine`, the card's every step: k-NN refinement, flips)
+  and runs :meth:`Engine.predict` on one batch of real tissue windows of the slide, already in
+  memory, with the same thread count, for ``--forward-seconds``. It is measured right before and
+  right after each localize run, and their mean is the reference (load from other processes then
+  weighs on both sides of the ratio alike).
+* ``localize``: ``python -m histo_wsl localize SLIDE --model M --threads N`` in a fresh child
+  process, its peak RSS from ``os.wait4``. Two ratios: ``slide`` counts the slide's own
+  processing (thumbnail, tissue detection, reading, forward, blending, writing every output:
+  ``total_s`` of its JSON) and is the one held to the target; ``process`` counts the whole
+  process, with Python's start, the imports and the model's load (a fixed cost of each
+  ``histo-wsl`` call, reported in seconds as ``startup_s``; a batch of slides pays it once).
 
-Target: localize / forward >= 0.9 (reading, tissue, blending and writing hide behind the model).
-The model is an untrained checkpoint of the chosen architecture (speed does not depend on the
-weights), written to a temporary folder. Each ``localize`` pass is bracketed by two forward
-measurements (their mean is its reference, so load from other processes weighs on both sides),
-and the median pass of ``--repeats`` is reported (the lower of two). Also prints slides/hour on
-that slide. Output: one JSON object; exit status 1 when the target is missed.
+Slides: ``cmu1`` (``../shared/data/wsi/cmu-1-small-region.svs``, skipped when absent) and
+``band``, a synthetic 40,000 × 4,480 px slide at 0.5 µm/px (written once into ``--cache``).
+The parent process stays small (everything heavy runs in children), because on Linux a child's
+``ru_maxrss`` starts from its parent's peak.
+
+Targets: slide ratio >= 0.9 and peak RSS <= 1,500 MB in every configuration, and the
+forward >= 0.3 × a ResNet18 segmentation forward (1×1 head, stride 32, the same windows, batch
+and threads; measured in the forward child, quiet). Output: one JSON object; exit status 1 when a
+target is missed.
 
 Usage::
 
-    python benchmarks/localize_speed.py                          # CPU, mobilenetv2, 224 px, NEGEV
-    python benchmarks/localize_speed.py --device cuda --batch-size 64 --workers 4
-    python benchmarks/localize_speed.py --method cam --input-size 128 --mpp 1.0 --threads 1
+    python benchmarks/localize_speed.py                               # CPU, the default model
+    python benchmarks/localize_speed.py --slides band --loads quiet --threads 2
+    python benchmarks/localize_speed.py --device cuda --workers 4 --batch-size 64 --loads quiet
 """
 
 from __future__ import annotations
@@ -29,181 +41,311 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-TARGET = 0.9
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from extract_memory import peak_rss  # noqa: E402
+
+TARGETS = {"slide_ratio": 0.9, "peak_rss_mb": 1500.0, "forward_vs_resnet18": 0.3}
 REAL_SLIDE = (
     Path(__file__).resolve().parents[2] / "shared" / "data" / "wsi" / "cmu-1-small-region.svs"
 )
+BAND = (40000, 4480, 0.5)
+#: a process that keeps one core busy (the "busy" load)
+BUSY_CODE = "while True:\n    pass\n"
+WRITE_BAND = (
+    "import sys\n"
+    "from histo_wsl.synthetic.slides import make_layout, write_pyramid_tiff\n"
+    "w, h, mpp = int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])\n"
+    "write_pyramid_tiff(sys.argv[1], make_layout(w, h, mpp=mpp, n_sections=6, seed=0))\n"
+)
 
 
-def make_checkpoint(path: Path, method: str, backbone: str, size: int, mpp: float) -> Path:
-    """An untrained histo-wsl checkpoint (stage 1 ``cam`` or stage 2 ``negev``)."""
-    import torch
-
-    from histo_wsl.data.images import IMAGENET_MEAN, IMAGENET_STD
-    from histo_wsl.networks.classifier import build_classifier
-    from histo_wsl.networks.negev import NEGEVModel
-    from histo_wsl.registry.checkpoint import save_checkpoint
-
-    torch.manual_seed(0)
-    clf = build_classifier(backbone, "wgap", 2, pretrained=False)
-    card = {
-        "method": "cam",
-        "stage": 1,
-        "backbone": backbone,
-        "head": "wgap",
-        "head_opts": {},
-        "cam_method": "cam",
-        "num_classes": 2,
-        "class_names": ["normal", "tumour"],
-        "negative_class": "normal",
-        "input_size": size,
-        "mpp": mpp,
-        "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
-        "threshold": 0.5,
-        "name": f"benchmark-{method}-{backbone}-{size}px",
-    }
-    if method == "cam":
-        return save_checkpoint(path, card, clf.state_dict())
-    model = NEGEVModel(clf)
-    return save_checkpoint(
-        path, dict(card, method="negev", stage=2, classifier_card=card), model.state_dict()
-    )
-
-
-def synthetic_slide(folder: Path, size: int = 4000, mpp: float = 0.5) -> Path:
-    """A cached synthetic pyramidal TIFF standing in for the real slide."""
-    from histo_wsl.synthetic.slides import make_layout, write_pyramid_tiff
-
-    path = folder / f"synthetic_{size}px_{mpp:g}mpp.tiff"
+def band_slide(cache: Path) -> Path:
+    """The cached synthetic band slide (written by a child process)."""
+    w, h, mpp = BAND
+    path = cache / f"band_{w}x{h}_{mpp:g}mpp.tiff"
     if not path.is_file():
-        write_pyramid_tiff(path, make_layout(size, size, mpp=mpp, seed=0))
+        cache.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            [sys.executable, "-c", WRITE_BAND, str(path), str(w), str(h), str(mpp)], check=True
+        )
     return path
 
 
-def forward_rate(engine, batch_size: int, seconds: float) -> float:
-    """Windows/s of ``engine.predict`` on one in-memory uint8 batch, for about ``seconds``."""
+def tissue_batch(slide: Path, engine, batch_size: int):
+    """``batch_size`` uint8 windows (B,S,S,3) of the slide's tissue, read as localize reads them."""
+    import numpy as np
     import torch
 
-    g = torch.Generator().manual_seed(0)
-    batch = torch.randint(0, 256, (batch_size, engine.size, engine.size, 3), generator=g)
-    batch = batch.to(torch.uint8)
-    if engine.device.type == "cuda":
-        batch = batch.pin_memory()
+    from histo_wsl.slideio.slide import open_slide, plan_read, read_patch, read_thumbnail
+    from histo_wsl.tissue.detect import detect_tissue
 
-    def sync() -> None:
-        if engine.device.type == "cuda":
-            torch.cuda.synchronize()
+    with open_slide(slide) as s:
+        thumb, down = read_thumbnail(s)
+        mask = detect_tissue(thumb, s.mpp * down)
+        plan = plan_read(s, mpp=float(engine.model_mpp))
+        side = int(round(engine.size * plan.scale))
+        ys, xs = np.nonzero(mask)
+        order = np.random.default_rng(0).permutation(len(ys))[:batch_size]
+        wins = []
+        for i in order:
+            x0 = max(0, int(xs[i] * down) - side // 2)
+            y0 = max(0, int(ys[i] * down) - side // 2)
+            patch = read_patch(s, plan, (x0, y0), (engine.size, engine.size))
+            wins.append(np.asarray(patch.convert("RGB")))
+    wins = [wins[i % len(wins)] for i in range(batch_size)]
+    return torch.from_numpy(np.stack(wins))
 
-    engine.predict(batch)  # warm-up
-    sync()
+
+def _rate(fn, seconds: float, per_call: int) -> float:
+    fn()  # warm-up
     n, start = 0, time.perf_counter()
     while True:
-        _, maps = engine.predict(batch)
-        maps.cpu()  # the map leaves the device, as in localize
-        n += batch_size
+        fn()
+        n += per_call
         if time.perf_counter() - start >= seconds:
-            break
-    sync()
-    return n / (time.perf_counter() - start)
+            return n / (time.perf_counter() - start)
+
+
+def forward_child(args: argparse.Namespace) -> None:
+    """(In a child) windows/s of the model's forward, and of ResNet18's with ``--resnet18``."""
+    import torch
+
+    from histo_wsl.inference.engine import Engine
+    from histo_wsl.inference.params import LocalizeParams
+
+    engine = Engine(
+        LocalizeParams(model=args.model, device=args.device, threads=args.child_threads or None)
+    )
+    batch = tissue_batch(Path(args.forward_child), engine, args.batch_size)
+    out = {"threads": torch.get_num_threads()}
+
+    def model_step() -> None:
+        engine.predict(batch)[1].cpu()  # the map leaves the device, as in localize
+
+    out["forward"] = _rate(model_step, args.forward_seconds, args.batch_size)
+    if args.resnet18:
+        import torchvision
+
+        net = torchvision.models.resnet18()
+        seg = torch.nn.Sequential(*list(net.children())[:-2], torch.nn.Conv2d(512, 2, 1))
+        seg = seg.eval().to(engine.device)
+        x = ((batch.permute(0, 3, 1, 2).float() - engine._mean.cpu()) / engine._std.cpu()).to(
+            engine.device
+        )
+
+        def r18_step() -> None:
+            with torch.no_grad():
+                seg(x).cpu()
+
+        out["resnet18"] = _rate(r18_step, args.forward_seconds, args.batch_size)
+        out["forward_again"] = _rate(model_step, args.forward_seconds, args.batch_size)
+    print(json.dumps(out))
+
+
+def run_forward(args, slide: Path, threads: int, resnet18: bool = False) -> dict:
+    """Run :func:`forward_child` in a fresh process."""
+    cmd = [sys.executable, __file__, "--forward-child", str(slide), "--model", args.model]
+    cmd += ["--child-threads", str(threads), "--device", args.device]
+    cmd += ["--batch-size", str(args.batch_size), "--forward-seconds", str(args.forward_seconds)]
+    if resnet18:
+        cmd.append("--resnet18")
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise RuntimeError(f"forward child failed: {res.stderr[-2000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+class GpuSampler:
+    """Samples the GPU's utilisation (``nvidia-smi``) every half second in a thread."""
+
+    def __init__(self, enabled: bool) -> None:
+        import threading
+
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True) if enabled else None
+
+    def _run(self) -> None:
+        query = ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"]
+        while not self._stop.wait(0.5):
+            try:
+                out = subprocess.run(query, capture_output=True, text=True, timeout=5).stdout
+                self.samples.append(float(out.split()[0]))
+            except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+                return
+
+    def __enter__(self) -> GpuSampler:
+        if self._thread is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def summary(self) -> dict | None:
+        """Mean and median utilisation (%) over the samples, None without any."""
+        if not self.samples:
+            return None
+        ordered = sorted(self.samples)
+        return {
+            "mean_pct": round(sum(ordered) / len(ordered), 1),
+            "median_pct": ordered[len(ordered) // 2],
+            "samples": len(ordered),
+        }
+
+
+def run_localize(args, slide: Path, threads: int, out: Path) -> dict:
+    """``histo-wsl localize`` in a fresh process: wall seconds, peak RSS and the slide's JSON."""
+    cmd = [sys.executable, "-m", "histo_wsl", "localize", str(slide), "--model", args.model]
+    cmd += ["--out", str(out), "--threads", str(threads), "--quiet", "--overwrite"]
+    cmd += ["--device", args.device, "--batch-size", str(args.batch_size)]
+    if args.workers is not None:
+        cmd += ["--workers", str(args.workers)]
+    with GpuSampler(args.device.startswith("cuda")) as gpu:
+        res = peak_rss(cmd)
+    if res["exit_code"] != 0:
+        raise RuntimeError(f"localize failed: {res['output_tail']}")
+    record = json.loads((out / slide.stem / f"{slide.stem}.json").read_text(encoding="utf-8"))
+    return {
+        "seconds": res["seconds"],
+        "peak_rss_mb": res["peak_rss_mb"],
+        "record": record,
+        "gpu_utilisation": gpu.summary(),
+    }
+
+
+def measure(args, name: str, slide: Path, load: str, threads: int, work: Path) -> dict:
+    """One configuration: forward, localize, forward; the ratios."""
+    fwd_threads = threads or args.auto_reference
+    before = run_forward(args, slide, fwd_threads)["forward"]
+    loc = run_localize(args, slide, threads, work / f"{name}-{load}-{threads}")
+    after = run_forward(args, slide, fwd_threads)["forward"]
+    rec = loc["record"]
+    n, total = rec["windows"], rec["timings"]["total_s"]
+    forward = (before + after) / 2
+    return {
+        "slide": name,
+        "load": load,
+        "threads": threads or "auto",
+        "threads_used": rec.get("threads"),
+        "windows": n,
+        "forward_windows_per_s": round(forward, 2),
+        "forward_before_after": [round(before, 2), round(after, 2)],
+        "localize_slide_windows_per_s": round(n / total, 2),
+        "slide_ratio": round(n / total / forward, 3),
+        "process_ratio": round(n / loc["seconds"] / forward, 3),
+        "process_s": loc["seconds"],
+        "startup_s": round(loc["seconds"] - total, 2),
+        "peak_rss_mb": loc["peak_rss_mb"],
+        "gpu_utilisation": loc["gpu_utilisation"],
+        "slides_per_hour": round(3600.0 / loc["seconds"], 1),
+        "timings": rec["timings"],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--slide", type=Path, help=f"slide (default {REAL_SLIDE.name} or synthetic)")
-    ap.add_argument("--method", choices=["negev", "cam"], default="negev")
-    ap.add_argument("--backbone", default="mobilenetv2")
-    ap.add_argument("--input-size", type=int, default=224, help="window side, px")
-    ap.add_argument("--mpp", type=float, default=0.5, help="model µm/px (slide read at it)")
+    ap.add_argument("--model", default="glas-negev-mobilenetv2", help="model name or checkpoint")
+    ap.add_argument("--slides", default="cmu1,band", help="comma list of cmu1, band")
+    ap.add_argument("--loads", default="quiet,busy", help="comma list of quiet, busy")
+    ap.add_argument("--threads", default="1,2,0", help="comma list; 0 = localize's own choice")
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--overlap", type=float, default=0.25)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--workers", type=int, default=None, help="reader processes (default auto)")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--forward-seconds", type=float, default=5.0)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--workers", type=int, default=None, help="localize's reader processes")
+    ap.add_argument("--forward-seconds", type=float, default=8.0)
+    ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "histo-wsl-bench")
+    ap.add_argument("--forward-child", help=argparse.SUPPRESS)
+    ap.add_argument("--child-threads", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--resnet18", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-
-    import torch
-
-    from histo_wsl.inference.engine import Engine
-    from histo_wsl.inference.localize import localize
-    from histo_wsl.inference.params import LocalizeParams
-    from histo_wsl.runtime.batch import BatchOptions
-    from histo_wsl.runtime.inputs import InputItem
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.forward_child:
+        forward_child(args)
+        return 0
+    slides = {}
+    for name in args.slides.split(","):
+        if name == "cmu1":
+            if REAL_SLIDE.is_file():
+                slides[name] = REAL_SLIDE
+        elif name == "band":
+            slides[name] = band_slide(args.cache)
+        else:
+            ap.error(f"unknown slide {name!r}")
+    threads = [int(t) for t in args.threads.split(",")]
+    # the forward reference of the "auto" rows: the best fixed count under that load
+    args.auto_reference = os.cpu_count() or 1
+    rows, busy = [], None
+    first = next(iter(slides.values()))
+    quiet_fwd = run_forward(args, first, os.cpu_count() or 1, resnet18=True)
     with tempfile.TemporaryDirectory(prefix="histo-wsl-bench-") as tmp:
-        tmp_path = Path(tmp)
-        slide = args.slide or (REAL_SLIDE if REAL_SLIDE.is_file() else synthetic_slide(tmp_path))
-        model = make_checkpoint(
-            tmp_path / "model.pt", args.method, args.backbone, args.input_size, args.mpp
-        )
-        params = LocalizeParams(
-            model=model,
-            batch_size=args.batch_size,
-            overlap=args.overlap,
-            device=args.device,
-            workers=args.workers,
-        )
-        engine = Engine(params)
-        item = InputItem(slide, slide.stem)
-        forward, end_to_end, ratios, records = [], [], [], []
-        forward_rate(engine, args.batch_size, 1.0)  # warm-up (allocator, kernels)
-        for r in range(args.repeats):
-            # the forward rate is taken right before and right after each pass: load from other
-            # processes on a shared machine then weighs on both sides of the ratio alike
-            before = forward_rate(engine, args.batch_size, args.forward_seconds)
-            out = tmp_path / f"out{r}"
-            summary = localize([item], out, params, BatchOptions(quiet=True))
-            after = forward_rate(engine, args.batch_size, args.forward_seconds)
-            it = summary.items[0]
-            if it.status != "done":
-                raise RuntimeError(f"localize failed: {it.error}")
-            records.append(it.details | {"item_seconds": it.seconds})
-            forward.append((before + after) / 2)
-            end_to_end.append(it.details["windows"] / it.seconds)
-            ratios.append(end_to_end[-1] / forward[-1])
-        best = sorted(range(args.repeats), key=lambda i: ratios[i])[(args.repeats - 1) // 2]
-        rec = records[best]  # the median pass (the lower one of two)
-        pure, e2e = forward[best], end_to_end[best]
-        result = {
-            "benchmark": "localize_speed",
-            "machine": {
-                "cpu_count": os.cpu_count(),
-                "platform": platform.platform(),
-                "python": platform.python_version(),
-                "torch": torch.__version__,
-                "torch_threads": torch.get_num_threads(),
-                "device": str(engine.device),
-                "gpu": torch.cuda.get_device_name() if engine.device.type == "cuda" else None,
-            },
-            "slide": str(slide),
-            "slide_size": rec["slide_size"],
-            "slide_mpp": rec["slide_mpp"],
-            "model": f"{args.method}/{args.backbone}/{args.input_size}px at {args.mpp:g} µm/px",
-            "batch_size": args.batch_size,
-            "workers": rec["workers"],
-            "windows": rec["windows"],
-            "forward_windows_per_s": round(pure, 2),
-            "localize_windows_per_s": round(e2e, 2),
-            "ratio": round(e2e / pure, 3),
-            "target": TARGET,
-            "pass": e2e / pure >= TARGET,
-            "slides_per_hour": round(3600.0 / rec["item_seconds"], 1),
-            "timings": rec["timings"],
-            "all_forward_windows_per_s": [round(v, 2) for v in forward],
-            "all_localize_windows_per_s": [round(v, 2) for v in end_to_end],
-            "all_ratios": [round(v, 3) for v in ratios],
-        }
+        for load in args.loads.split(","):
+            if load == "busy":
+                busy = subprocess.Popen([sys.executable, "-c", BUSY_CODE])
+                time.sleep(2.0)
+            try:
+                for name, slide in slides.items():
+                    best = {}
+                    for t in threads:
+                        if t == 0:
+                            args.auto_reference = max(best, key=best.get) if best else 1
+                        row = measure(args, name, slide, load, t, Path(tmp))
+                        if t:
+                            best[t] = row["forward_windows_per_s"]
+                        rows.append(row)
+                        print(json.dumps(row), file=sys.stderr)
+            finally:
+                if busy is not None:
+                    busy.kill()
+                    busy.wait()
+                    busy = None
+    fwd_ratio = quiet_fwd["forward"] / quiet_fwd["resnet18"]
+    result = {
+        "benchmark": "localize_speed",
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "processor": _processor(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "device": args.device,
+        },
+        "model": args.model,
+        "batch_size": args.batch_size,
+        "quiet_forward": {
+            "threads": quiet_fwd["threads"],
+            "model_windows_per_s": round(quiet_fwd["forward"], 2),
+            "model_again_windows_per_s": round(quiet_fwd["forward_again"], 2),
+            "resnet18_windows_per_s": round(quiet_fwd["resnet18"], 2),
+            "ratio": round(fwd_ratio, 3),
+        },
+        "rows": rows,
+        "targets": TARGETS,
+        "pass": {
+            "slide_ratio": all(r["slide_ratio"] >= TARGETS["slide_ratio"] for r in rows),
+            "peak_rss_mb": all(r["peak_rss_mb"] <= TARGETS["peak_rss_mb"] for r in rows),
+            "forward_vs_resnet18": fwd_ratio >= TARGETS["forward_vs_resnet18"],
+        },
+    }
     print(json.dumps(result, indent=2))
-    return 0 if result["pass"] else 1
+    return 0 if all(result["pass"].values()) else 1
+
+
+def _processor() -> str | None:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
 
 
 if __name__ == "__main__":
