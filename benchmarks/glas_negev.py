@@ -80,32 +80,6 @@ RECIPES: dict[str, dict[str, Any]] = {
         # paper-era code used best-loc for both (method.md §1.1, "Checkpoint subtlety")
         "stage1_checkpoint": "best-cls.pt",
     },
-    # the cpu recipe at the slide geometry: images resized by one factor to the card's µm/px,
-    # aspect kept (--geometry isotropic), so localize meets on slides what training saw
-    "cpu-slide": {
-        "stage1": {
-            "backbone": "mobilenetv2",
-            "pretrained": True,
-            "epochs": 24,
-            "batch_size": 16,
-            "lr": 0.003,
-            "step_size": 16,
-            "geometry": "isotropic",
-        },
-        "stage2": {
-            "epochs": 20,
-            "batch_size": 16,
-            "lr": 0.1,
-            "step_size": 14,
-            "seeds_fg": 20,
-            "seeds_bg": 20,
-            "seed_map": "knn",
-            "refine": "knn",
-            "geometry": "isotropic",
-        },
-        "rounds": 1,
-        "stage1_checkpoint": "best-cls.pt",
-    },
     "gpu": {
         "stage1": {
             "backbone": "resnet50",
@@ -128,6 +102,13 @@ RECIPES: dict[str, dict[str, Any]] = {
         "rounds": 1,
         "stage1_checkpoint": "best-cls.pt",
     },
+}
+# the cpu recipe at the slide geometry: images resized by one factor to the card's µm/px, aspect
+# kept (--geometry isotropic), so localize meets on slides what training saw
+RECIPES["cpu-slide"] = {
+    **RECIPES["cpu"],
+    "stage1": {**RECIPES["cpu"]["stage1"], "geometry": "isotropic"},
+    "stage2": {**RECIPES["cpu"]["stage2"], "geometry": "isotropic"},
 }
 #: NEGEV's PxAP gain over the CAM it starts from (points), the issue's target
 TARGET_GAIN = 10.0
