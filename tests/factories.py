@@ -61,6 +61,28 @@ def maxmin_card() -> dict:
     }
 
 
+def negev_card(backbone: str, input_size: int, **extra) -> dict:
+    """The card of a 2-class NEGEV checkpoint over a ``backbone`` classifier (``extra`` added)."""
+    clf = {
+        "method": "cam",
+        "backbone": backbone,
+        "head": "wgap",
+        "head_opts": {},
+        "num_classes": 2,
+        "class_names": ["gland", "normal"],
+    }
+    card = {
+        **clf,
+        "method": "negev",
+        "stage": 2,
+        "classifier_card": clf,
+        "input_size": input_size,
+        "mpp": 2.0,
+        "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+    }
+    return {**card, **extra}
+
+
 def glas_like(root: Path, n: int = 12) -> Path:
     """A GlaS-layout folder: n images (discs of 'glands' on pink stroma), masks, fold 0 split."""
     rng = np.random.default_rng(0)

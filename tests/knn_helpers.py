@@ -55,7 +55,8 @@ def tiny_classifier(tmp_path: Path) -> tuple[Path, Path, list[str]]:
 
 def refined_negev_checkpoint(path: Path, images: int = 4, per_image: int = 10, k: int = 8) -> Path:
     """A tiny NEGEV checkpoint (``tinycnn``) whose k-NN refiner holds a random bank."""
-    from histo_wsl.data.images import IMAGENET_MEAN, IMAGENET_STD
+    from factories import negev_card
+
     from histo_wsl.networks.classifier import build_classifier
     from histo_wsl.networks.knn import KNNRefiner, _stage_pixels
     from histo_wsl.networks.negev import NEGEVModel
@@ -87,25 +88,12 @@ def refined_negev_checkpoint(path: Path, images: int = 4, per_image: int = 10, k
     bank.keys = bank.embed(rows)
     model.refiner = KNNRefiner(k=k, alpha=1.0)
     model.refiner.set_bank(bank)
-    clf = {
-        "method": "cam",
-        "backbone": "tinycnn",
-        "head": "wgap",
-        "head_opts": {},
-        "num_classes": 2,
-        "class_names": ["gland", "normal"],
-    }
-    card = {
-        **clf,
-        "method": "negev",
-        "stage": 2,
-        "classifier_card": clf,
-        "input_size": 32,
-        "mpp": 2.0,
-        "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
-        "threshold": 0.5,
-        "domain": {"modality": "brightfield", "stain": "H&E"},
-        "refine": {
+    card = negev_card(
+        "tinycnn",
+        32,
+        threshold=0.5,
+        domain={"modality": "brightfield", "stain": "H&E"},
+        refine={
             "method": "knn",
             "k": k,
             "alpha": 1.0,
@@ -114,5 +102,5 @@ def refined_negev_checkpoint(path: Path, images: int = 4, per_image: int = 10, k
             "dims": 4,
             "bank_seed": 0,
         },
-    }
+    )
     return save_checkpoint(path, card, model.state_dict())

@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from factories import negev_card
 from PIL import Image
 from typer.testing import CliRunner
 
 from histo_wsl.cli.app import app
-from histo_wsl.data.images import IMAGENET_MEAN, IMAGENET_STD
 from histo_wsl.errors import InputError
 from histo_wsl.inference.predictor import load_model
 from histo_wsl.registry import registry as registry_mod
@@ -51,29 +51,16 @@ def source(tmp_path_factory):
     with torch.no_grad():
         for _ in range(2):  # realistic running statistics (not the 0/1 of a fresh network)
             model.segment(torch.randn(4, 3, SIZE, SIZE))
-    clf_card = {
-        "method": "cam",
-        "backbone": "mobilenetv2",
-        "head": "wgap",
-        "head_opts": {},
-        "num_classes": 2,
-        "class_names": ["gland", "normal"],
-    }
-    card = {
-        **clf_card,
-        "method": "negev",
-        "stage": 2,
-        "classifier_card": clf_card,
-        "negative_class": "normal",
-        "input_size": SIZE,
-        "mpp": 2.0,
-        "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
-        "threshold": 0.4,
-        "selected_by": "valpx_pxap",
-        "metrics": {"valpx_pxap": 0.8125, "val_acc": 0.9},
-        "seed": 7,
-        "training_data": {"source": "synthetic"},
-    }
+    card = negev_card(
+        "mobilenetv2",
+        SIZE,
+        negative_class="normal",
+        threshold=0.4,
+        selected_by="valpx_pxap",
+        metrics={"valpx_pxap": 0.8125, "val_acc": 0.9},
+        seed=7,
+        training_data={"source": "synthetic"},
+    )
     path = tmp_path_factory.mktemp("src") / "best-loc.pt"
     training = {"optimizer": {"step": torch.tensor(3)}}
     return save_checkpoint(path, card, model.state_dict(), training=training)
