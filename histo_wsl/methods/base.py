@@ -10,6 +10,7 @@ the training images, the µm/px the network saw, and the validation loop of ever
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,9 +128,16 @@ def training_images(ds: Dataset, cfg: TrainConfig) -> LabelledImages:
 
 
 def _median_side(ds: Dataset) -> float | None:
+    """Median of the mean image side over the first 64 images (their headers read once)."""
+    return _median_side_of(tuple(str(s.image) for s in ds.samples[:64]))
+
+
+@functools.lru_cache(maxsize=8)
+def _median_side_of(images: tuple[str, ...]) -> float | None:
+    # image_scale is asked at every evaluation and bank build: the headers are read once
     sides = []
-    for s in ds.samples[:64]:
-        with Image.open(s.image) as im:
+    for image in images:
+        with Image.open(image) as im:
             sides.append((im.size[0] + im.size[1]) / 2)
     return median(sides) if sides else None
 
