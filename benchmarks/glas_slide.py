@@ -10,10 +10,14 @@ and their gland masks as ``<slide>_mask.png`` beside it. Then, each a ``histo-ws
    to the network input) on the same images.
 
 It prints one JSON object: both PxAPs, the slide's Dice, the gap (papers' − slide) and the seconds
-of each step. Exit status 0, or 2 when GlaS is missing (``--skip-missing``: a message and 0).
+of each step; with ``--tta card,flips`` the flips' numbers and localize-time ratio under
+``other_tta``. ``<out>/card.json`` holds the same numbers for a model card
+(``histo-wsl models export ... --slide-metrics <out>/card.json``). Exit status 0, or 2 when GlaS
+is missing (``--skip-missing``: a message and 0).
 
     python benchmarks/glas_slide.py                         # the default model, fold 0
     python benchmarks/glas_slide.py --model runs/negev/best-loc.pt --out runs/glas-slide-negev
+    python benchmarks/glas_slide.py --tta card,flips         # is --tta flips worth its time?
 """
 
 from __future__ import annotations
@@ -113,8 +117,18 @@ def main(argv: list[str] | None = None) -> int:
         default="",
         help="More localize options, one string (e.g. '--overlap 0.5 --mpp 1.2'): a sweep.",
     )
+    p.add_argument(
+        "--tta",
+        default="card",
+        help="Comma list of test-time augmentations (card = the card's own, none, flips): both "
+        "protocols for each; the first is the headline, the others are reported with their "
+        "gain and time ratio.",
+    )
     p.add_argument("--skip-missing", action="store_true")
     args = p.parse_args(argv)
+    ttas = [t.strip() for t in args.tta.split(",") if t.strip()]
+    if not ttas or len(set(ttas)) != len(ttas):
+        p.error("--tta: a comma list of distinct test-time augmentations, e.g. none,flips")
     data = resolve_data(args.data)
     code = missing_glas(data, args.skip_missing)
     if code is not None:
@@ -124,48 +138,113 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(out)
     t0 = time.perf_counter()
     slide, mask, placed = layout_slide(data, args.fold, out)
-    seconds = {"layout": round(time.perf_counter() - t0, 1)}
-    steps = {
-        "localize": histo_wsl(
-            "localize", str(slide), "--model", args.model, "--out", str(out / "localize"),
-            "--device", args.device, "--quiet", *shlex.split(args.localize_options),
-        ),
-        "evaluate_slide": histo_wsl(
-            "evaluate", "--predictions", str(out / "localize"), "--annotations",
-            str(mask.parent), "--out", str(out / "eval-slide"), "--quiet",
-        ),
-        "evaluate_images": histo_wsl(
-            "evaluate", args.model, "--data", str(data), "--fold", str(args.fold), "--split",
-            "val", "--out", str(out / "eval-images"), "--device", args.device, "--quiet",
-        ),
-    }  # fmt: skip
-    codes = {}
-    for name, cmd in steps.items():
-        codes[name], secs = run_logged(cmd, out / "logs" / f"{name}.log")
-        seconds[name] = round(secs, 1)
-        if codes[name] != 0:
-            print(f"error: {name} failed; see {out / 'logs' / (name + '.log')}", file=sys.stderr)
+    seconds: dict[str, float] = {"layout": round(time.perf_counter() - t0, 1)}
+    rows, commands = {}, {}
+    for tta in ttas:
+        tag = "" if tta == ttas[0] else f"-{tta}"
+        row = _measure(args, data, out, slide, mask, tta, tag, seconds, commands)
+        if row is None:
             return 1
-    slide_m = json.loads((out / "eval-slide" / "metrics.json").read_text())["models"][0]
-    image_m = json.loads((out / "eval-images" / "metrics.json").read_text())["models"][0]
-    slide_pxap, image_pxap = eval_numbers(slide_m)["pxap"], eval_numbers(image_m)["pxap"]
+        rows[tta] = row
+    first = rows[ttas[0]]
     report = {
         "model": args.model,
         "localize_options": args.localize_options,
         "fold": args.fold,
         "images": len(placed),
         "slide": {"path": str(slide), "mpp": GLAS_MPP, "size": list(map(int, _size(slide)))},
+        **first,
+        "seconds": seconds,
+        "commands": commands,
+    }
+    if len(ttas) > 1:  # each other TTA against the first: its gain and its cost
+        base = seconds["localize"]
+        report["other_tta"] = {
+            t: {**r, "localize_time_ratio": round(seconds[f"localize-{t}"] / base, 2)}
+            for t, r in rows.items()
+            if t != ttas[0]
+        }
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    card = card_entry(report, argv if argv is not None else sys.argv[1:])
+    (out / "card.json").write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def card_entry(report: dict[str, Any], argv: list[str]) -> dict[str, Any]:
+    """The report as a model card's ``evaluation_slide`` (``models export --slide-metrics``).
+
+    The numbers and the command that measured them, without the run's absolute paths.
+    """
+    keep = (
+        "tta",
+        "slide_pxap",
+        "slide_dice",
+        "papers_protocol_pxap",
+        "papers_protocol_dice",
+        "gap",
+    )
+    entry: dict[str, Any] = {
+        "command": shlex.join(["python", "benchmarks/glas_slide.py", *argv]),
+        "data": f"GlaS fold {report['fold']}, the {report['images']} validation images laid out "
+        f"as one slide at {GLAS_MPP} µm/px",
+        **{k: report[k] for k in keep},
+    }
+    if report.get("localize_options"):
+        entry["localize_options"] = report["localize_options"]
+    for tta, row in (report.get("other_tta") or {}).items():
+        entry[f"tta_{tta}"] = {k: row[k] for k in (*keep[1:], "localize_time_ratio")}
+    return entry
+
+
+def _measure(
+    args: argparse.Namespace,
+    data: Path,
+    out: Path,
+    slide: Path,
+    mask: Path,
+    tta: str,
+    tag: str,
+    seconds: dict[str, float],
+    commands: dict[str, str],
+) -> dict[str, Any] | None:
+    """Both protocols with one test-time augmentation; None when a step failed (logged)."""
+    tta_option = [] if tta == "card" else ["--tta", tta]
+    steps = {
+        f"localize{tag}": histo_wsl(
+            "localize", str(slide), "--model", args.model, "--out", str(out / f"localize{tag}"),
+            "--device", args.device, *tta_option, "--quiet",
+            *shlex.split(args.localize_options),
+        ),
+        f"evaluate_slide{tag}": histo_wsl(
+            "evaluate", "--predictions", str(out / f"localize{tag}"), "--annotations",
+            str(mask.parent), "--out", str(out / f"eval-slide{tag}"), "--quiet",
+        ),
+        f"evaluate_images{tag}": histo_wsl(
+            "evaluate", args.model, "--data", str(data), "--fold", str(args.fold), "--split",
+            "val", *tta_option, "--out", str(out / f"eval-images{tag}"), "--device",
+            args.device, "--quiet",
+        ),
+    }  # fmt: skip
+    for name, cmd in steps.items():
+        code, secs = run_logged(cmd, out / "logs" / f"{name}.log")
+        seconds[name] = round(secs, 1)
+        commands[name] = " ".join(cmd)
+        if code != 0:
+            print(f"error: {name} failed; see {out / 'logs' / (name + '.log')}", file=sys.stderr)
+            return None
+    slide_m = json.loads((out / f"eval-slide{tag}" / "metrics.json").read_text())["models"][0]
+    image_m = json.loads((out / f"eval-images{tag}" / "metrics.json").read_text())["models"][0]
+    slide_pxap, image_pxap = eval_numbers(slide_m)["pxap"], eval_numbers(image_m)["pxap"]
+    record = out / f"localize{tag}" / slide.stem / f"{slide.stem}.json"
+    return {
+        "tta": json.loads(record.read_text())["model"]["tta"],  # what localize actually used
         "slide_pxap": slide_pxap,
         "slide_dice": _dice(slide_m),
         "papers_protocol_pxap": image_pxap,
         "papers_protocol_dice": _dice(image_m),
         "gap": None if None in (slide_pxap, image_pxap) else round(image_pxap - slide_pxap, 2),
-        "seconds": seconds,
-        "commands": {k: " ".join(v) for k, v in steps.items()},
     }
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    print(json.dumps(report, indent=2))
-    return 0
 
 
 def _size(slide: Path) -> tuple[int, int]:
