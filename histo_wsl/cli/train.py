@@ -1,4 +1,4 @@
-"""``histo-wsl train-classifier`` (stage 1: CAM classifier or Max-Min) and ``train-decoder``."""
+"""``histo-wsl train-classifier`` (stage 1: CAM or Max-Min), ``train-decoder``, ``train-mil``."""
 
 from __future__ import annotations
 
@@ -680,5 +680,113 @@ def train_decoder(
     cfg = resolve_config(ctx, values, config, resume, out, base=STAGE2_DEFAULTS)
     cfg.run.out = str(out)
     summary = get_method("negev").train(cfg, resume=resume, quiet=quiet or json_out, argv=sys.argv)
+    if json_out:
+        print_json(summary)
+
+
+MIL_EPILOG = (
+    "Examples: histo-wsl train-mil patches/ --negative-class normal --out runs/mil  |  "
+    "histo-wsl train-classifier runs/mil/pseudo-labels.csv --negative-class normal --out runs/cam"
+    "  |  histo-wsl train-decoder runs/mil/pseudo-labels.csv --classifier runs/cam/best-loc.pt "
+    "--negative-class normal --out runs/negev"
+)
+
+
+@reports_errors
+def train_mil(
+    data: Annotated[
+        Path,
+        typer.Argument(
+            help="Patch folder of extract-patches (manifest.csv), one label per slide "
+            "(extract-patches --label, or a label column in its CSV list of slides)."
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder.")] = Path("runs/mil"),
+    negative_class: Annotated[
+        str | None,
+        typer.Option(
+            help="Class of fully negative slides (e.g. normal); every other class is positive. "
+            "Needed unless there are two classes and one is named normal, benign or negative."
+        ),
+    ] = None,
+    backbone: Annotated[
+        str,
+        typer.Option(
+            help="Frozen feature extractor: mobilenetv2, resnet18, resnet50, vgg16, inceptionv3 "
+            "(tinycnn: random weights, tests only)."
+        ),
+    ] = "mobilenetv2",
+    pretrained: Annotated[
+        bool,
+        typer.Option(
+            "--pretrained/--no-pretrained",
+            help="ImageNet weights from the torch hub cache ($TORCH_HOME); no download.",
+        ),
+    ] = True,
+    input_size: Annotated[
+        int, typer.Option(min=16, help="Patches are resized to this square (px) for the features.")
+    ] = 224,
+    batch_size: Annotated[
+        int, typer.Option(min=1, help="Patches per feature-extraction batch.")
+    ] = 32,
+    epochs: Annotated[int, typer.Option(min=1, help="Passes over the training slides.")] = 40,
+    lr: Annotated[float, typer.Option(min=0.0, help="Adam learning rate of the MIL model.")] = 1e-3,
+    val_fraction: Annotated[
+        float,
+        typer.Option(
+            min=0.05, max=0.9, help="Share of each class's slides for validation (by slide)."
+        ),
+    ] = 0.25,
+    negative_fpr: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=0.99,
+            help="t_pos is the smallest instance score that at most this share of the negative "
+            "validation slides' patches reach; positive slides' patches at or above it are "
+            "labelled positive.",
+        ),
+    ] = 0.02,
+    negative_below: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Label positive slides' patches scoring below this negative (default: they are "
+            "left out as ambiguous).",
+        ),
+    ] = None,
+    device: DeviceOpt = "auto",
+    seed: Annotated[int, typer.Option(help="Seed of the split, the MIL weights, slide order.")] = 0,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Multiple-instance learning from slide labels: instance scores and pseudo patch labels.
+
+    Bags are the slides of a patch folder; a frozen backbone's pooled features describe each patch
+    (cached in <out>/features.pt); a DSMIL network (torchmil) learns negative vs positive slides.
+    Writes <out>/instances.csv (a score per patch), slides.csv (a score per slide),
+    pseudo-labels.csv (a dataset CSV for train-classifier and train-decoder), mil.pt and run.json.
+    """
+    from histo_wsl.methods.mil import MILParams
+    from histo_wsl.methods.mil import train_mil as run
+
+    params = MILParams(
+        data=data,
+        out=out,
+        negative_class=negative_class,
+        backbone=backbone,
+        pretrained=pretrained,
+        input_size=input_size,
+        batch_size=batch_size,
+        epochs=epochs,
+        lr=lr,
+        val_fraction=val_fraction,
+        negative_fpr=negative_fpr,
+        negative_below=negative_below,
+        seed=seed,
+        device=device,
+    )
+    summary = run(params, quiet=quiet or json_out, argv=sys.argv)
     if json_out:
         print_json(summary)

@@ -1,5 +1,7 @@
 """Making and reading training data: dataset layouts, images and masks, patch extraction.
 
+* :mod:`~histo_wsl.data.bags` — Slides of a patch folder as multiple-instance bags: one label per
+  slide, its patches the instances.
 * :mod:`~histo_wsl.data.device_batches` — The training set decoded once and kept on the training
   device, batches augmented there.
 * :mod:`~histo_wsl.data.extract` — ``extract-patches``: tile slides into a patch folder that
@@ -16,6 +18,11 @@ from histo_wsl.runtime.lazy import lazy_exports
 
 #: public name → the module of this package that defines it
 _EXPORTS = {
+    "Bag": "bags",
+    "BagSet": "bags",
+    "load_bags": "bags",
+    "NEGATIVE_NAMES": "bags",
+    "split_bags": "bags",
     "DeviceBatches": "device_batches",
     "ASSUMED_MPP": "extract",
     "extract_patches": "extract",

@@ -6,6 +6,8 @@
   :mod:`~histo_wsl.methods.negev_losses`.
 * :mod:`~histo_wsl.methods.maxmin` — Max-Min uncertainty: localizer and classifier trained together
   (``train-classifier --method maxmin``); its losses in :mod:`~histo_wsl.methods.maxmin_losses`.
+* :mod:`~histo_wsl.methods.mil` — multiple-instance learning from slide labels (DSMIL over frozen
+  patch features): instance scores and pseudo patch labels for the methods above (``train-mil``).
 * :mod:`~histo_wsl.methods.knn` — the k-NN seed map and refinement both NEGEV and Max-Min use.
 * :mod:`~histo_wsl.methods.base` — the :class:`~histo_wsl.methods.base.Method` interface and the
   data and validation steps the methods share.
