@@ -43,44 +43,46 @@ GLAS_MPP = 0.62
 GLASS = 243
 
 
-def layout_slide(
-    glas: Path, fold: int, out: Path, columns: int = 6, gap: int = 256
-) -> tuple[Path, Path, list[dict]]:
-    """Write ``out/glas-val-fold<F>.tif`` (pyramidal, tiled, JPEG) and its ``_mask.png``.
+def place_images(
+    images: list[np.ndarray], truths: list[np.ndarray], columns: int, gap: int
+) -> tuple[np.ndarray, np.ndarray, list[dict[str, int]]]:
+    """Images on white glass in a grid of ``columns``, ``gap`` px apart, with their masks.
+
+    Args:
+        images: RGB uint8 arrays.
+        truths: one boolean (or 0/non-0) mask per image, its shape.
 
     Returns:
-        (slide, mask, one placement per image: name, x, y, width, height, label).
+        (RGB slide, uint8 mask (255 inside), one placement per image: x, y, width, height).
     """
-    import tifffile
-    from PIL import Image
-
-    from histo_wsl.data.sources import load_samples
-
-    samples = [s for s in load_samples(glas, fold=fold).samples if s.split == "val"]
-    images = [np.asarray(Image.open(s.image).convert("RGB")) for s in samples]
-    masks = [np.asarray(Image.open(s.mask)) for s in samples]
     cell_w = max(im.shape[1] for im in images) + gap
     cell_h = max(im.shape[0] for im in images) + gap
     rows = -(-len(images) // columns)
-    width, height = gap + columns * cell_w, gap + rows * cell_h
+    width, height = gap + min(columns, len(images)) * cell_w, gap + rows * cell_h
     rgb = np.full((height, width, 3), GLASS, np.uint8)
     truth = np.zeros((height, width), np.uint8)
     placed = []
-    for i, (s, im, m) in enumerate(zip(samples, images, masks, strict=True)):
+    for i, (im, m) in enumerate(zip(images, truths, strict=True)):
         x, y = gap + (i % columns) * cell_w, gap + (i // columns) * cell_h
         h, w = im.shape[:2]
         rgb[y : y + h, x : x + w] = im
-        truth[y : y + h, x : x + w] = np.where((m if m.ndim == 2 else m.max(axis=2)) > 0, 255, 0)
-        placed.append({"name": s.image.stem, "x": x, "y": y, "width": w, "height": h})
-    out.mkdir(parents=True, exist_ok=True)
-    slide = out / f"glas-val-fold{fold}.tif"
+        truth[y : y + h, x : x + w] = np.where(m > 0, 255, 0)
+        placed.append({"x": x, "y": y, "width": w, "height": h})
+    return rgb, truth, placed
+
+
+def write_pyramid(path: Path, rgb: np.ndarray, mpp: float = GLAS_MPP) -> None:
+    """A tiled (256 px), JPEG (quality 95), pyramidal TIFF with resolution tags, halved to 512 px."""
+    import tifffile
+    from PIL import Image
+
     levels = [rgb]
     while max(levels[-1].shape[:2]) > 512:
         prev = Image.fromarray(levels[-1])
         levels.append(np.asarray(prev.resize((prev.width // 2, prev.height // 2), Image.BOX)))
-    with tifffile.TiffWriter(slide) as tw:
+    with tifffile.TiffWriter(path) as tw:
         for i, level in enumerate(levels):
-            res = 1e4 / (GLAS_MPP * 2**i)
+            res = 1e4 / (mpp * 2**i)
             tw.write(
                 level,
                 tile=(256, 256),
@@ -92,6 +94,30 @@ def layout_slide(
                 subfiletype=0 if i == 0 else 1,
                 metadata=None,
             )
+
+
+def layout_slide(
+    glas: Path, fold: int, out: Path, columns: int = 6, gap: int = 256
+) -> tuple[Path, Path, list[dict]]:
+    """Write ``out/glas-val-fold<F>.tif`` (pyramidal, tiled, JPEG) and its ``_mask.png``.
+
+    Returns:
+        (slide, mask, one placement per image: name, x, y, width, height).
+    """
+    from PIL import Image
+
+    from histo_wsl.data.sources import load_samples
+
+    samples = [s for s in load_samples(glas, fold=fold).samples if s.split == "val"]
+    images = [np.asarray(Image.open(s.image).convert("RGB")) for s in samples]
+    masks = [np.asarray(Image.open(s.mask)) for s in samples]
+    masks = [m if m.ndim == 2 else m.max(axis=2) for m in masks]
+    rgb, truth, placed = place_images(images, masks, columns, gap)
+    for p, s in zip(placed, samples, strict=True):
+        p["name"] = s.image.stem
+    out.mkdir(parents=True, exist_ok=True)
+    slide = out / f"glas-val-fold{fold}.tif"
+    write_pyramid(slide, rgb)
     mask = out / "annotations" / f"{slide.stem}_mask.png"
     mask.parent.mkdir(exist_ok=True)
     Image.fromarray(truth).save(mask)

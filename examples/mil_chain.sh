@@ -30,15 +30,16 @@ histo-wsl extract-patches "$SLIDES" --out "$OUT/patches" --mpp 1.0 --patch-size 
 histo-wsl train-mil "$OUT/patches" --negative-class normal --out "$OUT/mil" \
   --backbone mobilenetv2 --epochs 40 --negative-fpr 0.02
 
-# 3. Stage 1: the CAM classifier on the pseudo labels (same slide split as train-mil). A dataset
-#    CSV does not carry the patches' resolution: --data-mpp gives it (step 1's --mpp), so that the
-#    card tells localize at which µm/px to read the slides.
-histo-wsl train-classifier "$OUT/mil/pseudo-labels.csv" --negative-class normal --data-mpp 1.0 \
+# 3. Stage 1: the CAM classifier on the pseudo labels (same slide split as train-mil). The CSV's
+#    mpp column carries the patches' µm/px into the card, so localize reads slides at step 1's.
+histo-wsl train-classifier "$OUT/mil/pseudo-labels.csv" --negative-class normal \
   --out "$OUT/cam" --backbone mobilenetv2 --epochs 30 "${TRAIN[@]}"
 
 # 4. Stage 2: the NEGEV decoder from the classifier's CAM seeds and the normal patches.
 histo-wsl train-decoder "$OUT/mil/pseudo-labels.csv" --classifier "$OUT/cam/best-loc.pt" \
   --negative-class normal --out "$OUT/negev" --epochs 30 "${TRAIN[@]}"
 
-# 5. Whole-slide maps where there is tissue: <OUT>/maps/<slide>/<slide>.geojson and .prob.tif.
-histo-wsl localize "$SLIDES" --model "$OUT/negev/best-loc.pt" --out "$OUT/maps" --skip-errors
+# 5. Whole-slide maps where there is tissue: <OUT>/maps/<slide>/<slide>.geojson and .prob.tif;
+#    <slide>.json also carries the MIL model's slide score (mil.score, mil.predicted_class).
+histo-wsl localize "$SLIDES" --model "$OUT/negev/best-loc.pt" --mil "$OUT/mil/mil.pt" \
+  --out "$OUT/maps" --skip-errors

@@ -217,6 +217,16 @@ def localize(
             "mean probability (a heatmap QuPath can colour and filter).",
         ),
     ] = False,
+    mil: Annotated[
+        Path | None,
+        typer.Option(
+            "--mil",
+            metavar="MIL.PT",
+            help="A train-mil model: each slide's JSON also gets its slide-level score (mil), "
+            "from patches cut as its training patches were.",
+            show_default=False,
+        ),
+    ] = None,
     seed: SeedOpt = 0,
     overwrite: OverwriteOpt = False,
     skip_errors: SkipErrorsOpt = False,
@@ -273,6 +283,7 @@ def localize(
         seed=seed,
         force=force,
         geojson_tiles=geojson_tiles,
+        mil=mil,
     )
     params.validate()
 

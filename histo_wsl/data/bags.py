@@ -21,7 +21,7 @@ import numpy as np
 from histo_wsl.data.sources import _n_val, _read_csv, _resolve_classes
 from histo_wsl.errors import InputError
 
-__all__ = ["NEGATIVE_NAMES", "Bag", "BagSet", "load_bags", "split_bags"]
+__all__ = ["NEGATIVE_NAMES", "Bag", "BagSet", "load_bags", "patch_geometry", "split_bags"]
 
 #: class names taken as the negative class of a two-class folder when --negative-class is not given
 NEGATIVE_NAMES = ("normal", "benign", "negative", "healthy", "non-tumour", "non-tumor", "0")
@@ -36,6 +36,7 @@ class Bag:
         label: the slide's class name.
         paths: patch image paths relative to the patch folder, in manifest order.
         rows: the manifest line number of each patch.
+        mpps: the manifest's µm/px of each patch (text, as written; blank when read by level).
         split: ``train`` or ``val``.
     """
 
@@ -43,6 +44,7 @@ class Bag:
     label: str
     paths: list[str] = field(default_factory=list)
     rows: list[int] = field(default_factory=list)
+    mpps: list[str] = field(default_factory=list)
     split: str = "train"
 
 
@@ -56,6 +58,7 @@ class BagSet:
         class_names: the classes, in index order.
         negative_class: the name of the negative class.
         manifest_sha256: hash of ``manifest.csv`` (what cached features were computed from).
+        patch: how the patches were cut (:func:`patch_geometry`): what scoring a new slide repeats.
     """
 
     folder: Path
@@ -63,6 +66,7 @@ class BagSet:
     class_names: list[str]
     negative_class: str
     manifest_sha256: str
+    patch: dict = field(default_factory=dict)
 
     def is_positive(self, bag: Bag) -> bool:
         """Whether a slide is positive (its class is not the negative class)."""
@@ -95,6 +99,45 @@ class BagSet:
         return out
 
 
+def patch_geometry(folder: Path, rows: list[dict]) -> dict:
+    """How the folder's patches were cut: side (px), µm/px or level, stride, minimum tissue.
+
+    Read from the ``extract-patches`` record (``run.json``'s params) when there is one, else from
+    the manifest's rows (the most common side and µm/px; stride = side; the smallest tissue
+    fraction kept). ``source`` says which.
+    """
+    params: dict = {}
+    try:
+        params = json.loads((folder / "run.json").read_text(encoding="utf-8")).get("params") or {}
+    except (OSError, ValueError, AttributeError):
+        params = {}
+    if params.get("patch_size"):
+        return {
+            "size": int(params["patch_size"]),
+            "mpp": None if params.get("mpp") is None else float(params["mpp"]),
+            "level": params.get("level"),
+            "stride": int(params.get("stride") or params["patch_size"]),
+            "min_tissue": float(params.get("min_tissue") or 0.0),
+            "source": "run.json",
+        }
+
+    def most_common(key: str) -> str:
+        values = [r.get(key) or "" for r in rows]
+        return max(set(values), key=values.count) if values else ""
+
+    size = int(most_common("size") or 0) or None
+    mpp = most_common("mpp")
+    fractions = [float(r["tissue_fraction"]) for r in rows if r.get("tissue_fraction")]
+    return {
+        "size": size,
+        "mpp": float(mpp) if mpp else None,
+        "level": None if mpp else int(most_common("level") or 0),
+        "stride": size,
+        "min_tissue": min(fractions) if fractions else 0.0,
+        "source": "manifest.csv",
+    }
+
+
 def _group(rows: list[dict], manifest: Path) -> dict[str, Bag]:
     """Patches grouped by slide; refuses unlabelled patches and slides with mixed labels."""
     bags: dict[str, Bag] = {}
@@ -123,6 +166,7 @@ def _group(rows: list[dict], manifest: Path) -> dict[str, Bag]:
             )
         bag.paths.append(r["path"])
         bag.rows.append(i)
+        bag.mpps.append(r.get("mpp") or "")
     return bags
 
 
@@ -246,4 +290,4 @@ def load_bags(
     ordered = [bags[k] for k in sorted(bags)]
     split_bags(ordered, val_fraction, seed)
     digest = hashlib.sha256(manifest.read_bytes()).hexdigest()
-    return BagSet(folder, ordered, names, negative, digest)
+    return BagSet(folder, ordered, names, negative, digest, patch_geometry(folder, rows))

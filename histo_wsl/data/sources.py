@@ -132,7 +132,8 @@ def _from_csv(path: Path, classes: list[str] | None, allow_test: bool = False) -
     image_col = next((c for c in ("image", "path") if c in header), None)
     if image_col is None or "label" not in header:
         raise InputError(
-            "a dataset CSV needs the columns image,label (and optionally mask, split, valpx); "
+            "a dataset CSV needs the columns image,label (and optionally mask, split, valpx, "
+            "mpp); "
             f"found {header}",
             path,
         )
@@ -154,9 +155,21 @@ def _from_csv(path: Path, classes: list[str] | None, allow_test: bool = False) -
             Sample(image, _class_index(names, r["label"], where, path), mask, split, valpx)
         )
     ds = Dataset(samples, names, source=str(path), layout="csv")
+    ds.data_mpp = _median_mpp(rows, path) if "mpp" in header else None
     if not has_split:
         ds.notes.append("no split column: a seeded stratified validation split was drawn")
     return ds
+
+
+def _median_mpp(rows: list[dict], path: Path) -> float | None:
+    """The median of the rows' ``mpp`` column (µm/px of each patch; blanks skipped)."""
+    try:
+        mpps = sorted(float(r["mpp"]) for r in rows if r.get("mpp"))
+    except ValueError:
+        raise InputError(
+            "the mpp column holds a value that is not a number (µm/px)", path
+        ) from None
+    return mpps[len(mpps) // 2] if mpps else None
 
 
 def _from_manifest(folder: Path, classes: list[str] | None) -> Dataset:
@@ -183,8 +196,7 @@ def _from_manifest(folder: Path, classes: list[str] | None) -> Dataset:
         for i, r in enumerate(rows, start=2)
     ]
     ds = Dataset(samples, names, source=str(folder), layout="patch-folder")
-    mpps = sorted(float(r["mpp"]) for r in rows if r.get("mpp"))
-    ds.data_mpp = mpps[len(mpps) // 2] if mpps else None
+    ds.data_mpp = _median_mpp(rows, path)
     ds.notes.append(
         "patch folder: the validation split is drawn per slide (no slide in both splits)"
     )

@@ -132,6 +132,12 @@ class Engine:
             )
         self.params = params
         torch.manual_seed(params.seed)
+        #: the train-mil model scoring each slide (``--mil``), or None
+        self.mil = None
+        if params.mil is not None:
+            from histo_wsl.inference.mil_slide import SlideMIL
+
+            self.mil = SlideMIL(params.mil, self.device)
 
     def threads_record(self) -> dict | None:
         """The forward's CPU threads and how they were chosen (None on a GPU)."""

@@ -10,7 +10,8 @@ Per slide, under ``<out>/<slide>/`` (DESIGN.md §3):
   (polygons with holes; classification = the ROI class; measurements: area µm², mean probability).
 - ``<slide>.overlay.png``: the thumbnail tinted by the probability, ROI and tissue outlined.
 - ``<slide>.json`` (written last, by the batch runner): slide-level class and score, ROI and
-  tissue areas, threshold, resolutions, window layout, timings, model.
+  tissue areas, threshold, resolutions, window layout, timings, model; with ``--mil``, a
+  ``train-mil`` model's slide score too (:mod:`histo_wsl.inference.mil_slide`).
 
 Plain images (PNG, JPEG...) take the same path as one-level slides, and also get
 ``<image>.prob.png`` and ``<image>.mask.png`` at the image's own size. ``--whole-image`` is the
@@ -243,6 +244,9 @@ def _localize_open_slide(job: SlideJob, progress: Progress) -> dict:
         engine, dataset, blender, canvas, *origin, (w0 / g.s_out, h0 / g.s_out), progress
     )
     canvas.close()
+    mil = None
+    if engine.mil is not None:
+        mil = engine.mil.score(slide, item.path, job.slide_mpp, found, held)
     if held is not None:
         held.close()
     release_freed_memory()
@@ -272,6 +276,7 @@ def _localize_open_slide(job: SlideJob, progress: Progress) -> dict:
         "score": score,
         "class_probabilities": class_probs,
         "slide_score_rule": "mean of the tissue windows' softmax; predicted class = its argmax",
+        **({} if mil is None else {"mil": mil}),
         "roi_class": engine.roi_name,
         "threshold": engine.threshold,
         "roi_area_um2": round(roi_px * px_um2, 3),
@@ -424,6 +429,10 @@ def check_inputs(
             check_mpp(slide, None, item.path)
         if params.tissue_detection:
             tissue_geojson_for(item, params.tissue_geojson)
+    if params.mil is not None:
+        from histo_wsl.inference.mil_slide import check_mil_file
+
+        check_mil_file(params.mil)
 
 
 def localize(

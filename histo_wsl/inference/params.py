@@ -54,6 +54,8 @@ class LocalizeParams:
         geojson_tiles: also write ``<slide>.tiles.geojson``: one QuPath detection per window
             read, with its mean probability as a measurement (a heatmap QuPath can colour and
             filter, as WSInfer writes).
+        mil: a ``train-mil`` model (``mil.pt``): its slide-level score goes into each slide's
+            JSON under ``mil`` (:mod:`histo_wsl.inference.mil_slide`).
         force: map slides that do not look like the model's training domain (e.g. fluorescence
             for a brightfield model; :mod:`histo_wsl.inference.domain`) instead of refusing them.
     """
@@ -84,6 +86,7 @@ class LocalizeParams:
     seed: int = 0
     force: bool = False
     geojson_tiles: bool = False
+    mil: Path | None = None
 
     def validate(self) -> None:
         """Raise InputError on impossible values."""
@@ -113,11 +116,15 @@ class LocalizeParams:
             raise InputError(f"--prob-bits must be 8 or 16, got {self.prob_bits}")
         if self.canvas_max_mb < 0:
             raise InputError("--canvas-max-mb must be >= 0")
+        if self.mil is not None and self.whole_image:
+            raise InputError(
+                "--mil scores slides from their patches; it does not apply to --whole-image"
+            )
 
     def record(self) -> dict:
         """JSON-ready parameters for run.json."""
         out = asdict(self)
-        for key in ("model", "tissue_geojson"):
+        for key in ("model", "tissue_geojson", "mil"):
             out[key] = None if out[key] is None else str(out[key])
         return out
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 from histo_wsl import __version__
@@ -42,7 +43,10 @@ __all__ = [
     "binary_auc",
     "build_dsmil",
     "load_mil",
+    "PatchFeatures",
+    "patch_input",
     "positive_threshold",
+    "predicted_class",
     "score_bags",
     "train_mil",
 ]
@@ -163,15 +167,46 @@ def _feature_card(bags: BagSet, params: MILParams) -> dict:
     return card
 
 
-def _load_image(path: Path, size: int) -> torch.Tensor:
-    from PIL import Image
+def patch_input(image: Image.Image, size: int) -> torch.Tensor:
+    """A patch as the feature backbone takes it: RGB, bilinear to ``size``², uint8 ``(3, S, S)``."""
+    rgb = image.convert("RGB")
+    if rgb.size != (size, size):
+        rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
+    return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)
 
+
+def _load_image(path: Path, size: int) -> torch.Tensor:
     try:
         with Image.open(path) as im:
-            rgb = im.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+            return patch_input(im, size)
     except OSError as exc:
         raise InputError(f"cannot read the patch ({exc}); re-run extract-patches", path) from None
-    return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)
+
+
+class PatchFeatures:
+    """The frozen backbone describing each patch: the global average of its last feature map.
+
+    Args:
+        backbone: a :mod:`histo_wsl.networks.backbones` name.
+        pretrained: ImageNet weights (else random weights drawn with ``seed``).
+        seed: the seed of random weights.
+        device: where the backbone runs.
+    """
+
+    def __init__(self, backbone: str, pretrained: bool, seed: int, device: torch.device) -> None:
+        from histo_wsl.networks.backbones import build_backbone
+
+        torch.manual_seed(seed)
+        self.device = device
+        self.net = build_backbone(backbone, pretrained).to(device).eval()
+        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, S, S)`` uint8 patches to ``(B, C)`` float32 features on the CPU."""
+        x = (x.to(self.device).float() / 255.0 - self.mean) / self.std
+        return self.net(x)[-1].mean(dim=(2, 3)).float().cpu()
 
 
 @torch.no_grad()
@@ -179,20 +214,15 @@ def extract_features(
     folder: Path, paths: list[str], params: MILParams, device: torch.device, quiet: bool = True
 ) -> torch.Tensor:
     """Global-average-pooled last-stage features of each patch, ``(N, C)`` float32 on the CPU."""
-    from histo_wsl.networks.backbones import build_backbone
-
-    torch.manual_seed(params.seed)
-    net = build_backbone(params.backbone, params.pretrained).to(device).eval()
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    features = PatchFeatures(params.backbone, params.pretrained, params.seed, device)
     out = []
     console = stderr_console()
     t0 = time.perf_counter()
     for i in range(0, len(paths), params.batch_size):
         chunk = paths[i : i + params.batch_size]
-        x = torch.stack([_load_image(folder / p, params.input_size) for p in chunk]).to(device)
-        x = (x.float() / 255.0 - mean) / std
-        out.append(net(x)[-1].mean(dim=(2, 3)).float().cpu())
+        out.append(
+            features(torch.stack([_load_image(folder / p, params.input_size) for p in chunk]))
+        )
         if not quiet and (i // params.batch_size) % 20 == 0:
             console.print(
                 f"features: {i + len(chunk)}/{len(paths)} patches "
@@ -337,10 +367,14 @@ def _pseudo_label(bags: BagSet, b: Bag, score: float, t_pos: float, params: MILP
     return ""
 
 
-def _predicted(bags: BagSet, score: float) -> str:
+def predicted_class(class_names: list[str], negative_class: str, score: float) -> str:
+    """The class a slide score means: the negative class below 0.5, else the positive one.
+
+    With several positive classes (trained as one: negative vs every other class), ``positive``.
+    """
     if score < 0.5:
-        return bags.negative_class
-    positives = [c for c in bags.class_names if c != bags.negative_class]
+        return negative_class
+    positives = [c for c in class_names if c != negative_class]
     return positives[0] if len(positives) == 1 else "positive"
 
 
@@ -354,16 +388,24 @@ def _write_outputs(
     counts["left out"] = 0
     rel = os.path.relpath(bags.folder.resolve(), out.resolve())
     for b in bags.bags:
-        for path, score in zip(b.paths, instances[b.slide].tolist(), strict=True):
+        scores = instances[b.slide].tolist()
+        for path, mpp, score in zip(b.paths, b.mpps, scores, strict=True):
             label = _pseudo_label(bags, b, score, t_pos, params)
             inst_rows.append([path, b.slide, b.label, b.split, f"{score:.6f}", label])
             counts[label or "left out"] += 1
             if label:
                 image = Path(rel, path).as_posix()
-                pseudo_rows.append([image, label, b.split, b.slide])
+                pseudo_rows.append([image, label, b.split, b.slide, mpp])
         score = slides[b.slide]
         slide_rows.append(
-            [b.slide, b.label, b.split, len(b.paths), f"{score:.6f}", _predicted(bags, score)]
+            [
+                b.slide,
+                b.label,
+                b.split,
+                len(b.paths),
+                f"{score:.6f}",
+                predicted_class(bags.class_names, bags.negative_class, score),
+            ]
         )
     _write_csv(
         out / "instances.csv",
@@ -373,7 +415,7 @@ def _write_outputs(
     _write_csv(
         out / "slides.csv", ["slide", "label", "split", "patches", "score", "predicted"], slide_rows
     )
-    _write_csv(out / "pseudo-labels.csv", ["image", "label", "split", "slide"], pseudo_rows)
+    _write_csv(out / "pseudo-labels.csv", ["image", "label", "split", "slide", "mpp"], pseudo_rows)
     return counts
 
 
@@ -479,6 +521,7 @@ def _run(bags: BagSet, params: MILParams, device: torch.device, quiet: bool) -> 
         "pretrained": params.pretrained,
         "feature_dim": int(feats.shape[1]),
         "input_size": params.input_size,
+        "patch": bags.patch,
         "att_dim": params.att_dim,
         "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
         "class_names": list(bags.class_names),

@@ -29,7 +29,7 @@ def _patch_folder(root, n=3, per_slide=4, classes=("normal", "tumour")):
                 rel = f"{slide}/patches/{slide}_x{j * 16}_y0.png"
                 Image.fromarray(pixels).save(root / rel)
                 row = dict.fromkeys(MANIFEST_COLUMNS, "")
-                row.update(slide=slide, path=rel, x=j * 16, y=0, label=label, mpp="1")
+                row.update(slide=slide, path=rel, x=j * 16, y=0, label=label, mpp="1", size="16")
                 rows.append(row)
     with open(root / "manifest.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=MANIFEST_COLUMNS)
@@ -57,8 +57,13 @@ def test_train_mil_writes_its_outputs_and_json(tmp_path):
     assert summary["threshold"]["negative_fpr"] == 0.02
     with open(out / "pseudo-labels.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
-    assert list(rows[0]) == ["image", "label", "split", "slide"]
+    assert list(rows[0]) == ["image", "label", "split", "slide", "mpp"]
+    assert {r["mpp"] for r in rows} == {"1"}  # train-classifier reads the resolution from it
     assert all((out / r["image"]).is_file() for r in rows)  # relative to the CSV
+    from histo_wsl.registry.checkpoint import load_checkpoint
+
+    patch = load_checkpoint(out / "mil.pt")["card"]["patch"]  # what localize --mil cuts
+    assert patch["size"] == 16 and patch["mpp"] == 1.0 and patch["source"] == "manifest.csv"
 
 
 def test_train_mil_help_shows_the_options():

@@ -28,6 +28,23 @@ def test_csv_dataset_has_splits_masks_and_negative_class(patch_csv):
         assert (m.max() > 0) == (ds.class_names[s.label] == "gland")
 
 
+def test_an_mpp_column_gives_the_data_resolution(tmp_path, patch_csv):
+    rows = list(csv.DictReader(open(patch_csv)))
+    assert load_samples(patch_csv).data_mpp is None  # no mpp column
+    out = tmp_path / "with-mpp.csv"
+    with open(out, "w", newline="") as fh:
+        w = csv.DictWriter(fh, [*rows[0], "mpp"])
+        w.writeheader()
+        for i, r in enumerate(rows):
+            paths = {k: (patch_csv.parent / r[k]).as_posix() for k in ("image", "mask") if r[k]}
+            w.writerow({**r, **paths, "mpp": "1.0" if i else ""})
+    assert load_samples(out).data_mpp == 1.0
+    bad = tmp_path / "bad-mpp.csv"
+    bad.write_text(out.read_text().replace(",1.0\n", ",one\n", 1))
+    with pytest.raises(InputError, match="mpp column"):
+        load_samples(bad)
+
+
 def test_class_folders_draw_a_seeded_stratified_split(tmp_path):
     for cls in ("tumour", "normal"):
         (tmp_path / cls).mkdir()
