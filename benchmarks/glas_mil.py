@@ -16,10 +16,11 @@ Then, through the library as ``mil_synthetic.py`` runs it (and the CLI for ``loc
 
 1. ``extract-patches`` per split, each slide with its slide label (96 px at 1.57 µm/px, the
    shipped GlaS model's reading resolution: 151 µm, about six patches per GlaS image);
-2. ``train-mil`` on the training slides' patches (frozen ImageNet MobileNetV2 features, torchmil's
-   DSMIL): slide AUC on the validation and the test slides, patch AUC of its instance scores
-   against the true patch labels (a patch is malignant when the image under it is), and its pseudo
-   labels' precision and recall against them;
+2. ``train-mil`` on the training slides' patches, the validation patients' slides validating
+   (``--val-data``: ``t_pos`` is chosen on slides of other patients) (frozen ImageNet MobileNetV2
+   features, torchmil's DSMIL): slide AUC on the validation and the test slides, patch AUC of
+   its instance scores against the true patch labels (a patch is malignant when the image under
+   it is), and its pseudo labels' precision and recall against them;
 3. unless ``--mil-only``, for each row of ``--rows`` (``mil``: the pseudo labels; ``true``: the
    true patch labels, the upper bound; ``stamped``: the slide label on every patch, what
    ``extract-patches --label`` gives today), over the same training patches and split:
@@ -331,20 +332,25 @@ def score_slides(
 def label_sets(
     patches: Path, mil_out: Path, truth: dict[str, str], out: Path
 ) -> tuple[dict[str, Path], dict[str, Any]]:
-    """The three training CSVs (same patches, same split) and the MIL scores against the truth."""
+    """The three training CSVs (same patches, same split) and the MIL scores against the truth.
+
+    ``truth`` is keyed by the paths of ``instances.csv`` (relative to ``patches``, the validation
+    folder's as ``../patches-val/...``). The MIL statistics are over the training slides.
+    """
     from histo_wsl.methods.mil import binary_auc
 
     with open(mil_out / "instances.csv", newline="", encoding="utf-8") as fh:
-        inst = list(csv.DictReader(fh))
+        rows = list(csv.DictReader(fh))
     rel = os.path.relpath(patches, out)
     sets: dict[str, list] = {k: [] for k in ROWS}
-    for r in inst:
-        image = f"{rel}/{r['path']}"
+    for r in rows:
+        image = Path(os.path.normpath(Path(rel, r["path"]))).as_posix()
         if r["pseudo_label"]:
             sets["mil"].append([image, r["pseudo_label"], r["split"]])
         sets["true"].append([image, truth[r["path"]], r["split"]])
         sets["stamped"].append([image, r["slide_label"], r["split"]])
     csvs = {k: write_csv(out / f"{k}.csv", ["image", "label", "split"], v) for k, v in sets.items()}
+    inst = [r for r in rows if r["split"] == "train"]
     malignant = [truth[r["path"]] == MALIGNANT for r in inst]
     pseudo_pos = [truth[r["path"]] == MALIGNANT for r in inst if r["pseudo_label"] == MALIGNANT]
     in_pos = [truth[r["path"]] == MALIGNANT for r in inst if r["slide_label"] == MALIGNANT]
@@ -594,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
             epochs=recipe.mil_epochs,
             negative_fpr=recipe.mil_negative_fpr,
             negative_below=recipe.mil_negative_below,
-            val_fraction=0.25,
+            val_data=folders["val"],
             seed=args.seed,
             device=args.device,
         ),
@@ -628,7 +634,9 @@ def main(argv: list[str] | None = None) -> int:
             "slide_scores": {n: round(scores[n], 4) for n in names},
         }
     seconds["score_held_out"] = round(time.perf_counter() - t, 1)
-    csvs, stats = label_sets(folders["train"], out / "mil", truth["train"], out / "labels")
+    val_rel = os.path.relpath(folders["val"], folders["train"])
+    by_path = {**truth["train"], **{f"{val_rel}/{p}": g for p, g in truth["val"].items()}}
+    csvs, stats = label_sets(folders["train"], out / "mil", by_path, out / "labels")
     log(
         f"slide AUC val {held_out['val']['slide_auc']} test {held_out['test']['slide_auc']}; "
         f"patch AUC (train slides) {stats['patch_auc']}"

@@ -731,6 +731,16 @@ def train_mil(
     ] = 32,
     epochs: Annotated[int, typer.Option(min=1, help="Passes over the training slides.")] = 40,
     lr: Annotated[float, typer.Option(min=0.0, help="Adam learning rate of the MIL model.")] = 1e-3,
+    val_data: Annotated[
+        Path | None,
+        typer.Option(
+            "--val-data",
+            metavar="PATCHES",
+            help="Another extract-patches folder whose slides validate (the instance threshold "
+            "and the slide AUC), e.g. other patients'; then every slide of DATA trains.",
+            show_default=False,
+        ),
+    ] = None,
     val_fraction: Annotated[
         float,
         typer.Option(
@@ -782,6 +792,7 @@ def train_mil(
         epochs=epochs,
         lr=lr,
         val_fraction=val_fraction,
+        val_data=val_data,
         negative_fpr=negative_fpr,
         negative_below=negative_below,
         seed=seed,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -219,31 +220,8 @@ def split_bags(bags: list[Bag], val_fraction: float, seed: int) -> None:
                 b.split = "val" if b.slide in val else "train"
 
 
-def load_bags(
-    folder: str | Path,
-    *,
-    negative_class: str | None = None,
-    val_fraction: float = 0.25,
-    seed: int = 0,
-) -> BagSet:
-    """Read an ``extract-patches`` folder as one bag per slide and split it by slide.
-
-    Args:
-        folder: the patch folder (``manifest.csv``).
-        negative_class: the class whose slides are fully negative; optional with two classes
-            when exactly one is named like a negative class (normal, benign, negative, ...).
-        val_fraction: share of each class's slides drawn into ``val``.
-        seed: seed of that draw.
-
-    Returns:
-        The bags, sorted by slide name, with their split.
-
-    Raises:
-        InputError: no manifest, a patch without label, a slide with mixed labels, a slide without
-            patches, one class only, no or an unknown negative class, too few negative slides to
-            validate on, or a listed patch file missing.
-    """
-    folder = Path(folder)
+def _read_folder(folder: Path) -> tuple[dict[str, Bag], list[dict], Path]:
+    """One ``extract-patches`` folder's bags (paths relative to it), its rows and its manifest."""
     manifest = folder / "manifest.csv"
     if not manifest.is_file():
         raise InputError(
@@ -266,6 +244,86 @@ def load_bags(
     if not rows:
         raise InputError("manifest.csv lists no patch; every bag is empty", manifest)
     bags = _group(rows, manifest)
+    for b in bags.values():
+        absent = next((p for p in b.paths if not (folder / p).is_file()), None)
+        if absent is not None:
+            raise InputError(
+                f"patch of slide {b.slide!r} is missing; re-run extract-patches", folder / absent
+            )
+    return bags, rows, manifest
+
+
+def _add_validation(
+    folder: Path, bags: dict[str, Bag], patch: dict, val_folder: Path
+) -> tuple[dict[str, Bag], str]:
+    """The slides of ``val_folder`` as the validation bags (paths relative to ``folder``).
+
+    Returns:
+        (every bag, the validation manifest's hash).
+
+    Raises:
+        InputError: a slide in both folders, or patches cut another way (side, µm/px, level).
+    """
+    val_bags, val_rows, val_manifest = _read_folder(val_folder)
+    both = sorted(set(bags) & set(val_bags))
+    if both:
+        raise InputError(
+            f"slide(s) {', '.join(both[:3])} are in both the training and the validation "
+            "folder; a slide validates only if it is not trained on",
+            val_manifest,
+        )
+    val_patch = patch_geometry(val_folder, val_rows)
+    keys = ("size", "mpp", "level")
+    if any(val_patch[k] != patch[k] for k in keys):
+        cut = ", ".join(f"{k} {val_patch[k]} vs {patch[k]}" for k in keys)
+        raise InputError(
+            f"the validation patches were cut another way than the training ones ({cut}); "
+            "re-run extract-patches with the same --patch-size and --mpp",
+            val_manifest,
+        )
+    rel = Path(os.path.relpath(val_folder.resolve(), folder.resolve()))
+    for b in val_bags.values():
+        b.paths = [(rel / p).as_posix() for p in b.paths]
+        b.split = "val"
+    return {**bags, **val_bags}, hashlib.sha256(val_manifest.read_bytes()).hexdigest()
+
+
+def load_bags(
+    folder: str | Path,
+    *,
+    negative_class: str | None = None,
+    val_fraction: float = 0.25,
+    seed: int = 0,
+    val_folder: str | Path | None = None,
+) -> BagSet:
+    """Read an ``extract-patches`` folder as one bag per slide and split it by slide.
+
+    Args:
+        folder: the patch folder (``manifest.csv``).
+        negative_class: the class whose slides are fully negative; optional with two classes
+            when exactly one is named like a negative class (normal, benign, negative, ...).
+        val_fraction: share of each class's slides drawn into ``val`` (without ``val_folder``).
+        seed: seed of that draw.
+        val_folder: another ``extract-patches`` folder whose slides are the validation slides
+            (e.g. other patients'); then every slide of ``folder`` trains. Its paths are kept
+            relative to ``folder``.
+
+    Returns:
+        The bags, sorted by slide name, with their split.
+
+    Raises:
+        InputError: no manifest, a patch without label, a slide with mixed labels, a slide without
+            patches, one class only, no or an unknown negative class, too few negative slides to
+            validate on, a listed patch file missing, or a validation folder that shares slides
+            with ``folder`` or was cut another way.
+    """
+    folder = Path(folder)
+    bags, rows, manifest = _read_folder(folder)
+    patch = patch_geometry(folder, rows)
+    digest = hashlib.sha256(manifest.read_bytes()).hexdigest()
+    if val_folder is not None:
+        bags, val_digest = _add_validation(folder, bags, patch, Path(val_folder))
+        digest = hashlib.sha256((digest + val_digest).encode()).hexdigest()
     names = _resolve_classes([b.label for b in bags.values()], None, manifest)
     if len(names) < 2:
         raise InputError(
@@ -281,13 +339,7 @@ def load_bags(
             "(one validates the instance threshold); add negative slides",
             manifest,
         )
-    for b in bags.values():
-        absent = next((p for p in b.paths if not (folder / p).is_file()), None)
-        if absent is not None:
-            raise InputError(
-                f"patch of slide {b.slide!r} is missing; re-run extract-patches", folder / absent
-            )
     ordered = [bags[k] for k in sorted(bags)]
-    split_bags(ordered, val_fraction, seed)
-    digest = hashlib.sha256(manifest.read_bytes()).hexdigest()
-    return BagSet(folder, ordered, names, negative, digest, patch_geometry(folder, rows))
+    if val_folder is None:
+        split_bags(ordered, val_fraction, seed)
+    return BagSet(folder, ordered, names, negative, digest, patch)

@@ -71,7 +71,9 @@ class MILParams:
         lr: Adam learning rate.
         weight_decay: Adam weight decay.
         att_dim: DSMIL query dimension.
-        val_fraction: share of each class's slides in ``val``.
+        val_fraction: share of each class's slides in ``val`` (without ``val_data``).
+        val_data: another patch folder whose slides validate (``t_pos``, the slide AUC) instead
+            of a share of ``data``'s: slides of other patients than the training ones.
         negative_fpr: at most this share of the negative validation slides' patches may score at
             or above ``t_pos``.
         negative_below: patches of positive slides scoring below this are labelled negative
@@ -92,6 +94,7 @@ class MILParams:
     weight_decay: float = 1e-4
     att_dim: int = 128
     val_fraction: float = 0.25
+    val_data: Path | None = None
     negative_fpr: float = 0.02
     negative_below: float | None = None
     seed: int = 0
@@ -394,7 +397,7 @@ def _write_outputs(
             inst_rows.append([path, b.slide, b.label, b.split, f"{score:.6f}", label])
             counts[label or "left out"] += 1
             if label:
-                image = Path(rel, path).as_posix()
+                image = Path(os.path.normpath(Path(rel, path))).as_posix()
                 pseudo_rows.append([image, label, b.split, b.slide, mpp])
         score = slides[b.slide]
         slide_rows.append(
@@ -472,10 +475,16 @@ def train_mil(params: MILParams, *, quiet: bool = False, argv: list[str] | None 
         negative_class=params.negative_class,
         val_fraction=params.val_fraction,
         seed=params.seed,
+        val_folder=params.val_data,
     )
+    more = "add negative slides to --val-data" if params.val_data else "raise --val-fraction"
     if not any(not bags.is_positive(b) for b in bags.split("val")):
+        raise InputError(f"no negative slide in the validation split: {more}", bags.folder)
+    if len({bags.is_positive(b) for b in bags.split("train")}) < 2:
         raise InputError(
-            "no negative slide in the validation split: raise --val-fraction", bags.folder
+            "the training slides are of one kind only (negative or positive): MIL learns from "
+            "both; add slides of the other kind to the training folder",
+            bags.folder,
         )
     device = resolve_device(params.device)
     record = RunRecord(

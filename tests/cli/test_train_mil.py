@@ -14,13 +14,13 @@ from histo_wsl.data.extract import MANIFEST_COLUMNS
 runner = CliRunner()
 
 
-def _patch_folder(root, n=3, per_slide=4, classes=("normal", "tumour")):
+def _patch_folder(root, n=3, per_slide=4, classes=("normal", "tumour"), prefix=""):
     """A patch folder of flat-coloured patches: tumour slides hold some purple patches."""
     rows = []
     rng = np.random.default_rng(0)
     for label in classes:
         for i in range(n):
-            slide = f"{label}-{i}"
+            slide = f"{prefix}{label}-{i}"
             (root / slide / "patches").mkdir(parents=True)
             for j in range(per_slide):
                 purple = label != classes[0] and j == 0
@@ -64,6 +64,31 @@ def test_train_mil_writes_its_outputs_and_json(tmp_path):
 
     patch = load_checkpoint(out / "mil.pt")["card"]["patch"]  # what localize --mil cuts
     assert patch["size"] == 16 and patch["mpp"] == 1.0 and patch["source"] == "manifest.csv"
+
+
+def test_validation_slides_from_another_folder(tmp_path):
+    data = _patch_folder(tmp_path / "patches")
+    val = _patch_folder(tmp_path / "val", n=2, prefix="v")
+    out = tmp_path / "mil"
+    args = ["train-mil", str(data), "--val-data", str(val), "--out", str(out), *TINY]
+    result = runner.invoke(app, [*args, "--epochs", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    with open(out / "slides.csv", newline="") as fh:
+        split = {r["slide"]: r["split"] for r in csv.DictReader(fh)}
+    assert {s for s, v in split.items() if v == "val"} == {
+        f"v{c}-{i}" for c in ("normal", "tumour") for i in range(2)
+    }
+    assert sum(v == "train" for v in split.values()) == 6  # every slide of DATA trains
+    with open(out / "pseudo-labels.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    val_rows = [r for r in rows if r["split"] == "val"]
+    assert val_rows and all(r["image"].startswith("../val/") for r in val_rows)
+    assert all((out / r["image"]).is_file() for r in rows)
+    # a validation folder without a negative slide
+    pos = _patch_folder(tmp_path / "pos", n=2, classes=("tumour",), prefix="p")
+    args = ["train-mil", str(data), "--val-data", str(pos), "--out", str(tmp_path / "m2"), *TINY]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "add negative slides to --val-data" in result.output
 
 
 def test_train_mil_help_shows_the_options():

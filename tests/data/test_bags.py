@@ -106,3 +106,32 @@ def test_a_single_negative_slide_is_refused(tmp_path):
 def test_a_folder_without_manifest_is_refused(tmp_path):
     with pytest.raises(InputError, match="no manifest.csv here"):
         load_bags(tmp_path)
+
+
+def test_a_validation_folder_gives_the_validation_slides(tmp_path):
+    train = _folder(tmp_path / "train", _balanced(3))
+    val = _folder(tmp_path / "val", {"vt0": ["tumour"] * 2, "vn0": ["normal"] * 2})
+    bags = load_bags(train, val_folder=val)
+    assert {b.slide for b in bags.split("val")} == {"vt0", "vn0"}  # no draw from train
+    assert len(bags.split("train")) == 6
+    for b in bags.split("val"):
+        assert all((bags.folder / p).is_file() for p in b.paths)  # relative to the train folder
+        assert b.paths[0].startswith("../val/")
+    alone = load_bags(train)
+    assert bags.manifest_sha256 != alone.manifest_sha256  # cached features know both folders
+
+
+def test_a_validation_folder_sharing_a_slide_or_cut_otherwise_is_refused(tmp_path):
+    train = _folder(tmp_path / "train", _balanced(3))
+    same = _folder(tmp_path / "same", {"t0": ["tumour"], "vn0": ["normal"]})
+    with pytest.raises(InputError, match="t0 are in both the training and the validation"):
+        load_bags(train, val_folder=same)
+    other = _folder(tmp_path / "other", {"vt0": ["tumour"], "vn0": ["normal"]})
+    with open(other / "manifest.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    with open(other / "manifest.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=MANIFEST_COLUMNS)
+        writer.writeheader()
+        writer.writerows([{**r, "size": "64"} for r in rows])
+    with pytest.raises(InputError, match="cut another way.*--patch-size"):
+        load_bags(train, val_folder=other)
