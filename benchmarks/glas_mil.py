@@ -377,6 +377,12 @@ def _roi_share(slides: list[dict[str, Any]], placements: dict[str, list[dict]]) 
     return round(100.0 * area[MALIGNANT] / max(1, sum(area.values())), 2)
 
 
+def _accuracy(scores: dict[str, float], slides: dict[str, dict], cut: float) -> float | None:
+    """Share of slides called right when a score at or above ``cut`` means malignant."""
+    right = [(v >= cut) == (slides[n]["label"] == MALIGNANT) for n, v in scores.items()]
+    return _round(float(np.mean(right))) if right else None
+
+
 def _round(value: float | None, digits: int = 4) -> float | None:
     return None if value is None else round(float(value), digits)
 
@@ -624,13 +630,10 @@ def main(argv: list[str] | None = None) -> int:
             "patch_auc": _round(
                 binary_auc([v for _, v in flat], [g == MALIGNANT for g, _ in flat])
             ),
-            "slide_accuracy@0.5": _round(
-                float(
-                    np.mean(
-                        [(scores[n] >= 0.5) == (by_name[n]["label"] == MALIGNANT) for n in names]
-                    )
-                )
-            ),
+            **{
+                f"slide_accuracy@{key}": _accuracy(scores, by_name, cut)
+                for key, cut in (("0.5", 0.5), ("t_slide", mil["threshold"]["t_slide"]))
+            },
             "slide_scores": {n: round(scores[n], 4) for n in names},
         }
     seconds["score_held_out"] = round(time.perf_counter() - t, 1)
@@ -688,8 +691,10 @@ def main(argv: list[str] | None = None) -> int:
             "train_mil_val_slide_auc": _round(mil["val_slide_auc"]),
             "val_slide_auc": held_out["val"]["slide_auc"],
             "test_slide_auc": held_out["test"]["slide_auc"],
+            "t_slide": _round(mil["threshold"]["t_slide"]),
             "val_slide_accuracy@0.5": held_out["val"]["slide_accuracy@0.5"],
             "test_slide_accuracy@0.5": held_out["test"]["slide_accuracy@0.5"],
+            "test_slide_accuracy@t_slide": held_out["test"]["slide_accuracy@t_slide"],
             "patch_auc_train_slides": stats["patch_auc"],
             "patch_auc_val_slides": held_out["val"]["patch_auc"],
             "patch_auc_test_slides": held_out["test"]["patch_auc"],

@@ -4,7 +4,8 @@ The slide is cut as ``extract-patches`` cut the MIL model's training slides (the
 or level, stride and minimum tissue its card records under ``patch``), on the tissue ``localize``
 already found; each patch is read with the same reader, described by the same frozen backbone
 and the DSMIL network scores the bag. What goes into ``<slide>.json`` under ``mil``: the slide
-score (0-1) and the class it means, how many patches were scored, how many reach the instance
+score (0-1) and the class it means (positive at or above ``t_slide``, the threshold train-mil chose
+on its validation slides), how many patches were scored, how many reach the instance
 threshold ``t_pos`` chosen at training, and where the highest-scoring patch is.
 """
 
@@ -79,7 +80,10 @@ class SlideMIL:
             card["backbone"], bool(card["pretrained"]), int(card.get("seed") or 0), device
         )
         self.input_size = int(card["input_size"])
-        self.t_pos = float((card.get("threshold") or {}).get("t_pos", 0.5))
+        thresholds = card.get("threshold") or {}
+        self.t_pos = float(thresholds.get("t_pos", 0.5))
+        #: the slide score at or above which a slide is positive (chosen on validation slides)
+        self.t_slide = float(thresholds.get("t_slide", 0.5))
 
     def describe(self) -> dict:
         """The model as ``run.json`` records it."""
@@ -90,6 +94,7 @@ class SlideMIL:
             "negative_class": self.card["negative_class"],
             "patch": self.patch,
             "t_pos": self.t_pos,
+            "t_slide": self.t_slide,
         }
 
     def score(
@@ -114,6 +119,7 @@ class SlideMIL:
             "patches": 0,
             "positive_patches": 0,
             "t_pos": round(self.t_pos, 6),
+            "t_slide": round(self.t_slide, 6),
             "top_patch": None,
             "read": plan.as_dict(),
             "model": str(self.path),
@@ -155,7 +161,7 @@ class SlideMIL:
             {
                 "score": round(score, 6),
                 "predicted_class": predicted_class(
-                    self.card["class_names"], self.card["negative_class"], score
+                    self.card["class_names"], self.card["negative_class"], score, self.t_slide
                 ),
                 "patches": len(keep),
                 "positive_patches": int(np.count_nonzero(inst >= self.t_pos)),

@@ -47,6 +47,7 @@ __all__ = [
     "patch_input",
     "positive_threshold",
     "predicted_class",
+    "slide_threshold",
     "score_bags",
     "train_mil",
 ]
@@ -370,22 +371,45 @@ def _pseudo_label(bags: BagSet, b: Bag, score: float, t_pos: float, params: MILP
     return ""
 
 
-def predicted_class(class_names: list[str], negative_class: str, score: float) -> str:
-    """The class a slide score means: the negative class below 0.5, else the positive one.
+def slide_threshold(scores: list[float], positive: list[bool]) -> float:
+    """The slide-score threshold with the best balanced accuracy on labelled slides.
+
+    Candidates are 0.5 and the midpoints between consecutive distinct scores; a slide is called
+    positive at or above the threshold. Ties go to the candidate nearest 0.5 (DSMIL's own cut);
+    without slides of both kinds, 0.5.
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(positive, dtype=bool)
+    if y.all() or not y.any():
+        return 0.5
+    u = np.unique(s)
+    candidates = np.concatenate([[0.5], (u[:-1] + u[1:]) / 2.0])
+    tpr = ((s[None, :] >= candidates[:, None]) & y).sum(1) / y.sum()
+    tnr = ((s[None, :] < candidates[:, None]) & ~y).sum(1) / (~y).sum()
+    balanced = (tpr + tnr) / 2.0
+    best = np.flatnonzero(balanced >= balanced.max() - 1e-12)
+    return float(candidates[best[np.argmin(np.abs(candidates[best] - 0.5))]])
+
+
+def predicted_class(
+    class_names: list[str], negative_class: str, score: float, threshold: float = 0.5
+) -> str:
+    """The class a slide score means: the negative class below ``threshold``, else the positive.
 
     With several positive classes (trained as one: negative vs every other class), ``positive``.
     """
-    if score < 0.5:
+    if score < threshold:
         return negative_class
     positives = [c for c in class_names if c != negative_class]
     return positives[0] if len(positives) == 1 else "positive"
 
 
 def _write_outputs(
-    bags: BagSet, slides: dict, instances: dict, t_pos: float, params: MILParams
+    bags: BagSet, slides: dict, instances: dict, threshold: dict, params: MILParams
 ) -> dict[str, int]:
     """instances.csv, slides.csv and pseudo-labels.csv; returns pseudo-label counts per class."""
     out = Path(params.out)
+    t_pos, t_slide = threshold["t_pos"], threshold["t_slide"]
     inst_rows, pseudo_rows, slide_rows = [], [], []
     counts: dict[str, int] = {c: 0 for c in bags.class_names}
     counts["left out"] = 0
@@ -407,7 +431,7 @@ def _write_outputs(
                 b.split,
                 len(b.paths),
                 f"{score:.6f}",
-                predicted_class(bags.class_names, bags.negative_class, score),
+                predicted_class(bags.class_names, bags.negative_class, score, t_slide),
             ]
         )
     _write_csv(
@@ -422,12 +446,21 @@ def _write_outputs(
     return counts
 
 
-def _threshold(bags: BagSet, instances: dict, params: MILParams) -> dict:
-    """``t_pos`` from the negative validation slides' patches, and how it was chosen."""
+def _threshold(bags: BagSet, slides: dict, instances: dict, params: MILParams) -> dict:
+    """The instance and slide thresholds, and how they were chosen.
+
+    ``t_pos`` from the negative validation slides' patches, ``t_slide`` from the validation slides'
+    scores.
+    """
     negatives = [b for b in bags.split("val") if not bags.is_positive(b)]
     scores = np.concatenate([instances[b.slide] for b in negatives])
     t_pos = positive_threshold(scores, params.negative_fpr)
+    val = bags.split("val")
+    t_slide = slide_threshold([slides[b.slide] for b in val], [bags.is_positive(b) for b in val])
     return {
+        "t_slide": t_slide,
+        "t_slide_rule": "best balanced accuracy on the validation slides (0.5 and the midpoints "
+        "between their scores; ties nearest 0.5); a slide scoring at or above it is positive",
         "t_pos": t_pos,
         "rule": "smallest threshold keeping at most negative_fpr of the negative validation "
         "slides' patches at or above it",
@@ -439,15 +472,17 @@ def _threshold(bags: BagSet, instances: dict, params: MILParams) -> dict:
     }
 
 
-def _slide_metrics(bags: BagSet, slides: dict) -> dict:
-    out = {}
+def _slide_metrics(bags: BagSet, slides: dict, t_slide: float) -> dict:
+    out: dict = {"t_slide": t_slide}
     for name in ("train", "val"):
         items = bags.split(name)
         y = [bags.is_positive(b) for b in items]
         s = [slides[b.slide] for b in items]
         out[f"{name}_slide_auc"] = binary_auc(s, y)
         out[f"{name}_slide_accuracy"] = (
-            float(np.mean([(v >= 0.5) == t for v, t in zip(s, y, strict=True)])) if items else None
+            float(np.mean([(v >= t_slide) == t for v, t in zip(s, y, strict=True)]))
+            if items
+            else None
         )
     return out
 
@@ -520,9 +555,9 @@ def _run(bags: BagSet, params: MILParams, device: torch.device, quiet: bool) -> 
     x = _bag_tensors(bags, feats)
     model, history = _train(bags, x, params, device, quiet)
     slides, instances = score_bags(model, bags.bags, x, device)
-    threshold = _threshold(bags, instances, params)
-    counts = _write_outputs(bags, slides, instances, threshold["t_pos"], params)
-    metrics = _slide_metrics(bags, slides)
+    threshold = _threshold(bags, slides, instances, params)
+    counts = _write_outputs(bags, slides, instances, threshold, params)
+    metrics = _slide_metrics(bags, slides, threshold["t_slide"])
     card = {
         "method": "mil",
         "mil_model": "torchmil.models.DSMIL",

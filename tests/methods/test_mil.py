@@ -9,7 +9,15 @@ import pytest
 import torch
 
 from histo_wsl.errors import InputError
-from histo_wsl.methods.mil import MILParams, binary_auc, load_mil, positive_threshold, train_mil
+from histo_wsl.methods.mil import (
+    MILParams,
+    binary_auc,
+    load_mil,
+    positive_threshold,
+    predicted_class,
+    slide_threshold,
+    train_mil,
+)
 
 PATCH = 64  # patch side (px) at 1 µm/px: 128 level-0 px of a 0.5 µm/px synthetic slide
 
@@ -89,6 +97,17 @@ def test_positive_threshold_keeps_at_most_the_share_of_negatives_above_it():
     t = positive_threshold(neg, 0.25)
     assert 0.3 < t <= 0.9 and np.mean(neg >= t) <= 0.25
     assert positive_threshold(neg, 0.5) == pytest.approx(0.2, abs=1e-9)
+
+
+def test_slide_threshold_has_the_best_balanced_accuracy_nearest_one_half():
+    # negatives all above 0.5 (a miscalibrated bag score): 0.5 calls them all positive
+    neg, pos = [0.52, 0.59, 0.68, 0.94], [0.93, 0.97, 0.97, 0.99]
+    t = slide_threshold(neg + pos, [False] * 4 + [True] * 4)
+    assert t == pytest.approx((0.68 + 0.93) / 2)  # 7 of 8 right, the tie nearest 0.5
+    assert predicted_class(["benign", "malignant"], "benign", 0.7, t) == "benign"
+    assert predicted_class(["benign", "malignant"], "benign", 0.7) == "malignant"
+    assert slide_threshold([0.1, 0.9], [False, True]) == 0.5  # 0.5 separates them already
+    assert slide_threshold([0.2, 0.3], [False, False]) == 0.5  # one kind only
 
 
 def test_mil_pseudo_labels_beat_stamped_slide_labels(slides, tmp_path):
