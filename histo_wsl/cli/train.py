@@ -60,7 +60,9 @@ GeometryOpt = Annotated[
     typer.Option(
         help="squash: images resized to the --resize-size square (the papers' protocol); "
         "isotropic: resized by one factor that keeps their aspect ratio, to the µm/px the card "
-        "records, so the network learns tissue as localize reads it from slides.",
+        "records, so the network learns tissue as localize reads it from slides; slide: "
+        "isotropic, each image placed on glass (glass margins in the crops, known background "
+        "for the decoder), as a slide's windows meet images at their edges.",
     ),
 ]
 CropSizeOpt = Annotated[

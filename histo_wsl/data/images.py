@@ -27,6 +27,9 @@ __all__ = [
     "IMAGENET_STD",
     "LabelledImages",
     "check_samples",
+    "GLASS_LABEL",
+    "GLASS_RGB",
+    "GlassMargins",
     "eval_transform",
     "jitter_transform",
     "train_transform",
@@ -36,17 +39,53 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def train_transform(crop: int = 224, resize: int = 256, jitter: bool = True) -> v2.Transform:
+#: the white of a slide's glass (RGB), what ``--geometry slide`` places images on
+GLASS_RGB = (243, 243, 243)
+#: the training mask's value on glass added around an image (0/1: ROI, 255: unknown)
+GLASS_LABEL = 2
+
+
+class GlassMargins:
+    """Place an image on glass: a random margin of glass on each side, marked in the mask.
+
+    With probability ``p`` each side gets 0 to ``max_px`` px of :data:`GLASS_RGB`; the mask gets
+    :data:`GLASS_LABEL` there (known background: a slide's window at an image's edge sees it).
+    """
+
+    def __init__(self, max_px: int, p: float = 0.5) -> None:
+        self.max_px, self.p = int(max_px), float(p)
+
+    def __call__(self, image: TvImage, mask: TvMask) -> tuple[TvImage, TvMask]:
+        """The image and mask with their margins (unchanged when not drawn)."""
+        if self.max_px < 1 or float(torch.rand(())) >= self.p:
+            return image, mask
+        left, top, right, bottom = torch.randint(0, self.max_px + 1, (4,)).tolist()
+        pad = [left, top, right, bottom]
+        image = v2.functional.pad(image, pad, fill=list(GLASS_RGB))
+        mask = v2.functional.pad(mask, pad, fill=GLASS_LABEL)
+        return image, mask
+
+
+def train_transform(
+    crop: int = 224, resize: int = 256, jitter: bool = True, glass: bool = False
+) -> v2.Transform:
     """The training preset: random crop of a resized image, flips, colour jitter.
 
     An image smaller than ``crop`` on a side (isotropic geometry: a 775×522 GlaS image at
-    1.57 µm/px is 306×206) is reflected out to it first.
+    1.57 µm/px is 306×206) is reflected out to it first; with ``glass`` (the ``slide``
+    geometry) it is placed on glass instead, half of the time with up to half a crop of glass
+    around it (:class:`GlassMargins`), the glass marked :data:`GLASS_LABEL` in the mask.
     """
-    steps: list = [
-        v2.RandomCrop(crop, pad_if_needed=True, padding_mode="reflect"),
-        v2.RandomHorizontalFlip(),
-        v2.RandomVerticalFlip(),
-    ]
+    if glass:
+        steps: list = [
+            GlassMargins(crop // 2),
+            v2.RandomCrop(
+                crop, pad_if_needed=True, fill={TvImage: list(GLASS_RGB), TvMask: GLASS_LABEL}
+            ),
+        ]
+    else:
+        steps = [v2.RandomCrop(crop, pad_if_needed=True, padding_mode="reflect")]
+    steps += [v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()]
     if jitter:
         steps.append(jitter_transform())
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]

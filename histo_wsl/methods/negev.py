@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from histo_wsl import __version__
-from histo_wsl.data.images import IMAGENET_MEAN, IMAGENET_STD
+from histo_wsl.data.images import GLASS_LABEL, IMAGENET_MEAN, IMAGENET_STD
 from histo_wsl.data.sources import Dataset
 from histo_wsl.errors import InputError
 from histo_wsl.methods import load_trained
@@ -57,6 +57,7 @@ from histo_wsl.methods.negev_losses import (
     crf_loss,
     crf_window,
     negative_loss,
+    pixel_negative_loss,
     seed_loss,
     size_loss,
     size_t_at,
@@ -352,10 +353,16 @@ class DecoderTask:
         stats: dict = {}
         loss = seg.sum() * 0.0
         pos = ~neg
+        # glass around an image (--geometry slide): known background
+        glass = batch["mask"].to(seg.device) == GLASS_LABEL if "mask" in batch else None
+        if glass is not None and not glass.any():
+            glass = None
         if pos.any():
             owners = batch.get("index")
             owners = None if owners is None else torch.as_tensor(owners)[pos.cpu()]
             cams = self.seed_maps(m, images[pos], labels[pos], [s[pos] for s in stages], owners)
+            if glass is not None:
+                cams = cams.masked_fill(glass[pos], 0.0)  # foreground seeds never on glass
             seeds = self.seed_sampler(cams)
             ls = seed_loss(seg[pos], seeds)
             loss = loss + self.cfg.negev.seed_lambda * ls
@@ -380,6 +387,11 @@ class DecoderTask:
             ln = negative_loss(seg[neg])
             loss = loss + self.cfg.negev.negative_lambda * ln
             stats["negative_loss"] = float(ln.detach())
+        if glass is not None and (pos & glass.flatten(1).any(1)).any():
+            # the negative term over the glass pixels of the other images
+            lg = pixel_negative_loss(seg[pos], glass[pos])
+            loss = loss + self.cfg.negev.negative_lambda * lg
+            stats["glass_loss"] = float(lg.detach())
         return loss, stats
 
     def evaluate(self, model: nn.Module, device: torch.device) -> dict:

@@ -50,6 +50,7 @@ __all__ = [
     "crf_window",
     "negative_loss",
     "otsu_thresholds",
+    "pixel_negative_loss",
     "SeedSampler",
     "SeedSettingError",
     "seed_loss",
@@ -240,6 +241,18 @@ def negative_loss(seg_logits: Tensor) -> Tensor:
         seg_logits.shape[0], *seg_logits.shape[-2:], dtype=torch.long, device=seg_logits.device
     )
     return F.cross_entropy(seg_logits.float(), target)
+
+
+def pixel_negative_loss(seg_logits: Tensor, background: Tensor) -> Tensor:
+    """The negative term over known background pixels only: mean of −log S_bg on ``background``.
+
+    ``background`` (B,H,W) bool marks pixels known to be background (the glass an image is placed
+    on with ``--geometry slide``); 0 when none is marked.
+    """
+    if not background.any():
+        return seg_logits.sum() * 0.0
+    log_bg = F.log_softmax(seg_logits.float(), dim=1)[:, 0]
+    return -log_bg[background].mean()
 
 
 def size_t_at(t0: float, t_max: float, mult: float, epoch: int) -> float:

@@ -70,7 +70,8 @@ class DataSettings:
     resize_size: int = 256
     color_jitter: bool = True
     #: ``squash``: images resized to a resize_size square (the papers); ``isotropic``: resized by
-    #: one factor, aspect kept, to the µm/px the card records (what localize reads slides at)
+    #: one factor, aspect kept, to the µm/px the card records (what localize reads slides at);
+    #: ``slide``: isotropic, images placed on glass (known background for the decoder)
     geometry: str = "squash"
 
 

@@ -63,3 +63,71 @@ def test_train_both_stages_isotropic_and_a_mismatched_decoder_is_refused(tmp_pat
     r = runner.invoke(app, [*args, "--out", str(tmp_path / "bad"), *squash])
     assert r.exit_code == 2 and "--geometry isotropic" in r.stderr
     assert not (tmp_path / "bad" / "best-loc.pt").exists()
+
+
+def test_slide_geometry_places_images_on_marked_glass(tmp_path):
+    from histo_wsl.data.images import GLASS_LABEL, GLASS_RGB, IMAGENET_MEAN, IMAGENET_STD
+
+    data = _wide_dataset(tmp_path).parent
+    sample = Sample(data / "images" / "gland_000.png", 1, data / "masks" / "gland_000.png")
+    torch.manual_seed(0)
+    seen_glass = 0
+    for _ in range(12):
+        item = LabelledImages(
+            [sample], 0, train_transform(24, jitter=False, glass=True), scale=0.5
+        )[0]
+        image, mask = item["image"], item["mask"]
+        assert image.shape == (3, 24, 24) and set(torch.unique(mask).tolist()) <= {
+            0,
+            1,
+            GLASS_LABEL,
+        }
+        glass = mask == GLASS_LABEL
+        assert glass.any()  # 20 px high: 4 rows at least are glass
+        want = [
+            (g / 255 - m) / s
+            for g, m, s in zip(GLASS_RGB, IMAGENET_MEAN, IMAGENET_STD, strict=True)
+        ]
+        for c in range(3):
+            assert torch.allclose(image[c][glass], torch.tensor(want[c]), atol=1e-5)
+        seen_glass += int(glass.sum())
+    assert seen_glass > 12 * 4 * 24  # margins add glass beyond the padding
+
+
+def test_pixel_negative_loss_is_the_negative_term_on_marked_pixels():
+    from histo_wsl.methods.negev_losses import negative_loss, pixel_negative_loss
+
+    logits = torch.randn(2, 2, 5, 5)
+    none = torch.zeros(2, 5, 5, dtype=torch.bool)
+    assert float(pixel_negative_loss(logits, none)) == 0.0
+    every = torch.ones(2, 5, 5, dtype=torch.bool)
+    assert torch.allclose(pixel_negative_loss(logits, every), negative_loss(logits))
+    some = none.clone()
+    some[0, :2] = True
+    want = -torch.log_softmax(logits, 1)[:, 0][some].mean()
+    assert torch.allclose(pixel_negative_loss(logits, some), want)
+
+
+def test_train_both_stages_on_glass(tmp_path):
+    import csv
+
+    data = _wide_dataset(tmp_path)
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text("crop_size: 32\nresize_size: 40\nmax_steps_per_epoch: 2\n")
+    common = ["--config", str(cfg), "--epochs", "1", "--geometry", "slide", *TINY]
+    cam = tmp_path / "cam"
+    r = runner.invoke(
+        app, ["train-classifier", str(data), "--out", str(cam), "--no-pretrained", *common]
+    )
+    assert r.exit_code == 0, r.stderr
+    negev = tmp_path / "negev"
+    args = ["train-decoder", str(data), "--classifier", str(cam / "best-loc.pt")]
+    r = runner.invoke(
+        app, [*args, "--out", str(negev), "--seeds-fg", "2", "--seeds-bg", "2", *common]
+    )
+    assert r.exit_code == 0, r.stderr
+    card = load_model(negev / "best-loc.pt").card
+    assert card["geometry"] == "slide" and card["input_size"] == 32
+    with open(negev / "summary.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert float(rows[-1]["glass_loss"]) > 0  # the decoder was told glass is background
