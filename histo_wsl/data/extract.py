@@ -13,12 +13,16 @@ of one band of mask rows at a time, and ``patches.csv`` and the patch-writing jo
 Each slide's record gives the thumbnail's size and the resolution detection ran at
 (``thumbnail_size``, ``tissue_mpp``).
 
-A small slide costs little more than its patches: when its thumbnail and its patches are both
-read from level 0 (a slide without a pyramid, or too small for one) and its level 0 is at most
-:data:`histo_wsl.tissue.scan.HELD_LEVEL_BYTES`, level 0 is read once for both
-(:class:`~histo_wsl.tissue.scan.HeldLevel`); the QC images and the GeoJSON are written in a thread
-while the patches are; and worker processes start only for a slide of at least
-:data:`POOL_MIN_PATCHES` grid positions. The files are the same either way.
+A small slide costs little more than its patches: when its thumbnail is resampled from level 0
+(a slide without a pyramid, or too small for one) and its level 0 is at most
+:data:`histo_wsl.tissue.scan.HELD_LEVEL_BYTES`, level 0 is read once, in threads
+(:class:`~histo_wsl.tissue.scan.HeldLevel`), for the thumbnail and for patches read from level 0
+in this process; the thumbnail's blocks, the median filter and the closing of tissue detection
+and the QC PNGs are shared among threads too (:func:`histo_wsl.tissue.detect.work_threads`); the
+QC images and the GeoJSON are written in a thread while the patches are, and with ``min_tissue``
+0 (every grid position kept whatever the tissue) the tissue is found in that thread too; worker
+processes start only for a slide of at least :data:`POOL_MIN_PATCHES` grid positions. The files
+are the same either way.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from __future__ import annotations
 import csv
 import os
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
@@ -299,9 +303,12 @@ def extract_slide(
 ) -> dict:
     """Extract one slide's patches into ``stage/<slide>/``; returns the slide's record.
 
-    A small slide whose thumbnail and patches are both read from level 0, written in this process,
-    is read once (:class:`~histo_wsl.tissue.scan.HeldLevel`, at most
-    :data:`~histo_wsl.tissue.scan.HELD_LEVEL_BYTES`): the same pixels, one read instead of two.
+    A small slide whose thumbnail is resampled from level 0 has its level 0 read once
+    (:class:`~histo_wsl.tissue.scan.HeldLevel`, at most
+    :data:`~histo_wsl.tissue.scan.HELD_LEVEL_BYTES`, in threads) for the thumbnail and, when
+    they are read from level 0 in this process, the patches: the same pixels, one read instead of
+    two. With ``min_tissue`` 0 every grid position is kept whatever the tissue, so the patches are
+    written while the tissue is found (:func:`_find_tissue_in_background`); else they wait for it.
     """
     mpp_override = item.slide_mpp if item.slide_mpp is not None else params.slide_mpp
     label = item.label if item.label is not None else params.label
@@ -313,45 +320,54 @@ def extract_slide(
         grid = make_grid(slide, plan, params.patch_size, params.step)
         grid_patches = len(grid)
         geometry = thumbnail_geometry(slide, mpp=params.thumbnail_mpp)
-        held = None
-        if not params.coords_only and grid_patches:
+        writes = not params.coords_only and grid_patches > 0
+        if writes:
             writer.prepare(grid_patches)
-            if writer.in_process and plan.level == 0 and geometry.plan.level == 0:
-                held = HeldLevel.read(slide)
-                if held is not None:
-                    cleanup.callback(held.close)
-
-        # a thumbnail kept in memory is written with the other QC images, else while it is read
-        thumbnail_png = slide_dir / "thumbnail.png"
+        # a thumbnail resampled from level 0: a small level 0 is read once and held
+        held = HeldLevel.read(slide) if geometry.plan.level == 0 else None
+        if held is not None:
+            cleanup.callback(held.close)
+        patch_source = held if writes and writer.in_process and plan.level == 0 else None
         kept = keeps_thumbnail(geometry)
-        found = scan_tissue(
-            slide,
-            thumbnail_mpp=params.thumbnail_mpp,
-            geojson=tissue_geojson_for(item, params.tissue_geojson),
-            params=params.tissue,
-            thumbnail_png=None if kept else thumbnail_png,
-            pixels=held,
-        )
-        chosen, chosen_fractions, tissue_patches = _choose(grid, found, params, item.name)
-        del grid
-        n = len(chosen)
-        progress.start(n, item.name)
-        # the QC images and GeoJSON are written in a thread while the patches are (zlib, OpenCV
-        # and Pillow's encoders release the GIL); both are finished before the slide is
-        with ThreadPoolExecutor(1, thread_name_prefix="histo-wsl-qc") as background:
-            qc = background.submit(
-                _write_qc,
+        thumbnail_png = slide_dir / "thumbnail.png"
+        geojson = tissue_geojson_for(item, params.tissue_geojson)  # a missing one fails first
+
+        def find() -> TissueMap:
+            # a thumbnail kept in memory is written with the other QC images, else while it is read
+            found = scan_tissue(
                 slide,
-                found,
-                chosen,
-                slide_dir,
-                item.name,
-                thumbnail_png if kept else None,
+                thumbnail_mpp=params.thumbnail_mpp,
+                geojson=geojson,
+                params=params.tissue,
+                thumbnail_png=None if kept else thumbnail_png,
+                pixels=held,
             )
-            if not params.coords_only and n:
+            if held is not None and patch_source is None:
+                held.close()  # the patches are not read from it: let it go now
+            return found
+
+        def qc(found: TissueMap, chosen: PatchGrid) -> None:
+            _write_qc(slide, found, chosen, slide_dir, item.name, thumbnail_png if kept else None)
+
+        # the QC images and GeoJSON (and with min_tissue 0 the tissue itself) are made in a
+        # thread while the patches are written (OpenSlide, zlib, OpenCV and Pillow's encoders
+        # release the GIL); both are finished before the slide is
+        with ThreadPoolExecutor(1, thread_name_prefix="histo-wsl-qc") as background:
+            if params.min_tissue <= 0:
+                keep = _sample(np.arange(grid_patches), params, item.name)
+                chosen, tissue_patches = grid.subset(keep), grid_patches
+                after = background.submit(_find_tissue_in_background, find, qc, grid, keep, chosen)
+            else:
+                found = find()
+                chosen, chosen_fractions, tissue_patches = _choose(grid, found, params, item.name)
+                after = background.submit(lambda: (found, chosen_fractions, qc(found, chosen)))
+            del grid
+            n = len(chosen)
+            progress.start(n, item.name)
+            if writes and n:
                 jobs = _patch_jobs(item, mpp_override, plan, chosen, params, patch_dir)
-                writer.write(jobs, progress, source=held)
-            qc.result()
+                writer.write(jobs, progress, source=patch_source)
+            found, chosen_fractions, _ = after.result()
 
         _write_patches_csv(
             slide_dir / "patches.csv", item.name, chosen, chosen_fractions, plan, params, label
@@ -360,16 +376,7 @@ def extract_slide(
             patch_dir.rmdir()
         notes = list(slide.notes)
         if n == 0:
-            why = (
-                "no tissue found"
-                if found.fraction == 0
-                else f"no grid position has --min-tissue {params.min_tissue:g} of tissue"
-            )
-            notes.append(f"0 patches: {why}")
-            warn(
-                f"{item.path}: 0 patches ({why}; tissue on {found.fraction:.1%} of the "
-                f"thumbnail); see {item.name}/thumbnail.png, or give the tissue with --tissue-geojson"
-            )
+            notes.append(_no_patches(item, found, params))
         return {
             "patches": n,
             "grid_patches": grid_patches,
@@ -388,24 +395,66 @@ def extract_slide(
         }
 
 
-def _choose(
-    grid: PatchGrid, found: TissueMap, params: ExtractParams, name: str
-) -> tuple[PatchGrid, np.ndarray, int]:
-    """The grid positions kept: (patches, their tissue fractions, how many had enough tissue)."""
+def _no_patches(item: InputItem, found: TissueMap, params: ExtractParams) -> str:
+    """Warn that a slide gave no patch, and why; returns the note for its record."""
+    why = (
+        "no tissue found"
+        if found.fraction == 0
+        else f"no grid position has --min-tissue {params.min_tissue:g} of tissue"
+    )
+    warn(
+        f"{item.path}: 0 patches ({why}; tissue on {found.fraction:.1%} of the "
+        f"thumbnail); see {item.name}/thumbnail.png, or give the tissue with --tissue-geojson"
+    )
+    return f"0 patches: {why}"
+
+
+def _find_tissue_in_background(
+    find: Callable[[], TissueMap],
+    qc: Callable[[TissueMap, PatchGrid], None],
+    grid: PatchGrid,
+    keep: np.ndarray,
+    chosen: PatchGrid,
+) -> tuple[TissueMap, np.ndarray, None]:
+    """The tissue, the kept patches' tissue fractions and the QC images, for patches chosen first.
+
+    With ``min_tissue`` 0 the patches (``grid[keep]``) do not depend on the tissue: this runs in a
+    thread while they are written. Returns what :func:`_choose` and the QC step give otherwise.
+    """
+    found = find()
+    fractions = _fractions(grid, found)[keep]
+    qc(found, chosen)
+    return found, fractions, None
+
+
+def _fractions(grid: PatchGrid, found: TissueMap) -> np.ndarray:
+    """Tissue fraction (0-1) of every grid position."""
     ds = found.downsample
-    fractions = tissue_fraction_map(found.mask).fraction(
+    return tissue_fraction_map(found.mask).fraction(
         grid.xs / ds,
         grid.ys / ds,
         (grid.xs + grid.size_level0) / ds,
         (grid.ys + grid.size_level0) / ds,
     )
-    in_tissue = fractions >= params.min_tissue - 1e-9
-    tissue_patches = int(np.count_nonzero(in_tissue))
-    keep = np.flatnonzero(in_tissue)
-    del in_tissue
+
+
+def _sample(keep: np.ndarray, params: ExtractParams, name: str) -> np.ndarray:
+    """``keep`` (grid indices), or ``max_patches`` of them chosen at random (seeded by the slide)."""
     if params.max_patches is not None and keep.size > params.max_patches:
         rng = np.random.default_rng([params.seed, zlib.crc32(name.encode())])
         keep = np.sort(rng.choice(keep, size=params.max_patches, replace=False))
+    return keep
+
+
+def _choose(
+    grid: PatchGrid, found: TissueMap, params: ExtractParams, name: str
+) -> tuple[PatchGrid, np.ndarray, int]:
+    """The grid positions kept: (patches, their tissue fractions, how many had enough tissue)."""
+    fractions = _fractions(grid, found)
+    in_tissue = fractions >= params.min_tissue - 1e-9
+    tissue_patches = int(np.count_nonzero(in_tissue))
+    keep = _sample(np.flatnonzero(in_tissue), params, name)
+    del in_tissue
     return grid.subset(keep), fractions[keep], tissue_patches
 
 

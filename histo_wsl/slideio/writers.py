@@ -523,7 +523,7 @@ class PngStream:
                 flat[:, : -self.channels],
                 out=lines[:, 1 + self.channels :],
             )
-        data = self._zip.compress(lines.tobytes())
+        data = self._zip.compress(lines)  # the buffer as it is: no copy
         if data:
             self._chunk(b"IDAT", data)
         self.rows_written += n

@@ -22,7 +22,9 @@ resolution (µm per thumbnail pixel) and its downsample from level 0.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import cv2
@@ -42,11 +44,51 @@ __all__ = [
     "is_greyscale",
     "otsu_from_histogram",
     "otsu_threshold",
+    "work_threads",
 ]
 
 #: Thumbnail rows per strip in :func:`detect_tissue_strips` (and per band of the fraction map): the
 #: strip-sized temporaries (RGB, median, HSV, int32 labels) stay a few MB whatever the slide's size.
 DETECT_STRIP_ROWS = 256
+#: At most this many threads share a slide's one-off CPU work (reading a held level 0, resampling
+#: the thumbnail, the median filter of detection); OpenSlide, Pillow and OpenCV release the GIL.
+MAX_WORK_THREADS = 4
+#: A median filter (or a closing) over fewer rows than this runs in one call: splitting it costs
+#: more than it saves.
+PARALLEL_MIN_ROWS = 128
+
+
+def work_threads() -> int:
+    """Threads for a slide's one-off work: the CPUs this process may use, at most :data:`MAX_WORK_THREADS`."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        usable = os.cpu_count() or 1
+    return max(1, min(MAX_WORK_THREADS, usable))
+
+
+def _median_blur(rgb: np.ndarray, k: int) -> np.ndarray:
+    """``cv2.medianBlur(rgb, k)``, split into bands of rows filtered in threads (the same result).
+
+    Each band is filtered with ``k // 2`` rows of real context above and below, so every output
+    pixel sees the window it sees in one call; the image's own edges are the call's edges.
+    """
+    h = rgb.shape[0]
+    threads = min(work_threads(), h // PARALLEL_MIN_ROWS)
+    if threads < 2:
+        return cv2.medianBlur(rgb, k)
+    halo = k // 2
+    bounds = np.linspace(0, h, threads + 1).round().astype(int).tolist()
+    out = np.empty_like(rgb)
+
+    def band(i: int) -> None:
+        y0, y1 = bounds[i], bounds[i + 1]
+        lo, hi = max(0, y0 - halo), min(h, y1 + halo)
+        out[y0:y1] = cv2.medianBlur(np.ascontiguousarray(rgb[lo:hi]), k)[y0 - lo : y1 - lo]
+
+    with ThreadPoolExecutor(threads, thread_name_prefix="histo-wsl-median") as pool:
+        list(pool.map(band, range(threads)))
+    return out
 
 
 @dataclass(frozen=True)
@@ -241,7 +283,7 @@ def detect_tissue_strips(  # noqa: PLR0915 (one recipe, step by step, as detect_
             raise ValueError(f"rows {lo}:{hi} came back as shape {rgb.shape}, expected width {w}")
         if on_rows is not None:
             on_rows(y0, rgb[y0 - lo : y1 - lo])
-        smooth = np.ascontiguousarray(cv2.medianBlur(rgb, k)[y0 - lo : y1 - lo])
+        smooth = np.ascontiguousarray(_median_blur(rgb, k)[y0 - lo : y1 - lo])
         del rgb
         hsv = cv2.cvtColor(smooth, cv2.COLOR_RGB2HSV)
         sat = hsv[:, :, 1]
@@ -277,7 +319,10 @@ def detect_tissue_strips(  # noqa: PLR0915 (one recipe, step by step, as detect_
 
     diameter = int(round(params.closing_um / mpp))
     if diameter >= 2:
-        mask = closing_strips(thresholded, (h, w), diameter, strip_rows)
+        # strips of the closing shared among threads: a thumbnail in one strip is cut into some
+        threads = work_threads()
+        rows = min(strip_rows, max(PARALLEL_MIN_ROWS, -(-h // threads)))
+        mask = closing_strips(thresholded, (h, w), diameter, rows, threads=threads)
     else:
         mask = PackedMask((h, w))
         for y0, y1 in strip_spans(h, strip_rows):

@@ -9,6 +9,7 @@ connected components merged across strip borders (:func:`_merge_labels`).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import cv2
 import numpy as np
@@ -94,14 +95,21 @@ def strip_spans(height: int, rows: int) -> Iterator[tuple[int, int]]:
 
 
 def closing_strips(
-    read: Callable[[int, int], np.ndarray], shape: tuple[int, int], diameter_px: int, rows: int
+    read: Callable[[int, int], np.ndarray],
+    shape: tuple[int, int],
+    diameter_px: int,
+    rows: int,
+    *,
+    threads: int = 1,
 ) -> PackedMask:
     """Binary closing with a disc, strip by strip; outside the image counts as background.
 
     ``read(y0, y1)`` gives the input's bool rows. Each strip is closed with ``diameter`` rows of
     context above and below (zeros past the image's edges), which is all that a closing (a
     dilation, then an erosion, each reaching ``diameter // 2`` px) looks at, so the result equals
-    the closing of the whole mask padded with zeros.
+    the closing of the whole mask padded with zeros. With ``threads`` > 1 the strips are closed
+    in that many threads (OpenCV releases the GIL; ``read`` must then be safe to call from them):
+    each strip writes its own rows, so the result is the same.
     """
     h, w = shape
     out = PackedMask(shape)
@@ -109,7 +117,9 @@ def closing_strips(
     # pixel down and right; an odd diameter keeps the disc symmetric about its anchor.
     d = int(diameter_px) | 1
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (d, d))
-    for y0, y1 in strip_spans(h, rows):
+
+    def close_strip(span: tuple[int, int]) -> None:
+        y0, y1 = span
         lo, hi = max(0, y0 - d), min(h, y1 + d)
         band = np.ascontiguousarray(read(lo, hi), dtype=bool).view(np.uint8)
         padded = cv2.copyMakeBorder(
@@ -117,6 +127,15 @@ def closing_strips(
         )
         closed = cv2.morphologyEx(padded, cv2.MORPH_CLOSE, kernel)
         out.set_rows(y0, closed[d : d + (y1 - y0), d : d + w].view(bool))
+
+    spans = list(strip_spans(h, rows))
+    threads = min(int(threads), len(spans))
+    if threads > 1:
+        with ThreadPoolExecutor(threads, thread_name_prefix="histo-wsl-closing") as pool:
+            list(pool.map(close_strip, spans))
+    else:
+        for span in spans:
+            close_strip(span)
     return out
 
 

@@ -11,8 +11,9 @@ user gave (``--tissue-geojson``: one file, or a folder of ``<slide>.geojson`` /
 strip by strip into a packed mask (1 bit per pixel), and :func:`write_tissue_images` reads it
 again band by band to draw ``tissue.png`` and ``patches.png``. Its peak memory therefore does not
 grow with the slide (``benchmarks/extract_memory.py``); a small slide's level 0 may be held
-(:class:`HeldLevel`, at most :data:`HELD_LEVEL_BYTES`) to read it once for the thumbnail and the
-patches. The
+(:class:`HeldLevel`, at most :data:`HELD_LEVEL_BYTES`, read in threads) to read it once for the
+thumbnail and the patches; a kept thumbnail is resampled block by block in threads
+(:func:`read_whole_thumbnail`), and the QC images are deflated each in a thread. The
 thumbnail is at ``thumbnail_mpp`` (default 8 µm/px) between 1,024 and 4,096 px on its long side
 (:func:`histo_wsl.slideio.slide.thumbnail_geometry`); the resolution used is recorded per slide
 (``tissue_mpp``, ``thumbnail_size``).
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +39,7 @@ from histo_wsl.slideio.slide import (
     THUMBNAIL_TILE_CACHE,
     Slide,
     ThumbnailGeometry,
+    read_patch,
     read_thumbnail,
     read_thumbnail_rows,
     thumbnail_geometry,
@@ -52,6 +55,7 @@ __all__ = [
     "TissueMap",
     "find_tissue",
     "keeps_thumbnail",
+    "read_whole_thumbnail",
     "save_png",
     "scan_tissue",
     "tissue_geojson_for",
@@ -250,14 +254,23 @@ class HeldLevel:
             return None
         osr = getattr(slide, "_osr", None)
         has_profile = getattr(osr, "color_profile", None) is not None
-        profiles = set()
         rgb = np.empty((h, w, 3), dtype=np.uint8)
-        for y0 in range(0, h, band_rows):
+
+        def read_band(y0: int) -> bytes | None:
             n = min(band_rows, h - y0)
             band = slide.read_region((0, y0), 0, (w, n))
-            # an opaque band keeps the profile; one flattened over white (some alpha) has none
-            profiles.add(band.info.get("icc_profile"))
             rgb[y0 : y0 + n] = np.asarray(band)
+            # an opaque band keeps the profile; one flattened over white (some alpha) has none
+            return band.info.get("icc_profile")
+
+        # bands are read in threads: OpenSlide decodes without the GIL, and each band has its rows
+        starts = range(0, h, band_rows)
+        threads = min(tissue.work_threads(), len(starts))
+        if threads > 1:
+            with ThreadPoolExecutor(threads, thread_name_prefix="histo-wsl-read") as pool:
+                profiles = set(pool.map(read_band, starts))
+        else:
+            profiles = {read_band(y0) for y0 in starts}
         if not has_profile:
             return cls(slide, rgb)
         if len(profiles) != 1 or None in profiles:
@@ -293,6 +306,41 @@ class HeldLevel:
     def close(self) -> None:
         """Drop the held pixels (the slide stays open: its owner closes it)."""
         self.rgb = None
+
+
+#: Thumbnail pixels are resampled in blocks of this side (``read_thumbnail_rows``' ``chunk``):
+#: a block's pixels depend on its origin, so the blocks must be the same to give the same thumbnail.
+THUMBNAIL_CHUNK = 512
+
+
+def read_whole_thumbnail(source: Slide | HeldLevel, geometry: ThumbnailGeometry) -> np.ndarray:
+    """The whole thumbnail, as ``read_thumbnail_rows(source, geometry, 0, height)`` reads it.
+
+    A resampled thumbnail is assembled from the same :data:`THUMBNAIL_CHUNK`-px blocks, each read
+    and resized with :func:`~histo_wsl.slideio.slide.read_patch` as there, but in threads
+    (OpenSlide's reads and Pillow's resampling release the GIL): the same pixels, sooner. A
+    thumbnail that is a level's own pixels is read as it is.
+    """
+    h, w = geometry.shape
+    ds = geometry.downsample
+    blocks = [
+        (tx, ty) for ty in range(0, h, THUMBNAIL_CHUNK) for tx in range(0, w, THUMBNAIL_CHUNK)
+    ]
+    threads = min(tissue.work_threads(), len(blocks))
+    direct = not geometry.plan.resize and float(ds).is_integer()
+    if direct or threads < 2:
+        return read_thumbnail_rows(source, geometry, 0, h, THUMBNAIL_CHUNK)  # type: ignore[arg-type]
+    out = np.empty((h, w, 3), dtype=np.uint8)
+
+    def block(origin: tuple[int, int]) -> None:
+        tx, ty = origin
+        cw, ch = min(THUMBNAIL_CHUNK, w - tx), min(THUMBNAIL_CHUNK, h - ty)
+        patch = read_patch(source, geometry.plan, (round(tx * ds), round(ty * ds)), (cw, ch))  # type: ignore[arg-type]
+        out[ty : ty + ch, tx : tx + cw] = np.asarray(patch)
+
+    with ThreadPoolExecutor(threads, thread_name_prefix="histo-wsl-thumbnail") as pool:
+        list(pool.map(block, blocks))
+    return out
 
 
 def scan_tissue(
@@ -346,7 +394,7 @@ def scan_tissue(
     try:
         with source.tile_cache(THUMBNAIL_TILE_CACHE):
             if keeps_thumbnail(geometry):
-                kept = read_thumbnail_rows(source, geometry, 0, h)  # type: ignore[arg-type]
+                kept = read_whole_thumbnail(source, geometry)
                 strip_rows = max(BAND_ROWS, h)  # held whole: one strip, no overlapping context
             if whole_slide or geojson is not None:
                 if png is not None:
@@ -426,8 +474,13 @@ def write_tissue_images(
     margin = thickness + 2
     rows = max(BAND_ROWS, h) if found.rgb is not None else BAND_ROWS
     outs = [PngStream(p, w, h, **QC_PNG) if p is not None else None for p in paths]
+    # each image's rows are deflated in a thread of their own (zlib releases the GIL)
+    threads = min(tissue.work_threads(), sum(out is not None for out in outs))
     try:
-        with slide.tile_cache(THUMBNAIL_TILE_CACHE):
+        with (
+            slide.tile_cache(THUMBNAIL_TILE_CACHE),
+            ThreadPoolExecutor(max(1, threads), thread_name_prefix="histo-wsl-png") as pool,
+        ):
             for y0 in range(0, h, rows):
                 y1 = min(h, y0 + rows)
                 lo, hi = max(0, y0 - margin), min(h, y1 + margin)
@@ -435,7 +488,12 @@ def write_tissue_images(
                     band = np.array(found.rgb[lo:hi], order="C")  # a copy, drawn on
                 else:
                     band = read_thumbnail_rows(slide, found.geometry, lo, hi)
-                _draw_band(band, lo, y0, y1, outs, contours, thickness, rect)
+                writes = _draw_band(band, lo, y0, y1, outs, contours, thickness, rect)
+                if threads > 1:
+                    list(pool.map(lambda job: job[0].write_rows(job[1]), writes))
+                else:
+                    for out, rgb in writes:
+                        out.write_rows(rgb)
         for out in outs:
             if out is not None:
                 out.close()
@@ -455,23 +513,27 @@ def _draw_band(
     contours: Sequence[np.ndarray],
     thickness: int,
     rect: np.ndarray,
-) -> None:
+) -> list[tuple[PngStream, np.ndarray]]:
     """Rows ``y0:y1`` of each QC image from thumbnail rows ``lo:`` (``band``, drawn on).
 
     ``outs``: the thumbnail's, the tissue contours' and the patches' PNG streams (or None).
+    Returns each stream with its rows (copies where ``band`` is drawn on afterwards), to write.
     """
+    writes: list[tuple[PngStream, np.ndarray]] = []
     if outs[0] is not None:
-        outs[0].write_rows(band[y0 - lo : y1 - lo])
+        writes.append((outs[0], band[y0 - lo : y1 - lo].copy()))
     if contours:
         cv2.drawContours(band, contours, -1, TISSUE_COLOR, thickness, offset=(0, -lo))
     if outs[1] is not None:
-        outs[1].write_rows(band[y0 - lo : y1 - lo])
+        rows = band[y0 - lo : y1 - lo]
+        writes.append((outs[1], rows.copy() if outs[2] is not None else rows))
     if outs[2] is not None:
         hi = lo + band.shape[0]
         near = np.flatnonzero((rect[:, 3] >= lo - 1) & (rect[:, 1] <= hi))
         for x0, r0, x1, r1 in rect[near].tolist():
             cv2.rectangle(band, (x0, r0 - lo), (x1, r1 - lo), PATCH_COLOR, 1)
-        outs[2].write_rows(band[y0 - lo : y1 - lo])
+        writes.append((outs[2], band[y0 - lo : y1 - lo]))
+    return writes
 
 
 def keeps_thumbnail(geometry: ThumbnailGeometry) -> bool:

@@ -606,3 +606,52 @@ def test_png_stream_up_filter_and_rle_round_trip(tmp_path, channels):
         for y in (0, 1, 9, 24):  # bands of 1, 8, 15 and 13 rows
             png.write_rows(image[y : {0: 1, 1: 9, 9: 24, 24: 37}[y]])
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "a.png")), image)
+
+
+def test_patches_written_while_tissue_is_found_give_the_same_files(
+    tmp_path, synthetic_slide, monkeypatch
+):
+    """min_tissue 0 keeps every position: the patches are written while the tissue is found
+    (in a thread, which uses threads of its own). Every file is as when the patches wait for the
+    tissue (a tiny min_tissue > 0 keeps every position too) and everything runs in one thread."""
+    from histo_wsl.tissue import detect
+
+    params = dict(thumbnail_mpp=0.9, max_patches=40)  # level 0 held, resampled thumbnail
+    extract_patches(
+        [_item(synthetic_slide)],
+        tmp_path / "background",
+        ExtractParams(min_tissue=0.0, **params),
+        BatchOptions(quiet=True),
+    )
+    monkeypatch.setattr(detect, "work_threads", lambda: 1)
+    extract_patches(
+        [_item(synthetic_slide)],
+        tmp_path / "waiting",
+        ExtractParams(min_tissue=1e-12, **params),
+        BatchOptions(quiet=True),
+    )
+    one, two = _outputs(tmp_path / "background"), _outputs(tmp_path / "waiting")
+    assert sum(k.endswith(".png") for k in one) == 40 + 3 and one == two
+    records = [
+        json.loads((tmp_path / d / "synth" / "slide.json").read_text())
+        for d in ("background", "waiting")
+    ]
+    for record in records:
+        for key in ("seconds", "finished"):
+            record.pop(key)
+    assert records[0] == records[1]
+
+
+@pytest.mark.parametrize("source", ["held", "slide"])
+def test_whole_thumbnail_in_threads_reads_the_rows_reader_pixels(synthetic_slide, source):
+    from histo_wsl.slideio.slide import open_slide, read_thumbnail_rows, thumbnail_geometry
+    from histo_wsl.tissue.scan import HeldLevel, read_whole_thumbnail
+
+    with open_slide(synthetic_slide) as slide:
+        for mpp in (0.9, 2.0, 8.0):  # resampled from level 0, then from coarser levels
+            geometry = thumbnail_geometry(slide, mpp=mpp, min_size=256)
+            pixels = HeldLevel.read(slide) if source == "held" else slide
+            got = read_whole_thumbnail(pixels, geometry)
+            want = read_thumbnail_rows(pixels, geometry, 0, geometry.height)
+            assert got.shape == (geometry.height, geometry.width, 3)
+            np.testing.assert_array_equal(got, want)

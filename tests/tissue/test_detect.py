@@ -371,3 +371,42 @@ def test_a_greyscale_thumbnail_finds_tissue_darker_than_its_glass():
     inside = mask[45:105, 55:145].mean()
     outside = np.concatenate([mask[10:35].ravel(), mask[115:].ravel()]).mean()
     assert inside > 0.95 and outside < 0.01 and not mask[:10].any()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_detection_shared_among_threads_equals_whole_image_detection(seed, monkeypatch):
+    """The median filter and the closing cut into bands for threads: the same mask."""
+    from histo_wsl.tissue import detect
+
+    monkeypatch.setattr(detect, "PARALLEL_MIN_ROWS", 8)  # small images split too
+    rng = np.random.default_rng(100 + seed)
+    h, w = (int(v) for v in rng.integers(40, 220, 2))
+    img = _random_thumbnail(rng, h, w)
+    mpp = float(rng.uniform(1, 6))  # fine: large median and closing kernels, many rows of halo
+    params = TissueParams(min_object_um2=float(rng.uniform(0, 2e4)))
+    expected = _whole_image_recipe(img, mpp, params)
+    for threads in (1, 2, 3):
+        monkeypatch.setattr(detect, "work_threads", lambda threads=threads: threads)
+        for rows in (16, 10_000):
+            got = detect_tissue_strips(lambda a, b: img[a:b], (h, w), mpp, params, strip_rows=rows)
+            assert np.array_equal(got.to_bool(), expected), (threads, rows)
+
+
+def test_median_blur_in_bands_equals_one_call(monkeypatch):
+    import cv2
+
+    from histo_wsl.tissue import detect
+
+    monkeypatch.setattr(detect, "PARALLEL_MIN_ROWS", 4)
+    rng = np.random.default_rng(7)
+    img = rng.integers(0, 256, (97, 61, 3), dtype=np.uint8)
+    for threads in (2, 3, 4):
+        monkeypatch.setattr(detect, "work_threads", lambda threads=threads: threads)
+        for k in (3, 5, 7, 31):
+            assert np.array_equal(detect._median_blur(img, k), cv2.medianBlur(img, k)), (threads, k)
+
+
+def test_work_threads_is_between_one_and_the_cap():
+    from histo_wsl.tissue.detect import MAX_WORK_THREADS, work_threads
+
+    assert 1 <= work_threads() <= MAX_WORK_THREADS

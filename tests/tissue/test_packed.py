@@ -20,3 +20,16 @@ def test_packed_mask_round_trip_and_counts():
     assert not PackedMask((4, 9)).any() and PackedMask((0, 5)).mean() == 0.0
     with pytest.raises(ValueError):
         packed.set_rows(12, np.ones((3, 21), bool))
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_closing_strips_in_threads_equals_one_thread(threads):
+    from histo_wsl.tissue.packed import closing_strips
+
+    rng = np.random.default_rng(threads)
+    mask = rng.random((83, 47)) > 0.7
+    read = lambda a, b: mask[a:b]  # noqa: E731
+    for rows in (5, 16, 100):
+        one = closing_strips(read, mask.shape, 9, rows)
+        many = closing_strips(read, mask.shape, 9, rows, threads=threads)
+        assert np.array_equal(one.to_bool(), many.to_bool()), rows
