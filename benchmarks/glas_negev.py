@@ -22,9 +22,10 @@ The recipes are the dict :data:`RECIPES` below (edit the values there):
 
 * ``cpu``: pretrained MobileNetV2 (stride 8), short schedule, n = 20 seeds drawn from the k-NN
   seed map (``--seed-map knn``), one round, the saved map k-NN refined (``--refine knn``).
-* ``cpu-slide``: ``cpu`` at the slide geometry (``--geometry slide``: images resized by one
-  factor to the card's µm/px, aspect ratio kept, and placed on glass that the decoder learns as
-  background), so ``localize`` meets on slides what training saw.
+* ``cpu-slide``: ``cpu`` at the slide geometry (``--geometry isotropic --glass``: images resized
+  by one factor to the card's µm/px, aspect ratio kept, and placed on glass that the decoder learns
+  as background), so ``localize`` meets on slides what training saw.
+* ``cpu-glass``: ``cpu`` (squashed images) with ``--glass`` only.
 * ``gpu``: the paper's protocol (method.md §1.4): ResNet50, 1000 epochs per stage, batch 32, step
   250, lr 0.003 / 0.1, n = 1, AMP. Needs ImageNet ResNet50 weights in ``$TORCH_HOME``.
 
@@ -105,11 +106,18 @@ RECIPES: dict[str, dict[str, Any]] = {
     },
 }
 # the cpu recipe at the slide geometry: images resized by one factor to the card's µm/px, aspect
-# kept, on glass (--geometry slide), so localize meets on slides what training saw
+# kept, on glass (--geometry isotropic --glass), so localize meets on slides what training saw
+SLIDE_GEOMETRY = {"geometry": "isotropic", "glass": True}
 RECIPES["cpu-slide"] = {
     **RECIPES["cpu"],
-    "stage1": {**RECIPES["cpu"]["stage1"], "geometry": "slide"},
-    "stage2": {**RECIPES["cpu"]["stage2"], "geometry": "slide"},
+    "stage1": {**RECIPES["cpu"]["stage1"], **SLIDE_GEOMETRY},
+    "stage2": {**RECIPES["cpu"]["stage2"], **SLIDE_GEOMETRY},
+}
+# the cpu recipe with its images on glass only (squashed as the papers')
+RECIPES["cpu-glass"] = {
+    **RECIPES["cpu"],
+    "stage1": {**RECIPES["cpu"]["stage1"], "glass": True},
+    "stage2": {**RECIPES["cpu"]["stage2"], "glass": True},
 }
 #: NEGEV's PxAP gain over the CAM it starts from (points), the issue's target
 TARGET_GAIN = 10.0

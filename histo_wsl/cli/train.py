@@ -60,9 +60,16 @@ GeometryOpt = Annotated[
     typer.Option(
         help="squash: images resized to the --resize-size square (the papers' protocol); "
         "isotropic: resized by one factor that keeps their aspect ratio, to the µm/px the card "
-        "records, so the network learns tissue as localize reads it from slides; slide: "
-        "isotropic, each image placed on glass (glass margins in the crops, known background "
-        "for the decoder), as a slide's windows meet images at their edges.",
+        "records, so the network learns tissue as localize reads it from slides.",
+    ),
+]
+GlassOpt = Annotated[
+    bool,
+    typer.Option(
+        "--glass",
+        help="Place the training images on glass, as a slide's windows meet tissue at its edges: "
+        "half of the images get a random margin of glass, crops that outgrow an image are "
+        "filled with glass, and the decoder learns glass as background.",
     ),
 ]
 CropSizeOpt = Annotated[
@@ -319,6 +326,7 @@ def train_classifier(
     resize_size: ResizeSizeOpt = 256,
     crop_size: CropSizeOpt = 224,
     geometry: GeometryOpt = "squash",
+    glass: GlassOpt = False,
     epochs: EpochsOpt = 20,
     batch_size: BatchSizeOpt = 16,
     lr: Annotated[
@@ -646,6 +654,7 @@ def train_decoder(
     resize_size: ResizeSizeOpt = 256,
     crop_size: CropSizeOpt = 224,
     geometry: GeometryOpt = "squash",
+    glass: GlassOpt = False,
     epochs: EpochsOpt = 20,
     batch_size: BatchSizeOpt = 16,
     lr: Annotated[

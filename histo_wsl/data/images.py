@@ -39,7 +39,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-#: the white of a slide's glass (RGB), what ``--geometry slide`` places images on
+#: the white of a slide's glass (RGB), what ``--glass`` places training images on
 GLASS_RGB = (243, 243, 243)
 #: the training mask's value on glass added around an image (0/1: ROI, 255: unknown)
 GLASS_LABEL = 2
@@ -72,9 +72,9 @@ def train_transform(
     """The training preset: random crop of a resized image, flips, colour jitter.
 
     An image smaller than ``crop`` on a side (isotropic geometry: a 775×522 GlaS image at
-    1.57 µm/px is 306×206) is reflected out to it first; with ``glass`` (the ``slide``
-    geometry) it is placed on glass instead, half of the time with up to half a crop of glass
-    around it (:class:`GlassMargins`), the glass marked :data:`GLASS_LABEL` in the mask.
+    1.57 µm/px is 306×206) is reflected out to it first; with ``glass`` (``--glass``) it is
+    placed on glass instead, half of the time with up to half a crop of glass around it
+    (:class:`GlassMargins`), the glass marked :data:`GLASS_LABEL` in the mask.
     """
     if glass:
         steps: list = [

@@ -75,9 +75,8 @@ def refined_words(card: dict) -> str:
     return f", k-NN refined (α {refine.get('alpha')}, k {refine.get('k')})"
 
 
-#: how training images are resized (``--geometry``; see :func:`image_scale`): ``slide`` is
-#: ``isotropic`` with images placed on glass, as a slide's windows meet them
-GEOMETRIES = ("squash", "isotropic", "slide")
+#: how training images are resized (``--geometry``; see :func:`image_scale`)
+GEOMETRIES = ("squash", "isotropic")
 
 #: a map function: (model, images (B,3,H,W), labels (B,)) -> (logits (B,K), maps (B,H,W) in [0,1])
 MapFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -93,10 +92,15 @@ def load_training_data(cfg: TrainConfig) -> Dataset:
     """
     if cfg.data.geometry not in GEOMETRIES:
         raise InputError(f"--geometry {cfg.data.geometry!r}: use one of {', '.join(GEOMETRIES)}")
-    if cfg.data.geometry != "squash" and cfg.run.data_on_device:
+    if cfg.data.geometry == "isotropic" and cfg.run.data_on_device:
         raise InputError(
             "--data-on-device keeps square images on the device; it does not take "
-            f"--geometry {cfg.data.geometry} (images of their own aspect ratio): drop one of them"
+            "--geometry isotropic (images of their own aspect ratio): drop one of them"
+        )
+    if cfg.data.glass and cfg.run.data_on_device:
+        raise InputError(
+            "--data-on-device augments on the device without glass margins; it does not take "
+            "--glass: drop one of them"
         )
     if cfg.data.crop_size > cfg.data.resize_size:
         raise InputError(
@@ -123,9 +127,7 @@ def training_images(ds: Dataset, cfg: TrainConfig) -> LabelledImages:
     return LabelledImages(
         ds.split("train"),
         cfg.data.resize_size,
-        train_transform(
-            cfg.data.crop_size, jitter=cfg.data.color_jitter, glass=cfg.data.geometry == "slide"
-        ),
+        train_transform(cfg.data.crop_size, jitter=cfg.data.color_jitter, glass=cfg.data.glass),
         scale=image_scale(ds, cfg),
     )
 
@@ -146,13 +148,13 @@ def _median_side_of(images: tuple[str, ...]) -> float | None:
 
 
 def image_scale(ds: Dataset, cfg: TrainConfig) -> float | None:
-    """The ``isotropic`` (and ``slide``) geometry's resize factor (None: ``squash``, squares).
+    """The ``isotropic`` geometry's resize factor (None: ``squash``, images resized to squares).
 
     resize side / median image side: the network then sees every image at the one resolution
     :func:`seen_mpp` records in the card (GlaS: 775×522 at 0.62 µm/px become 306×206 at
     1.57 µm/px, where ``squash`` made them 256×256, 1.88 µm/px across and 1.26 down).
     """
-    if cfg.data.geometry == "squash":
+    if cfg.data.geometry != "isotropic":
         return None
     side = _median_side(ds)
     return cfg.data.resize_size / side if side else None

@@ -109,6 +109,7 @@ class ClassifierTask:
             "input_size": cfg.data.crop_size,
             "resize_size": cfg.data.resize_size,
             "geometry": cfg.data.geometry,
+            "glass": cfg.data.glass,
             "data_mpp": data_mpp,
             "mpp": self._seen_mpp,
             "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},

@@ -238,6 +238,7 @@ class MaxMinTask:
             "input_size": cfg.data.crop_size,
             "resize_size": cfg.data.resize_size,
             "geometry": cfg.data.geometry,
+            "glass": cfg.data.glass,
             "data_mpp": cfg.data.data_mpp,
             "mpp": self._seen_mpp,
             "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},

@@ -353,7 +353,7 @@ class DecoderTask:
         stats: dict = {}
         loss = seg.sum() * 0.0
         pos = ~neg
-        # glass around an image (--geometry slide): known background
+        # glass around an image (--glass): known background
         glass = batch["mask"].to(seg.device) == GLASS_LABEL if "mask" in batch else None
         if glass is not None and not glass.any():
             glass = None
@@ -429,6 +429,7 @@ class DecoderTask:
             "input_size": cfg.data.crop_size,
             "resize_size": cfg.data.resize_size,
             "geometry": cfg.data.geometry,
+            "glass": cfg.data.glass,
             "data_mpp": c1.get("data_mpp"),
             "mpp": c1.get("mpp"),
             "normalization": c1.get("normalization"),

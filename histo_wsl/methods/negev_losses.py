@@ -247,7 +247,7 @@ def pixel_negative_loss(seg_logits: Tensor, background: Tensor) -> Tensor:
     """The negative term over known background pixels only: mean of −log S_bg on ``background``.
 
     ``background`` (B,H,W) bool marks pixels known to be background (the glass an image is placed
-    on with ``--geometry slide``); 0 when none is marked.
+    on with ``--glass``); 0 when none is marked.
     """
     if not background.any():
         return seg_logits.sum() * 0.0

@@ -70,9 +70,11 @@ class DataSettings:
     resize_size: int = 256
     color_jitter: bool = True
     #: ``squash``: images resized to a resize_size square (the papers); ``isotropic``: resized by
-    #: one factor, aspect kept, to the µm/px the card records (what localize reads slides at);
-    #: ``slide``: isotropic, images placed on glass (known background for the decoder)
+    #: one factor, aspect kept, to the µm/px the card records (what localize reads slides at)
     geometry: str = "squash"
+    #: images placed on glass in training (:class:`histo_wsl.data.images.GlassMargins`); the
+    #: decoder learns the glass as background
+    glass: bool = False
 
 
 @dataclass
@@ -182,7 +184,7 @@ FLAT: dict[str, tuple[str, str]] = {
             "gamma"
         ).split()
     },
-    **{k: ("data", k) for k in ("crop_size", "resize_size", "color_jitter", "geometry")},
+    **{k: ("data", k) for k in ("crop_size", "resize_size", "color_jitter", "geometry", "glass")},
     "cam_method": ("model", "cam_method"),
     **{k: ("run", k) for k in "workers device amp seed deterministic max_steps_per_epoch".split()},
     "clip_grad_norm": ("optim", "clip_grad_norm"),

@@ -114,7 +114,7 @@ def test_train_both_stages_on_glass(tmp_path):
     data = _wide_dataset(tmp_path)
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text("crop_size: 32\nresize_size: 40\nmax_steps_per_epoch: 2\n")
-    common = ["--config", str(cfg), "--epochs", "1", "--geometry", "slide", *TINY]
+    common = ["--config", str(cfg), "--epochs", "1", "--geometry", "isotropic", "--glass", *TINY]
     cam = tmp_path / "cam"
     r = runner.invoke(
         app, ["train-classifier", str(data), "--out", str(cam), "--no-pretrained", *common]
@@ -127,7 +127,7 @@ def test_train_both_stages_on_glass(tmp_path):
     )
     assert r.exit_code == 0, r.stderr
     card = load_model(negev / "best-loc.pt").card
-    assert card["geometry"] == "slide" and card["input_size"] == 32
+    assert card["geometry"] == "isotropic" and card["glass"] and card["input_size"] == 32
     with open(negev / "summary.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert float(rows[-1]["glass_loss"]) > 0  # the decoder was told glass is background
