@@ -91,6 +91,7 @@ class Recipe:
     mil_epochs: int = 40
     mil_negative_fpr: float = 0.02
     mil_negative_below: float | None = None
+    mil_negative_quantile: float | None = None
     backbone: str = "mobilenetv2"
     pretrained: bool = True
     head: str = "wgap"
@@ -354,6 +355,11 @@ def label_sets(
     malignant = [truth[r["path"]] == MALIGNANT for r in inst]
     pseudo_pos = [truth[r["path"]] == MALIGNANT for r in inst if r["pseudo_label"] == MALIGNANT]
     in_pos = [truth[r["path"]] == MALIGNANT for r in inst if r["slide_label"] == MALIGNANT]
+    benign_in_pos = [
+        truth[r["path"]] == BENIGN
+        for r in inst
+        if r["slide_label"] == MALIGNANT and r["pseudo_label"] == BENIGN
+    ]
     stats = {
         "patch_auc": _round(binary_auc([float(r["score"]) for r in inst], malignant)),
         "patches": len(inst),
@@ -363,6 +369,10 @@ def label_sets(
         "pseudo_positive_precision": _round(float(np.mean(pseudo_pos))) if pseudo_pos else None,
         "pseudo_positive_recall": _round(sum(pseudo_pos) / max(1, sum(malignant))),
         "left_out": sum(not r["pseudo_label"] for r in inst),
+        "pseudo_benign_in_malignant_slides": len(benign_in_pos),
+        "pseudo_benign_in_malignant_slides_precision": _round(float(np.mean(benign_in_pos)))
+        if benign_in_pos
+        else None,
         "stamped_positive_precision": _round(float(np.mean(in_pos))),
     }
     return csvs, stats
@@ -503,6 +513,13 @@ def _parser() -> argparse.ArgumentParser:
         help="train-mil --negative-below: positive slides' patches scoring below it are labelled "
         "benign (default: left out).",
     )
+    p.add_argument(
+        "--mil-negative-quantile",
+        type=float,
+        default=None,
+        help="train-mil --negative-quantile: malignant slides' patches below this quantile of "
+        "the benign validation patches' scores are labelled benign.",
+    )
     p.add_argument("--classifier-epochs", type=int, help="train-classifier epochs.")
     p.add_argument("--decoder-epochs", type=int, help="train-decoder epochs.")
     p.add_argument("--max-steps", type=int, help="Training steps per epoch (default: all).")
@@ -525,6 +542,7 @@ def _recipe(args: argparse.Namespace) -> Recipe:
         "mil_epochs": args.mil_epochs,
         "mil_negative_fpr": args.mil_negative_fpr,
         "mil_negative_below": args.mil_negative_below,
+        "mil_negative_quantile": args.mil_negative_quantile,
         "classifier_epochs": args.classifier_epochs,
         "decoder_epochs": args.decoder_epochs,
         "max_steps": args.max_steps,
@@ -606,6 +624,7 @@ def main(argv: list[str] | None = None) -> int:
             epochs=recipe.mil_epochs,
             negative_fpr=recipe.mil_negative_fpr,
             negative_below=recipe.mil_negative_below,
+            negative_quantile=recipe.mil_negative_quantile,
             val_data=folders["val"],
             seed=args.seed,
             device=args.device,

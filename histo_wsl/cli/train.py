@@ -777,6 +777,15 @@ def train_mil(
             "left out as ambiguous).",
         ),
     ] = None,
+    negative_quantile: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Instead of --negative-below: label positive slides' patches negative when they "
+            "score below this quantile of the negative validation slides' patch scores (e.g. 0.5).",
+        ),
+    ] = None,
     device: DeviceOpt = "auto",
     seed: Annotated[int, typer.Option(help="Seed of the split, the MIL weights, slide order.")] = 0,
     json_out: JsonOpt = False,
@@ -806,6 +815,7 @@ def train_mil(
         val_data=val_data,
         negative_fpr=negative_fpr,
         negative_below=negative_below,
+        negative_quantile=negative_quantile,
         seed=seed,
         device=device,
     )

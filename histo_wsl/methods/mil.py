@@ -10,7 +10,8 @@ classifier scores each patch, its attention stream the slide.
 Pseudo labels (``pseudo-labels.csv``, a dataset CSV ``train-classifier`` and ``train-decoder``
 read as it is): every patch of a negative slide is negative; a patch of a positive slide takes
 its slide's class when its instance score reaches ``t_pos``, and is left out otherwise (or, below
-``negative_below`` when given, labelled negative). ``t_pos`` is chosen on the validation slides
+``t_neg`` when given, labelled negative: ``negative_below``, or ``negative_quantile`` of the
+negative validation slides' patch scores). ``t_pos`` is chosen on the validation slides
 only: the smallest threshold that keeps at most ``negative_fpr`` of the negative validation
 slides' patches at or above it.
 """
@@ -79,6 +80,9 @@ class MILParams:
             or above ``t_pos``.
         negative_below: patches of positive slides scoring below this are labelled negative
             (None: left out).
+        negative_quantile: instead of ``negative_below``, ``t_neg`` is this quantile of the
+            negative validation slides' patch scores: a positive slide's patch scoring below
+            what that share of the fully negative patches score is labelled negative.
         seed: seed of the split, the weights and the slide order.
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
     """
@@ -98,6 +102,7 @@ class MILParams:
     val_data: Path | None = None
     negative_fpr: float = 0.02
     negative_below: float | None = None
+    negative_quantile: float | None = None
     seed: int = 0
     device: str = "auto"
 
@@ -107,6 +112,13 @@ class MILParams:
             raise InputError(f"--negative-fpr {self.negative_fpr}: give a share in [0, 1)")
         if self.negative_below is not None and not 0.0 < self.negative_below < 1.0:
             raise InputError(f"--negative-below {self.negative_below}: give a score in (0, 1)")
+        if self.negative_quantile is not None:
+            if not 0.0 < self.negative_quantile < 1.0:
+                raise InputError(
+                    f"--negative-quantile {self.negative_quantile}: give a share in (0, 1)"
+                )
+            if self.negative_below is not None:
+                raise InputError("give --negative-below or --negative-quantile, not both")
 
     def record(self) -> dict:
         """The settings as plain values (run.json, the card)."""
@@ -361,12 +373,12 @@ def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
         writer.writerows(rows)
 
 
-def _pseudo_label(bags: BagSet, b: Bag, score: float, t_pos: float, params: MILParams) -> str:
+def _pseudo_label(bags: BagSet, b: Bag, score: float, t_pos: float, t_neg: float | None) -> str:
     if not bags.is_positive(b):
         return bags.negative_class
     if score >= t_pos:
         return b.label
-    if params.negative_below is not None and score < params.negative_below:
+    if t_neg is not None and score < t_neg:
         return bags.negative_class
     return ""
 
@@ -409,7 +421,7 @@ def _write_outputs(
 ) -> dict[str, int]:
     """instances.csv, slides.csv and pseudo-labels.csv; returns pseudo-label counts per class."""
     out = Path(params.out)
-    t_pos, t_slide = threshold["t_pos"], threshold["t_slide"]
+    t_pos, t_neg, t_slide = threshold["t_pos"], threshold["t_neg"], threshold["t_slide"]
     inst_rows, pseudo_rows, slide_rows = [], [], []
     counts: dict[str, int] = {c: 0 for c in bags.class_names}
     counts["left out"] = 0
@@ -417,7 +429,7 @@ def _write_outputs(
     for b in bags.bags:
         scores = instances[b.slide].tolist()
         for path, mpp, score in zip(b.paths, b.mpps, scores, strict=True):
-            label = _pseudo_label(bags, b, score, t_pos, params)
+            label = _pseudo_label(bags, b, score, t_pos, t_neg)
             inst_rows.append([path, b.slide, b.label, b.split, f"{score:.6f}", label])
             counts[label or "left out"] += 1
             if label:
@@ -457,6 +469,9 @@ def _threshold(bags: BagSet, slides: dict, instances: dict, params: MILParams) -
     t_pos = positive_threshold(scores, params.negative_fpr)
     val = bags.split("val")
     t_slide = slide_threshold([slides[b.slide] for b in val], [bags.is_positive(b) for b in val])
+    t_neg = params.negative_below
+    if params.negative_quantile is not None:
+        t_neg = min(float(np.quantile(scores, params.negative_quantile)), t_pos)
     return {
         "t_slide": t_slide,
         "t_slide_rule": "best balanced accuracy on the validation slides (0.5 and the midpoints "
@@ -469,6 +484,16 @@ def _threshold(bags: BagSet, slides: dict, instances: dict, params: MILParams) -
         "negative_val_patches": int(len(scores)),
         "negative_val_share_at_or_above": float(np.mean(scores >= t_pos)),
         "negative_below": params.negative_below,
+        "negative_quantile": params.negative_quantile,
+        "t_neg": t_neg,
+        "t_neg_rule": None
+        if t_neg is None
+        else "positive slides' patches scoring below it are labelled negative"
+        + (
+            ""
+            if params.negative_quantile is None
+            else ": the negative_quantile of the negative validation slides' patch scores"
+        ),
     }
 
 

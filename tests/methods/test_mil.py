@@ -192,6 +192,26 @@ def test_low_scores_of_positive_slides_can_be_labelled_negative(slides, tmp_path
     assert below and all(r["pseudo_label"] == "normal" for r in below)
 
 
+def test_a_negative_quantile_sets_t_neg_from_the_negative_validation_patches(slides, tmp_path):
+    folder, _ = slides
+    out = tmp_path / "mil"
+    summary = train_mil(_params(folder, out, epochs=3, negative_quantile=0.5), quiet=True)
+    th = summary["threshold"]
+    with open(out / "instances.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    negatives = [
+        float(r["score"]) for r in rows if r["split"] == "val" and r["slide_label"] == "normal"
+    ]
+    assert th["t_neg"] == pytest.approx(
+        min(float(np.quantile(negatives, 0.5)), th["t_pos"]), abs=1e-5
+    )
+    for r in rows:
+        if r["slide_label"] == "tumour":
+            score = float(r["score"])
+            want = "tumour" if score >= th["t_pos"] else "normal" if score < th["t_neg"] else ""
+            assert r["pseudo_label"] == want
+
+
 def test_missing_torchmil_names_the_extra(slides, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torchmil", None)
     with pytest.raises(InputError, match=r"pip install 'histo-wsl\[mil\]'"):
@@ -201,6 +221,9 @@ def test_missing_torchmil_names_the_extra(slides, tmp_path, monkeypatch):
 def test_bad_settings_are_refused(slides, tmp_path):
     with pytest.raises(InputError, match="--negative-below"):
         train_mil(_params(slides[0], tmp_path / "m", negative_below=1.5), quiet=True)
+    with pytest.raises(InputError, match="not both"):
+        params = _params(slides[0], tmp_path / "m", negative_below=0.5, negative_quantile=0.5)
+        train_mil(params, quiet=True)
 
 
 @pytest.mark.slow
