@@ -232,6 +232,23 @@ def missing_glas(data: Path, skip_missing: bool) -> int | None:
     return 2
 
 
+def fresh_glas_run(
+    data: str | None, skip_missing: bool, out: str | Path
+) -> tuple[Path, Path] | int:
+    """(GlaS folder, an emptied ``out``) for a benchmark that starts over.
+
+    Returns the exit code instead when GlaS is missing (:func:`missing_glas`).
+    """
+    folder = resolve_data(data)
+    code = missing_glas(folder, skip_missing)
+    if code is not None:
+        return code
+    out = Path(out)
+    if out.exists():
+        shutil.rmtree(out)
+    return folder, out
+
+
 def open_run_folder(
     out: Path, settings: dict[str, Any], subfolders: list[str], overwrite: bool, dry_run: bool
 ) -> bool:

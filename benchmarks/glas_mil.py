@@ -49,7 +49,6 @@ import argparse
 import csv
 import json
 import os
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -60,7 +59,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _runs import eval_numbers, histo_wsl, missing_glas, resolve_data, run_logged  # noqa: E402
+from _runs import eval_numbers, fresh_glas_run, histo_wsl, run_logged  # noqa: E402
 from glas_slide import GLAS_MPP, _dice, place_images, write_pyramid  # noqa: E402
 from mil_synthetic import manifest, write_csv  # noqa: E402
 
@@ -567,13 +566,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error("at least 2 training, validation and test slides per class")
     if recipe.images_per_slide < 2:
         p.error("--images-per-slide: at least 2 (a malignant slide holds benign images too)")
-    data = resolve_data(args.data)
-    code = missing_glas(data, args.skip_missing)
-    if code is not None:
-        return code
-    out = Path(args.out)
-    if out.exists():
-        shutil.rmtree(out)
+    run = fresh_glas_run(args.data, args.skip_missing, args.out)
+    if isinstance(run, int):
+        return run
+    data, out = run
     t_all = time.perf_counter()
     seconds: dict[str, float] = {}
 

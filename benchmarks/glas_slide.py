@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _runs import eval_numbers, histo_wsl, missing_glas, resolve_data, run_logged  # noqa: E402
+from _runs import eval_numbers, fresh_glas_run, histo_wsl, run_logged  # noqa: E402
 
 #: GlaS scan resolution (µm/px; Sirinukunwattana et al. 2017)
 GLAS_MPP = 0.62
@@ -155,13 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     ttas = [t.strip() for t in args.tta.split(",") if t.strip()]
     if not ttas or len(set(ttas)) != len(ttas):
         p.error("--tta: a comma list of distinct test-time augmentations, e.g. none,flips")
-    data = resolve_data(args.data)
-    code = missing_glas(data, args.skip_missing)
-    if code is not None:
-        return code
-    out = Path(args.out)
-    if out.exists():
-        shutil.rmtree(out)
+    run = fresh_glas_run(args.data, args.skip_missing, args.out)
+    if isinstance(run, int):
+        return run
+    data, out = run
     t0 = time.perf_counter()
     slide, mask, placed = layout_slide(data, args.fold, out)
     seconds: dict[str, float] = {"layout": round(time.perf_counter() - t0, 1)}
