@@ -60,7 +60,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _runs import eval_numbers, fresh_glas_run, histo_wsl, run_logged  # noqa: E402
-from glas_slide import GLAS_MPP, _dice, place_images, write_pyramid  # noqa: E402
+from glas_slide import GLAS_MPP, _dice, place_images, write_slide  # noqa: E402
 from mil_synthetic import manifest, write_csv  # noqa: E402
 
 #: patch resolution (µm/px): the shipped GlaS model's (its card's mpp, 1.5706)
@@ -239,7 +239,7 @@ def layout_slide(
 ) -> tuple[Path, Path, list[dict[str, Any]]]:
     """Write ``folder/<name>.tif`` and ``folder/annotations/<name>_mask.png`` (255: malignant).
 
-    The images are placed and the pyramid written as ``glas_slide.py`` does it.
+    The images are placed and the slide and mask written as ``glas_slide.py`` does it.
 
     Returns:
         (slide, mask, one placement per image: name, grade, x, y, width, height in level-0 px).
@@ -257,12 +257,7 @@ def layout_slide(
     rgb, truth, placed = place_images(images, truths, columns, gap)
     for p, name in zip(placed, slide["images"], strict=True):
         p["name"], p["grade"] = name, MALIGNANT if name in malignant else BENIGN
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{slide['name']}.tif"
-    write_pyramid(path, rgb)
-    mask = folder / "annotations" / f"{slide['name']}_mask.png"
-    mask.parent.mkdir(exist_ok=True)
-    Image.fromarray(truth).save(mask)
+    path, mask = write_slide(folder, slide["name"], rgb, truth)
     return path, mask, placed
 
 

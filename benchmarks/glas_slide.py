@@ -95,6 +95,19 @@ def write_pyramid(path: Path, rgb: np.ndarray, mpp: float = GLAS_MPP) -> None:
             )
 
 
+def write_slide(folder: Path, name: str, rgb: np.ndarray, truth: np.ndarray) -> tuple[Path, Path]:
+    """``folder/<name>.tif`` (:func:`write_pyramid`) and ``folder/annotations/<name>_mask.png``."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    slide = folder / f"{name}.tif"
+    write_pyramid(slide, rgb)
+    mask = folder / "annotations" / f"{name}_mask.png"
+    mask.parent.mkdir(exist_ok=True)
+    Image.fromarray(truth).save(mask)
+    return slide, mask
+
+
 def layout_slide(
     glas: Path, fold: int, out: Path, columns: int = 6, gap: int = 256
 ) -> tuple[Path, Path, list[dict]]:
@@ -114,12 +127,7 @@ def layout_slide(
     rgb, truth, placed = place_images(images, masks, columns, gap)
     for p, s in zip(placed, samples, strict=True):
         p["name"] = s.image.stem
-    out.mkdir(parents=True, exist_ok=True)
-    slide = out / f"glas-val-fold{fold}.tif"
-    write_pyramid(slide, rgb)
-    mask = out / "annotations" / f"{slide.stem}_mask.png"
-    mask.parent.mkdir(exist_ok=True)
-    Image.fromarray(truth).save(mask)
+    slide, mask = write_slide(out, f"glas-val-fold{fold}", rgb, truth)
     return slide, mask, placed
 
 
