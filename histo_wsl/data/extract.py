@@ -54,7 +54,7 @@ from histo_wsl.slideio.slide import (
     thumbnail_geometry,
 )
 from histo_wsl.tissue import detect as tissue
-from histo_wsl.tissue.fraction import tissue_fraction_map
+from histo_wsl.tissue.fraction import grid_tissue_fractions
 from histo_wsl.tissue.scan import (
     ASSUMED_MPP,
     HeldLevel,
@@ -422,20 +422,9 @@ def _find_tissue_in_background(
     thread while they are written. Returns what :func:`_choose` and the QC step give otherwise.
     """
     found = find()
-    fractions = _fractions(grid, found)[keep]
+    fractions = grid_tissue_fractions(found.mask, found.downsample, grid)[keep]
     qc(found, chosen)
     return found, fractions, None
-
-
-def _fractions(grid: PatchGrid, found: TissueMap) -> np.ndarray:
-    """Tissue fraction (0-1) of every grid position."""
-    ds = found.downsample
-    return tissue_fraction_map(found.mask).fraction(
-        grid.xs / ds,
-        grid.ys / ds,
-        (grid.xs + grid.size_level0) / ds,
-        (grid.ys + grid.size_level0) / ds,
-    )
 
 
 def _sample(keep: np.ndarray, params: ExtractParams, name: str) -> np.ndarray:
@@ -450,7 +439,7 @@ def _choose(
     grid: PatchGrid, found: TissueMap, params: ExtractParams, name: str
 ) -> tuple[PatchGrid, np.ndarray, int]:
     """The grid positions kept: (patches, their tissue fractions, how many had enough tissue)."""
-    fractions = _fractions(grid, found)
+    fractions = grid_tissue_fractions(found.mask, found.downsample, grid)
     in_tissue = fractions >= params.min_tissue - 1e-9
     tissue_patches = int(np.count_nonzero(in_tissue))
     keep = _sample(np.flatnonzero(in_tissue), params, name)

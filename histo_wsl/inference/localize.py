@@ -77,7 +77,7 @@ from histo_wsl.runtime.inputs import InputItem
 from histo_wsl.runtime.memory import release_freed_memory
 from histo_wsl.slideio.geojson import GeoJSONStyle, mask_to_geojson, write_geojson
 from histo_wsl.slideio.slide import ReadPlan, open_slide, plan_read, thumbnail_geometry
-from histo_wsl.tissue.fraction import tissue_fraction_map
+from histo_wsl.tissue.fraction import grid_tissue_fractions
 from histo_wsl.tissue.scan import HeldLevel, SlideTissue, find_tissue, tissue_geojson_for
 
 if TYPE_CHECKING:
@@ -153,15 +153,9 @@ def _tissue_windows(
         whole_slide=not params.tissue_detection,
         pixels=held,
     )
-    ds = found.downsample
     stride = max(1, round(size * (1.0 - params.overlap)))
     grid = cover_grid(slide, plan, size, stride)
-    frac = tissue_fraction_map(found.mask).fraction(
-        grid.xs / ds,
-        grid.ys / ds,
-        (grid.xs + grid.size_level0) / ds,
-        (grid.ys + grid.size_level0) / ds,
-    )
+    frac = grid_tissue_fractions(found.mask, found.downsample, grid)
     windows = grid.subset(frac > 0)
     del frac
     release_freed_memory()

@@ -20,7 +20,7 @@ from histo_wsl.errors import InputError
 from histo_wsl.inference.windows import WindowBatches
 from histo_wsl.slideio.grid import make_grid
 from histo_wsl.slideio.slide import Slide, plan_read
-from histo_wsl.tissue.fraction import tissue_fraction_map
+from histo_wsl.tissue.fraction import grid_tissue_fractions
 
 if TYPE_CHECKING:
     import torch
@@ -48,14 +48,18 @@ def check_mil_file(path: Path | str) -> dict:
     card = load_checkpoint(path)["card"]
     if card.get("method") != "mil":
         raise InputError("--mil: not a train-mil checkpoint (its card's method is not mil)", path)
-    patch = card.get("patch") or {}
-    if not patch.get("size"):
+    _check_patch_record(card, path)
+    return card
+
+
+def _check_patch_record(card: dict, path: Path) -> None:
+    """Refuse a card without the record of how its patches were cut."""
+    if not (card.get("patch") or {}).get("size"):
         raise InputError(
             "--mil: the model does not record how its patches were cut (a mil.pt from an older "
             "histo-wsl); re-run train-mil on its patch folder",
             path,
         )
-    return card
 
 
 class SlideMIL:
@@ -70,11 +74,16 @@ class SlideMIL:
         from histo_wsl.methods.mil import PatchFeatures, load_mil
 
         self.path = Path(path)
-        self.card = check_mil_file(self.path)
-        self.model, _ = load_mil(self.path)
+        if not self.path.is_file():
+            check_mil_file(self.path)  # the one-line error for a missing file
+        try:
+            self.model, card = load_mil(self.path)
+        except InputError as exc:
+            raise InputError(f"--mil: {exc.message}", self.path) from None
+        _check_patch_record(card, self.path)
+        self.card = card
         self.model.to(device)
         self.device = device
-        card = self.card
         self.patch = dict(card["patch"])
         self.features = PatchFeatures(
             card["backbone"], bool(card["pretrained"]), int(card.get("seed") or 0), device
@@ -84,18 +93,6 @@ class SlideMIL:
         self.t_pos = float(thresholds.get("t_pos", 0.5))
         #: the slide score at or above which a slide is positive (chosen on validation slides)
         self.t_slide = float(thresholds.get("t_slide", 0.5))
-
-    def describe(self) -> dict:
-        """The model as ``run.json`` records it."""
-        return {
-            "path": str(self.path),
-            "backbone": self.card["backbone"],
-            "classes": self.card["class_names"],
-            "negative_class": self.card["negative_class"],
-            "patch": self.patch,
-            "t_pos": self.t_pos,
-            "t_slide": self.t_slide,
-        }
 
     def score(
         self,
@@ -108,7 +105,7 @@ class SlideMIL:
         """The slide's MIL record (see the module docs); ``score`` is None without a patch."""
         import torch
 
-        from histo_wsl.methods.mil import patch_input, predicted_class
+        from histo_wsl.methods.mil import patch_input, predicted_class, score_bag
 
         p = self.patch
         plan = plan_read(slide, mpp=p.get("mpp"), level=None if p.get("mpp") else p.get("level"))
@@ -129,13 +126,7 @@ class SlideMIL:
         except InputError:
             record["note"] = "the slide is smaller than one MIL patch"
             return record
-        ds = tissue.downsample
-        fraction = tissue_fraction_map(tissue.mask).fraction(
-            grid.xs / ds,
-            grid.ys / ds,
-            (grid.xs + grid.size_level0) / ds,
-            (grid.ys + grid.size_level0) / ds,
-        )
+        fraction = grid_tissue_fractions(tissue.mask, tissue.downsample, grid)
         keep = grid.subset(np.flatnonzero(fraction >= float(p.get("min_tissue", 0.0)) - 1e-9))
         if not len(keep):
             record["note"] = f"no patch has --min-tissue {p.get('min_tissue', 0.0):g} of tissue"
@@ -150,12 +141,7 @@ class SlideMIL:
             rgb = batches[i].numpy()
             x = torch.stack([patch_input(Image.fromarray(a), self.input_size) for a in rgb])
             feats.append(self.features(x))
-        with torch.no_grad():
-            bag_logit, inst_logits = self.model.predict(
-                torch.cat(feats).to(self.device)[None], return_inst_pred=True
-            )
-        score = float(torch.sigmoid(bag_logit.float())[0])
-        inst = torch.sigmoid(inst_logits.float())[0].cpu().numpy()
+        score, inst = score_bag(self.model, torch.cat(feats), self.device)
         top = int(np.argmax(inst))
         record.update(
             {

@@ -49,6 +49,7 @@ __all__ = [
     "positive_threshold",
     "predicted_class",
     "slide_threshold",
+    "score_bag",
     "score_bags",
     "train_mil",
 ]
@@ -326,10 +327,19 @@ def score_bags(
     """Slide scores (DSMIL's bag prediction) and instance scores (its instance classifier), 0-1."""
     slides, instances = {}, {}
     for b in bags:
-        bag_logit, inst_logits = model.predict(x[b.slide].to(device)[None], return_inst_pred=True)
-        slides[b.slide] = float(torch.sigmoid(bag_logit.float())[0])
-        instances[b.slide] = torch.sigmoid(inst_logits.float())[0].cpu().numpy()
+        slides[b.slide], instances[b.slide] = score_bag(model, x[b.slide], device)
     return slides, instances
+
+
+@torch.no_grad()
+def score_bag(
+    model: nn.Module, feats: torch.Tensor, device: torch.device
+) -> tuple[float, np.ndarray]:
+    """One bag's score and its instances' scores (0-1) from its ``(N, C)`` instance features."""
+    bag_logit, inst_logits = model.predict(feats.to(device)[None], return_inst_pred=True)
+    return float(torch.sigmoid(bag_logit.float())[0]), torch.sigmoid(inst_logits.float())[
+        0
+    ].cpu().numpy()
 
 
 def binary_auc(scores: np.ndarray | list[float], labels: np.ndarray | list[int]) -> float | None:

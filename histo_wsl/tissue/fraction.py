@@ -7,14 +7,17 @@ so a slide-sized mask is never expanded whole.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from histo_wsl.tissue.detect import DETECT_STRIP_ROWS
 from histo_wsl.tissue.packed import PackedMask
 
-__all__ = ["TissueFractionMap", "tissue_fraction_map"]
+if TYPE_CHECKING:
+    from histo_wsl.slideio.grid import PatchGrid
+
+__all__ = ["TissueFractionMap", "grid_tissue_fractions", "tissue_fraction_map"]
 
 
 class TissueFractionMap:
@@ -143,3 +146,20 @@ def tissue_fraction_map(mask: np.ndarray) -> TissueFractionMap:
         (level-0 coordinates divided by the thumbnail downsample).
     """
     return TissueFractionMap(mask)
+
+
+def grid_tissue_fractions(mask: np.ndarray, downsample: float, grid: PatchGrid) -> np.ndarray:
+    """Tissue fraction (0-1) of every patch of ``grid`` (level-0 positions and side).
+
+    Args:
+        mask: (H, W) bool tissue mask (thumbnail coordinates).
+        downsample: level-0 pixels per mask pixel.
+        grid: the patches (``xs``, ``ys``, ``size_level0``).
+    """
+    ds = downsample
+    return tissue_fraction_map(mask).fraction(
+        grid.xs / ds,
+        grid.ys / ds,
+        (grid.xs + grid.size_level0) / ds,
+        (grid.ys + grid.size_level0) / ds,
+    )
