@@ -297,27 +297,12 @@ def score_slides(
     model_dir: Path, patches: Path, device: str, seed: int
 ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
     """The MIL model's slide scores and instance scores (by patch path) on another patch folder."""
-    from histo_wsl.data.bags import load_bags
-    from histo_wsl.methods.mil import MILParams, extract_features, load_mil, score_bags
+    from histo_wsl.methods.mil import score_patch_folder
     from histo_wsl.training.engine import resolve_device
 
-    model, card = load_mil(model_dir / "mil.pt")
-    bags = load_bags(patches, negative_class=BENIGN, seed=seed)
-    params = MILParams(
-        data=patches,
-        out=model_dir,
-        backbone=card["backbone"],
-        pretrained=card["pretrained"],
-        input_size=card["input_size"],
-        seed=card["seed"],
+    bags, slides, instances = score_patch_folder(
+        model_dir / "mil.pt", patches, resolve_device(device), BENIGN, seed
     )
-    dev = resolve_device(device)
-    feats = extract_features(bags.folder, bags.paths(), params, dev)
-    x, start = {}, 0
-    for b in bags.bags:
-        x[b.slide] = feats[start : start + len(b.paths)]
-        start += len(b.paths)
-    slides, instances = score_bags(model.to(dev), bags.bags, x, dev)
     per_patch = {
         b.slide: dict(zip(b.paths, map(float, instances[b.slide]), strict=True)) for b in bags.bags
     }

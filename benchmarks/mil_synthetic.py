@@ -179,27 +179,13 @@ def label_sets(patches: Path, mil_out: Path, layouts: dict, out: Path) -> tuple[
 
 def held_out_slide_auc(model_dir: Path, test_patches: Path, seed: int) -> dict:
     """The MIL model's slide AUC and patch scores on the held-out test slides."""
-    from histo_wsl.data.bags import load_bags
-    from histo_wsl.methods.mil import MILParams, binary_auc, extract_features, load_mil, score_bags
-
-    model, card = load_mil(model_dir / "mil.pt")
-    bags = load_bags(test_patches, negative_class="normal", val_fraction=0.05, seed=seed)
-    params = MILParams(
-        data=test_patches,
-        out=model_dir,
-        backbone=card["backbone"],
-        pretrained=card["pretrained"],
-        input_size=card["input_size"],
-        seed=card["seed"],
-    )
     import torch
 
-    feats = extract_features(bags.folder, bags.paths(), params, torch.device("cpu"))
-    x, start = {}, 0
-    for b in bags.bags:
-        x[b.slide] = feats[start : start + len(b.paths)]
-        start += len(b.paths)
-    slides, instances = score_bags(model, bags.bags, x, torch.device("cpu"))
+    from histo_wsl.methods.mil import binary_auc, score_patch_folder
+
+    bags, slides, instances = score_patch_folder(
+        model_dir / "mil.pt", test_patches, torch.device("cpu"), "normal", seed
+    )
     y = [bags.is_positive(b) for b in bags.bags]
     return {
         "test_slide_auc": binary_auc([slides[b.slide] for b in bags.bags], y),

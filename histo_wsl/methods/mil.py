@@ -51,6 +51,7 @@ __all__ = [
     "slide_threshold",
     "score_bag",
     "score_bags",
+    "score_patch_folder",
     "train_mil",
 ]
 
@@ -274,6 +275,33 @@ def instance_features(
 # ------------------------------------------------------------------------------------------------
 # Training and scoring
 # ------------------------------------------------------------------------------------------------
+
+
+def score_patch_folder(
+    mil_path: str | Path,
+    folder: str | Path,
+    device: torch.device,
+    negative_class: str | None = None,
+    seed: int = 0,
+) -> tuple[BagSet, dict[str, float], dict[str, np.ndarray]]:
+    """A trained ``mil.pt`` applied to another ``extract-patches`` folder (e.g. test slides).
+
+    Returns:
+        (the folder's bags, slide scores, instance scores in each bag's patch order).
+    """
+    model, card = load_mil(mil_path)
+    bags = load_bags(folder, negative_class=negative_class, seed=seed)
+    params = MILParams(
+        data=Path(folder),
+        out=Path(mil_path).parent,
+        backbone=card["backbone"],
+        pretrained=card["pretrained"],
+        input_size=card["input_size"],
+        seed=card["seed"],
+    )
+    feats = extract_features(bags.folder, bags.paths(), params, device)
+    slides, instances = score_bags(model.to(device), bags.bags, _bag_tensors(bags, feats), device)
+    return bags, slides, instances
 
 
 def _bag_tensors(bags: BagSet, feats: torch.Tensor) -> dict[str, torch.Tensor]:
