@@ -360,14 +360,14 @@ def extract_slide(
             else:
                 found = find()
                 chosen, chosen_fractions, tissue_patches = _choose(grid, found, params, item.name)
-                after = background.submit(lambda: (found, chosen_fractions, qc(found, chosen)))
+                after = background.submit(_qc_then, qc, found, chosen, chosen_fractions)
             del grid
             n = len(chosen)
             progress.start(n, item.name)
             if writes and n:
                 jobs = _patch_jobs(item, mpp_override, plan, chosen, params, patch_dir)
                 writer.write(jobs, progress, source=patch_source)
-            found, chosen_fractions, _ = after.result()
+            found, chosen_fractions = after.result()
 
         _write_patches_csv(
             slide_dir / "patches.csv", item.name, chosen, chosen_fractions, plan, params, label
@@ -409,22 +409,34 @@ def _no_patches(item: InputItem, found: TissueMap, params: ExtractParams) -> str
     return f"0 patches: {why}"
 
 
+def _qc_then(
+    qc: Callable[[TissueMap, PatchGrid], None],
+    found: TissueMap,
+    chosen: PatchGrid,
+    fractions: np.ndarray,
+) -> tuple[TissueMap, np.ndarray]:
+    """The QC images of tissue found first; returns the tissue and fractions it was given."""
+    qc(found, chosen)
+    return found, fractions
+
+
 def _find_tissue_in_background(
     find: Callable[[], TissueMap],
     qc: Callable[[TissueMap, PatchGrid], None],
     grid: PatchGrid,
     keep: np.ndarray,
     chosen: PatchGrid,
-) -> tuple[TissueMap, np.ndarray, None]:
+) -> tuple[TissueMap, np.ndarray]:
     """The tissue, the kept patches' tissue fractions and the QC images, for patches chosen first.
 
     With ``min_tissue`` 0 the patches (``grid[keep]``) do not depend on the tissue: this runs in a
-    thread while they are written. Returns what :func:`_choose` and the QC step give otherwise.
+    thread while they are written. Returns the tissue and the fractions :func:`_choose` gives
+    otherwise.
     """
     found = find()
     fractions = grid_tissue_fractions(found.mask, found.downsample, grid)[keep]
     qc(found, chosen)
-    return found, fractions, None
+    return found, fractions
 
 
 def _sample(keep: np.ndarray, params: ExtractParams, name: str) -> np.ndarray:
