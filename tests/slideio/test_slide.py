@@ -57,6 +57,22 @@ def test_read_patch_matches_rendering(synthetic_slide, layout):
             assert np.abs(np.asarray(patch, float).mean((0, 1)) - truth.mean((0, 1))).max() < 12
 
 
+def test_a_resampled_patch_is_filtered_as_training_images_are(synthetic_slide, layout):
+    """Windows read between levels are resized as training resizes its images (PIL bilinear)."""
+    from histo_wsl.slideio.slide import RESAMPLE
+
+    sec = layout.sections[0]
+    x, y = int(sec.cx) - 200, int(sec.cy) - 200
+    with open_slide(synthetic_slide) as s:
+        plan = plan_read(s, mpp=1.5)  # level 1, resized by 1.5
+        assert plan.resize
+        patch = read_patch(s, plan, (x, y), (100, 100))
+        region = s.read_region((x, y), plan.level, (150, 150))
+    assert RESAMPLE == Image.Resampling.BILINEAR
+    want = region.resize((100, 100), Image.Resampling.BILINEAR)
+    assert np.array_equal(np.asarray(patch), np.asarray(want))
+
+
 def test_outside_the_slide_is_white(synthetic_slide):
     with open_slide(synthetic_slide) as s:
         patch = np.asarray(s.read_region((2990, 1990), 0, (40, 40)))
