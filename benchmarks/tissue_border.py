@@ -9,7 +9,9 @@ outer one-pixel ring with its rate inside (the tissue eroded by four pixels):
 
 * ``roi_rate_ring``, ``roi_rate_inside``: share of those pixels in ``<slide>.mask.png``;
 * ``ring_excess`` = ring / inside (1: no border effect; the target is at most ``--max-excess``);
-* ``roi_share_on_ring``: share of the ROI's pixels that lie on the ring.
+* ``roi_share_on_ring``: share of the ROI's pixels that lie on the ring;
+* ``slivers``, ``sliver_pixels``: the ROI's connected regions (8-connected) with at least half of
+  their pixels on the ring, what the overlay shows as lines hugging the border, and their pixels.
 
 Default slides: ``cmu-1-small-region.svs`` from ``../shared/data/wsi`` and, with ``--glas``, the
 GlaS validation slide ``glas_slide.py`` lays out. Prints one JSON object; exit status 1 when a
@@ -70,6 +72,10 @@ def border_rates(slide_path: Path, out_dir: Path, max_excess: float = MAX_EXCESS
     inside = cv2.erode(t, kernel, iterations=4, **border) > 0
     on_ring = float(roi[ring].mean()) if ring.any() else None
     within = float(roi[inside].mean()) if inside.any() else None
+    n, labels = cv2.connectedComponents(roi.astype(np.uint8), connectivity=8)
+    sizes = np.bincount(labels.ravel(), minlength=n)
+    on_ring_px = np.bincount(labels.ravel(), weights=ring.ravel(), minlength=n)
+    slivers = [i for i in range(1, n) if on_ring_px[i] >= 0.5 * sizes[i]]
     excess = None if on_ring is None or not within else on_ring / within
     ok = on_ring is None or within is None or on_ring <= max_excess * within
     return {
@@ -80,6 +86,8 @@ def border_rates(slide_path: Path, out_dir: Path, max_excess: float = MAX_EXCESS
         "roi_rate_inside": None if within is None else round(within, 4),
         "ring_excess": None if excess is None else round(excess, 3),
         "roi_share_on_ring": round(float((roi & ring).sum() / max(1, roi.sum())), 4),
+        "slivers": len(slivers),
+        "sliver_pixels": int(sizes[slivers].sum()),
         "border_ok": bool(ok),
     }
 

@@ -309,6 +309,16 @@ def export(
             show_default=False,
         ),
     ] = None,
+    knn_glass: Annotated[
+        Path | None,
+        typer.Option(
+            "--knn-glass",
+            help="The model's training data (as given to training): its training images, "
+            "placed on glass, add glass pixels valued 0 to the k-NN refiner's bank, so that "
+            "glass beside tissue is not called ROI (what --glass does in training).",
+            show_default=False,
+        ),
+    ] = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing model of that name.")
     ] = False,
@@ -321,7 +331,7 @@ def export(
     terms. The folder appears complete or not at all; the copy is loaded back and its predictions
     compared with the source's on a fixed random input (the largest difference is reported).
     """
-    from histo_wsl.registry.export import CardText, export_model
+    from histo_wsl.registry.export import BankEdit, CardText, export_model
 
     domain = {"modality": modality, "stain": stain, "tissue": tissue}
     text = CardText(
@@ -342,8 +352,7 @@ def export(
         metrics=metrics,
         slide_metrics=slide_metrics,
         overwrite=overwrite,
-        knn_bank=knn_bank,
-        knn_k=knn_k,
+        knn=BankEdit(knn_bank, knn_k, knn_glass),
     )
     for note in result.notes:
         print(f"histo-wsl: warning: {note}", file=sys.stderr)

@@ -25,14 +25,20 @@ It is not saved: the decoder checkpoint does not need it at inference.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
-from histo_wsl.data.images import LabelledImages, eval_transform
+from histo_wsl.data.images import (
+    GLASS_RGB,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    LabelledImages,
+    eval_transform,
+)
 from histo_wsl.data.sources import Dataset
 from histo_wsl.errors import InputError
 from histo_wsl.methods.base import image_scale
@@ -43,7 +49,12 @@ from histo_wsl.training.config import TrainConfig
 __all__ = [
     "REFINEMENTS",
     "TrainSplitBanks",
+    "GLASS_SHARE",
     "build_feature_bank",
+    "glass_colour",
+    "glass_pixels",
+    "refiner_with_glass",
+    "with_glass",
     "compact_refiner",
     "refine_card",
     "refine_checks",
@@ -131,6 +142,107 @@ def build_feature_bank(
     return bank
 
 
+#: glass pixels a refiner's bank gets per bank pixel (:func:`glass_pixels`)
+GLASS_SHARE = 1 / 16
+#: what a card's ``refine: glass`` says
+GLASS_NOTE = "glass beside tissue, valued 0, 1/16 of the bank (histo_wsl.methods.knn.with_glass)"
+
+
+def glass_pixels(bank_pixels: int) -> int:
+    """Glass pixels added to a refiner's bank of ``bank_pixels`` (:data:`GLASS_SHARE`, at least 1).
+
+    On the shipped GlaS model (4,087 pixels) 300 or 1,000 of them gave the same maps within 0.1
+    PxAP on the validation slide, and both removed the lines along cmu-1's tissue border.
+    """
+    return max(1, round(bank_pixels * GLASS_SHARE))
+
+
+def glass_colour(
+    mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> Tensor:
+    """:data:`~histo_wsl.data.images.GLASS_RGB` normalised as the images are (3,)."""
+    rgb = torch.tensor(GLASS_RGB, dtype=torch.float32) / 255.0
+    return (rgb - torch.tensor(mean)) / torch.tensor(std)
+
+
+@torch.no_grad()
+def with_glass(
+    features: Callable[[Tensor], list[Tensor]],
+    images: torch.utils.data.Dataset,
+    bank: FeatureBank,
+    pixels: int,
+    glass: Tensor,
+    *,
+    min_glass: float = 0.5,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> FeatureBank:
+    """``bank`` and about ``pixels`` more: glass beside tissue, valued 0 (background).
+
+    A slide's window at the tissue's edge sees glass, which training images (whole crops of
+    tissue) never show; white glass then looks most like a gland's lumen and its k-NN value is
+    the gland's, so a map called the glass beside tissue ROI and the tissue mask cut that band
+    into one-pixel lines along the border (issue #25). Each image is shifted by up to half its
+    side in x and y (seeded) with glass filling the rest, and its cells (at the keys'
+    resolution) that are at least ``min_glass`` glass are drawn, the mixed ones (the edge)
+    first, and added with value 0. Their owners are new indices (``len(images) + i``), so no
+    training image's own pixels are excluded through them and compaction keeps them apart.
+
+    Args:
+        features: the encoder's stages of normalised images (B,3,H,W) -> list of (B,C,h,w).
+        images: the bank's images (evaluation preset: dicts with a normalised ``image``).
+        bank: the bank (its projection embeds the new keys).
+        pixels: glass pixels to add, the same number from every image (at least 1 each).
+        glass: the glass colour, normalised as the images (3,).
+        min_glass: least share of glass in a cell to count it as glass.
+        seed: seed of the shifts and the draw.
+        device: where the forward passes run.
+    """
+    n = len(images)
+    gen = torch.Generator().manual_seed(seed)
+    per_image = max(1, int(pixels) // max(1, n))
+    rows: list[list[Tensor]] = [[], []]
+    owners = []
+    owner0 = int(bank.owners.max()) + 1 if len(bank) else n
+    for i in range(n):
+        x = images[i]["image"]
+        _, h, w = x.shape
+        dx, dy = (int(torch.randint(-(s // 2), s // 2 + 1, (1,), generator=gen)) for s in (w, h))
+        canvas = glass.view(3, 1, 1).to(x.dtype).expand(3, h, w).clone()
+        is_glass = torch.ones(1, 1, h, w)
+        ys, xs = slice(max(0, dy), min(h, h + dy)), slice(max(0, dx), min(w, w + dx))
+        src_y, src_x = slice(ys.start - dy, ys.stop - dy), slice(xs.start - dx, xs.stop - dx)
+        canvas[:, ys, xs] = x[:, src_y, src_x]
+        is_glass[..., ys, xs] = 0.0
+        stages = features(canvas[None].to(device))
+        size = tuple(stages[-1].shape[-2:])
+        share = F.adaptive_avg_pool2d(is_glass, size).reshape(-1)
+        edge = ((share >= min_glass) & (share < 1.0)).nonzero()[:, 0]
+        plain = (share >= 1.0).nonzero()[:, 0]
+        order = torch.cat(
+            [
+                edge[torch.randperm(len(edge), generator=gen)],
+                plain[torch.randperm(len(plain), generator=gen)],
+            ]
+        )
+        pick = order[:per_image].to(device)
+        if not len(pick):
+            continue
+        for j, p in enumerate(_stage_pixels(stages, size)):
+            rows[j].append(p[pick])
+        owners.append(torch.full((len(pick),), owner0 + i, dtype=bank.owners.dtype))
+    if not owners:
+        return bank
+    keys = bank.embed([torch.cat(r) for r in rows]).to(bank.keys.dtype)
+    values = torch.zeros(len(keys), dtype=bank.values.dtype, device=bank.values.device)
+    return FeatureBank(
+        torch.cat([bank.keys, keys.to(bank.keys.device)]),
+        torch.cat([bank.values, values]),
+        torch.cat([bank.owners, torch.cat(owners).to(bank.owners.device)]),
+        bank.projections,
+    )
+
+
 class TrainSplitBanks:
     """Builds k-NN banks of a training run's ``train`` split with the run's settings.
 
@@ -149,15 +261,20 @@ class TrainSplitBanks:
         model: nn.Module,
         values: Callable[[Tensor, Tensor, list[Tensor]], Tensor] | None = None,
         device: torch.device | str = "cpu",
+        glass: bool = False,
     ) -> FeatureBank:
-        """A bank over ``model``'s ``forward_features``; ``values`` as for :func:`build_feature_bank`."""
+        """A bank over ``model``'s ``forward_features``; ``values`` as for :func:`build_feature_bank`.
+
+        ``glass``: a refiner's bank, which with ``--glass`` also gets glass beside tissue valued
+        0 (:func:`with_glass`, :func:`glass_pixels` of them).
+        """
         scale = image_scale(self.ds, self.cfg)
         if self._images is None:
             self._images = LabelledImages(
                 self.ds.split("train"), self.cfg.data.crop_size, eval_transform(), scale=scale
             )
         cfg = self.cfg
-        return build_feature_bank(
+        bank = build_feature_bank(
             model,
             self._images,
             values=values,
@@ -167,6 +284,18 @@ class TrainSplitBanks:
             dims=cfg.knn.knn_dims,
             seed=cfg.run.seed,
             batch_size=1 if scale is not None else 16,  # images of their own sizes
+            device=device,
+        )
+        if not (glass and cfg.data.glass):
+            return bank
+        model.eval()
+        return with_glass(
+            model.forward_features,
+            self._images,
+            bank,
+            glass_pixels(len(bank)),
+            glass_colour(),
+            seed=cfg.run.seed,
             device=device,
         )
 
@@ -223,6 +352,7 @@ def refine_card(cfg: TrainConfig, bank_pixels: int | None, values: str, stages: 
         "dims": cfg.knn.knn_dims,
         "bank_seed": cfg.run.seed,
         "values": values,
+        **({"glass": GLASS_NOTE} if cfg.data.glass else {}),
     }
 
 
@@ -299,3 +429,60 @@ def compact_refiner(
     refine["compacted_from"] = {"bank_pixels": int(len(owners)), "k": old_k}
     refine.update(bank_pixels=int(len(keep)), k=new_k)
     return dict(card, refine=refine), state
+
+
+def refiner_with_glass(
+    card: dict, state_dict: dict, data: str | Path, path: str | Path = ""
+) -> tuple[dict, dict]:
+    """A checkpoint's k-NN bank with glass beside tissue added (``models export --knn-glass``).
+
+    For a model trained without ``--glass``: its training split is read again from ``data``
+    (the card's fold, split fraction and seed), its images at the evaluation preset are placed
+    on glass and :func:`glass_pixels` of their glass cells join the bank valued 0
+    (:func:`with_glass`), keyed by the model's own encoder and projection.
+
+    Raises:
+        InputError: a card without k-NN refinement or training settings, or unreadable data.
+    """
+    from histo_wsl.data.sources import load_samples
+    from histo_wsl.methods import model_from_checkpoint
+    from histo_wsl.methods.base import image_scale
+
+    refine = dict(card.get("refine") or {})
+    if refine.get("method") != "knn":
+        raise InputError(
+            "the model has no k-NN refinement (refine: knn), so it has no bank to add glass to; "
+            "drop --knn-glass",
+            path or None,
+        )
+    if not isinstance(card.get("config"), dict):
+        raise InputError("the model card records no training settings (config)", path or None)
+    cfg = TrainConfig.from_flat(card["config"])
+    ds = load_samples(
+        data,
+        classes=card.get("class_names"),
+        negative_class=card.get("negative_class"),
+        fold=cfg.data.fold,
+        val_fraction=cfg.data.val_fraction,
+        seed=cfg.run.seed,
+    )
+    scale = image_scale(ds, cfg)
+    images = LabelledImages(ds.split("train"), cfg.data.crop_size, eval_transform(), scale=scale)
+    model = model_from_checkpoint(card, state_dict, path).eval()
+    refiner = model.refiner
+    encoder = model.classifier if hasattr(model, "classifier") else model  # NEGEV: its stage 1
+    norm = card.get("normalization") or {}
+    bank = with_glass(
+        encoder.forward_features,
+        images,
+        refiner.bank,
+        glass_pixels(len(refiner)),
+        glass_colour(norm.get("mean") or IMAGENET_MEAN, norm.get("std") or IMAGENET_STD),
+        seed=cfg.run.seed,
+    )
+    prefix = next(key[: -len("keys")] for key in state_dict if key.endswith("refiner.keys"))
+    state = dict(state_dict)
+    for name in ("keys", "values", "owners"):
+        state[prefix + name] = getattr(bank, name).detach().clone()
+    refine.update(bank_pixels=len(bank), glass=GLASS_NOTE)
+    return {**card, "refine": refine}, state

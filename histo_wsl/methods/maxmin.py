@@ -171,10 +171,14 @@ class MaxMinTask:
         return self.model
 
     def refine_bank(self, m: MaxMinModel, device: torch.device) -> FeatureBank:
-        """Training pixels (eval preset) valued by ``m``'s mask M, for its refiner."""
+        """Training pixels (eval preset) valued by ``m``'s mask M, for its refiner.
+
+        With ``--glass`` the bank also holds glass beside tissue valued 0
+        (:func:`histo_wsl.methods.knn.with_glass`).
+        """
         m.eval()
         return self._banks.build(
-            m, lambda x, y, stages: torch.sigmoid(m.locate(x, stages)[1]), device
+            m, lambda x, y, stages: torch.sigmoid(m.locate(x, stages)[1]), device, glass=True
         )
 
     def param_groups(self, model: nn.Module, lr: float) -> list[dict]:

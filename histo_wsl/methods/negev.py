@@ -243,14 +243,14 @@ class DecoderTask:
         return self.bank.to(device)
 
     def _train_bank(
-        self, m: NEGEVModel, values: Callable | None, device: torch.device
+        self, m: NEGEVModel, values: Callable | None, device: torch.device, glass: bool = False
     ) -> FeatureBank:
         """A k-NN bank of the train split (eval preset) over ``m``'s frozen encoder.
 
         ``values``: as for :func:`histo_wsl.methods.knn.build_feature_bank` (None: the CAM with
-        ``cam_method``).
+        ``cam_method``); ``glass``: a refiner's bank (:meth:`TrainSplitBanks.build`).
         """
-        return self._banks.build(m.classifier, values, device)
+        return self._banks.build(m.classifier, values, device, glass=glass)
 
     def seed_maps(
         self,
@@ -313,13 +313,18 @@ class DecoderTask:
         return self.cfg.knn.refine == "knn"
 
     def refine_bank(self, m: NEGEVModel, device: torch.device) -> FeatureBank:
-        """Training pixels (eval preset) valued by ``m``'s decoder map, for its refiner."""
+        """Training pixels (eval preset) valued by ``m``'s decoder map, for its refiner.
+
+        With ``--glass`` the bank also holds glass beside tissue valued 0
+        (:func:`histo_wsl.methods.knn.with_glass`).
+        """
         m.eval()
         size = (self.cfg.data.crop_size, self.cfg.data.crop_size)
         return self._train_bank(
             m,
             lambda x, y, stages: m.foreground(m.decoder(stages, size), stages, refine=False),
             device,
+            glass=True,
         )
 
     def param_groups(self, model: nn.Module, lr: float) -> list[dict]:

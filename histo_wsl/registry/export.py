@@ -35,6 +35,7 @@ from histo_wsl.runtime.atomic import shared_mode
 __all__ = [
     "EXPORT_TOLERANCE",
     "SHIPPED_MAX_MB",
+    "BankEdit",
     "CardText",
     "ExportResult",
     "check_name",
@@ -366,15 +367,38 @@ def _check_destination(final: Path, overwrite: bool) -> None:
         )
 
 
-def _source(ckpt: dict, src: Path, knn_bank: int | None, knn_k: int | None) -> tuple[dict, dict]:
-    """The checkpoint's card and weights, its k-NN bank compacted when asked."""
-    card, state = dict(ckpt["card"]), ckpt["state_dict"]
-    if knn_bank is None and knn_k is None:
-        return card, state
-    from histo_wsl.methods.knn import compact_refiner
+@dataclass(frozen=True)
+class BankEdit:
+    """Changes to a k-NN refiner's bank made on export (none by default).
 
-    pixels = knn_bank if knn_bank is not None else (card.get("refine") or {}).get("bank_pixels")
-    return compact_refiner(card, state, int(pixels or 0), knn_k, src)
+    Attributes:
+        pixels: keep at most this many bank pixels, the same number from each training image (a
+            faster lookup; :func:`histo_wsl.methods.knn.compact_refiner`).
+        k: neighbours per pixel of the compacted bank (default: scaled with the bank).
+        glass: the model's training data: its training images placed on glass give the bank
+            glass pixels valued 0, after any compaction
+            (:func:`histo_wsl.methods.knn.refiner_with_glass`).
+    """
+
+    pixels: int | None = None
+    k: int | None = None
+    glass: Path | None = None
+
+
+def _source(ckpt: dict, src: Path, knn: BankEdit) -> tuple[dict, dict]:
+    """The checkpoint's card and weights, its k-NN bank changed as ``knn`` asks."""
+    card, state = dict(ckpt["card"]), ckpt["state_dict"]
+    if knn.pixels is not None or knn.k is not None:
+        from histo_wsl.methods.knn import compact_refiner
+
+        refine = card.get("refine") or {}
+        pixels = knn.pixels if knn.pixels is not None else refine.get("bank_pixels")
+        card, state = compact_refiner(card, state, int(pixels or 0), knn.k, src)
+    if knn.glass is not None:
+        from histo_wsl.methods.knn import refiner_with_glass
+
+        card, state = refiner_with_glass(card, state, knn.glass, src)
+    return card, state
 
 
 def _exported_card(
@@ -415,8 +439,7 @@ def export_model(
     metrics: Path | None = None,
     slide_metrics: Path | None = None,
     overwrite: bool = False,
-    knn_bank: int | None = None,
-    knn_k: int | None = None,
+    knn: BankEdit | None = None,
 ) -> ExportResult:
     """Write ``<dest>/<name>/`` (``model.pt`` + ``card.yaml``): a compact copy of a checkpoint.
 
@@ -438,10 +461,8 @@ def export_model(
         slide_metrics: a JSON file of the model's numbers as labs run it, on a slide (e.g.
             ``benchmarks/glas_slide.py``'s output): the card's ``evaluation_slide``.
         overwrite: replace an existing model folder of that name.
-        knn_bank: keep at most this many pixels of the k-NN refiner's bank (a faster lookup;
-            :func:`histo_wsl.methods.knn.compact_refiner`); the predictions are then checked
-            against the compacted source.
-        knn_k: neighbours per pixel of the compacted bank (default: scaled with the bank).
+        knn: changes to the k-NN refiner's bank (:class:`BankEdit`); the predictions are then
+            checked against the changed source.
 
     Raises:
         InputError: a bad name or source, an unreadable metrics file, an existing model without
@@ -457,7 +478,7 @@ def export_model(
     evaluations = {"evaluation": metrics, "evaluation_slide": slide_metrics}
     evaluations = {k: read_metrics(v) for k, v in evaluations.items() if v is not None}
     ckpt = load_checkpoint(src)
-    source_card, source_state = _source(ckpt, src, knn_bank, knn_k)
+    source_card, source_state = _source(ckpt, src, knn or BankEdit())
     state, kept = compact_state_dict(source_state, fp16=fp16)
     dtype = "float16" if fp16 else "float32"
     card = _exported_card(source_card, name, text, evaluations)

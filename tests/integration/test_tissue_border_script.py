@@ -45,6 +45,7 @@ def test_a_map_of_the_whole_tissue_has_no_border_excess(tmp_path, synthetic_slid
     r = tissue_border.border_rates(synthetic_slide, tmp_path)
     assert r["roi_rate_ring"] == 1.0 and r["roi_rate_inside"] == 1.0 and r["ring_excess"] == 1.0
     assert 0 < r["roi_share_on_ring"] < 0.5 and r["border_ok"]
+    assert r["slivers"] == 0 and r["sliver_pixels"] == 0  # each region lies mostly inside
 
 
 def test_a_rim_of_roi_is_all_on_the_ring(tmp_path, synthetic_slide):
@@ -53,3 +54,4 @@ def test_a_rim_of_roi_is_all_on_the_ring(tmp_path, synthetic_slide):
     assert r["roi_rate_ring"] == 1.0 and r["roi_rate_inside"] == 0.0
     assert r["roi_share_on_ring"] == 1.0 and r["ring_excess"] is None  # nothing inside to divide
     assert not r["border_ok"]  # the lines issue #25 describes
+    assert r["slivers"] >= 1 and r["sliver_pixels"] == r["roi_pixels"]

@@ -123,11 +123,20 @@ def test_train_both_stages_on_glass(tmp_path):
     negev = tmp_path / "negev"
     args = ["train-decoder", str(data), "--classifier", str(cam / "best-loc.pt")]
     r = runner.invoke(
-        app, [*args, "--out", str(negev), "--seeds-fg", "2", "--seeds-bg", "2", *common]
+        app,
+        [*args, "--out", str(negev), "--seeds-fg", "2", "--seeds-bg", "2", "--refine", "knn"]
+        + ["--knn-bank", "64", *common],
     )
     assert r.exit_code == 0, r.stderr
-    card = load_model(negev / "best-loc.pt").card
+    model = load_model(negev / "best-loc.pt")
+    card = model.card
     assert card["geometry"] == "isotropic" and card["glass"] and card["input_size"] == 32
+    # the refiner's bank also holds glass beside tissue, valued 0, under owners of its own
+    refiner = model.model.refiner
+    n_train = sum(card["training_data"]["train"].values())
+    glass = refiner.owners >= n_train
+    assert "glass" in card["refine"] and card["refine"]["bank_pixels"] == len(refiner)
+    assert 0 < int(glass.sum()) < len(refiner) and torch.all(refiner.values[glass] == 0)
     with open(negev / "summary.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert float(rows[-1]["glass_loss"]) > 0  # the decoder was told glass is background

@@ -6,7 +6,7 @@ from typer.testing import CliRunner
 from histo_wsl.cli.app import app
 from histo_wsl.data.images import LabelledImages, eval_transform
 from histo_wsl.inference.predictor import load_model
-from histo_wsl.methods.knn import build_feature_bank
+from histo_wsl.methods.knn import build_feature_bank, glass_colour, with_glass
 from histo_wsl.networks.classifier import build_classifier
 
 runner = CliRunner()
@@ -70,6 +70,28 @@ def test_build_feature_bank_is_balanced_bounded_and_reproducible():
     assert torch.equal(again.owners, bank.owners)
     with pytest.raises(ValueError, match="at least 2"):
         build_feature_bank(clf, _Images(1))
+
+
+def test_with_glass_adds_glass_valued_zero_that_glass_finds_first():
+    torch.manual_seed(0)
+    clf = build_classifier("tinycnn", "wgap", 2, pretrained=False).eval()
+    images = _Images(5)
+    bank = build_feature_bank(clf, images, max_pixels=40, dims=3, seed=7, batch_size=2)
+    bank.values = torch.full((40,), 0.9)  # every tissue pixel ROI
+    glass = glass_colour()
+    out = with_glass(clf.forward_features, images, bank, 10, glass, seed=3)
+    assert len(out) == 50  # 2 glass cells from each image
+    assert torch.equal(out.keys[:40], bank.keys) and torch.equal(out.values[:40], bank.values)
+    assert torch.all(out.values[40:] == 0)
+    assert sorted(set(out.owners[40:].tolist())) == [5, 6, 7, 8, 9]  # one new owner per image
+    torch.testing.assert_close(out.keys.norm(dim=1), torch.ones(50))
+    again = with_glass(clf.forward_features, images, bank, 10, glass, seed=3)
+    torch.testing.assert_close(again.keys, out.keys)
+    # a window of glass: its k-NN value was the tissue's; now glass cells are among its neighbours
+    with torch.no_grad():
+        stages = clf.forward_features(glass.view(1, 3, 1, 1).expand(1, 3, 32, 32))
+    assert float(bank.neighbour_means(stages, k=2).mean()) == pytest.approx(0.9)
+    assert float(out.neighbour_means(stages, k=2).mean()) < 0.8
 
 
 def test_train_decoder_with_knn_seed_map(tmp_path):

@@ -293,6 +293,41 @@ def test_a_source_checkout_finds_its_shipped_models_folder():
     assert (root / "models" / "DEFAULT").is_file()
 
 
+def test_export_gives_the_knn_bank_glass_from_the_training_data(tmp_path):
+    import torch
+    from knn_helpers import refined_negev_checkpoint
+
+    from histo_wsl.data.sources import load_samples
+    from histo_wsl.registry.checkpoint import load_checkpoint, save_checkpoint
+    from histo_wsl.synthetic.patches import write_patch_dataset
+    from histo_wsl.training.config import TrainConfig
+
+    data = write_patch_dataset(tmp_path / "data", n_per_class=4, size=40, seed=5)
+    src = refined_negev_checkpoint(tmp_path / "src.pt", images=4, per_image=10, k=8)
+    ckpt = load_checkpoint(src)
+    names = load_samples(data).class_names
+    config = TrainConfig.from_flat(crop_size=32, classes=names).to_flat()
+    card = {**ckpt["card"], "class_names": names, "config": config}
+    save_checkpoint(src, card, ckpt["state_dict"])
+    dest = tmp_path / "zoo"
+    args = ["models", "export", str(src), "--name", "glassy", "--dest", str(dest), "--json"]
+    r = runner.invoke(app, [*args, "--knn-glass", str(data)])
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["max_prediction_diff"] < 1e-2
+    model = load_model(dest / "glassy" / "model.pt")
+    refiner = model.model.refiner
+    added = refiner.owners >= 4  # the source bank's 4 images own 0..3
+    assert len(refiner) == 40 + int(added.sum()) and int(added.sum()) >= 3
+    assert torch.all(refiner.values[added] == 0)
+    assert model.card["refine"]["bank_pixels"] == len(refiner) and model.card["refine"]["glass"]
+    # a model without a bank, or without its training settings, is refused in one line
+    r = runner.invoke(app, [*args, "--overwrite", "--knn-glass", str(tmp_path / "nowhere")])
+    assert r.exit_code == 2 and "nowhere" in r.stderr
+    save_checkpoint(src, {k: v for k, v in card.items() if k != "config"}, ckpt["state_dict"])
+    r = runner.invoke(app, [*args, "--overwrite", "--knn-glass", str(data)])
+    assert r.exit_code == 2 and "no training settings" in r.stderr
+
+
 def test_export_compacts_the_knn_bank_and_keeps_the_card_domain(tmp_path):
     from knn_helpers import refined_negev_checkpoint
 
