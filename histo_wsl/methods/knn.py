@@ -375,6 +375,18 @@ def refiner_from_card(card: dict, path: str | Path) -> KNNRefiner | None:
         raise InputError(f"the model card's k-NN refinement is malformed ({exc})", path) from None
 
 
+def _knn_refine(card: dict, path: str | Path, doing: str, option: str) -> dict:
+    """A copy of the card's ``refine`` entry, which must be a k-NN refinement for ``option``."""
+    refine = dict(card.get("refine") or {})
+    if refine.get("method") != "knn":
+        raise InputError(
+            f"the model has no k-NN refinement (refine: knn), so it has no bank to {doing}; "
+            f"drop {option}",
+            path or None,
+        )
+    return refine
+
+
 def compact_refiner(
     card: dict, state_dict: dict, pixels: int, k: int | None = None, path: str | Path = ""
 ) -> tuple[dict, dict]:
@@ -403,13 +415,7 @@ def compact_refiner(
         InputError: a card without k-NN refinement, ``pixels`` or ``k`` below 1, or a bank
             smaller than asked.
     """
-    refine = dict(card.get("refine") or {})
-    if refine.get("method") != "knn":
-        raise InputError(
-            "the model has no k-NN refinement (refine: knn), so it has no bank to compact; "
-            "drop --knn-bank",
-            path or None,
-        )
+    refine = _knn_refine(card, path, "compact", "--knn-bank")
     prefix = next((key[: -len("keys")] for key in state_dict if key.endswith("refiner.keys")), None)
     if prefix is None:
         raise InputError("the checkpoint's k-NN refiner holds no bank", path or None)
@@ -453,13 +459,7 @@ def refiner_with_glass(
     from histo_wsl.methods import model_from_checkpoint
     from histo_wsl.methods.base import image_scale
 
-    refine = dict(card.get("refine") or {})
-    if refine.get("method") != "knn":
-        raise InputError(
-            "the model has no k-NN refinement (refine: knn), so it has no bank to add glass to; "
-            "drop --knn-glass",
-            path or None,
-        )
+    refine = _knn_refine(card, path, "add glass to", "--knn-glass")
     if not isinstance(card.get("config"), dict):
         raise InputError("the model card records no training settings (config)", path or None)
     cfg = TrainConfig.from_flat(card["config"])
