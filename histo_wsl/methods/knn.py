@@ -190,8 +190,8 @@ def with_glass(
     into one-pixel lines along the border (issue #25). Each image is shifted by up to half its
     side in x and y (seeded) with glass filling the rest, and its cells (at the keys'
     resolution) that are at least ``min_glass`` glass are drawn, the mixed ones (the edge)
-    first, and added with value 0. Their owners are new indices (``len(images) + i``), so no
-    training image's own pixels are excluded through them and compaction keeps them apart.
+    first, and added with value 0. Each image's glass gets a new owner index (after the bank's
+    own), so no training image's pixels are excluded through them and compaction keeps them apart.
 
     Args:
         features: the encoder's stages of normalised images (B,3,H,W) -> list of (B,C,h,w).
