@@ -150,14 +150,18 @@ GLASS_SHARE = 1 / 16
 #: than a half (12.2 % against 14.0 %) at the same GlaS slide PxAP (77.8)
 MIN_GLASS = 0.25
 #: what a card's ``refine: glass`` says
-GLASS_NOTE = "glass beside tissue, valued 0, 1/16 of the bank (histo_wsl.methods.knn.with_glass)"
+GLASS_NOTE = (
+    f"glass beside tissue, valued 0, 1/{round(1 / GLASS_SHARE)} of the bank "
+    "(histo_wsl.methods.knn.with_glass)"
+)
 
 
 def glass_pixels(bank_pixels: int) -> int:
     """Glass pixels added to a refiner's bank of ``bank_pixels`` (:data:`GLASS_SHARE`, at least 1).
 
-    On the shipped GlaS model (4,087 pixels) 300 or 1,000 of them gave the same maps within 0.1
-    PxAP on the validation slide, and both removed the lines along cmu-1's tissue border.
+    On the shipped GlaS NEGEV model (4,087 pixels, Lanczos-resampled windows then) 300 to 2,000 of
+    them gave 76.1-76.6 slide PxAP on the validation slide against 76.8 without, and 11.6-13.0 %
+    of cmu-1's tissue rim ROI against 17.9 % (docs/results.md).
     """
     return max(1, round(bank_pixels * GLASS_SHARE))
 
@@ -261,6 +265,18 @@ class TrainSplitBanks:
         self.ds, self.cfg, self.negative = ds, cfg, negative
         self._images: LabelledImages | None = None
 
+    @property
+    def images(self) -> LabelledImages:
+        """The ``train`` split at the evaluation preset (decoded at the first use, then kept)."""
+        if self._images is None:
+            self._images = LabelledImages(
+                self.ds.split("train"),
+                self.cfg.data.crop_size,
+                eval_transform(),
+                scale=image_scale(self.ds, self.cfg),
+            )
+        return self._images
+
     def build(
         self,
         model: nn.Module,
@@ -274,14 +290,10 @@ class TrainSplitBanks:
         0 (:func:`with_glass`, :func:`glass_pixels` of them).
         """
         scale = image_scale(self.ds, self.cfg)
-        if self._images is None:
-            self._images = LabelledImages(
-                self.ds.split("train"), self.cfg.data.crop_size, eval_transform(), scale=scale
-            )
         cfg = self.cfg
         bank = build_feature_bank(
             model,
-            self._images,
+            self.images,
             values=values,
             negative=self.negative,
             cam_method=cfg.model.cam_method,
@@ -296,7 +308,7 @@ class TrainSplitBanks:
         model.eval()
         return with_glass(
             model.forward_features,
-            self._images,
+            self.images,
             bank,
             glass_pixels(len(bank)),
             glass_colour(),
@@ -375,6 +387,14 @@ def refiner_from_card(card: dict, path: str | Path) -> KNNRefiner | None:
         raise InputError(f"the model card's k-NN refinement is malformed ({exc})", path) from None
 
 
+def _bank_prefix(state_dict: dict, path: str | Path) -> str:
+    """The state-dict prefix of the k-NN refiner's bank buffers (``...refiner.``)."""
+    prefix = next((key[: -len("keys")] for key in state_dict if key.endswith("refiner.keys")), None)
+    if prefix is None:
+        raise InputError("the checkpoint's k-NN refiner holds no bank", path or None)
+    return prefix
+
+
 def _knn_refine(card: dict, path: str | Path, doing: str, option: str) -> dict:
     """A copy of the card's ``refine`` entry, which must be a k-NN refinement for ``option``."""
     refine = dict(card.get("refine") or {})
@@ -416,9 +436,7 @@ def compact_refiner(
             smaller than asked.
     """
     refine = _knn_refine(card, path, "compact", "--knn-bank")
-    prefix = next((key[: -len("keys")] for key in state_dict if key.endswith("refiner.keys")), None)
-    if prefix is None:
-        raise InputError("the checkpoint's k-NN refiner holds no bank", path or None)
+    prefix = _bank_prefix(state_dict, path)
     keys, values, owners = (state_dict[prefix + n] for n in ("keys", "values", "owners"))
     images = owners.unique()
     per_image = max(1, int(pixels) // len(images)) if pixels >= 1 else 0
@@ -457,9 +475,9 @@ def refiner_with_glass(
     """
     from histo_wsl.data.sources import load_samples
     from histo_wsl.methods import model_from_checkpoint
-    from histo_wsl.methods.base import image_scale
 
     refine = _knn_refine(card, path, "add glass to", "--knn-glass")
+    prefix = _bank_prefix(state_dict, path)
     if not isinstance(card.get("config"), dict):
         raise InputError("the model card records no training settings (config)", path or None)
     cfg = TrainConfig.from_flat(card["config"])
@@ -471,8 +489,7 @@ def refiner_with_glass(
         val_fraction=cfg.data.val_fraction,
         seed=cfg.run.seed,
     )
-    scale = image_scale(ds, cfg)
-    images = LabelledImages(ds.split("train"), cfg.data.crop_size, eval_transform(), scale=scale)
+    images = TrainSplitBanks(ds, cfg).images
     model = model_from_checkpoint(card, state_dict, path).eval()
     refiner = model.refiner
     encoder = model.classifier if hasattr(model, "classifier") else model  # NEGEV: its stage 1
@@ -485,7 +502,6 @@ def refiner_with_glass(
         glass_colour(norm.get("mean") or IMAGENET_MEAN, norm.get("std") or IMAGENET_STD),
         seed=cfg.run.seed,
     )
-    prefix = next(key[: -len("keys")] for key in state_dict if key.endswith("refiner.keys"))
     state = dict(state_dict)
     for name in ("keys", "values", "owners"):
         state[prefix + name] = getattr(bank, name).detach().clone()
