@@ -632,14 +632,26 @@ def read_patch(
 
     The patch covers ``size * plan.scale`` level-0 pixels; it is read from ``plan.level`` and
     resized when the level's resolution is not the output resolution, with :data:`RESAMPLE`.
+
+    The level is read from a whole pixel of its own: a ``location`` that falls between two of its
+    pixels (an odd x on a level downsampled 2×) is not handed to OpenSlide, which would shift
+    every tile by the fraction through its bilinear slow path (3× the time of a whole-pixel read:
+    16 against 5 ms for a 352-px region on a JPEG-tiled TIFF) before this function resamples the
+    result again. The fraction goes into the one resampling instead (``Image.resize``'s ``box``),
+    which also uses the plan's exact scale rather than a region size rounded to whole pixels.
     """
     w, h = size
-    if not plan.resize:
+    ds = plan.level_downsample
+    x, y = location[0] / ds, location[1] / ds  # in the level's pixels
+    if not plan.resize and float(x).is_integer() and float(y).is_integer():
         return slide.read_region(location, plan.level, (w, h))
-    factor = plan.scale / plan.level_downsample
-    lw, lh = max(1, round(w * factor)), max(1, round(h * factor))
-    region = slide.read_region(location, plan.level, (lw, lh))
-    return region.resize((w, h), RESAMPLE)
+    factor = plan.scale / ds
+    ix, iy = math.floor(x), math.floor(y)
+    fx, fy = x - ix, y - iy
+    bw, bh = w * factor, h * factor
+    rw, rh = max(1, math.ceil(fx + bw)), max(1, math.ceil(fy + bh))
+    region = slide.read_region((round(ix * ds), round(iy * ds)), plan.level, (rw, rh))
+    return region.resize((w, h), RESAMPLE, box=(fx, fy, fx + bw, fy + bh))
 
 
 @dataclass(frozen=True)

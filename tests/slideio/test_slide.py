@@ -62,7 +62,7 @@ def test_a_resampled_patch_is_filtered_as_training_images_are(synthetic_slide, l
     from histo_wsl.slideio.slide import RESAMPLE
 
     sec = layout.sections[0]
-    x, y = int(sec.cx) - 200, int(sec.cy) - 200
+    x, y = (int(sec.cx) - 200) // 2 * 2, (int(sec.cy) - 200) // 2 * 2  # whole level-1 pixels
     with open_slide(synthetic_slide) as s:
         plan = plan_read(s, mpp=1.5)  # level 1, resized by 1.5
         assert plan.resize
@@ -71,6 +71,32 @@ def test_a_resampled_patch_is_filtered_as_training_images_are(synthetic_slide, l
     assert RESAMPLE == Image.Resampling.BILINEAR
     want = region.resize((100, 100), Image.Resampling.BILINEAR)
     assert np.array_equal(np.asarray(patch), np.asarray(want))
+
+
+def test_a_patch_between_level_pixels_is_shifted_in_the_one_resampling(synthetic_slide, layout):
+    """OpenSlide is asked for whole pixels of the level; the fraction goes into the resize."""
+    sec = layout.sections[0]
+    x, y = (int(sec.cx) - 200) // 2 * 2 + 1, (int(sec.cy) - 200) // 2 * 2 + 1  # odd: ½ px
+    with open_slide(synthetic_slide) as s:
+        asked = []
+        read = s.read_region
+
+        def spy(location, level, size):
+            asked.append((location, level, size))
+            return read(location, level, size)
+
+        s.read_region = spy
+        for mpp in (1.5, 1.0):  # level 1 resized, and level 1 as it is
+            plan = plan_read(s, mpp=mpp)
+            patch = read_patch(s, plan, (x, y), (100, 100))
+            assert patch.size == (100, 100)
+            factor = plan.scale / 2.0
+            region = read((x - 1, y - 1), 1, asked[-1][2])
+            box = (0.5, 0.5, 0.5 + 100 * factor, 0.5 + 100 * factor)
+            want = region.resize((100, 100), Image.Resampling.BILINEAR, box=box)
+            assert np.array_equal(np.asarray(patch), np.asarray(want))
+    assert [loc for loc, _, _ in asked] == [(x - 1, y - 1)] * 2
+    assert [size for _, _, size in asked] == [(151, 151), (101, 101)]
 
 
 def test_outside_the_slide_is_white(synthetic_slide):
