@@ -199,7 +199,7 @@ def write_slide_outputs(
     overlay = writers.overlay_image(
         thumb, prob_thumb, prob_thumb >= t8, color=ROI_COLOR, tissue=found.mask
     )
-    writers.write_png(slide_dir / f"{name}.overlay.png", overlay, compress_level=6)
+    writers.write_qc_png(slide_dir / f"{name}.overlay.png", overlay)
     return {
         "roi_px": roi_px,
         "roi_sum": roi_sum,

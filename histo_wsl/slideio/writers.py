@@ -431,6 +431,27 @@ def write_mask_png(path: str | Path, mask: np.ndarray, *, mpp: float | None = No
     return write_png(path, np.asarray(mask, dtype=bool).astype(np.uint8) * 255, mpp=mpp)
 
 
+#: How QC images (thumbnails, tissue and patch drawings, ``localize``'s overlay) are compressed:
+#: "Up" filter, zlib level 1 with run-length matching. On H&E thumbnails it is about a third faster
+#: than "Sub" and zlib's default strategy and no larger; on ``localize``'s overlay of
+#: ``cmu-1-small-region.svs`` (1,024 × 767 px) 30 ms against 120 ms for OpenCV at level 6, 9 %
+#: more bytes.
+QC_PNG = {"compress_level": 1, "strategy": zlib.Z_RLE, "up": True}
+
+
+def write_qc_png(path: str | Path, image: np.ndarray, *, mpp: float | None = None) -> Path:
+    """Write a QC image, an (H, W, 3) RGB or (H, W) grey uint8 array, atomically (:data:`QC_PNG`).
+
+    Returns:
+        The path written.
+    """
+    arr = np.asarray(image)
+    channels = 3 if arr.ndim == 3 else 1
+    with PngStream(path, arr.shape[1], arr.shape[0], channels, mpp=mpp, **QC_PNG) as png:
+        png.write_rows(arr)
+    return png.path
+
+
 class PngStream:
     """Write an 8-bit RGB or grey PNG band by band, atomically; the image is never held whole.
 

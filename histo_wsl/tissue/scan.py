@@ -21,7 +21,6 @@ thumbnail is at ``thumbnail_mpp`` (default 8 µm/px) between 1,024 and 4,096 px 
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -44,7 +43,7 @@ from histo_wsl.slideio.slide import (
     read_thumbnail_rows,
     thumbnail_geometry,
 )
-from histo_wsl.slideio.writers import PngStream
+from histo_wsl.slideio.writers import QC_PNG, PngStream, write_qc_png
 from histo_wsl.tissue import detect as tissue
 from histo_wsl.tissue.packed import PackedMask
 
@@ -71,10 +70,6 @@ THUMBNAIL_KEEP_BYTES = 6 * 2**20
 #: A level-0 of at most this many RGB bytes (about 4,700² px) may be read once and held
 #: (:class:`HeldLevel`), so that a small slide's thumbnail and patches come from one read.
 HELD_LEVEL_BYTES = 64 * 2**20
-#: How the QC PNGs (thumbnail, tissue, patches) are compressed: "Up" filter, zlib level 1 with
-#: run-length matching, about a third faster than "Sub" and zlib's default strategy and no larger
-#: on H&E thumbnails.
-QC_PNG = {"compress_level": 1, "strategy": zlib.Z_RLE, "up": True}
 #: Colours of the QC drawings (RGB): tissue contours and extracted patches.
 TISSUE_COLOR = (0, 200, 0)
 PATCH_COLOR = (30, 90, 230)
@@ -542,6 +537,5 @@ def keeps_thumbnail(geometry: ThumbnailGeometry) -> bool:
 
 
 def save_png(path: Path, rgb: np.ndarray) -> None:
-    """Save an RGB (or grey) uint8 array as a PNG."""
-    # QC images: the fast zlib level patches use (level 6 cost ~0.2 s per slide for 10 % smaller files)
-    Image.fromarray(rgb).save(path, format="PNG", compress_level=1)
+    """Save an RGB (or grey) uint8 array as a QC PNG, atomically (see ``write_qc_png``)."""
+    write_qc_png(path, rgb)

@@ -17,6 +17,7 @@ from histo_wsl.slideio.writers import (
     write_png,
     write_probability_png,
     write_pyramid_tiff,
+    write_qc_png,
 )
 
 
@@ -224,6 +225,8 @@ _PNG_WRITERS = {
     "write_probability_png_16": lambda path, a, **kw: write_probability_png(path, a, bits=16, **kw),
     "write_mask_png": lambda path, a, **kw: write_mask_png(path, a > 100, **kw),
     "PngStream": _stream_png,
+    "write_qc_png": lambda path, a, **kw: write_qc_png(path, a, **kw),
+    "write_qc_png_rgb": lambda path, a, **kw: write_qc_png(path, np.dstack([a, a, 255 - a]), **kw),
 }
 
 
