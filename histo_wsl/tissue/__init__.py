@@ -34,7 +34,6 @@ _EXPORTS = {
     "find_tissue": "scan",
     "HeldLevel": "scan",
     "keeps_thumbnail": "scan",
-    "save_png": "scan",
     "scan_tissue": "scan",
     "SlideTissue": "scan",
     "tissue_geojson_for": "scan",

@@ -43,7 +43,7 @@ from histo_wsl.slideio.slide import (
     read_thumbnail_rows,
     thumbnail_geometry,
 )
-from histo_wsl.slideio.writers import QC_PNG, PngStream, write_qc_png
+from histo_wsl.slideio.writers import QC_PNG, PngStream
 from histo_wsl.tissue import detect as tissue
 from histo_wsl.tissue.packed import PackedMask
 
@@ -55,7 +55,6 @@ __all__ = [
     "find_tissue",
     "keeps_thumbnail",
     "read_whole_thumbnail",
-    "save_png",
     "scan_tissue",
     "tissue_geojson_for",
     "write_tissue_images",
@@ -534,8 +533,3 @@ def _draw_band(
 def keeps_thumbnail(geometry: ThumbnailGeometry) -> bool:
     """Whether :func:`scan_tissue` keeps this thumbnail in memory (:data:`THUMBNAIL_KEEP_BYTES`)."""
     return geometry.height * geometry.width * 3 <= THUMBNAIL_KEEP_BYTES
-
-
-def save_png(path: Path, rgb: np.ndarray) -> None:
-    """Save an RGB (or grey) uint8 array as a QC PNG, atomically (see ``write_qc_png``)."""
-    write_qc_png(path, rgb)
