@@ -635,15 +635,15 @@ def read_patch(
 
     The level is read from a whole pixel of its own: a ``location`` that falls between two of its
     pixels (an odd x on a level downsampled 2×) is not handed to OpenSlide, which would shift
-    every tile by the fraction through its bilinear slow path (3× the time of a whole-pixel read:
-    16 against 5 ms for a 352-px region on a JPEG-tiled TIFF) before this function resamples the
+    every tile by the fraction through its bilinear slow path (about 3× the time of a whole-pixel read:
+    13-17 against 5 ms for a 352-px region on a JPEG-tiled TIFF) before this function resamples the
     result again. The fraction goes into the one resampling instead (``Image.resize``'s ``box``),
     which also uses the plan's exact scale rather than a region size rounded to whole pixels.
     """
     w, h = size
     ds = plan.level_downsample
     x, y = location[0] / ds, location[1] / ds  # in the level's pixels
-    if not plan.resize and float(x).is_integer() and float(y).is_integer():
+    if not plan.resize and x.is_integer() and y.is_integer():
         return slide.read_region(location, plan.level, (w, h))
     factor = plan.scale / ds
     ix, iy = math.floor(x), math.floor(y)
