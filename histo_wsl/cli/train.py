@@ -646,6 +646,15 @@ def train_decoder(
             "images count as 0).",
         ),
     ] = "cam",
+    seed_contrast: Annotated[
+        bool,
+        typer.Option(
+            help="With --negative-class: the CAM the seeds (and the k-NN seed map) come from is "
+            "the true class's map minus the negative class's map, the evidence the classifier "
+            "uses to tell them apart (it may keep it in the negative class's map alone). "
+            "--no-seed-contrast: the true class's map alone (the paper).",
+        ),
+    ] = True,
     knn_k: KnnKOpt = 128,
     knn_bank: KnnBankOpt = 16384,
     knn_dims: KnnDimsOpt = 64,

@@ -258,11 +258,18 @@ class TrainSplitBanks:
     The images (evaluation preset: resized to ``crop_size``, no augmentation) are decoded at the
     first build and kept, so a bank rebuilt at every evaluation reads no file again. Each bank has
     ``--knn-bank`` pixels, ``--knn-dims`` axes, the run's seed, and without ``values`` the CAM
-    of ``--cam-method``; pixels of the negative class get value 0.
+    of ``--cam-method`` (over the class ``against``, when given); pixels of the negative class
+    get value 0.
     """
 
-    def __init__(self, ds: Dataset, cfg: TrainConfig, negative: int | None = None) -> None:
-        self.ds, self.cfg, self.negative = ds, cfg, negative
+    def __init__(
+        self,
+        ds: Dataset,
+        cfg: TrainConfig,
+        negative: int | None = None,
+        against: int | None = None,
+    ) -> None:
+        self.ds, self.cfg, self.negative, self.against = ds, cfg, negative, against
         self._images: LabelledImages | None = None
 
     @property
@@ -276,6 +283,22 @@ class TrainSplitBanks:
                 scale=image_scale(self.ds, self.cfg),
             )
         return self._images
+
+    def _contrast(self, model: nn.Module) -> Callable[[Tensor, Tensor, list[Tensor]], Tensor]:
+        """Bank values: ``model``'s CAM of the true class over the class ``against``."""
+
+        def values(x: Tensor, y: Tensor, stages: list[Tensor]) -> Tensor:
+            return compute_cams(
+                model,
+                x,
+                y,
+                method=self.cfg.model.cam_method,
+                size=tuple(stages[-1].shape[-2:]),
+                features=stages[-1],
+                against=self.against,
+            )
+
+        return values
 
     def build(
         self,
@@ -294,7 +317,7 @@ class TrainSplitBanks:
         bank = build_feature_bank(
             model,
             self.images,
-            values=values,
+            values=values if values is not None or self.against is None else self._contrast(model),
             negative=self.negative,
             cam_method=cfg.model.cam_method,
             max_pixels=cfg.knn.knn_bank,

@@ -184,12 +184,14 @@ class DecoderTask:
             if not ok:
                 raise InputError(message)
         self.negative = ds.negative_class
+        #: the class the seeds' CAM is taken over (``seed_contrast`` with a negative class)
+        self.against = self.negative if cfg.negev.seed_contrast else None
         #: the k-NN seed map's bank of training pixels (``seed_map: knn``; built at the first step)
         self.bank: FeatureBank | None = None
         #: pixels in the refiner's bank (``refine: knn``; set at the first evaluation)
         self.refine_pixels: int | None = None
         #: builds the k-NN banks (seed map, refiner) of the train split
-        self._banks = TrainSplitBanks(ds, cfg, self.negative)
+        self._banks = TrainSplitBanks(ds, cfg, self.negative, self.against)
         #: optional NEGEV model whose foreground map replaces the CAM as the seeds' source
         self.teacher = (
             self._load_teacher(cfg.negev.seed_teacher) if cfg.negev.seed_teacher else None
@@ -262,12 +264,13 @@ class DecoderTask:
     ) -> torch.Tensor:
         """Maps (B,H,W) in [0,1] the seeds are drawn from.
 
-        The CAM of the true class, or the ``--seed-teacher``'s foreground probability on the
-        same augmented crops; with ``seed_map: knn``, that map averaged over each pixel's
-        ``knn_k`` nearest bank pixels of other images (``owners``: the images' training-set
-        indices, −1 for none). ``stages`` are the frozen encoder's activations of ``images`` when
-        already computed (the CAM layer and, for a teacher over the same classifier, its decoder
-        input): no second backbone pass then.
+        The CAM of the true class (over the negative class with ``seed_contrast``), or the
+        ``--seed-teacher``'s foreground probability on the same augmented crops; with
+        ``seed_map: knn``, that map averaged over each pixel's ``knn_k`` nearest bank pixels of
+        other images (``owners``: the images' training-set indices, −1 for none). ``stages`` are
+        the frozen encoder's activations of ``images`` when already computed (the CAM layer and,
+        for a teacher over the same classifier, its decoder input): no second backbone pass
+        then.
         """
         size = tuple(images.shape[-2:])
         if self.cfg.negev.seed_map == "knn":
@@ -287,6 +290,7 @@ class DecoderTask:
             method=self.cfg.model.cam_method,
             size=size,
             features=None if stages is None else stages[-1],
+            against=self.against,
         )
 
     def _teacher_maps(

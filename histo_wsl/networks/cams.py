@@ -56,12 +56,20 @@ def normalize_cams(cams: Tensor) -> Tensor:
     return torch.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0).clamp_(0.0, 1.0)
 
 
-def _class_grads(head: nn.Module, acts: Tensor, classes: Tensor) -> Tensor:
-    """∂ logit[b, classes[b]] / ∂ acts[b] for every image (the sum over images separates)."""
+def _class_grads(
+    head: nn.Module, acts: Tensor, classes: Tensor, against: int | None = None
+) -> Tensor:
+    """∂ logit[b, classes[b]] / ∂ acts[b] for every image (the sum over images separates).
+
+    With ``against``, of ``logit[b, classes[b]] − logit[b, against]``.
+    """
     with torch.enable_grad():
         a = acts.detach().clone().requires_grad_(True)
         logits = head(a)
-        score = logits.gather(1, classes.view(-1, 1)).sum()
+        margin = logits.gather(1, classes.view(-1, 1))
+        if against is not None:
+            margin = margin - logits[:, against : against + 1]
+        score = margin.sum()
         (grad,) = torch.autograd.grad(score, a)
     return grad
 
@@ -87,10 +95,12 @@ def _gradient_cam(
     noise_std: float,
     generator: torch.Generator | None,
     acts: Tensor | None = None,
+    against: int | None = None,
 ) -> Tensor:
     """Unnormalised map ``(B, h, w)`` of a Grad-CAM family method (see the module docstring).
 
-    ``acts``: the images' CAM-layer activations if already computed.
+    ``acts``: the images' CAM-layer activations if already computed; ``against``: as for
+    :func:`compute_cams`.
     """
     head = model.head
     if acts is None:
@@ -106,12 +116,12 @@ def _gradient_cam(
             )
             with torch.no_grad():
                 noisy_acts = model.forward_features(images + noise_std * noise)[-1]
-            grad = _class_grads(head, noisy_acts, classes)
+            grad = _class_grads(head, noisy_acts, classes, against)
             g1 += grad
             g2 += grad.pow(2)
             g3 += grad.pow(3)
         return _gradcampp(acts, g1 / n_samples, g2 / n_samples, g3 / n_samples)
-    grad = _class_grads(head, acts, classes)
+    grad = _class_grads(head, acts, classes, against)
     if method == "gradcam":
         return _weighted_sum(grad.mean(dim=(2, 3)), acts)
     if method == "gradcampp":
@@ -133,6 +143,7 @@ def compute_cams(
     noise_std: float = 0.3,
     generator: torch.Generator | None = None,
     features: Tensor | None = None,
+    against: int | None = None,
 ) -> Tensor:
     """Localization maps of the given classes, per-image min-max normalised to [0, 1].
 
@@ -152,6 +163,14 @@ def compute_cams(
         features: the CAM-layer activations of ``images`` (``forward_features(images)[-1]``) when
             the caller already has them (NEGEV's training step): the backbone is then not run again
             (``smoothgradcampp`` still runs it on its noisy copies). Same maps as without.
+        against: a class index (a negative class: images where the region of interest is
+            absent): each map is then the evidence for the image's class *over* that class, the
+            difference of the two raw class maps (``cam``) or the gradient of the difference of
+            the two logits (gradient methods). A class map alone is defined only up to a map
+            added to every class (the logits' softmax cannot see it), so a classifier may keep
+            its evidence in the negative class's map (low on the region of interest) and leave
+            the other class's map flat; the difference sees either. Images of the ``against``
+            class get all-zero maps.
 
     Returns:
         float32 ``(B, h, w)`` maps in [0, 1] (``h, w`` = CAM-layer size or ``size``), detached.
@@ -177,6 +196,8 @@ def compute_cams(
     if b and (int(classes.min()) < 0 or int(classes.max()) >= num_classes):
         raise ValueError(f"classes must lie in [0, {num_classes}), got {classes.tolist()}")
 
+    if against is not None and not 0 <= int(against) < num_classes:
+        raise ValueError(f"against must lie in [0, {num_classes}), got {against}")
     if features is not None and (features.dim() != 4 or features.shape[0] != b):
         raise ValueError(
             f"features must be the ({b}, C, h, w) CAM-layer activations of the images, got shape "
@@ -189,6 +210,8 @@ def compute_cams(
             else:
                 maps = model.head.cams(features.detach())
             cam = maps[torch.arange(b, device=maps.device), classes]
+            if against is not None:
+                cam = cam - maps[:, int(against)]
     else:
         with torch.inference_mode(False):  # autograd cannot run on inference tensors
             acts = None if features is None else features.detach().clone()
@@ -201,6 +224,7 @@ def compute_cams(
                 noise_std,
                 generator,
                 acts,
+                None if against is None else int(against),
             )
 
     cam = cam.detach().float()
@@ -208,4 +232,6 @@ def compute_cams(
         out_size = (size, size) if isinstance(size, int) else tuple(size)
         cam = F.interpolate(cam.unsqueeze(1), size=out_size, mode="bilinear", align_corners=False)
         cam = cam.squeeze(1)
+    if against is not None:
+        cam = cam.masked_fill((classes == int(against)).view(-1, 1, 1), 0.0)
     return normalize_cams(cam)

@@ -140,6 +140,8 @@ class NEGEVSettings:
     crf_sigma_rgb: float = 15.0
     crf_sigma_xy: float = 8.0
     crf_scale: float = 0.25
+    # with a negative class: seeds from the true class's CAM minus the negative class's CAM
+    seed_contrast: bool = True
 
 
 @dataclass

@@ -209,6 +209,32 @@ def test_size_t_schedule_is_task_state():
             DecoderTask(TrainConfig.from_flat(**bad), ds, stage1)
 
 
+def test_seeds_come_from_the_cam_over_the_negative_class(stage1):
+    """With a negative class the seeds' CAM is the true class's over it (--no-seed-contrast: alone)."""
+    from types import SimpleNamespace
+
+    from histo_wsl.networks.cams import compute_cams
+
+    _, _, ckpt = stage1
+    classifier = load_trained(ckpt)
+    names = classifier.card["class_names"]
+    student = NEGEVModel(load_trained(ckpt).model)
+    torch.manual_seed(0)
+    x, y = torch.randn(3, 3, 48, 48), torch.tensor([1, 1, 0])
+
+    def seeds(negative, **flat):
+        ds = SimpleNamespace(class_names=names, negative_class=negative)
+        task = DecoderTask(TrainConfig.from_flat(**flat), ds, classifier)
+        return task.seed_maps(student, x, y)
+
+    contrast = compute_cams(student.classifier, x, y, size=(48, 48), against=0)
+    own = compute_cams(student.classifier, x, y, size=(48, 48))
+    torch.testing.assert_close(seeds(0), contrast)
+    assert not torch.allclose(contrast[:2], own[:2])
+    torch.testing.assert_close(seeds(0, seed_contrast=False), own)
+    torch.testing.assert_close(seeds(None), own)  # no negative class: the paper's CAM
+
+
 def test_seed_teacher_second_round(tmp_path, stage1):
     from types import SimpleNamespace
 
@@ -220,13 +246,15 @@ def test_seed_teacher_second_round(tmp_path, stage1):
         return runner.invoke(app, [*cmd, *extra, *args])
 
     first = tmp_path / "round1"
-    r = decoder(first)
+    r = decoder(first, "--no-seed-contrast")
     assert r.exit_code == 0, r.stderr
     second = tmp_path / "round2"
     teacher = first / "best-loc.pt"
     r = decoder(second, "--seed-teacher", str(teacher))
     assert r.exit_code == 0, r.stderr
     card = load_model(second / "best-loc.pt").card
+    assert card["config"]["seed_contrast"] is True
+    assert load_model(teacher).card["config"]["seed_contrast"] is False
     assert card["seeds"]["teacher"]["checkpoint"] == str(teacher)
     assert "valpx_pxap" in card["seeds"]["teacher"]["metrics"]
     assert load_model(first / "best-loc.pt").card["seeds"]["teacher"] is None

@@ -126,6 +126,28 @@ def test_normalize_constant_and_nan_maps_to_zero():
     assert out[2].amin() == 0 and out[2].amax() == 1
 
 
+def test_against_a_class_maps_the_difference_of_the_two_class_maps(model, images):
+    """``against``: the class's raw map minus the other class's, normalised; its own images 0."""
+    classes = torch.tensor([2, 1, 0])
+    with torch.no_grad():
+        raw = model.cams(images)
+    diff = raw[torch.arange(3), classes] - raw[:, 0]
+    got = compute_cams(model, images, classes, against=0)
+    torch.testing.assert_close(got[:2], normalize_cams(diff[:2]))
+    assert not got[2].any()  # an image of the class itself has no evidence over it
+    # the map is not the class's own map: the negative class's map is taken away
+    assert not torch.allclose(got[:2], compute_cams(model, images, classes)[:2])
+
+
+def test_against_a_class_in_gradient_methods_is_the_logit_margin(model, images):
+    """With WGAP, ∂(logit_c − logit_a)/∂A_k = (w_ck − w_ak)/(hw): Grad-CAM gives ReLU(difference)."""
+    classes = torch.tensor([2, 1, 2])
+    with torch.no_grad():
+        raw = model.cams(images)
+    expected = normalize_cams(torch.relu(raw[torch.arange(3), classes] - raw[:, 0]))
+    torch.testing.assert_close(compute_cams(model, images, classes, "gradcam", against=0), expected)
+
+
 def test_bad_arguments(model, images):
     with pytest.raises(InputError, match="unknown CAM method"):
         compute_cams(model, images, torch.tensor([0, 1, 2]), "scorecam")
@@ -135,6 +157,8 @@ def test_bad_arguments(model, images):
         compute_cams(model, images, torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="lie in"):
         compute_cams(model, images, torch.tensor([0, 1, 3]))
+    with pytest.raises(ValueError, match="against must lie in"):
+        compute_cams(model, images, torch.tensor([0, 1, 2]), against=3)
 
 
 def test_gradient_methods_under_inference_mode(model, images):
