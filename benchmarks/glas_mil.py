@@ -98,6 +98,7 @@ class Recipe:
     decoder_epochs: int = 10
     classifier_lr: float = 0.003
     decoder_lr: float = 0.05
+    seed_contrast: bool = True  # train-decoder --seed-contrast (seeds from the CAM over benign)
     max_steps: int | None = None  # per epoch
     batch_size: int = 16
 
@@ -428,6 +429,7 @@ def negev_chain(
         lr=recipe.decoder_lr,
         seeds_fg=20,
         seeds_bg=20,
+        seed_contrast=recipe.seed_contrast,
         **common,
     )
     train_decoder(cfg, quiet=True)
@@ -499,6 +501,12 @@ def _parser() -> argparse.ArgumentParser:
         help="train-mil --negative-quantile: malignant slides' patches below this quantile of "
         "the benign validation patches' scores are labelled benign.",
     )
+    p.add_argument(
+        "--seed-contrast",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="train-decoder --seed-contrast (default: yes; --no-seed-contrast: the paper's CAM).",
+    )
     p.add_argument("--classifier-epochs", type=int, help="train-classifier epochs.")
     p.add_argument("--decoder-epochs", type=int, help="train-decoder epochs.")
     p.add_argument("--max-steps", type=int, help="Training steps per epoch (default: all).")
@@ -524,6 +532,7 @@ def _recipe(args: argparse.Namespace) -> Recipe:
         "mil_negative_quantile": args.mil_negative_quantile,
         "classifier_epochs": args.classifier_epochs,
         "decoder_epochs": args.decoder_epochs,
+        "seed_contrast": args.seed_contrast,
         "max_steps": args.max_steps,
         "batch_size": args.batch_size,
     }

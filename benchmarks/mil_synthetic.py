@@ -56,6 +56,7 @@ class Recipe:
     decoder_epochs: int = 12
     max_steps: int | None = 40
     batch_size: int = 16
+    seed_contrast: bool = True  # train-decoder --seed-contrast (seeds from the CAM over normal)
 
 
 TINY = Recipe(
@@ -232,6 +233,7 @@ def negev_chain(data: Path, test_csv: Path, out: Path, recipe: Recipe, seed: int
         lr=0.05,
         seeds_fg=20,
         seeds_bg=20,
+        seed_contrast=recipe.seed_contrast,
         **common,
     )
     train_decoder(cfg, quiet=True)
@@ -262,12 +264,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--classifier-epochs", type=int, help="Override the recipe's stage-1 epochs.")
     p.add_argument("--decoder-epochs", type=int, help="Override the recipe's NEGEV epochs.")
+    p.add_argument(
+        "--no-seed-contrast",
+        action="store_true",
+        help="train-decoder --no-seed-contrast: seeds from the tumour class's CAM alone.",
+    )
     args = p.parse_args(argv)
     recipe = TINY if args.tiny else Recipe()
     if args.classifier_epochs:
         recipe = replace(recipe, classifier_epochs=args.classifier_epochs)
     if args.decoder_epochs:
         recipe = replace(recipe, decoder_epochs=args.decoder_epochs)
+    if args.no_seed_contrast:
+        recipe = replace(recipe, seed_contrast=False)
     out = Path(args.out)
     t_all = time.perf_counter()
     seconds: dict[str, float] = {}
