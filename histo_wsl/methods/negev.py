@@ -5,8 +5,10 @@ classifier (encoder and head) is copied from its checkpoint and frozen; at every
 ground-truth class on the augmented crop gives pixel seeds
 (:class:`histo_wsl.methods.negev_losses.SeedSampler`;
 drawn at random, or the top/bottom CAM pixels with ``seed_mode: static``), and images of the
-negative class push every pixel to background. With ``seed_teacher`` (a previous train-decoder
-checkpoint) the seeds come from that decoder's foreground map instead of the CAM: a second round.
+negative class push every pixel to background. With a negative class the CAM is taken over it
+(``seed_contrast``, the default: the true class's map minus the negative class's). With
+``seed_teacher`` (a previous train-decoder checkpoint) the seeds come from that decoder's
+foreground map instead of the CAM: a second round.
 With ``seed_map: knn`` they come from that map (CAM or teacher) averaged over each pixel's most
 similar pixels of the other training images (:mod:`histo_wsl.methods.knn`; built at the first step).
 With ``refine: knn`` the saved model's map is blended with the k-NN map of the decoder's own map
@@ -453,6 +455,8 @@ class DecoderTask:
                 "fg_sampler": cfg.negev.fg_sampler,
                 "fg_erode": cfg.negev.fg_erode,
                 "cam_method": cfg.model.cam_method,
+                # the class whose CAM is subtracted (--seed-contrast with a negative class)
+                "over_class": None if self.against is None else c1["class_names"][self.against],
                 "mode": cfg.negev.seed_mode,
                 "map": cfg.negev.seed_map,
                 "knn": None

@@ -13,6 +13,9 @@
   - ``xgradcam``: w_k = Σ_ij A_kij g_kij / Σ_ij A_kij.
   - ``layercam``: map = Σ_k ReLU(g_k) ⊙ A_k.
 
+With ``against`` (a negative class), the map of a class is its evidence over that class: the
+difference of the two raw maps (``cam``), or the gradients of the difference of the two logits.
+
 Maps are computed at the CAM layer's resolution, optionally bilinearly upsampled to ``size``, then
 min-max normalised per image (a constant or non-finite map becomes all zeros).
 

@@ -230,6 +230,9 @@ def test_seeds_come_from_the_cam_over_the_negative_class(stage1):
     contrast = compute_cams(student.classifier, x, y, size=(48, 48), against=0)
     own = compute_cams(student.classifier, x, y, size=(48, 48))
     torch.testing.assert_close(seeds(0), contrast)
+    ds = SimpleNamespace(class_names=names, negative_class=0, describe=dict)
+    task = DecoderTask(TrainConfig.from_flat(), ds, classifier)
+    assert task.card()["seeds"]["over_class"] == names[0]
     assert not torch.allclose(contrast[:2], own[:2])
     torch.testing.assert_close(seeds(0, seed_contrast=False), own)
     torch.testing.assert_close(seeds(None), own)  # no negative class: the paper's CAM
@@ -255,6 +258,7 @@ def test_seed_teacher_second_round(tmp_path, stage1):
     card = load_model(second / "best-loc.pt").card
     assert card["config"]["seed_contrast"] is True
     assert load_model(teacher).card["config"]["seed_contrast"] is False
+    assert card["seeds"]["over_class"] is None  # no negative class: the class's own CAM
     assert card["seeds"]["teacher"]["checkpoint"] == str(teacher)
     assert "valpx_pxap" in card["seeds"]["teacher"]["metrics"]
     assert load_model(first / "best-loc.pt").card["seeds"]["teacher"] is None
