@@ -314,10 +314,12 @@ class TrainSplitBanks:
         """
         scale = image_scale(self.ds, self.cfg)
         cfg = self.cfg
+        if values is None and self.against is not None:
+            values = self._contrast(model)
         bank = build_feature_bank(
             model,
             self.images,
-            values=values if values is not None or self.against is None else self._contrast(model),
+            values=values,
             negative=self.negative,
             cam_method=cfg.model.cam_method,
             max_pixels=cfg.knn.knn_bank,

@@ -199,8 +199,10 @@ def compute_cams(
     if b and (int(classes.min()) < 0 or int(classes.max()) >= num_classes):
         raise ValueError(f"classes must lie in [0, {num_classes}), got {classes.tolist()}")
 
-    if against is not None and not 0 <= int(against) < num_classes:
-        raise ValueError(f"against must lie in [0, {num_classes}), got {against}")
+    if against is not None:
+        against = int(against)
+        if not 0 <= against < num_classes:
+            raise ValueError(f"against must lie in [0, {num_classes}), got {against}")
     if features is not None and (features.dim() != 4 or features.shape[0] != b):
         raise ValueError(
             f"features must be the ({b}, C, h, w) CAM-layer activations of the images, got shape "
@@ -214,7 +216,7 @@ def compute_cams(
                 maps = model.head.cams(features.detach())
             cam = maps[torch.arange(b, device=maps.device), classes]
             if against is not None:
-                cam = cam - maps[:, int(against)]
+                cam = cam - maps[:, against]
     else:
         with torch.inference_mode(False):  # autograd cannot run on inference tensors
             acts = None if features is None else features.detach().clone()
@@ -227,7 +229,7 @@ def compute_cams(
                 noise_std,
                 generator,
                 acts,
-                None if against is None else int(against),
+                against,
             )
 
     cam = cam.detach().float()
@@ -236,5 +238,5 @@ def compute_cams(
         cam = F.interpolate(cam.unsqueeze(1), size=out_size, mode="bilinear", align_corners=False)
         cam = cam.squeeze(1)
     if against is not None:
-        cam = cam.masked_fill((classes == int(against)).view(-1, 1, 1), 0.0)
+        cam = cam.masked_fill((classes == against).view(-1, 1, 1), 0.0)
     return normalize_cams(cam)

@@ -72,6 +72,32 @@ def test_build_feature_bank_is_balanced_bounded_and_reproducible():
         build_feature_bank(clf, _Images(1))
 
 
+def test_a_bank_over_the_negative_class_holds_the_cam_over_it():
+    """--seed-contrast: without ``values``, a run's bank holds the true class's CAM over ``against``."""
+    from histo_wsl.methods.knn import TrainSplitBanks
+    from histo_wsl.networks.cams import compute_cams
+    from histo_wsl.training.config import TrainConfig
+
+    torch.manual_seed(0)
+    clf = build_classifier("tinycnn", "wgap", 2, pretrained=False).eval()
+    images = _Images(4)
+    banks = TrainSplitBanks(None, TrainConfig.from_flat(), negative=1, against=1)
+    bank = build_feature_bank(
+        clf, images, values=banks._contrast(clf), negative=1, max_pixels=10**6
+    )
+    x = torch.stack([images[i]["image"] for i in range(4)])
+    y = torch.tensor([images[i]["label"] for i in range(4)])
+    with torch.no_grad():
+        h, w = clf.forward_features(x)[-1].shape[-2:]
+    want = compute_cams(clf, x, y, size=(h, w), against=1)
+    own = compute_cams(clf, x, y, size=(h, w))
+    for i in (0, 2):  # the images of class 0 (class 1 is the negative class: all 0)
+        got = bank.values[bank.owners == i].sort().values
+        torch.testing.assert_close(got, want[i].reshape(-1).sort().values)
+        assert not torch.allclose(got, own[i].reshape(-1).sort().values)
+    assert torch.all(bank.values[bank.owners % 2 == 1] == 0)
+
+
 def test_with_glass_adds_glass_valued_zero_that_glass_finds_first():
     torch.manual_seed(0)
     clf = build_classifier("tinycnn", "wgap", 2, pretrained=False).eval()
