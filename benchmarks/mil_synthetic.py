@@ -265,9 +265,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--classifier-epochs", type=int, help="Override the recipe's stage-1 epochs.")
     p.add_argument("--decoder-epochs", type=int, help="Override the recipe's NEGEV epochs.")
     p.add_argument(
-        "--no-seed-contrast",
-        action="store_true",
-        help="train-decoder --no-seed-contrast: seeds from the tumour class's CAM alone.",
+        "--seed-contrast",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="train-decoder --seed-contrast (default: yes; --no-seed-contrast: the paper's CAM).",
     )
     args = p.parse_args(argv)
     recipe = TINY if args.tiny else Recipe()
@@ -275,8 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         recipe = replace(recipe, classifier_epochs=args.classifier_epochs)
     if args.decoder_epochs:
         recipe = replace(recipe, decoder_epochs=args.decoder_epochs)
-    if args.no_seed_contrast:
-        recipe = replace(recipe, seed_contrast=False)
+    recipe = replace(recipe, seed_contrast=args.seed_contrast)
     out = Path(args.out)
     t_all = time.perf_counter()
     seconds: dict[str, float] = {}

@@ -230,12 +230,12 @@ def test_seeds_come_from_the_cam_over_the_negative_class(stage1):
     contrast = compute_cams(student.classifier, x, y, size=(48, 48), against=0)
     own = compute_cams(student.classifier, x, y, size=(48, 48))
     torch.testing.assert_close(seeds(0), contrast)
-    ds = SimpleNamespace(class_names=names, negative_class=0, describe=dict)
-    task = DecoderTask(TrainConfig.from_flat(), ds, classifier)
-    assert task.card()["seeds"]["over_class"] == names[0]
     assert not torch.allclose(contrast[:2], own[:2])
     torch.testing.assert_close(seeds(0, seed_contrast=False), own)
     torch.testing.assert_close(seeds(None), own)  # no negative class: the paper's CAM
+    ds = SimpleNamespace(class_names=names, negative_class=0, describe=dict)
+    task = DecoderTask(TrainConfig.from_flat(), ds, classifier)
+    assert task.card()["seeds"]["over_class"] == names[0]  # the card names the class subtracted
 
 
 def test_seed_teacher_second_round(tmp_path, stage1):
