@@ -6,21 +6,28 @@ ImageNet normalisation. Eval preset: resize to 224×224 → normalisation. Masks
 step (nearest-neighbour) and never the colour ones. With a ``scale`` (the ``isotropic`` training
 geometry), images are resized by one factor that keeps their aspect ratio instead of squashed to
 a square, so the network learns tissue at the one µm/px ``localize`` reads slides at.
+
+torchvision is imported by the functions that build transforms, not with the module: the
+inference path reads this module's constants and does not pay torchvision's import
+(:mod:`histo_wsl.networks.mobilenetv2`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torchvision.transforms import v2
-from torchvision.tv_tensors import Image as TvImage
-from torchvision.tv_tensors import Mask as TvMask
 
 from histo_wsl.data.sources import Sample
 from histo_wsl.errors import InputError
+
+if TYPE_CHECKING:
+    from torchvision.transforms import v2
+    from torchvision.tv_tensors import Image as TvImage
+    from torchvision.tv_tensors import Mask as TvMask
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -59,6 +66,8 @@ class GlassMargins:
         """The image and mask with their margins (unchanged when not drawn)."""
         if self.max_px < 1 or float(torch.rand(())) >= self.p:
             return image, mask
+        from torchvision.transforms import v2
+
         left, top, right, bottom = torch.randint(0, self.max_px + 1, (4,)).tolist()
         pad = [left, top, right, bottom]
         image = v2.functional.pad(image, pad, fill=list(GLASS_RGB))
@@ -76,6 +85,10 @@ def train_transform(
     placed on glass instead, half of the time with up to half a crop of glass around it
     (:class:`GlassMargins`), the glass marked :data:`GLASS_LABEL` in the mask.
     """
+    from torchvision.transforms import v2
+    from torchvision.tv_tensors import Image as TvImage
+    from torchvision.tv_tensors import Mask as TvMask
+
     if glass:
         steps: list = [
             GlassMargins(crop // 2),
@@ -94,11 +107,15 @@ def train_transform(
 
 def jitter_transform() -> v2.Transform:
     """The training preset's colour jitter (NEGEV protocol): brightness/contrast/saturation .5."""
+    from torchvision.transforms import v2
+
     return v2.ColorJitter(brightness=0.5, contrast=0.5, saturation=0.5, hue=0.05)  # hue .05
 
 
 def eval_transform() -> v2.Transform:
     """The evaluation preset (after the fixed resize done at load time): normalisation only."""
+    from torchvision.transforms import v2
+
     return v2.Compose(
         [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     )
@@ -232,8 +249,10 @@ class LabelledImages(torch.utils.data.Dataset):
         return self._cache
 
     def __getitem__(self, i: int) -> dict:
+        from torchvision import tv_tensors
+
         image, mask = self._cache[i] if self._cache is not None else self._decode(i)
-        image, mask = self.transform(TvImage(image), TvMask(mask))
+        image, mask = self.transform(tv_tensors.Image(image), tv_tensors.Mask(mask))
         s = self.samples[i]
         return {
             "image": image.as_subclass(torch.Tensor),

@@ -31,18 +31,18 @@ the file must already be in ``torch.hub.get_dir()/checkpoints/`` (set ``TORCH_HO
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 import torch
-import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
-from torchvision import models as tvm
-from torchvision.models.inception import BasicConv2d, InceptionA, InceptionB, InceptionC
-from torchvision.models.resnet import Bottleneck
 
 from histo_wsl.errors import InputError
+from histo_wsl.networks.mobilenetv2 import InvertedResidual, mobilenet_v2_features
+
+if TYPE_CHECKING:
+    from torchvision.models import WeightsEnum
 
 __all__ = ["BACKBONES", "NO_IMAGENET", "BASE", "X10", "weights_path", "Backbone", "build_backbone"]
 
@@ -56,9 +56,11 @@ BASE = "base"
 X10 = "x10"
 
 
-def _imagenet_weights(name: str) -> tvm.WeightsEnum:
+def _imagenet_weights(name: str) -> WeightsEnum:
     if _check_name(name) in NO_IMAGENET:
         raise InputError(f"{name} has no ImageNet weights: train it with --no-pretrained")
+    from torchvision import models as tvm  # its weight files' names and URLs
+
     table = {
         "resnet50": tvm.ResNet50_Weights.IMAGENET1K_V1,
         "resnet18": tvm.ResNet18_Weights.IMAGENET1K_V1,
@@ -205,15 +207,9 @@ class _ResNetBackbone(Backbone):
 
     def __init__(self, name: str) -> None:
         super().__init__()
-        ctor: Callable[..., tvm.ResNet] = tvm.resnet50 if name == "resnet50" else tvm.resnet18
-        net = ctor(weights=None)
-        for layer in (net.layer3, net.layer4):
-            first = layer[0]
-            conv = first.conv2 if isinstance(first, Bottleneck) else first.conv1
-            conv.stride = (1, 1)
-            if first.downsample is not None:
-                first.downsample[0].stride = (1, 1)
-            first.stride = 1
+        from histo_wsl.networks.torchvision_parts import resnet_stride8
+
+        net = resnet_stride8(name)
         self.name = name
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = (
@@ -305,23 +301,6 @@ class _VGGBackbone(Backbone):
         return out
 
 
-class _InceptionBStride1(InceptionB):
-    """Inception "B" (grid reduction) block run at stride 1: 3×3 convs and max-pool with padding 1."""
-
-    def __init__(self, in_channels: int) -> None:
-        super().__init__(in_channels)
-        for block in (self.branch3x3, self.branch3x3dbl_3):
-            block.conv.stride = (1, 1)
-            block.conv.padding = (1, 1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Concatenate the 3×3, double-3×3 and max-pool branches (all at the input's size)."""
-        b1 = self.branch3x3(x)
-        b2 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        b3 = F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
-        return torch.cat([b1, b2, b3], 1)
-
-
 def _spg_block(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(
         nn.Dropout(0.5), nn.Conv2d(cin, cout, kernel_size=3, padding=1), nn.ReLU(inplace=True)
@@ -334,7 +313,8 @@ class _InceptionBackbone(Backbone):
     Paddings: ``Conv2d_1a_3x3``, ``Conv2d_2a_3x3``, ``Conv2d_4a_3x3`` and both stem max-pools use padding 1,
     so a 224 input gives 112 → 56 → 28 (any multiple of 8 gives exactly side/8). ``Mixed_6a`` runs at stride
     1 with its 3×3 convs padded by 1. Mixed_7* and the auxiliary classifier are dropped. Inputs are the
-    ImageNet mean/std normalised images (torchvision's ``transform_input`` is not applied).
+    ImageNet mean/std normalised images (torchvision's ``transform_input`` is not applied). The
+    modules up to ``Mixed_6e`` come from :func:`~histo_wsl.networks.torchvision_parts.inception_stride8`.
 
     Learning-rate groups: ``Conv2d_*`` and ``Mixed_*`` at the base lr; ``SPG_*``, the head and any other
     module of the model (decoder) at 10×.
@@ -346,21 +326,10 @@ class _InceptionBackbone(Backbone):
     def __init__(self) -> None:
         super().__init__()
         self.name = "inceptionv3"
-        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, kernel_size=3, stride=2, padding=1)
-        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, kernel_size=3, padding=1)
-        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, kernel_size=3, padding=1)
-        self.maxpool1 = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, kernel_size=1)
-        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, kernel_size=3, padding=1)
-        self.maxpool2 = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        self.Mixed_5b = InceptionA(192, pool_features=32)
-        self.Mixed_5c = InceptionA(256, pool_features=64)
-        self.Mixed_5d = InceptionA(288, pool_features=64)
-        self.Mixed_6a = _InceptionBStride1(288)
-        self.Mixed_6b = InceptionC(768, channels_7x7=128)
-        self.Mixed_6c = InceptionC(768, channels_7x7=160)
-        self.Mixed_6d = InceptionC(768, channels_7x7=160)
-        self.Mixed_6e = InceptionC(768, channels_7x7=192)
+        from histo_wsl.networks.torchvision_parts import inception_stride8
+
+        for name, module in inception_stride8().items():
+            setattr(self, name, module)
         self.SPG_A3_1b = _spg_block(768, 1024)
         self.SPG_A3_2b = _spg_block(1024, 1024)
         _kaiming_init(self)
@@ -396,7 +365,9 @@ class _MobileNetV2Backbone(Backbone):
     """MobileNetV2 features (up to the final 1×1 conv, 1280 channels) with output stride 8.
 
     Every inverted-residual block that would take the stride below 8 (blocks 7 and 14) gets stride 1 on
-    its depthwise conv; no dilation is used (the same choice as for the ResNets).
+    its depthwise conv; no dilation is used (the same choice as for the ResNets). Built by
+    :func:`~histo_wsl.networks.mobilenetv2.mobilenet_v2_features`: torchvision's layout and
+    weights, without importing torchvision.
 
     Learning-rate groups (the analogue of ResNet's layer4): ``features.14`` to ``features.18`` — the blocks
     that run at stride 32 in the original network (160 and 320 channels, and the final 1×1 conv) — at 10×
@@ -408,10 +379,10 @@ class _MobileNetV2Backbone(Backbone):
     def __init__(self) -> None:
         super().__init__()
         self.name = "mobilenetv2"
-        net = tvm.mobilenet_v2(weights=None)
+        features = mobilenet_v2_features()
         stride = 1
-        for block in net.features:
-            if isinstance(block, tvm.mobilenetv2.InvertedResidual):
+        for block in features:
+            if isinstance(block, InvertedResidual):
                 depthwise = block.conv[-3][0]  # Conv2dNormActivation(depthwise) -> its Conv2d
                 if depthwise.stride == (2, 2):
                     if stride >= 8:
@@ -421,7 +392,7 @@ class _MobileNetV2Backbone(Backbone):
                         stride *= 2
             else:
                 stride *= block[0].stride[0]
-        self.features = net.features
+        self.features = features
         self.stage_channels = [16, 24, 32, 96, 1280]
         self.stage_strides = [2, 4, 8, 8, 8]
 
