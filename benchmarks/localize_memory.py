@@ -71,8 +71,10 @@ BASELINE_CODE = (
     "import histo_wsl.slideio.writers, histo_wsl.runtime.batch\n"
     "from histo_wsl.inference.engine import Engine\n"
     "from histo_wsl.inference.params import LocalizeParams\n"
-    "e = Engine(LocalizeParams(model=sys.argv[1], device='cpu', threads=int(sys.argv[2])))\n"
-    "x = torch.zeros((int(sys.argv[3]), e.size, e.size, 3), dtype=torch.uint8)\n"
+    "b = int(sys.argv[3]) or None\n"
+    "e = Engine(LocalizeParams(model=sys.argv[1], device='cpu', threads=int(sys.argv[2]),\n"
+    "                          batch_size=b))\n"
+    "x = torch.zeros((e.batch_size, e.size, e.size, 3), dtype=torch.uint8)\n"
     "e.predict(x)\n"
 )
 
@@ -80,7 +82,9 @@ BASELINE_CODE = (
 def localize_cmd(slide: Path, model: str, out: Path, args: argparse.Namespace) -> list[str]:
     """The ``localize`` command line for one slide."""
     cmd = [sys.executable, "-m", "histo_wsl", "localize", str(slide), "--model", model]
-    cmd += ["--out", str(out), "--batch-size", str(args.batch_size), "--device", "cpu"]
+    cmd += ["--out", str(out), "--device", "cpu"]
+    if args.batch_size:
+        cmd += ["--batch-size", str(args.batch_size)]
     cmd += ["--threads", str(args.threads), "--quiet", "--json"]
     if args.output_mpp is not None:
         cmd += ["--output-mpp", str(args.output_mpp)]
@@ -104,9 +108,8 @@ def measure(args: argparse.Namespace, cache: Path, work: Path) -> dict:
             + [str(args.input_size), str(args.mpp)],
             check=True,
         )
-    baseline = peak_rss(
-        [sys.executable, "-c", BASELINE_CODE, str(model), str(args.threads), str(args.batch_size)]
-    )
+    batch = str(args.batch_size or 0)
+    baseline = peak_rss([sys.executable, "-c", BASELINE_CODE, model, str(args.threads), batch])
     if baseline["exit_code"] != 0:
         raise RuntimeError(f"baseline failed: {baseline['output_tail']}")
     runs: dict[str, dict] = {}
@@ -118,6 +121,7 @@ def measure(args: argparse.Namespace, cache: Path, work: Path) -> dict:
         rec = json.loads((out / slide.stem / f"{slide.stem}.json").read_text(encoding="utf-8"))
         r.update(
             windows=rec["windows"],
+            batch_size=rec["batch_size"],
             output_size=rec["output_size"],
             canvas=rec["canvas"],
             timings=rec["timings"],
@@ -157,6 +161,7 @@ def measure(args: argparse.Namespace, cache: Path, work: Path) -> dict:
             else args.model
         ),
         "threads": args.threads,
+        "batch_size": runs[small]["batch_size"],
         "output_mpp": args.output_mpp,
         "canvas_max_mb": args.canvas_max_mb,
         "slides": {f"{s // 1000}k": f"{s}x{s} px, {args.slide_mpp:g} µm/px" for s in args.sizes},
@@ -185,7 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mpp", type=float, default=4.0, help="model µm/px")
     parser.add_argument("--output-mpp", type=float, help="map µm/px (default localize's)")
     parser.add_argument("--canvas-max-mb", type=float, help="localize --canvas-max-mb")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument(
+        "--batch-size", type=int, help="localize --batch-size (default: localize's own)"
+    )
     parser.add_argument(
         "--threads", type=int, default=0, help="localize --threads (0: its own choice)"
     )

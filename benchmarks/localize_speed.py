@@ -122,13 +122,14 @@ def forward_child(args: argparse.Namespace) -> None:
     engine = Engine(
         LocalizeParams(model=args.model, device=args.device, threads=args.child_threads or None)
     )
-    batch = tissue_batch(Path(args.forward_child), engine, args.batch_size)
-    out = {"threads": torch.get_num_threads()}
+    size = args.batch_size or engine.batch_size  # localize's own when not given
+    batch = tissue_batch(Path(args.forward_child), engine, size)
+    out = {"threads": torch.get_num_threads(), "batch_size": size}
 
     def model_step() -> None:
         engine.predict(batch)[1].cpu()  # the map leaves the device, as in localize
 
-    out["forward"] = _rate(model_step, args.forward_seconds, args.batch_size)
+    out["forward"] = _rate(model_step, args.forward_seconds, size)
     if args.resnet18:
         import torchvision
 
@@ -143,8 +144,8 @@ def forward_child(args: argparse.Namespace) -> None:
             with torch.no_grad():
                 seg(x).cpu()
 
-        out["resnet18"] = _rate(r18_step, args.forward_seconds, args.batch_size)
-        out["forward_again"] = _rate(model_step, args.forward_seconds, args.batch_size)
+        out["resnet18"] = _rate(r18_step, args.forward_seconds, size)
+        out["forward_again"] = _rate(model_step, args.forward_seconds, size)
     print(json.dumps(out))
 
 
@@ -152,7 +153,9 @@ def run_forward(args, slide: Path, threads: int, resnet18: bool = False) -> dict
     """Run :func:`forward_child` in a fresh process."""
     cmd = [sys.executable, __file__, "--forward-child", str(slide), "--model", args.model]
     cmd += ["--child-threads", str(threads), "--device", args.device]
-    cmd += ["--batch-size", str(args.batch_size), "--forward-seconds", str(args.forward_seconds)]
+    cmd += ["--forward-seconds", str(args.forward_seconds)]
+    if args.batch_size:
+        cmd += ["--batch-size", str(args.batch_size)]
     if resnet18:
         cmd.append("--resnet18")
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -206,7 +209,9 @@ def run_localize(args, slide: Path, threads: int, out: Path) -> dict:
     """``histo-wsl localize`` in a fresh process: wall seconds, peak RSS and the slide's JSON."""
     cmd = [sys.executable, "-m", "histo_wsl", "localize", str(slide), "--model", args.model]
     cmd += ["--out", str(out), "--threads", str(threads), "--quiet", "--overwrite"]
-    cmd += ["--device", args.device, "--batch-size", str(args.batch_size)]
+    cmd += ["--device", args.device]
+    if args.batch_size:
+        cmd += ["--batch-size", str(args.batch_size)]
     if args.workers is not None:
         cmd += ["--workers", str(args.workers)]
     with GpuSampler(args.device.startswith("cuda")) as gpu:
@@ -258,7 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slides", default="cmu1,band", help="comma list of cmu1, band")
     ap.add_argument("--loads", default="quiet,busy", help="comma list of quiet, busy")
     ap.add_argument("--threads", default="1,2,0", help="comma list; 0 = localize's own choice")
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument(
+        "--batch-size", type=int, default=None, help="default: localize's own (4 on CPU, 16 on GPU)"
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--workers", type=int, default=None, help="localize's reader processes")
     ap.add_argument("--forward-seconds", type=float, default=8.0)
@@ -317,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
             "device": args.device,
         },
         "model": args.model,
-        "batch_size": args.batch_size,
+        "batch_size": quiet_fwd["batch_size"],
         "quiet_forward": {
             "threads": quiet_fwd["threads"],
             "model_windows_per_s": round(quiet_fwd["forward"], 2),

@@ -129,8 +129,15 @@ def localize(
         ),
     ] = None,
     batch_size: Annotated[
-        int, typer.Option("--batch-size", "-b", min=1, help="Windows per forward pass.")
-    ] = 16,
+        int | None,
+        typer.Option(
+            "--batch-size",
+            "-b",
+            min=1,
+            help="Windows per forward pass (default: 4 on a CPU, 16 on a GPU).",
+            show_default=False,
+        ),
+    ] = None,
     device: Annotated[
         str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")
     ] = "auto",

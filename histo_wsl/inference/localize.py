@@ -230,7 +230,7 @@ def _localize_open_slide(job: SlideJob, progress: Progress) -> dict:
         windows.xs,
         windows.ys,
         size,
-        params.batch_size,
+        engine.batch_size,
         in_process,
     )
     origin = (windows.xs / g.s_out, windows.ys / g.s_out)
@@ -300,7 +300,7 @@ def _localize_open_slide(job: SlideJob, progress: Progress) -> dict:
         },
         "windows": n,
         "grid_windows": len(grid),
-        "batch_size": params.batch_size,
+        "batch_size": engine.batch_size,
         "device": str(engine.device),
         "workers": engine.workers,
         "threads": engine.threads_record(),

@@ -33,7 +33,8 @@ class LocalizeParams:
         blend: importance weighting of overlaps: ``gaussian``, ``linear`` or ``constant``.
         sigma_scale: σ of the Gaussian weighting as a fraction of the window (MONAI: 0.125).
         threshold: mask threshold on the probability (default the card's ``threshold``).
-        batch_size: windows per forward pass.
+        batch_size: windows per forward pass (None: the device's own,
+            :func:`histo_wsl.inference.engine.default_batch_size`).
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
         amp: mixed precision on CUDA.
         workers: reader processes that each open the slide (0: one reader thread; default 0 on
@@ -70,7 +71,7 @@ class LocalizeParams:
     blend: str = "gaussian"
     sigma_scale: float = 0.125
     threshold: float | None = None
-    batch_size: int = 16
+    batch_size: int | None = None
     device: str = "auto"
     amp: bool = True
     workers: int | None = None
@@ -100,7 +101,7 @@ class LocalizeParams:
             raise InputError(f"--sigma-scale {self.sigma_scale} must be in (0, 10]")
         if self.threshold is not None and not 0.0 < self.threshold <= 1.0:
             raise InputError(f"--threshold {self.threshold} must be in (0, 1]")
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise InputError("--batch-size must be at least 1")
         if self.workers is not None and self.workers < 0:
             raise InputError("--workers must be 0 (a reader thread) or more")

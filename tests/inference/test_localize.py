@@ -249,6 +249,26 @@ def test_reader_processes_give_the_same_map(tmp_path, synthetic_slide, models):
     )
 
 
+def test_the_batch_size_is_the_device_s_own_and_does_not_change_the_map(
+    tmp_path, synthetic_slide, models
+):
+    from histo_wsl.inference.engine import CPU_BATCH, GPU_BATCH, default_batch_size
+
+    assert (default_batch_size("cpu"), default_batch_size("cuda")) == (CPU_BATCH, GPU_BATCH)
+    assert CPU_BATCH < GPU_BATCH
+    kw = {"mpp": 4.0, "output_mpp": 8.0, "device": "cpu"}
+    a, b = tmp_path / "own", tmp_path / "given"
+    params = LocalizeParams(model=models / "cam.pt", **kw)
+    s = localize([_item(synthetic_slide)], a, params, BatchOptions(quiet=True))
+    assert s.exit_code == 0 and s.items[0].details["batch_size"] == CPU_BATCH
+    assert s.items[0].details["windows"] > CPU_BATCH  # several batches
+    s = _run([_item(synthetic_slide)], b, models / "cam.pt", **kw)
+    assert s.exit_code == 0 and s.items[0].details["batch_size"] == 32
+    np.testing.assert_array_equal(
+        _prob(a / "synth" / "synth.prob.tif")[0], _prob(b / "synth" / "synth.prob.tif")[0]
+    )
+
+
 def test_rerun_skips_and_overwrite_redoes(tmp_path, synthetic_slide, models):
     out = tmp_path / "o"
     kw = {"mpp": 4.0}
