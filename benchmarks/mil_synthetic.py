@@ -80,14 +80,11 @@ TINY = Recipe(
 )
 
 
-#: ``--backbone``: the NEGEV chain's settings for each backbone.
+#: The recipe's fields that ``--backbone`` sets.
+CHAIN_FIELDS = ("backbone", "pretrained", "head", "classifier_lr")
+#: ``--backbone``: the NEGEV chain's settings for each backbone (tinycnn: the recipe's own).
 CHAIN_BACKBONES = {
-    "tinycnn": {
-        "backbone": "tinycnn",
-        "pretrained": False,
-        "head": "wildcat",
-        "classifier_lr": 0.01,
-    },
+    "tinycnn": {f: getattr(Recipe(), f) for f in CHAIN_FIELDS},
     "mobilenetv2": {
         "backbone": "mobilenetv2",
         "pretrained": True,

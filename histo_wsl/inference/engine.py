@@ -194,9 +194,8 @@ def default_batch_size(device_type: str) -> int:
 
     On a CPU small batches run faster (most likely the stride-8 network's activations staying
     nearer the caches): the shipped MobileNetV2 model ran 28 windows/s at batch 4 against 22 at
-    16 on two cores, and ``localize``
-    on a 40,000 × 4,480 band 20.5 against 13.0 windows/s, at 830 instead of 1,030 MB
-    (docs/results.md, *Batch size on a CPU*). A GPU wants large batches.
+    16 on two cores, and ``localize`` on a 40,000 × 4,480 band 20.5 against 13.0 windows/s, at
+    830 instead of 1,030 MB (docs/results.md, *Batch size on a CPU*). A GPU wants large batches.
     """
     return CPU_BATCH if device_type == "cpu" else GPU_BATCH
 

@@ -461,6 +461,7 @@ def localize(
             "model_mpp_used": engine.model_mpp,
             "roi_class": engine.roi_name,
             "workers_used": engine.workers,
+            "batch_size_used": engine.batch_size,
         }
     )
     runner = BatchRunner(

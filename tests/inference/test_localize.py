@@ -262,6 +262,7 @@ def test_the_batch_size_is_the_device_s_own_and_does_not_change_the_map(
     s = localize([_item(synthetic_slide)], a, params, BatchOptions(quiet=True))
     assert s.exit_code == 0 and s.items[0].details["batch_size"] == CPU_BATCH
     assert s.items[0].details["windows"] > CPU_BATCH  # several batches
+    assert json.loads((a / "run.json").read_text())["params"]["batch_size_used"] == CPU_BATCH
     s = _run([_item(synthetic_slide)], b, models / "cam.pt", **kw)
     assert s.exit_code == 0 and s.items[0].details["batch_size"] == 32
     np.testing.assert_array_equal(
