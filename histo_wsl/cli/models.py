@@ -315,7 +315,27 @@ def export(
             "--knn-glass",
             help="The model's training data (as given to training): its training images, "
             "placed on glass, add glass pixels valued 0 to the k-NN refiner's bank, so that "
-            "glass beside tissue is not called ROI (what --glass does in training).",
+            "glass beside tissue is not called ROI (what --glass does in training); glass "
+            "the bank holds is drawn again.",
+            show_default=False,
+        ),
+    ] = None,
+    knn_glass_share: Annotated[
+        float | None,
+        typer.Option(
+            "--knn-glass-share",
+            help="With --knn-glass: glass pixels per image pixel of the bank (default 1/16).",
+            show_default=False,
+        ),
+    ] = None,
+    knn_slide_keys: Annotated[
+        Path | None,
+        typer.Option(
+            "--knn-slide-keys",
+            help="The model's training data (as given to training): the k-NN refiner's bank is "
+            "keyed again from its training images read as localize reads a slide (the card's "
+            "µm/px, aspect kept) and valued by the model's own map of each (same size, glass "
+            "kept).",
             show_default=False,
         ),
     ] = None,
@@ -352,7 +372,7 @@ def export(
         metrics=metrics,
         slide_metrics=slide_metrics,
         overwrite=overwrite,
-        knn=BankEdit(knn_bank, knn_k, knn_glass),
+        knn=BankEdit(knn_bank, knn_k, knn_glass, knn_slide_keys, knn_glass_share),
     )
     for note in result.notes:
         print(f"histo-wsl: warning: {note}", file=sys.stderr)

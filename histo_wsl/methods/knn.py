@@ -53,7 +53,10 @@ __all__ = [
     "MIN_GLASS",
     "build_feature_bank",
     "glass_colour",
+    "glass_note",
     "glass_pixels",
+    "keyed_as_slides",
+    "refiner_keyed_as_slides",
     "refiner_with_glass",
     "with_glass",
     "compact_refiner",
@@ -149,21 +152,26 @@ GLASS_SHARE = 1 / 16
 #: as glass: on the shipped NEGEV model a quarter left fewer ROI pixels on cmu-1's tissue rim
 #: than a half (12.2 % against 14.0 %) at the same GlaS slide PxAP (77.8)
 MIN_GLASS = 0.25
-#: what a card's ``refine: glass`` says
-GLASS_NOTE = (
-    f"glass beside tissue, valued 0, 1/{round(1 / GLASS_SHARE)} of the bank "
-    "(histo_wsl.methods.knn.with_glass)"
-)
 
 
-def glass_pixels(bank_pixels: int) -> int:
-    """Glass pixels added to a refiner's bank of ``bank_pixels`` (:data:`GLASS_SHARE`, at least 1).
+def glass_note(share: float = GLASS_SHARE) -> str:
+    """What a card's ``refine: glass`` says for glass at ``share`` of the bank's image pixels."""
+    part = f"1/{round(1 / share)}" if abs(1 / share - round(1 / share)) < 1e-9 else f"{share:g}"
+    return f"glass beside tissue, valued 0, {part} of the bank (histo_wsl.methods.knn.with_glass)"
+
+
+#: what a card's ``refine: glass`` says (the default share)
+GLASS_NOTE = glass_note()
+
+
+def glass_pixels(bank_pixels: int, share: float = GLASS_SHARE) -> int:
+    """Glass pixels added to a refiner's bank of ``bank_pixels`` (``share`` of it, at least 1).
 
     On the shipped GlaS NEGEV model (4,087 pixels, Lanczos-resampled windows then) 300 to 2,000 of
     them gave 76.1-76.6 slide PxAP on the validation slide against 76.8 without, and 11.6-13.0 %
     of cmu-1's tissue rim ROI against 17.9 % (docs/results.md).
     """
-    return max(1, round(bank_pixels * GLASS_SHARE))
+    return max(1, round(bank_pixels * share))
 
 
 def glass_colour(
@@ -194,8 +202,9 @@ def with_glass(
     into one-pixel lines along the border (issue #25). Each image is shifted by up to half its
     side in x and y (seeded) with glass filling the rest, and its cells (at the keys'
     resolution) that are at least ``min_glass`` glass are drawn, the mixed ones (the edge)
-    first, and added with value 0. Each image's glass gets a new owner index (after the bank's
-    own), so no training image's pixels are excluded through them and compaction keeps them apart.
+    first, and added with value 0. Each image's glass gets a new owner index (past the bank's
+    owners and every image's index), so no training image's pixels are excluded through them,
+    compaction keeps them apart, and ``owners >= len(images)`` tells glass from tissue.
 
     Args:
         features: the encoder's stages of normalised images (B,3,H,W) -> list of (B,C,h,w).
@@ -212,7 +221,7 @@ def with_glass(
     per_image = max(1, int(pixels) // max(1, n))
     rows: list[list[Tensor]] = [[], []]
     owners = []
-    owner0 = int(bank.owners.max()) + 1 if len(bank) else n
+    owner0 = max(n, int(bank.owners.max()) + 1) if len(bank) else n  # past every image
     for i in range(n):
         x = images[i]["image"]
         _, h, w = x.shape
@@ -485,24 +494,10 @@ def compact_refiner(
     return dict(card, refine=refine), state
 
 
-def refiner_with_glass(
-    card: dict, state_dict: dict, data: str | Path, path: str | Path = ""
-) -> tuple[dict, dict]:
-    """A checkpoint's k-NN bank with glass beside tissue added (``models export --knn-glass``).
-
-    For a model trained without ``--glass``: its training split is read again from ``data``
-    (the card's fold, split fraction and seed), its images at the evaluation preset are placed
-    on glass and :func:`glass_pixels` of their glass cells join the bank valued 0
-    (:func:`with_glass`), keyed by the model's own encoder and projection.
-
-    Raises:
-        InputError: a card without k-NN refinement or training settings, or unreadable data.
-    """
+def _training_split(card: dict, data: str | Path, path: str | Path) -> tuple[TrainConfig, Dataset]:
+    """The checkpoint's training settings and its data read again (the card's fold, split, seed)."""
     from histo_wsl.data.sources import load_samples
-    from histo_wsl.methods import model_from_checkpoint
 
-    refine = _knn_refine(card, path, "add glass to", "--knn-glass")
-    prefix = _bank_prefix(state_dict, path)
     if not isinstance(card.get("config"), dict):
         raise InputError("the model card records no training settings (config)", path or None)
     cfg = TrainConfig.from_flat(card["config"])
@@ -514,21 +509,192 @@ def refiner_with_glass(
         val_fraction=cfg.data.val_fraction,
         seed=cfg.run.seed,
     )
+    return cfg, ds
+
+
+def _encoder(model: nn.Module) -> nn.Module:
+    """The module whose ``forward_features`` gives the refiner's keys (NEGEV: its stage 1)."""
+    return model.classifier if hasattr(model, "classifier") else model
+
+
+def refiner_with_glass(
+    card: dict,
+    state_dict: dict,
+    data: str | Path,
+    path: str | Path = "",
+    share: float = GLASS_SHARE,
+) -> tuple[dict, dict]:
+    """A checkpoint's k-NN bank with glass beside tissue (``models export --knn-glass``).
+
+    Its training split is read again from ``data`` (the card's fold, split fraction and seed),
+    its images at the evaluation preset are placed on glass and :func:`glass_pixels` (``share``)
+    of their glass cells join the bank's image pixels valued 0 (:func:`with_glass`), keyed by
+    the model's own encoder and projection. Glass the bank held already (a model trained with
+    ``--glass``, or exported with glass before) is drawn again instead of added to.
+
+    Raises:
+        InputError: a card without k-NN refinement or training settings, unreadable data, or a
+            share outside (0, 1].
+    """
+    from histo_wsl.methods import model_from_checkpoint
+
+    refine = _knn_refine(card, path, "add glass to", "--knn-glass")
+    if not 0.0 < share <= 1.0:
+        raise InputError(f"--knn-glass-share must be in (0, 1], got {share}")
+    prefix = _bank_prefix(state_dict, path)
+    cfg, ds = _training_split(card, data, path)
     images = TrainSplitBanks(ds, cfg).images
     model = model_from_checkpoint(card, state_dict, path).eval()
-    refiner = model.refiner
-    encoder = model.classifier if hasattr(model, "classifier") else model  # NEGEV: its stage 1
+    bank = model.refiner.bank
+    tissue = bank.owners < len(images)  # owners past the images' own indices are glass
+    bank = FeatureBank(
+        bank.keys[tissue], bank.values[tissue], bank.owners[tissue], bank.projections
+    )
     norm = card.get("normalization") or {}
     bank = with_glass(
-        encoder.forward_features,
+        _encoder(model).forward_features,
         images,
-        refiner.bank,
-        glass_pixels(len(refiner)),
+        bank,
+        glass_pixels(len(bank), share),
         glass_colour(norm.get("mean") or IMAGENET_MEAN, norm.get("std") or IMAGENET_STD),
         seed=cfg.run.seed,
     )
     state = dict(state_dict)
     for name in ("keys", "values", "owners"):
         state[prefix + name] = getattr(bank, name).detach().clone()
-    refine.update(bank_pixels=len(bank), glass=GLASS_NOTE)
+    refine.update(bank_pixels=len(bank), glass=glass_note(share))
     return {**card, "refine": refine}, state
+
+
+@torch.no_grad()
+def keyed_as_slides(
+    features: Callable[[Tensor], list[Tensor]],
+    model_map: Callable[[Tensor], Tensor],
+    images: torch.utils.data.Dataset,
+    slide_images: torch.utils.data.Dataset,
+    bank: FeatureBank,
+    *,
+    negative: int | None = None,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> FeatureBank:
+    """``bank`` with its training images' pixels keyed as a slide shows them, valued by the model.
+
+    A bank built at the evaluation preset keys each training image squashed to the network's
+    input (GlaS: 775×522 px to 224², 2.1 µm/px across and 1.4 down), while ``localize`` reads a
+    slide's windows at the card's µm/px with the tissue's own aspect (GlaS: 1.57 µm/px both
+    ways), so a window's pixels are looked up among keys of another geometry. Here each image
+    keeps its number of bank pixels, drawn afresh (seeded) from the same image as a slide
+    shows it (``slide_images[i]``), and valued by the model's own map of the image at the
+    evaluation preset (``model_map``, area-resampled to the keys' grid): the map the model is
+    validated on, now reachable from the features a slide gives. Pixels of the negative class
+    keep value 0; pixels of no training image (glass) are kept as they are.
+
+    Args:
+        features: the encoder's stages of normalised images (B,3,H,W) -> list of (B,C,h,w).
+        model_map: normalised images (1,3,H,W) -> the model's map (1,H,W) in [0,1].
+        images: the bank's images at the evaluation preset (dicts with ``image``, ``label``).
+        slide_images: the same images, in the same order, at the slide's geometry.
+        bank: the bank (its owners < ``len(images)`` are the images'; its projection embeds
+            the new keys).
+        negative: index of the negative class (its pixels are valued 0), if any.
+        seed: seed of the draw.
+        device: where the forward passes run.
+    """
+    n = len(images)
+    if len(slide_images) != n:
+        raise ValueError("slide_images must hold the same images as images")
+    gen = torch.Generator().manual_seed(seed)
+    rows: list[list[Tensor]] = [[], []]
+    values, owners = [], []
+    for i in range(n):
+        count = int((bank.owners == i).sum())
+        if not count:
+            continue
+        item = images[i]
+        fg = model_map(item["image"][None].to(device)).float()
+        if negative is not None and int(item["label"]) == negative:
+            fg = torch.zeros_like(fg)
+        stages = features(slide_images[i]["image"][None].to(device))
+        h, w = stages[-1].shape[-2:]
+        value = F.adaptive_avg_pool2d(fg[:, None], (h, w)).reshape(-1)
+        pick = torch.randperm(h * w, generator=gen)[:count].to(value.device)
+        for j, p in enumerate(_stage_pixels(stages, (h, w))):
+            rows[j].append(p[pick])
+        values.append(value[pick])
+        owners.append(torch.full((len(pick),), i, dtype=bank.owners.dtype))
+    other = bank.owners >= n
+    if not owners:
+        return bank
+    keys = bank.embed([torch.cat(r) for r in rows]).to(bank.keys.dtype)
+    return FeatureBank(
+        torch.cat([keys.to(bank.keys.device), bank.keys[other]]),
+        torch.cat([torch.cat(values).to(bank.values), bank.values[other]]),
+        torch.cat([torch.cat(owners).to(bank.owners.device), bank.owners[other]]),
+        bank.projections,
+    )
+
+
+#: what a card's ``refine: keys`` / ``values`` say after :func:`refiner_keyed_as_slides`
+SLIDE_KEYS_NOTE = (
+    "the train split read at {mpp:g} µm/px with its aspect kept, as localize reads a slide "
+    "(histo_wsl.methods.knn.keyed_as_slides)"
+)
+SLIDE_VALUES_NOTE = "the model's own map of each train image (eval preset), resampled to its keys"
+
+
+def refiner_keyed_as_slides(
+    card: dict, state_dict: dict, data: str | Path, path: str | Path = ""
+) -> tuple[dict, dict]:
+    """A checkpoint's k-NN bank re-keyed at the slide geometry (``models export --knn-slide-keys``).
+
+    The training split is read again from ``data`` (the card's fold, split fraction and seed),
+    at the evaluation preset for the values and at the card's µm/px with each image's aspect
+    kept (``data_mpp / mpp``, the resolution ``localize`` reads slides at) for the keys:
+    :func:`keyed_as_slides`. The bank keeps its size (the lookup its cost) and its glass.
+
+    Raises:
+        InputError: a card without k-NN refinement, training settings or µm/px, or unreadable
+            data.
+    """
+    from histo_wsl.methods import model_from_checkpoint
+
+    refine = _knn_refine(card, path, "re-key", "--knn-slide-keys")
+    prefix = _bank_prefix(state_dict, path)
+    mpp, data_mpp = card.get("mpp"), card.get("data_mpp")
+    if not mpp or not data_mpp:
+        raise InputError(
+            "the model card records no µm/px (mpp and data_mpp), so the slide geometry is "
+            "unknown; drop --knn-slide-keys",
+            path or None,
+        )
+    cfg, ds = _training_split(card, data, path)
+    banks = TrainSplitBanks(ds, cfg, negative=_negative_index(card))
+    slide_images = LabelledImages(
+        ds.split("train"), cfg.data.crop_size, eval_transform(), scale=float(data_mpp) / float(mpp)
+    )
+    model = model_from_checkpoint(card, state_dict, path).eval()
+    bank = keyed_as_slides(
+        _encoder(model).forward_features,
+        lambda x: model.localize(x)[1],
+        banks.images,
+        slide_images,
+        model.refiner.bank,
+        negative=banks.negative,
+        seed=cfg.run.seed,
+    )
+    state = dict(state_dict)
+    for name in ("keys", "values", "owners"):
+        state[prefix + name] = getattr(bank, name).detach().clone()
+    refine.update(
+        bank_pixels=len(bank),
+        keys=SLIDE_KEYS_NOTE.format(mpp=float(mpp)),
+        values=SLIDE_VALUES_NOTE,
+    )
+    return {**card, "refine": refine}, state
+
+
+def _negative_index(card: dict) -> int | None:
+    """Index of the card's negative class among its class names (None: no such class)."""
+    names, negative = card.get("class_names") or [], card.get("negative_class")
+    return names.index(negative) if negative in names else None

@@ -375,14 +375,22 @@ class BankEdit:
         pixels: keep at most this many bank pixels, the same number from each training image (a
             faster lookup; :func:`histo_wsl.methods.knn.compact_refiner`).
         k: neighbours per pixel of the compacted bank (default: scaled with the bank).
+        slide_keys: the model's training data: the bank's image pixels are keyed again from its
+            training images read as ``localize`` reads a slide and valued by the model's own
+            map, after any compaction and before any glass
+            (:func:`histo_wsl.methods.knn.refiner_keyed_as_slides`).
         glass: the model's training data: its training images placed on glass give the bank
             glass pixels valued 0, after any compaction
-            (:func:`histo_wsl.methods.knn.refiner_with_glass`).
+            (:func:`histo_wsl.methods.knn.refiner_with_glass`); glass it held is drawn again.
+        glass_share: glass pixels per image pixel of the bank with ``glass`` (default
+            :data:`histo_wsl.methods.knn.GLASS_SHARE`).
     """
 
     pixels: int | None = None
     k: int | None = None
     glass: Path | None = None
+    slide_keys: Path | None = None
+    glass_share: float | None = None
 
 
 def _source(ckpt: dict, src: Path, knn: BankEdit) -> tuple[dict, dict]:
@@ -394,10 +402,17 @@ def _source(ckpt: dict, src: Path, knn: BankEdit) -> tuple[dict, dict]:
         refine = card.get("refine") or {}
         pixels = knn.pixels if knn.pixels is not None else refine.get("bank_pixels")
         card, state = compact_refiner(card, state, int(pixels or 0), knn.k, src)
-    if knn.glass is not None:
-        from histo_wsl.methods.knn import refiner_with_glass
+    if knn.slide_keys is not None:
+        from histo_wsl.methods.knn import refiner_keyed_as_slides
 
-        card, state = refiner_with_glass(card, state, knn.glass, src)
+        card, state = refiner_keyed_as_slides(card, state, knn.slide_keys, src)
+    if knn.glass is not None:
+        from histo_wsl.methods.knn import GLASS_SHARE, refiner_with_glass
+
+        share = GLASS_SHARE if knn.glass_share is None else knn.glass_share
+        card, state = refiner_with_glass(card, state, knn.glass, src, share)
+    elif knn.glass_share is not None:
+        raise InputError("--knn-glass-share needs --knn-glass (the training data)", src)
     return card, state
 
 

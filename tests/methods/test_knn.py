@@ -6,8 +6,9 @@ from typer.testing import CliRunner
 from histo_wsl.cli.app import app
 from histo_wsl.data.images import LabelledImages, eval_transform
 from histo_wsl.inference.predictor import load_model
-from histo_wsl.methods.knn import build_feature_bank, glass_colour, with_glass
+from histo_wsl.methods.knn import build_feature_bank, glass_colour, keyed_as_slides, with_glass
 from histo_wsl.networks.classifier import build_classifier
+from histo_wsl.networks.knn import _stage_pixels
 
 runner = CliRunner()
 
@@ -185,3 +186,65 @@ def test_compact_refiner_keeps_the_first_pixels_of_each_image_and_scales_k(tmp_p
         compact_refiner(card, state, 0)
     with pytest.raises(InputError, match="no k-NN refinement"):
         compact_refiner(dict(card, refine={"method": "none"}), state, 20)
+
+
+class _Resized(torch.utils.data.Dataset):
+    """``images`` resized to ``size`` (h, w): the same images at another geometry."""
+
+    def __init__(self, images: torch.utils.data.Dataset, size: tuple[int, int]):
+        self.images, self.size = images, size
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict:
+        item = dict(self.images[i])
+        item["image"] = torch.nn.functional.interpolate(
+            item["image"][None], size=self.size, mode="bilinear", align_corners=False
+        )[0]
+        return item
+
+
+def test_keyed_as_slides_keys_each_image_at_the_slide_geometry_valued_by_the_model():
+    torch.manual_seed(0)
+    clf = build_classifier("tinycnn", "wgap", 2, pretrained=False).eval()
+    images = _Images(5)
+    bank = build_feature_bank(clf, images, max_pixels=40, dims=3, seed=7, batch_size=2)
+    bank = with_glass(clf.forward_features, images, bank, 10, glass_colour(), seed=3)
+    slides = _Resized(images, (24, 40))  # another aspect, as a slide shows the tissue
+
+    def model_map(x):  # the model's map: 1 on the image's left half, 0 on its right
+        out = torch.zeros(x.shape[0], *x.shape[-2:])
+        out[..., : x.shape[-1] // 2] = 1.0
+        return out
+
+    out = keyed_as_slides(clf.forward_features, model_map, images, slides, bank, seed=1)
+    assert len(out) == len(bank)
+    for owner in range(5):  # each image keeps its number of bank pixels
+        assert int((out.owners == owner).sum()) == int((bank.owners == owner).sum()) == 8
+    glass = bank.owners >= 5
+    kept = out.owners >= 5
+    assert torch.equal(out.keys[kept], bank.keys[glass])  # the glass is kept as it was
+    assert torch.equal(out.values[kept], bank.values[glass])
+    torch.testing.assert_close(out.keys.norm(dim=1), torch.ones(len(out)))
+    # every new key is a cell of its image at the slide geometry, valued by the model's map there
+    with torch.no_grad():
+        stages = clf.forward_features(slides[0]["image"][None])
+    h, w = stages[-1].shape[-2:]
+    cells = bank.embed(_stage_pixels(stages, (h, w)))
+    mine = out.keys[out.owners == 0]
+    dist, cell = torch.cdist(mine, cells).min(dim=1)
+    assert float(dist.max()) < 1e-4
+    pooled = torch.nn.functional.adaptive_avg_pool2d(model_map(images[0]["image"][None]), (h, w))
+    expected = pooled.reshape(-1)[cell]  # the map's left half, pooled onto the keys' grid
+    assert 0 < float(expected.mean()) < 1
+    torch.testing.assert_close(out.values[out.owners == 0], expected)
+    assert not torch.equal(mine, bank.keys[bank.owners == 0])  # not the evaluation preset's keys
+    again = keyed_as_slides(clf.forward_features, model_map, images, slides, bank, seed=1)
+    assert torch.equal(again.keys, out.keys)
+    # the negative class is background whatever the model's map says
+    neg = keyed_as_slides(clf.forward_features, model_map, images, slides, bank, negative=1)
+    assert torch.all(neg.values[(neg.owners == 1) | (neg.owners == 3)] == 0)
+    assert float(neg.values[neg.owners == 0].max()) == 1.0
+    with pytest.raises(ValueError, match="same images"):
+        keyed_as_slides(clf.forward_features, model_map, images, _Images(4), bank)

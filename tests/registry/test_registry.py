@@ -328,6 +328,58 @@ def test_export_gives_the_knn_bank_glass_from_the_training_data(tmp_path):
     assert r.exit_code == 2 and "no training settings" in r.stderr
 
 
+def test_export_keys_the_knn_bank_as_slides_and_draws_its_glass_again(tmp_path):
+    import torch
+    from knn_helpers import refined_negev_checkpoint
+
+    from histo_wsl.data.sources import load_samples
+    from histo_wsl.registry.checkpoint import load_checkpoint, save_checkpoint
+    from histo_wsl.synthetic.patches import write_patch_dataset
+    from histo_wsl.training.config import TrainConfig
+
+    data = write_patch_dataset(tmp_path / "data", n_per_class=4, size=40, seed=5)
+    src = refined_negev_checkpoint(tmp_path / "src.pt", images=4, per_image=10, k=8)
+    ckpt = load_checkpoint(src)
+    names = load_samples(data).class_names
+    config = TrainConfig.from_flat(crop_size=32, classes=names).to_flat()
+    card = {**ckpt["card"], "class_names": names, "config": config, "data_mpp": 3.0}
+    save_checkpoint(src, card, ckpt["state_dict"])
+    dest = tmp_path / "zoo"
+
+    def export(name, *options):
+        args = ["models", "export", str(src), "--name", name, "--dest", str(dest), "--json"]
+        return runner.invoke(app, [*args, *options])
+
+    r = export("slidekeys", "--knn-slide-keys", str(data))
+    assert r.exit_code == 0, r.stderr
+    model = load_model(dest / "slidekeys" / "model.pt")
+    refiner, before = model.model.refiner, ckpt["state_dict"]
+    assert len(refiner) == 40 and model.card["refine"]["bank_pixels"] == 40  # same size
+    assert torch.equal(refiner.owners.sort().values, before["refiner.owners"].sort().values)
+    assert not torch.allclose(refiner.keys.float(), before["refiner.keys"].float(), atol=1e-2)
+    assert "2 µm/px" in model.card["refine"]["keys"]  # the card's mpp, as localize reads
+    assert "own map" in model.card["refine"]["values"]
+    # glass at a share, drawn again (not added) when the bank has some already
+    r = export("glassy", "--knn-slide-keys", str(data), "--knn-glass", str(data),
+               "--knn-glass-share", "0.25")  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    glassy = load_model(dest / "glassy" / "model.pt")
+    n_glass = int((glassy.model.refiner.owners >= 4).sum())
+    assert n_glass >= 4 and len(glassy.model.refiner) == 40 + n_glass
+    assert "1/4 of the bank" in glassy.card["refine"]["glass"]
+    src2 = dest / "glassy" / "model.pt"
+    r = runner.invoke(app, ["models", "export", str(src2), "--name", "again", "--dest",
+                            str(dest), "--knn-glass", str(data), "--knn-glass-share", "0.25"])  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    assert len(load_model(dest / "again" / "model.pt").model.refiner) == 40 + n_glass
+    # refused in one line: a share without the data, a card without µm/px
+    r = export("x", "--knn-glass-share", "0.25")
+    assert r.exit_code == 2 and "--knn-glass-share needs --knn-glass" in r.stderr
+    save_checkpoint(src, {k: v for k, v in card.items() if k != "data_mpp"}, ckpt["state_dict"])
+    r = export("y", "--knn-slide-keys", str(data))
+    assert r.exit_code == 2 and "no µm/px" in r.stderr and "src.pt" in r.stderr
+
+
 def test_export_compacts_the_knn_bank_and_keeps_the_card_domain(tmp_path):
     from knn_helpers import refined_negev_checkpoint
 
