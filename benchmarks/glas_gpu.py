@@ -27,7 +27,10 @@ ImageNet weights these machines hold, MobileNetV2 (stride 8): stage 1 and NEGEV 
 
 The pack re-encodes the images as JPEG (quality 95; the masks stay lossless PNG) so that GlaS's
 65 MB fit the 64 MB a GPU call carries; numbers printed there are on the packed images. Evaluate
-the returned models here on the original images for the numbers that go into a card.
+the returned models here on the original images for the numbers that go into a card, after giving
+a k-NN refined NEGEV model the shipped one's bank edits (``histo-wsl models export ...
+--knn-bank 4096 --knn-slide-keys GLAS --knn-glass GLAS --knn-glass-share 0.125``; docs/results.md,
+*The k-NN bank keyed as slides show the tissue*).
 
 Exit status: 0 when every step ran, 1 when one failed, 2 for bad arguments or missing data.
 """
