@@ -334,8 +334,8 @@ def export(
             "--knn-slide-keys",
             help="The model's training data (as given to training): the k-NN refiner's bank is "
             "keyed again from its training images read as localize reads a slide (the card's "
-            "µm/px, aspect kept) and valued by the model's own map of each (same size, glass "
-            "kept).",
+            "µm/px, aspect kept) and valued by the model's own map of each, averaged over its "
+            "flips (same size, glass kept).",
             show_default=False,
         ),
     ] = None,

@@ -34,15 +34,10 @@ from histo_wsl.errors import InputError
 from histo_wsl.methods import TrainedModel, get_method, model_from_checkpoint
 from histo_wsl.networks.cams import compute_cams
 from histo_wsl.networks.folding import for_inference
+from histo_wsl.networks.tta import TTA_MODES, flip, unflipped_mean
 from histo_wsl.registry.checkpoint import load_checkpoint
 
 __all__ = ["TTA_MODES", "Predictor", "load_model"]
-
-#: test-time augmentations of :meth:`Predictor.predict`: the flip dimensions of each view
-TTA_MODES: dict[str, tuple[tuple[int, ...], ...]] = {
-    "none": ((),),
-    "flips": ((), (-1,), (-2,), (-2, -1)),
-}
 
 
 @dataclass
@@ -71,34 +66,23 @@ class Predictor(TrainedModel):
         views = TTA_MODES[self.tta]
         if not get_method(self.method).has_cam:  # a class-agnostic map: model.localize
             with torch.no_grad():
-                outs = [self.model.localize(_flip(images, d)) for d in views]
+                outs = [self.model.localize(flip(images, d)) for d in views]
             logits = torch.stack([lg for lg, _ in outs]).mean(0)
-            return logits, _unflipped_mean([m for _, m in outs], views)
+            return logits, unflipped_mean([m for _, m in outs], views)
         with torch.no_grad():
-            logits = torch.stack([self.model(_flip(images, d)) for d in views]).mean(0)
+            logits = torch.stack([self.model(flip(images, d)) for d in views]).mean(0)
         cls = logits.argmax(1) if classes is None else classes
         maps = [
             compute_cams(
                 self.model,
-                _flip(images, d),
+                flip(images, d),
                 cls,
                 method=self.card.get("cam_method", "cam"),
                 size=tuple(images.shape[-2:]),
             )
             for d in views
         ]
-        return logits, _unflipped_mean(maps, views)
-
-
-def _flip(t: Tensor, dims: tuple[int, ...]) -> Tensor:
-    return t.flip(dims) if dims else t
-
-
-def _unflipped_mean(maps: list[Tensor], views: tuple[tuple[int, ...], ...]) -> Tensor:
-    """Mean of the views' maps, each flipped back to the image's orientation."""
-    if len(maps) == 1:
-        return maps[0]
-    return torch.stack([_flip(m, d) for m, d in zip(maps, views, strict=True)]).mean(0)
+        return logits, unflipped_mean(maps, views)
 
 
 def load_model(

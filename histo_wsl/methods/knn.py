@@ -44,6 +44,7 @@ from histo_wsl.errors import InputError
 from histo_wsl.methods.base import image_scale
 from histo_wsl.networks.cams import compute_cams
 from histo_wsl.networks.knn import FeatureBank, KNNRefiner, _stage_pixels
+from histo_wsl.networks.tta import flips_mean_map
 from histo_wsl.training.config import TrainConfig
 
 __all__ = [
@@ -640,7 +641,10 @@ SLIDE_KEYS_NOTE = (
     "the train split read at {mpp:g} µm/px with its aspect kept, as localize reads a slide "
     "(histo_wsl.methods.knn.keyed_as_slides)"
 )
-SLIDE_VALUES_NOTE = "the model's own map of each train image (eval preset), resampled to its keys"
+SLIDE_VALUES_NOTE = (
+    "the model's own map of each train image (eval preset, the mean of its four flips), "
+    "resampled to its keys"
+)
 
 
 def refiner_keyed_as_slides(
@@ -651,7 +655,9 @@ def refiner_keyed_as_slides(
     The training split is read again from ``data`` (the card's fold, split fraction and seed),
     at the evaluation preset for the values and at the card's µm/px with each image's aspect
     kept (``data_mpp / mpp``, the resolution ``localize`` reads slides at) for the keys:
-    :func:`keyed_as_slides`. The bank keeps its size (the lookup its cost) and its glass.
+    :func:`keyed_as_slides`. The values are the model's map averaged over the four flips of each
+    image (what ``--tta flips`` gives, computed once here rather than at every window). The bank
+    keeps its size (the lookup its cost) and its glass.
 
     Raises:
         InputError: a card without k-NN refinement, training settings or µm/px, or unreadable
@@ -676,7 +682,7 @@ def refiner_keyed_as_slides(
     model = model_from_checkpoint(card, state_dict, path).eval()
     bank = keyed_as_slides(
         _encoder(model).forward_features,
-        lambda x: model.localize(x)[1],
+        lambda x: flips_mean_map(lambda v: model.localize(v)[1], x),
         banks.images,
         slide_images,
         model.refiner.bank,

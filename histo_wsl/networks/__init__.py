@@ -16,6 +16,8 @@
   2022; method.md §2.1).
 * :mod:`~histo_wsl.networks.negev` — The NEGEV model (MIDL 2022): a frozen stage-1 classifier with a
   U-Net decoder on its encoder.
+* :mod:`~histo_wsl.networks.tta` — Test-time augmentation by flips: the views, and maps averaged
+  over them.
 
 The names below are imported from their module on first use, so importing the package is free.
 """
@@ -62,6 +64,8 @@ _EXPORTS = {
     "NEGEVModel": "negev",
     "UNetDecoder": "negev",
     "upsample": "negev",
+    "TTA_MODES": "tta",
+    "flips_mean_map": "tta",
 }
 
 __all__ = sorted(_EXPORTS)
