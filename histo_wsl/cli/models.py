@@ -296,7 +296,7 @@ def export(
         typer.Option(
             "--knn-bank",
             help="Keep at most this many pixels of the k-NN refiner's bank, the same number "
-            "from each training image (the lookup's cost is proportional to it).",
+            "from each training image, its glass whole (the lookup's cost is proportional to it).",
             show_default=False,
         ),
     ] = None,

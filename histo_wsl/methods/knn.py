@@ -449,7 +449,9 @@ def compact_refiner(
 
     Every training image keeps the same number of its bank pixels, ``pixels // images`` (at
     least 1): the first ones of the seeded random draw that built the bank, so the result is a
-    random subset of each image's pixels, the same at every call. The keys keep their projection.
+    random subset of each image's pixels, the same at every call. Glass pixels (a card whose
+    ``refine`` has ``glass``: owners past the training images, :func:`with_glass`) are kept
+    whole, beside them. The keys keep their projection.
     ``k`` (default: the card's ``k`` scaled by the bank's shrinkage, at least 1) is the number of
     neighbours of the smaller bank. The cost of the lookup is proportional to the bank's size
     (one matrix product over it, one top-k per pixel); on GlaS a quarter of the shipped bank with
@@ -473,15 +475,18 @@ def compact_refiner(
     refine = _knn_refine(card, path, "compact", "--knn-bank")
     prefix = _bank_prefix(state_dict, path)
     keys, values, owners = (state_dict[prefix + n] for n in ("keys", "values", "owners"))
-    images = owners.unique()
+    glass = owners >= _train_images(card) if refine.get("glass") else torch.zeros_like(owners) > 0
+    images = owners[~glass].unique()
     per_image = max(1, int(pixels) // len(images)) if pixels >= 1 else 0
     if per_image < 1:
         raise InputError(f"--knn-bank must be at least 1, got {pixels}")
-    if pixels > len(owners):
+    if pixels > int((~glass).sum()):
         raise InputError(
-            f"--knn-bank {pixels}: the bank holds only {len(owners)} pixels; give a smaller number"
+            f"--knn-bank {pixels}: the bank holds only {int((~glass).sum())} pixels of training "
+            "images; give a smaller number"
         )
-    keep = torch.cat([(owners == o).nonzero()[:per_image, 0] for o in images]).sort().values
+    kept = [(owners == o).nonzero()[:per_image, 0] for o in images]
+    keep = torch.cat([*kept, glass.nonzero()[:, 0]]).sort().values
     old_k = int(refine["k"])
     new_k = int(k) if k is not None else max(1, round(old_k * len(keep) / len(owners)))
     if new_k < 1:
@@ -698,6 +703,18 @@ def refiner_keyed_as_slides(
         values=SLIDE_VALUES_NOTE,
     )
     return {**card, "refine": refine}, state
+
+
+def _train_images(card: dict) -> int:
+    """Training images of the card's ``training_data`` (the bank's image owners are below it)."""
+    train = (card.get("training_data") or {}).get("train") or {}
+    n = sum(int(v) for v in train.values()) if isinstance(train, dict) else 0
+    if n < 1:
+        raise InputError(
+            "the model card records no training images (training_data.train), so its bank's "
+            "glass cannot be told from tissue; compact the bank before adding glass"
+        )
+    return n
 
 
 def _negative_index(card: dict) -> int | None:
