@@ -518,6 +518,14 @@ def _training_split(card: dict, data: str | Path, path: str | Path) -> tuple[Tra
     return cfg, ds
 
 
+def _state_with_bank(state_dict: dict, prefix: str, bank: FeatureBank) -> dict:
+    """A copy of ``state_dict`` whose refiner buffers (under ``prefix``) hold ``bank``."""
+    state = dict(state_dict)
+    for name in ("keys", "values", "owners"):
+        state[prefix + name] = getattr(bank, name).detach().clone()
+    return state
+
+
 def _encoder(model: nn.Module) -> nn.Module:
     """The module whose ``forward_features`` gives the refiner's keys (NEGEV: its stage 1)."""
     return model.classifier if hasattr(model, "classifier") else model
@@ -565,9 +573,7 @@ def refiner_with_glass(
         glass_colour(norm.get("mean") or IMAGENET_MEAN, norm.get("std") or IMAGENET_STD),
         seed=cfg.run.seed,
     )
-    state = dict(state_dict)
-    for name in ("keys", "values", "owners"):
-        state[prefix + name] = getattr(bank, name).detach().clone()
+    state = _state_with_bank(state_dict, prefix, bank)
     refine.update(bank_pixels=len(bank), glass=glass_note(share))
     return {**card, "refine": refine}, state
 
@@ -680,7 +686,7 @@ def refiner_keyed_as_slides(
             path or None,
         )
     cfg, ds = _training_split(card, data, path)
-    banks = TrainSplitBanks(ds, cfg, negative=_negative_index(card))
+    banks = TrainSplitBanks(ds, cfg, negative=ds.negative_class)
     slide_images = LabelledImages(
         ds.split("train"), cfg.data.crop_size, eval_transform(), scale=float(data_mpp) / float(mpp)
     )
@@ -694,9 +700,7 @@ def refiner_keyed_as_slides(
         negative=banks.negative,
         seed=cfg.run.seed,
     )
-    state = dict(state_dict)
-    for name in ("keys", "values", "owners"):
-        state[prefix + name] = getattr(bank, name).detach().clone()
+    state = _state_with_bank(state_dict, prefix, bank)
     refine.update(
         bank_pixels=len(bank),
         keys=SLIDE_KEYS_NOTE.format(mpp=float(mpp)),
@@ -715,9 +719,3 @@ def _train_images(card: dict) -> int:
             "glass cannot be told from tissue; compact the bank before adding glass"
         )
     return n
-
-
-def _negative_index(card: dict) -> int | None:
-    """Index of the card's negative class among its class names (None: no such class)."""
-    names, negative = card.get("class_names") or [], card.get("negative_class")
-    return names.index(negative) if negative in names else None

@@ -293,8 +293,11 @@ def test_a_source_checkout_finds_its_shipped_models_folder():
     assert (root / "models" / "DEFAULT").is_file()
 
 
-def test_export_gives_the_knn_bank_glass_from_the_training_data(tmp_path):
-    import torch
+def _refined_with_its_data(tmp_path, **card_extra):
+    """A patch dataset and a k-NN refined checkpoint whose card records training on it.
+
+    Returns (data folder, checkpoint path, its card, its state dict).
+    """
     from knn_helpers import refined_negev_checkpoint
 
     from histo_wsl.data.sources import load_samples
@@ -307,8 +310,17 @@ def test_export_gives_the_knn_bank_glass_from_the_training_data(tmp_path):
     ckpt = load_checkpoint(src)
     names = load_samples(data).class_names
     config = TrainConfig.from_flat(crop_size=32, classes=names).to_flat()
-    card = {**ckpt["card"], "class_names": names, "config": config}
+    card = {**ckpt["card"], "class_names": names, "config": config, **card_extra}
     save_checkpoint(src, card, ckpt["state_dict"])
+    return data, src, card, ckpt["state_dict"]
+
+
+def test_export_gives_the_knn_bank_glass_from_the_training_data(tmp_path):
+    import torch
+
+    from histo_wsl.registry.checkpoint import save_checkpoint
+
+    data, src, card, state = _refined_with_its_data(tmp_path)
     dest = tmp_path / "zoo"
     args = ["models", "export", str(src), "--name", "glassy", "--dest", str(dest), "--json"]
     r = runner.invoke(app, [*args, "--knn-glass", str(data)])
@@ -323,27 +335,17 @@ def test_export_gives_the_knn_bank_glass_from_the_training_data(tmp_path):
     # a model without a bank, or without its training settings, is refused in one line
     r = runner.invoke(app, [*args, "--overwrite", "--knn-glass", str(tmp_path / "nowhere")])
     assert r.exit_code == 2 and "nowhere" in r.stderr
-    save_checkpoint(src, {k: v for k, v in card.items() if k != "config"}, ckpt["state_dict"])
+    save_checkpoint(src, {k: v for k, v in card.items() if k != "config"}, state)
     r = runner.invoke(app, [*args, "--overwrite", "--knn-glass", str(data)])
     assert r.exit_code == 2 and "no training settings" in r.stderr
 
 
 def test_export_keys_the_knn_bank_as_slides_and_draws_its_glass_again(tmp_path):
     import torch
-    from knn_helpers import refined_negev_checkpoint
 
-    from histo_wsl.data.sources import load_samples
-    from histo_wsl.registry.checkpoint import load_checkpoint, save_checkpoint
-    from histo_wsl.synthetic.patches import write_patch_dataset
-    from histo_wsl.training.config import TrainConfig
+    from histo_wsl.registry.checkpoint import save_checkpoint
 
-    data = write_patch_dataset(tmp_path / "data", n_per_class=4, size=40, seed=5)
-    src = refined_negev_checkpoint(tmp_path / "src.pt", images=4, per_image=10, k=8)
-    ckpt = load_checkpoint(src)
-    names = load_samples(data).class_names
-    config = TrainConfig.from_flat(crop_size=32, classes=names).to_flat()
-    card = {**ckpt["card"], "class_names": names, "config": config, "data_mpp": 3.0}
-    save_checkpoint(src, card, ckpt["state_dict"])
+    data, src, card, before = _refined_with_its_data(tmp_path, data_mpp=3.0)
     dest = tmp_path / "zoo"
 
     def export(name, *options):
@@ -353,7 +355,7 @@ def test_export_keys_the_knn_bank_as_slides_and_draws_its_glass_again(tmp_path):
     r = export("slidekeys", "--knn-slide-keys", str(data))
     assert r.exit_code == 0, r.stderr
     model = load_model(dest / "slidekeys" / "model.pt")
-    refiner, before = model.model.refiner, ckpt["state_dict"]
+    refiner = model.model.refiner
     assert len(refiner) == 40 and model.card["refine"]["bank_pixels"] == 40  # same size
     assert torch.equal(refiner.owners.sort().values, before["refiner.owners"].sort().values)
     assert not torch.allclose(refiner.keys.float(), before["refiner.keys"].float(), atol=1e-2)
@@ -375,7 +377,7 @@ def test_export_keys_the_knn_bank_as_slides_and_draws_its_glass_again(tmp_path):
     # refused in one line: a share without the data, a card without µm/px
     r = export("x", "--knn-glass-share", "0.25")
     assert r.exit_code == 2 and "--knn-glass-share needs --knn-glass" in r.stderr
-    save_checkpoint(src, {k: v for k, v in card.items() if k != "data_mpp"}, ckpt["state_dict"])
+    save_checkpoint(src, {k: v for k, v in card.items() if k != "data_mpp"}, before)
     r = export("y", "--knn-slide-keys", str(data))
     assert r.exit_code == 2 and "no µm/px" in r.stderr and "src.pt" in r.stderr
 
