@@ -372,7 +372,13 @@ def export(
         metrics=metrics,
         slide_metrics=slide_metrics,
         overwrite=overwrite,
-        knn=BankEdit(knn_bank, knn_k, knn_glass, knn_slide_keys, knn_glass_share),
+        knn=BankEdit(
+            pixels=knn_bank,
+            k=knn_k,
+            glass=knn_glass,
+            slide_keys=knn_slide_keys,
+            glass_share=knn_glass_share,
+        ),
     )
     for note in result.notes:
         print(f"histo-wsl: warning: {note}", file=sys.stderr)

@@ -53,9 +53,11 @@ __all__ = [
     "GLASS_SHARE",
     "MIN_GLASS",
     "build_feature_bank",
+    "check_glass_share",
     "glass_colour",
     "glass_note",
     "glass_pixels",
+    "glass_rows",
     "keyed_as_slides",
     "refiner_keyed_as_slides",
     "refiner_with_glass",
@@ -175,6 +177,21 @@ def glass_pixels(bank_pixels: int, share: float = GLASS_SHARE) -> int:
     return max(1, round(bank_pixels * share))
 
 
+def glass_rows(owners: Tensor, n_images: int) -> Tensor:
+    """Which bank pixels are glass: their owners come past the ``n_images`` training images.
+
+    :func:`with_glass` gives each image's glass an owner past every image's index, so the
+    training images' own pixels are those owned by ``0 .. n_images - 1``.
+    """
+    return owners >= n_images
+
+
+def check_glass_share(share: float) -> None:
+    """Refuse a glass share outside (0, 1] (``--knn-glass-share``)."""
+    if not 0.0 < share <= 1.0:
+        raise InputError(f"--knn-glass-share must be in (0, 1], got {share}")
+
+
 def glass_colour(
     mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
 ) -> Tensor:
@@ -205,7 +222,7 @@ def with_glass(
     resolution) that are at least ``min_glass`` glass are drawn, the mixed ones (the edge)
     first, and added with value 0. Each image's glass gets a new owner index (past the bank's
     owners and every image's index), so no training image's pixels are excluded through them,
-    compaction keeps them apart, and ``owners >= len(images)`` tells glass from tissue.
+    compaction keeps them apart, and :func:`glass_rows` tells glass from tissue.
 
     Args:
         features: the encoder's stages of normalised images (B,3,H,W) -> list of (B,C,h,w).
@@ -475,7 +492,11 @@ def compact_refiner(
     refine = _knn_refine(card, path, "compact", "--knn-bank")
     prefix = _bank_prefix(state_dict, path)
     keys, values, owners = (state_dict[prefix + n] for n in ("keys", "values", "owners"))
-    glass = owners >= _train_images(card) if refine.get("glass") else torch.zeros_like(owners) > 0
+    glass = (
+        glass_rows(owners, _train_images(card))
+        if refine.get("glass")
+        else torch.zeros_like(owners, dtype=torch.bool)
+    )
     images = owners[~glass].unique()
     per_image = max(1, int(pixels) // len(images)) if pixels >= 1 else 0
     if per_image < 1:
@@ -553,14 +574,13 @@ def refiner_with_glass(
     from histo_wsl.methods import model_from_checkpoint
 
     refine = _knn_refine(card, path, "add glass to", "--knn-glass")
-    if not 0.0 < share <= 1.0:
-        raise InputError(f"--knn-glass-share must be in (0, 1], got {share}")
+    check_glass_share(share)
     prefix = _bank_prefix(state_dict, path)
     cfg, ds = _training_split(card, data, path)
     images = TrainSplitBanks(ds, cfg).images
     model = model_from_checkpoint(card, state_dict, path).eval()
     bank = model.refiner.bank
-    tissue = bank.owners < len(images)  # owners past the images' own indices are glass
+    tissue = ~glass_rows(bank.owners, len(images))
     bank = FeatureBank(
         bank.keys[tissue], bank.values[tissue], bank.owners[tissue], bank.projections
     )
@@ -635,7 +655,7 @@ def keyed_as_slides(
             rows[j].append(p[pick])
         values.append(value[pick])
         owners.append(torch.full((len(pick),), i, dtype=bank.owners.dtype))
-    other = bank.owners >= n
+    other = glass_rows(bank.owners, n)
     if not owners:
         return bank
     keys = bank.embed([torch.cat(r) for r in rows]).to(bank.keys.dtype)

@@ -377,7 +377,7 @@ class BankEdit:
         k: neighbours per pixel of the compacted bank (default: scaled with the bank).
         slide_keys: the model's training data: the bank's image pixels are keyed again from its
             training images read as ``localize`` reads a slide and valued by the model's own
-            map, after any compaction and before any glass
+            map averaged over its flips, after any compaction and before any glass
             (:func:`histo_wsl.methods.knn.refiner_keyed_as_slides`).
         glass: the model's training data: its training images placed on glass give the bank
             glass pixels valued 0, after any compaction
@@ -394,7 +394,16 @@ class BankEdit:
 
 
 def _source(ckpt: dict, src: Path, knn: BankEdit) -> tuple[dict, dict]:
-    """The checkpoint's card and weights, its k-NN bank changed as ``knn`` asks."""
+    """The checkpoint's card and weights, its k-NN bank changed as ``knn`` asks.
+
+    The options are checked before any of the (slower) bank edits runs.
+    """
+    if knn.glass_share is not None:
+        if knn.glass is None:
+            raise InputError("--knn-glass-share needs --knn-glass (the training data)", src)
+        from histo_wsl.methods.knn import check_glass_share
+
+        check_glass_share(knn.glass_share)
     card, state = dict(ckpt["card"]), ckpt["state_dict"]
     if knn.pixels is not None or knn.k is not None:
         from histo_wsl.methods.knn import compact_refiner
@@ -411,8 +420,6 @@ def _source(ckpt: dict, src: Path, knn: BankEdit) -> tuple[dict, dict]:
 
         share = GLASS_SHARE if knn.glass_share is None else knn.glass_share
         card, state = refiner_with_glass(card, state, knn.glass, src, share)
-    elif knn.glass_share is not None:
-        raise InputError("--knn-glass-share needs --knn-glass (the training data)", src)
     return card, state
 
 

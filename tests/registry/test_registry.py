@@ -377,6 +377,8 @@ def test_export_keys_the_knn_bank_as_slides_and_draws_its_glass_again(tmp_path):
     # refused in one line: a share without the data, a card without µm/px
     r = export("x", "--knn-glass-share", "0.25")
     assert r.exit_code == 2 and "--knn-glass-share needs --knn-glass" in r.stderr
+    r = export("x", "--knn-glass", str(data), "--knn-glass-share", "1.5")
+    assert r.exit_code == 2 and "(0, 1]" in r.stderr
     save_checkpoint(src, {k: v for k, v in card.items() if k != "data_mpp"}, before)
     r = export("y", "--knn-slide-keys", str(data))
     assert r.exit_code == 2 and "no µm/px" in r.stderr and "src.pt" in r.stderr
