@@ -41,6 +41,9 @@ about 1 min. Larger recipes (more slides, epochs) want a GPU (``--device cuda``)
     python benchmarks/glas_mil.py --mil-only                     # layout, extract, MIL: ~35 s
     python benchmarks/glas_mil.py --device cpu                   # the three rows: ~15 min
     python benchmarks/glas_mil.py --tiny --out /tmp/glas-mil     # plumbing smoke run
+
+One run ranks the rows only loosely; ``mil_band.py glas --seeds 0,1,2,3 --out DIR -- --device
+cpu`` runs it over seeds and checks the targets on the means.
 """
 
 from __future__ import annotations
@@ -56,6 +59,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from histo_wsl.runtime.atomic import write_text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -542,6 +547,11 @@ def _recipe(args: argparse.Namespace) -> Recipe:
     return recipe
 
 
+def recipe_for(argv: list[str]) -> dict:
+    """The recipe (as ``report.json`` records it) that these options would run."""
+    return asdict(_recipe(_parser().parse_args(argv)))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Lay out, extract, train MIL, run the rows; print JSON; returns the exit status."""
     p = _parser()
@@ -714,7 +724,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_count": os.cpu_count(),
         "seconds": {**seconds, "total": round(time.perf_counter() - t_all, 1)},
     }
-    (out / "report.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_text(out / "report.json", json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2, default=str))
     return 1 if checked and not all(targets.values()) else 0
 

@@ -15,9 +15,10 @@ Synthetic slides (:mod:`histo_wsl.synthetic.slides`) at 0.5 µm/px, one tissue s
    ``train-decoder --negative-class normal``, and the decoder's pixel PxAP against the known
    glands on the held-out test slides' patches (``evaluate``, every patch with its gland mask).
 
-Prints one JSON object. Targets (issue 29): MIL PxAP >= 90 % of the true-label PxAP and >= the
-stamped PxAP + 10 points, slide AUC >= 0.95 on the test slides. Exit status 1 when one is missed
-(``--tiny`` checks no target: a smoke run of the recipe).
+Prints one JSON object, also written to ``--out/report.json``. Targets (issue 29): MIL PxAP >= 90 %
+of the true-label PxAP and >= the stamped PxAP + 10 points, slide AUC >= 0.95 on the test slides.
+Exit status 1 when one is missed (``--tiny`` checks no target: a smoke run of the recipe).
+``mil_band.py synthetic --seeds ...`` runs it over seeds and checks the targets on the means.
 
     python benchmarks/mil_synthetic.py                      # 3-5 min on 2 CPU cores
     python benchmarks/mil_synthetic.py --backbone mobilenetv2   # about 22 min
@@ -36,6 +37,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
+
+from histo_wsl.runtime.atomic import write_text
 
 #: patch side (px) at 1 µm/px
 PATCH = 96
@@ -277,7 +280,7 @@ def negev_chain(data: Path, test_csv: Path, out: Path, recipe: Recipe, seed: int
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/bench-mil-synthetic", help="Working folder.")
     p.add_argument("--tiny", action="store_true", help="Smoke run: tiny sizes, no targets.")
@@ -296,7 +299,10 @@ def main(argv: list[str] | None = None) -> int:
         help="The NEGEV chain's backbone (default: the recipe's); mobilenetv2 runs it as "
         "glas_mil.py does (ImageNet weights, WGAP head, stage-1 lr 0.003).",
     )
-    args = p.parse_args(argv)
+    return p
+
+
+def _recipe(args: argparse.Namespace) -> Recipe:
     recipe = TINY if args.tiny else Recipe()
     if args.backbone:
         recipe = replace(recipe, **CHAIN_BACKBONES[args.backbone])
@@ -304,8 +310,20 @@ def main(argv: list[str] | None = None) -> int:
         recipe = replace(recipe, classifier_epochs=args.classifier_epochs)
     if args.decoder_epochs:
         recipe = replace(recipe, decoder_epochs=args.decoder_epochs)
-    recipe = replace(recipe, seed_contrast=args.seed_contrast)
+    return replace(recipe, seed_contrast=args.seed_contrast)
+
+
+def recipe_for(argv: list[str]) -> dict:
+    """The recipe (as ``report.json`` records it) that these options would run."""
+    return asdict(_recipe(_parser().parse_args(argv)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Slides, MIL, the three NEGEV rows; print JSON (also ``--out/report.json``); exit status."""
+    args = _parser().parse_args(argv)
+    recipe = _recipe(args)
     out = Path(args.out)
+    (out / "report.json").unlink(missing_ok=True)  # a report only ever of the last finished run
     t_all = time.perf_counter()
     seconds: dict[str, float] = {}
 
@@ -374,7 +392,9 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_count": os.cpu_count(),
         "seconds": {**seconds, "total": round(time.perf_counter() - t_all, 1)},
     }
-    print(json.dumps(result, indent=2, default=str))
+    text = json.dumps(result, indent=2, default=str)
+    write_text(out / "report.json", text + "\n")
+    print(text)
     return 0 if args.tiny or all(targets.values()) else 1
 
 

@@ -224,19 +224,3 @@ def test_bad_settings_are_refused(slides, tmp_path):
     with pytest.raises(InputError, match="not both"):
         params = _params(slides[0], tmp_path / "m", negative_below=0.5, negative_quantile=0.5)
         train_mil(params, quiet=True)
-
-
-@pytest.mark.slow
-def test_the_synthetic_benchmark_runs_tiny(tmp_path):
-    """benchmarks/mil_synthetic.py --tiny: the recipe end to end, one JSON object (about 15 s)."""
-    import subprocess
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[2] / "benchmarks" / "mil_synthetic.py"
-    cmd = [sys.executable, str(script), "--tiny", "--out", str(tmp_path / "b")]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    result = json.loads(done.stdout)
-    assert set(result["negev_pxap"]) == {"mil", "true", "stamped"}
-    assert result["targets_checked"] is False and result["seed"] == 0
-    assert 0.0 <= result["mil_patch_auc"] <= 1.0
