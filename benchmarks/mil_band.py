@@ -77,11 +77,12 @@ def reusable(report: dict | None, bench: Bench, seed: int, recipe: dict) -> bool
     """True: ``report`` is this seed's finished run of ``recipe``; False: another run's; None: none."""
     if report is None:
         return None
+    pxap = report.get(bench.pxap_key) or {}
     return (
         report.get("benchmark") == bench.module
         and report.get("seed") == seed
         and report.get("recipe") == recipe
-        and set(ROWS) <= set(report.get(bench.pxap_key) or {})
+        and all(isinstance(pxap.get(r), (int, float)) for r in ROWS)
     )
 
 

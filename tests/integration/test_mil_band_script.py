@@ -69,6 +69,8 @@ def test_a_report_is_reused_only_for_its_own_seed_recipe_and_rows():
     assert mil_band.reusable(report, bench, 3, mil_band._recipe_for(bench, [])) is False
     partial = {**report, "negev_pxap": {"mil": 1.0}}
     assert mil_band.reusable(partial, bench, 3, recipe) is False
+    unscored = {**report, "negev_pxap": {"mil": 1.0, "true": None, "stamped": 3.0}}
+    assert mil_band.reusable(unscored, bench, 3, recipe) is False
     assert mil_band.reusable(report, mil_band.BENCHES["glas"], 3, recipe) is False
 
 
