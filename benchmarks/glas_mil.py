@@ -724,8 +724,9 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_count": os.cpu_count(),
         "seconds": {**seconds, "total": round(time.perf_counter() - t_all, 1)},
     }
-    write_text(out / "report.json", json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2, default=str))
+    text = json.dumps(result, indent=2, default=str)
+    write_text(out / "report.json", text + "\n")
+    print(text)
     return 1 if checked and not all(targets.values()) else 0
 
 
