@@ -18,6 +18,13 @@ threads`), in one run:
   process, with Python's start, the imports and the model's load (a fixed cost of each
   ``histo-wsl`` call, reported in seconds as ``startup_s``; a batch of slides pays it once).
 
+* ``hand loop`` (``--no-hand-loop`` skips it): the peer issue #28 compares against, in the same
+  run: a child that reads every window of localize's grid with OpenSlide in one thread (no tissue
+  detection, no prefetch), runs the same engine on them in batches and writes nothing
+  (:func:`hand_loop_child`). ``hand_loop_ratio`` is its windows/s over the same forward;
+  ``hand_loop_s_over_slide_s`` its seconds over localize's ``total_s`` (above 1: localize
+  finished the slide, outputs and all, sooner than the loop ran its windows).
+
 Slides: ``cmu1`` (``../shared/data/wsi/cmu-1-small-region.svs``, skipped when absent) and
 ``band``, a synthetic 40,000 × 4,480 px slide at 0.5 µm/px (written once into ``--cache``).
 The parent process stays small (everything heavy runs in children), because on Linux a child's
@@ -149,6 +156,71 @@ def forward_child(args: argparse.Namespace) -> None:
     print(json.dumps(out))
 
 
+def hand_loop_child(args: argparse.Namespace) -> None:
+    """(In a child) the simplest loop a user could write: every window read, then the forward.
+
+    The peer of issue #28's table ("hand loop"): the slide opened with OpenSlide itself, every
+    window of localize's grid (no tissue detection, so glass too) read in this thread with
+    ``read_region`` at the plan's level, resized to the input with PIL's bilinear filter, batched
+    and run through the same :class:`~histo_wsl.inference.engine.Engine`, its maps brought to the
+    CPU; no blending, no outputs. Timed from opening the slide to the last map, as ``total_s``
+    times localize's slide, with the model already loaded.
+    """
+    import math
+
+    import numpy as np
+    import openslide
+    import torch
+    from PIL import Image
+
+    from histo_wsl.inference.engine import Engine
+    from histo_wsl.inference.params import LocalizeParams
+    from histo_wsl.slideio.grid import cover_grid
+    from histo_wsl.slideio.slide import open_slide, plan_read
+
+    engine = Engine(
+        LocalizeParams(model=args.model, device=args.device, threads=args.child_threads or None)
+    )
+    size, batch = engine.size, args.batch_size or engine.batch_size
+    stride = max(1, round(size * (1.0 - LocalizeParams().overlap)))
+    with open_slide(args.hand_loop_child) as s:
+        plan = plan_read(s, mpp=float(engine.model_mpp))
+        grid = cover_grid(s, plan, size, stride)
+    side = math.ceil(size * plan.scale / plan.level_downsample)
+    engine.predict(torch.zeros((1, size, size, 3), dtype=torch.uint8))  # warm, as the forward's
+    t_read = t_model = 0.0
+    t0 = time.perf_counter()
+    slide = openslide.OpenSlide(args.hand_loop_child)
+    for lo in range(0, len(grid), batch):
+        t1 = time.perf_counter()
+        wins = []
+        for x, y in zip(grid.xs[lo : lo + batch], grid.ys[lo : lo + batch], strict=True):
+            region = slide.read_region((int(x), int(y)), plan.level, (side, side))
+            wins.append(
+                np.asarray(region.convert("RGB").resize((size, size), Image.Resampling.BILINEAR))
+            )
+        t2 = time.perf_counter()
+        engine.predict(torch.from_numpy(np.stack(wins)))[1].cpu()
+        t_read += t2 - t1
+        t_model += time.perf_counter() - t2
+    slide.close()
+    total = time.perf_counter() - t0
+    out = {"windows": len(grid), "seconds": total, "read_s": t_read, "model_s": t_model}
+    print(json.dumps(out))
+
+
+def run_hand_loop(args, slide: Path, threads: int) -> dict:
+    """Run :func:`hand_loop_child` in a fresh process."""
+    cmd = [sys.executable, __file__, "--hand-loop-child", str(slide), "--model", args.model]
+    cmd += ["--child-threads", str(threads), "--device", args.device]
+    if args.batch_size:
+        cmd += ["--batch-size", str(args.batch_size)]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise RuntimeError(f"hand-loop child failed: {res.stderr[-2000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
 def run_forward(args, slide: Path, threads: int, resnet18: bool = False) -> dict:
     """Run :func:`forward_child` in a fresh process."""
     cmd = [sys.executable, __file__, "--forward-child", str(slide), "--model", args.model]
@@ -232,10 +304,20 @@ def measure(args, name: str, slide: Path, load: str, threads: int, work: Path) -
     fwd_threads = threads or args.auto_reference
     before = run_forward(args, slide, fwd_threads)["forward"]
     loc = run_localize(args, slide, threads, work / f"{name}-{load}-{threads}")
+    hand = run_hand_loop(args, slide, fwd_threads) if args.hand_loop else None
     after = run_forward(args, slide, fwd_threads)["forward"]
     rec = loc["record"]
     n, total = rec["windows"], rec["timings"]["total_s"]
     forward = (before + after) / 2
+    peer = {}
+    if hand is not None:
+        peer = {
+            "hand_loop_ratio": round(hand["windows"] / hand["seconds"] / forward, 3),
+            # > 1: localize finished the whole slide (tissue, windows, outputs) sooner than the
+            # loop read and ran every window of the grid
+            "hand_loop_s_over_slide_s": round(hand["seconds"] / total, 3),
+            "hand_loop": {k: round(v, 3) for k, v in hand.items()},
+        }
     return {
         "slide": name,
         "load": load,
@@ -246,6 +328,7 @@ def measure(args, name: str, slide: Path, load: str, threads: int, work: Path) -
         "forward_before_after": [round(before, 2), round(after, 2)],
         "localize_slide_windows_per_s": round(n / total, 2),
         "slide_ratio": round(n / total / forward, 3),
+        **peer,
         "process_ratio": round(n / loc["seconds"] / forward, 3),
         "process_s": loc["seconds"],
         "startup_s": round(loc["seconds"] - total, 2),
@@ -270,12 +353,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=None, help="localize's reader processes")
     ap.add_argument("--forward-seconds", type=float, default=8.0)
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "histo-wsl-bench")
+    ap.add_argument(
+        "--no-hand-loop",
+        dest="hand_loop",
+        action="store_false",
+        help="skip the hand-written loop measured beside each localize run (hand_loop_ratio)",
+    )
     ap.add_argument("--forward-child", help=argparse.SUPPRESS)
+    ap.add_argument("--hand-loop-child", help=argparse.SUPPRESS)
     ap.add_argument("--child-threads", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--resnet18", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.forward_child:
         forward_child(args)
+        return 0
+    if args.hand_loop_child:
+        hand_loop_child(args)
         return 0
     slides = {}
     for name in args.slides.split(","):
