@@ -66,6 +66,9 @@ class Recipe:
     max_steps: int | None = 40
     batch_size: int = 16
     seed_contrast: bool = True  # train-decoder --seed-contrast (seeds from the CAM over normal)
+    #: train-mil --negative-quantile: a tumour slide's patches scoring below this quantile of the
+    #: normal validation slides' patch scores are labelled normal (None: left out)
+    mil_negative_quantile: float | None = None
 
 
 TINY = Recipe(
@@ -299,6 +302,12 @@ def _parser() -> argparse.ArgumentParser:
         help="The NEGEV chain's backbone (default: the recipe's); mobilenetv2 runs it as "
         "glas_mil.py does (ImageNet weights, WGAP head, stage-1 lr 0.003).",
     )
+    p.add_argument(
+        "--mil-negative-quantile",
+        type=float,
+        help="train-mil --negative-quantile: tumour slides' patches scoring below this quantile "
+        "of the normal validation slides' patch scores are labelled normal (default: left out).",
+    )
     return p
 
 
@@ -310,7 +319,9 @@ def _recipe(args: argparse.Namespace) -> Recipe:
         recipe = replace(recipe, classifier_epochs=args.classifier_epochs)
     if args.decoder_epochs:
         recipe = replace(recipe, decoder_epochs=args.decoder_epochs)
-    return replace(recipe, seed_contrast=args.seed_contrast)
+    return replace(
+        recipe, seed_contrast=args.seed_contrast, mil_negative_quantile=args.mil_negative_quantile
+    )
 
 
 def recipe_for(argv: list[str]) -> dict:
@@ -352,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
             input_size=recipe.mil_input,
             epochs=recipe.mil_epochs,
             val_fraction=0.25,
+            negative_quantile=recipe.mil_negative_quantile,
             seed=args.seed,
             device="cpu",
         ),
