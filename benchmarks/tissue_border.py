@@ -4,8 +4,9 @@ Issue #25: maps drew one-pixel high-probability lines along the tissue border (s
 overlay, spike polygons in the GeoJSON). A window at the border sees glass, and a model that never
 saw glass in training may call it ROI; the tissue mask then cuts the map just outside tissue and
 leaves a rim. Per slide, ``histo-wsl localize`` runs with the model, and on its output grid
-(the tissue mask mapped as ``localize`` maps it) this compares the mask's ROI rate on the tissue's
-outer one-pixel ring with its rate inside (the tissue eroded by four pixels):
+(the tissue mask mapped as ``localize`` keeps its map: every output pixel overlapping tissue)
+this compares the mask's ROI rate on the tissue's outer one-pixel ring with its rate inside (the
+tissue eroded by four pixels):
 
 * ``roi_rate_ring``, ``roi_rate_inside``: share of those pixels in ``<slide>.mask.png``;
 * ``ring_excess`` = ring / inside (1: no border effect; the target is at most ``--max-excess``);
@@ -51,7 +52,7 @@ def border_rates(slide_path: Path, out_dir: Path, max_excess: float = MAX_EXCESS
     import cv2
     from PIL import Image
 
-    from histo_wsl.inference.outputs import nearest_index
+    from histo_wsl.inference.outputs import OutputTissue
     from histo_wsl.slideio.slide import open_slide
     from histo_wsl.tissue.scan import find_tissue
 
@@ -63,9 +64,7 @@ def border_rates(slide_path: Path, out_dir: Path, max_excess: float = MAX_EXCESS
         found = find_tissue(slide)
     tissue = np.asarray(found.mask, dtype=bool)  # find_tissue: a whole bool array
     s_out = float(record["output_downsample"])
-    rows = nearest_index(h, s_out, tissue.shape[0], found.downsample)
-    cols = nearest_index(w, s_out, tissue.shape[1], found.downsample)
-    t = tissue[rows[:, None], cols[None, :]].astype(np.uint8)
+    t = OutputTissue(tissue, found.downsample, (h, w), s_out).rows(0, h).astype(np.uint8)
     kernel = np.ones((3, 3), np.uint8)
     border = {"borderType": cv2.BORDER_CONSTANT, "borderValue": 0}
     ring = (t > 0) & (cv2.erode(t, kernel, **border) == 0)

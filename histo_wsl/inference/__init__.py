@@ -49,6 +49,8 @@ _EXPORTS = {
     "mpp_notes": "outputs",
     "MPP_WARN_FACTOR": "outputs",
     "nearest_index": "outputs",
+    "overlap_spans": "outputs",
+    "OutputTissue": "outputs",
     "resize_u8": "outputs",
     "ROI_COLOR": "outputs",
     "write_slide_outputs": "outputs",

@@ -62,10 +62,10 @@ from histo_wsl.inference.engine import Engine, run_windows
 from histo_wsl.inference.job import SlideGrid, SlideJob
 from histo_wsl.inference.outputs import (
     ROI_COLOR,
+    OutputTissue,
     check_mpp,
     check_whole_image,
     mpp_notes,
-    nearest_index,
     write_slide_outputs,
     write_tile_detections,
 )
@@ -163,19 +163,19 @@ def _tissue_windows(
 
 
 class _MapSink:
-    """Finished output rows into the uint8 map, zeroed outside tissue (counts the tissue pixels)."""
+    """Finished output rows into the uint8 map, zeroed outside tissue (counts the tissue pixels).
+
+    The map is kept on every output pixel that overlaps tissue (:class:`OutputTissue`), and the
+    tissue area is the area of those pixels, so the ROI's share of it stays a share.
+    """
 
     def __init__(self, prob_u8: np.ndarray, found: SlideTissue, g: SlideGrid) -> None:
-        th, tw = found.mask.shape
         self.prob_u8 = prob_u8
-        self.mask = found.mask
-        self.rows = nearest_index(g.out_h, g.s_out, th, found.downsample)
-        self.cols = nearest_index(g.out_w, g.s_out, tw, found.downsample)
+        self.tissue = OutputTissue(found.mask, found.downsample, (g.out_h, g.out_w), g.s_out)
         self.tissue_px = 0
 
     def __call__(self, r0: int, prob: np.ndarray, covered: np.ndarray) -> None:
-        rows = self.rows[r0 : r0 + prob.shape[0]]
-        inside = self.mask[rows[:, None], self.cols[None, :]] & covered
+        inside = self.tissue.rows(r0, prob.shape[0]) & covered
         self.tissue_px += int(inside.sum())
         u8 = np.rint(prob * 255.0).astype(np.uint8)
         u8[~inside] = 0

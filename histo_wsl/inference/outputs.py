@@ -22,6 +22,8 @@ __all__ = [
     "GEOJSON_MAX_PIXELS",
     "ROI_COLOR",
     "nearest_index",
+    "overlap_spans",
+    "OutputTissue",
     "resize_u8",
     "mpp_notes",
     "check_mpp",
@@ -46,6 +48,63 @@ def nearest_index(n_out: int, out_step: float, n_src: int, src_step: float) -> n
     """For each output pixel, the source pixel holding its centre (both grids start at 0)."""
     centres = (np.arange(n_out, dtype=np.float64) + 0.5) * out_step
     return np.clip(np.floor(centres / src_step).astype(np.int64), 0, max(n_src - 1, 0))
+
+
+def overlap_spans(
+    n_out: int, out_step: float, n_src: int, src_step: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """For each output pixel, the source pixels it overlaps: ``[lo, hi)`` (both grids start at 0).
+
+    An output pixel past the source's end overlaps nothing (``lo == hi``).
+    """
+    edges = np.arange(n_out + 1, dtype=np.float64) * (out_step / src_step)
+    lo = np.clip(np.floor(edges[:-1] + 1e-9).astype(np.int64), 0, n_src)
+    hi = np.clip(np.ceil(edges[1:] - 1e-9).astype(np.int64), 0, n_src)
+    return lo, np.maximum(lo, hi)
+
+
+class OutputTissue:
+    """A tissue mask (thumbnail grid) on the output grid: the pixels the map is kept on.
+
+    An output pixel is tissue when any part of it overlaps a tissue pixel of the mask, so the map
+    reaches the tissue's outline instead of stopping at the last output pixel whose centre is on
+    tissue: where tissue ends abruptly (a core, a section's edge, a cut through glands) the
+    pixels straddling the edge keep their probability. On the GlaS validation slide this gave
+    slide PxAP 80.68 against 80.07 (NEGEV) and 76.95 against 76.69 (Max-Min); see
+    docs/results.md. Rows are made band by band (:meth:`rows`), with memory of the band only.
+
+    Args:
+        mask: the tissue mask (H, W), bool.
+        downsample: level-0 pixels per mask pixel.
+        out_shape: the output grid (rows, columns).
+        out_downsample: level-0 pixels per output pixel.
+    """
+
+    def __init__(
+        self,
+        mask: np.ndarray,
+        downsample: float,
+        out_shape: tuple[int, int],
+        out_downsample: float,
+    ) -> None:
+        th, tw = mask.shape
+        self.mask = mask
+        self.row_lo, self.row_hi = overlap_spans(out_shape[0], out_downsample, th, downsample)
+        self.col_lo, self.col_hi = overlap_spans(out_shape[1], out_downsample, tw, downsample)
+
+    def rows(self, r0: int, n: int) -> np.ndarray:
+        """Output rows ``r0`` to ``r0 + n`` as a bool array (n, output width)."""
+        lo, hi = self.row_lo[r0 : r0 + n], self.row_hi[r0 : r0 + n]
+        if not len(lo):
+            return np.zeros((0, len(self.col_lo)), bool)
+        first, last = int(lo[0]), int(hi[-1])
+        # counts of tissue pixels over each output row's source rows, then over its columns
+        down = np.zeros((last - first + 1, self.mask.shape[1]), np.int32)
+        np.cumsum(self.mask[first:last], axis=0, out=down[1:])
+        any_row = (down[hi - first] - down[lo - first]) > 0
+        across = np.zeros((len(lo), any_row.shape[1] + 1), np.int32)
+        np.cumsum(any_row, axis=1, out=across[:, 1:])
+        return (across[:, self.col_hi] - across[:, self.col_lo]) > 0
 
 
 def resize_u8(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

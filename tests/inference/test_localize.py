@@ -106,11 +106,17 @@ def _tissue_on_output_grid(slide_path, shape, s_out):
 
     with open_slide(slide_path) as slide:
         found = find_tissue(slide)
-    ds = found.downsample
+    k = s_out / found.downsample  # mask pixels per output pixel
     h, w = shape
-    rows = np.clip(((np.arange(h) + 0.5) * s_out / ds).astype(int), 0, found.mask.shape[0] - 1)
-    cols = np.clip(((np.arange(w) + 0.5) * s_out / ds).astype(int), 0, found.mask.shape[1] - 1)
-    return found.mask[rows[:, None], cols[None, :]]
+    tissue = np.zeros(shape, bool)
+    for r in range(h):  # an output pixel is tissue when any part of it overlaps the mask's tissue
+        for c in range(w):
+            block = found.mask[
+                math.floor(r * k + 1e-9) : math.ceil((r + 1) * k - 1e-9),
+                math.floor(c * k + 1e-9) : math.ceil((c + 1) * k - 1e-9),
+            ]
+            tissue[r, c] = bool(block.any())
+    return tissue
 
 
 def test_constant_model_gives_constant_map_on_tissue_only(tmp_path, synthetic_slide, models):

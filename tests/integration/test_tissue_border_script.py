@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 import tissue_border  # noqa: E402
 
-from histo_wsl.inference.outputs import nearest_index  # noqa: E402
+from histo_wsl.inference.outputs import OutputTissue  # noqa: E402
 from histo_wsl.slideio.slide import open_slide  # noqa: E402
 from histo_wsl.tissue.scan import find_tissue  # noqa: E402
 
@@ -26,9 +26,7 @@ def _fake_output(slide_path: Path, out: Path, s_out: float, which: str) -> None:
         found = find_tissue(slide)
     h, w = int(np.ceil(h0 / s_out)), int(np.ceil(w0 / s_out))
     tissue = np.asarray(found.mask, dtype=bool)
-    rows = nearest_index(h, s_out, tissue.shape[0], found.downsample)
-    cols = nearest_index(w, s_out, tissue.shape[1], found.downsample)
-    t = tissue[rows[:, None], cols[None, :]].astype(np.uint8)
+    t = OutputTissue(tissue, found.downsample, (h, w), s_out).rows(0, h).astype(np.uint8)
     eroded = cv2.erode(t, np.ones((3, 3), np.uint8), borderType=cv2.BORDER_CONSTANT, borderValue=0)
     mask = t > 0 if which == "all" else (t > 0) & (eroded == 0)
     folder = out / slide_path.stem
