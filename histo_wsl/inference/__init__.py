@@ -48,7 +48,6 @@ _EXPORTS = {
     "GEOJSON_MAX_PIXELS": "outputs",
     "mpp_notes": "outputs",
     "MPP_WARN_FACTOR": "outputs",
-    "nearest_index": "outputs",
     "overlap_spans": "outputs",
     "OutputTissue": "outputs",
     "resize_u8": "outputs",

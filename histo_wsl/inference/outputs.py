@@ -21,7 +21,6 @@ __all__ = [
     "MPP_WARN_FACTOR",
     "GEOJSON_MAX_PIXELS",
     "ROI_COLOR",
-    "nearest_index",
     "overlap_spans",
     "OutputTissue",
     "resize_u8",
@@ -44,12 +43,6 @@ GEOJSON_MAX_PIXELS = 16 * 2**20
 ROI_COLOR = (230, 30, 30)
 
 
-def nearest_index(n_out: int, out_step: float, n_src: int, src_step: float) -> np.ndarray:
-    """For each output pixel, the source pixel holding its centre (both grids start at 0)."""
-    centres = (np.arange(n_out, dtype=np.float64) + 0.5) * out_step
-    return np.clip(np.floor(centres / src_step).astype(np.int64), 0, max(n_src - 1, 0))
-
-
 def overlap_spans(
     n_out: int, out_step: float, n_src: int, src_step: float
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -70,8 +63,9 @@ class OutputTissue:
     reaches the tissue's outline instead of stopping at the last output pixel whose centre is on
     tissue: where tissue ends abruptly (a core, a section's edge, a cut through glands) the
     pixels straddling the edge keep their probability. On the GlaS validation slide this gave
-    slide PxAP 80.68 against 80.07 (NEGEV) and 76.95 against 76.69 (Max-Min); see
-    docs/results.md. Rows are made band by band (:meth:`rows`), with memory of the band only.
+    slide PxAP 80.68 against 80.07 (NEGEV) and 76.95 against 76.69 (Max-Min); the demo's
+    synthetic slide, whose glands never reach a section's edge, loses 0.5-0.85 (docs/results.md).
+    Rows are made band by band (:meth:`rows`), with memory of the band only.
 
     Args:
         mask: the tissue mask (H, W), bool.
