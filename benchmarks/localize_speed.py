@@ -119,16 +119,21 @@ def _rate(fn, seconds: float, per_call: int) -> float:
             return n / (time.perf_counter() - start)
 
 
+def _child_engine(args: argparse.Namespace):
+    """(In a child) the engine ``localize`` would build with these options."""
+    from histo_wsl.inference.engine import Engine
+    from histo_wsl.inference.params import LocalizeParams
+
+    return Engine(
+        LocalizeParams(model=args.model, device=args.device, threads=args.child_threads or None)
+    )
+
+
 def forward_child(args: argparse.Namespace) -> None:
     """(In a child) windows/s of the model's forward, and of ResNet18's with ``--resnet18``."""
     import torch
 
-    from histo_wsl.inference.engine import Engine
-    from histo_wsl.inference.params import LocalizeParams
-
-    engine = Engine(
-        LocalizeParams(model=args.model, device=args.device, threads=args.child_threads or None)
-    )
+    engine = _child_engine(args)
     size = args.batch_size or engine.batch_size  # localize's own when not given
     batch = tissue_batch(Path(args.forward_child), engine, size)
     out = {"threads": torch.get_num_threads(), "batch_size": size}
@@ -173,14 +178,11 @@ def hand_loop_child(args: argparse.Namespace) -> None:
     import torch
     from PIL import Image
 
-    from histo_wsl.inference.engine import Engine
     from histo_wsl.inference.params import LocalizeParams
     from histo_wsl.slideio.grid import cover_grid
     from histo_wsl.slideio.slide import open_slide, plan_read
 
-    engine = Engine(
-        LocalizeParams(model=args.model, device=args.device, threads=args.child_threads or None)
-    )
+    engine = _child_engine(args)
     size, batch = engine.size, args.batch_size or engine.batch_size
     stride = max(1, round(size * (1.0 - LocalizeParams().overlap)))
     with open_slide(args.hand_loop_child) as s:
@@ -209,31 +211,27 @@ def hand_loop_child(args: argparse.Namespace) -> None:
     print(json.dumps(out))
 
 
-def run_hand_loop(args, slide: Path, threads: int) -> dict:
-    """Run :func:`hand_loop_child` in a fresh process."""
-    cmd = [sys.executable, __file__, "--hand-loop-child", str(slide), "--model", args.model]
-    cmd += ["--child-threads", str(threads), "--device", args.device]
+def _run_child(args, flag: str, slide: Path, threads: int, *extra: str) -> dict:
+    """Run this script as a child (``--forward-child`` / ``--hand-loop-child``); its last JSON line."""
+    cmd = [sys.executable, __file__, flag, str(slide), "--model", args.model]
+    cmd += ["--child-threads", str(threads), "--device", args.device, *extra]
     if args.batch_size:
         cmd += ["--batch-size", str(args.batch_size)]
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if res.returncode != 0:
-        raise RuntimeError(f"hand-loop child failed: {res.stderr[-2000:]}")
+        raise RuntimeError(f"{flag} child failed: {res.stderr[-2000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def run_hand_loop(args, slide: Path, threads: int) -> dict:
+    """Run :func:`hand_loop_child` in a fresh process."""
+    return _run_child(args, "--hand-loop-child", slide, threads)
 
 
 def run_forward(args, slide: Path, threads: int, resnet18: bool = False) -> dict:
     """Run :func:`forward_child` in a fresh process."""
-    cmd = [sys.executable, __file__, "--forward-child", str(slide), "--model", args.model]
-    cmd += ["--child-threads", str(threads), "--device", args.device]
-    cmd += ["--forward-seconds", str(args.forward_seconds)]
-    if args.batch_size:
-        cmd += ["--batch-size", str(args.batch_size)]
-    if resnet18:
-        cmd.append("--resnet18")
-    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if res.returncode != 0:
-        raise RuntimeError(f"forward child failed: {res.stderr[-2000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    extra = ["--forward-seconds", str(args.forward_seconds)] + (["--resnet18"] if resnet18 else [])
+    return _run_child(args, "--forward-child", slide, threads, *extra)
 
 
 class GpuSampler:
