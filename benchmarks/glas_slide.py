@@ -11,9 +11,21 @@ and their gland masks as ``<slide>_mask.png`` beside it. Then, each a ``histo-ws
 
 It prints one JSON object: both PxAPs, the slide's Dice, the gap (papers' − slide) and the seconds
 of each step; with ``--tta card,flips`` the flips' numbers and localize-time ratio under
-``other_tta``. ``<out>/card.json`` holds the same numbers for a model card
-(``histo-wsl models export ... --slide-metrics <out>/card.json``). Exit status 0, or 2 when GlaS
-is missing (``--skip-missing``: a message and 0).
+``other_tta``.
+
+``tissue_bounds`` (``--no-tissue-bounds`` skips it; two more localize + evaluate pairs, with the
+first TTA) splits the gap into three parts by running ``localize --tissue-geojson`` with two
+tissue masks the layout knows exactly (:func:`write_tissue_bounds`): the images' pixels without
+the glass open to the slide's glass (white pixels 4-connected to it: what a perfect tissue
+detector keeps), and the images' whole rectangles (every pixel the papers' protocol scores,
+glass inside an image included). ``detection`` is the first's slide PxAP minus the detected
+tissue's, ``glass_labelled_gland`` the second's minus the first's (GlaS labels some white areas
+open to an image's edge gland: a map kept off glass cannot score them), ``windows`` the papers'
+protocol minus the second's (the model on sliding windows instead of each whole image).
+
+``<out>/card.json`` holds the headline numbers for a model card (``histo-wsl models export ...
+--slide-metrics <out>/card.json``). Exit status 0, or 2 when GlaS is missing (``--skip-missing``:
+a message and 0).
 
     python benchmarks/glas_slide.py                         # the default model, fold 0
     python benchmarks/glas_slide.py --model runs/negev/best-loc.pt --out runs/glas-slide-negev
@@ -40,6 +52,8 @@ from _runs import eval_numbers, fresh_glas_run, histo_wsl, run_logged  # noqa: E
 GLAS_MPP = 0.62
 #: the white of the glass between the images
 GLASS = 243
+#: a pixel whose min(R, G, B) is above this is white (glass, or a lumen as bright as glass)
+WHITE = 200
 
 
 def place_images(
@@ -131,6 +145,62 @@ def layout_slide(
     return slide, mask, placed
 
 
+def open_glass(rgb: np.ndarray) -> np.ndarray:
+    """White pixels (min(R, G, B) > :data:`WHITE`) 4-connected to the slide's border: the glass.
+
+    A white lumen enclosed by tissue is not glass; one open to an image's edge joins the glass
+    between the images and is.
+    """
+    import cv2
+
+    white = (rgb.min(axis=2) > WHITE).astype(np.uint8)
+    _, labels = cv2.connectedComponents(white, connectivity=4)
+    border = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
+    glass = np.unique(border[border > 0])
+    return np.isin(labels, glass)
+
+
+def write_tissue_bounds(slide: Path, placed: list[dict], folder: Path) -> dict[str, Path]:
+    """Two tissue GeoJSONs for ``localize --tissue-geojson`` that the layout knows exactly.
+
+    ``images``: each image's rectangle. ``images_without_open_glass``: the same pixels less the
+    glass open to the slide's glass (:func:`open_glass`, on level 0 as written, JPEG and all).
+
+    Returns:
+        {name: path} for the two files in ``folder``.
+    """
+    import tifffile
+
+    from histo_wsl.slideio.geojson import mask_to_geojson, write_geojson
+
+    rgb = tifffile.imread(slide, key=0)
+    rects = np.zeros(rgb.shape[:2], dtype=bool)
+    for p in placed:
+        rects[p["y"] : p["y"] + p["height"], p["x"] : p["x"] + p["width"]] = True
+    masks = {"images": rects, "images_without_open_glass": rects & ~open_glass(rgb)}
+    paths = {}
+    for name, mask in masks.items():
+        paths[name] = folder / f"{name.replace('_', '-')}.geojson"
+        write_geojson(paths[name], mask_to_geojson(mask, 1.0))
+    return paths
+
+
+def gap_parts(detected: float, perfect: float, rects: float, papers: float) -> dict[str, float]:
+    """The gap (papers' − detected slide PxAP) in three parts that add up to it.
+
+    Args:
+        detected: slide PxAP with localize's detected tissue.
+        perfect: with the images' pixels less the open glass as tissue.
+        rects: with the images' rectangles as tissue.
+        papers: the papers' protocol on the same images.
+    """
+    return {
+        "detection": round(perfect - detected, 2),
+        "glass_labelled_gland": round(rects - perfect, 2),
+        "windows": round(papers - rects, 2),
+    }
+
+
 def _dice(model: dict[str, Any]) -> float | None:
     card = ((model.get("localization") or {}).get("at_threshold") or {}).get("card") or {}
     value = (card.get("dice_fg") or {}).get("value")
@@ -157,6 +227,12 @@ def main(argv: list[str] | None = None) -> int:
         "protocols for each; the first is the headline, the others are reported with their "
         "gain and time ratio.",
     )
+    p.add_argument(
+        "--tissue-bounds",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Also localize with the layout's exact tissue (two more runs) and split the gap.",
+    )
     p.add_argument("--skip-missing", action="store_true")
     args = p.parse_args(argv)
     ttas = [t.strip() for t in args.tta.split(",") if t.strip()]
@@ -177,6 +253,11 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         rows[tta] = row
     first = rows[ttas[0]]
+    bounds = None
+    if args.tissue_bounds:
+        bounds = _tissue_bounds(args, out, slide, mask, placed, ttas[0], first, seconds, commands)
+        if bounds is None:
+            return 1
     report = {
         "model": args.model,
         "localize_options": args.localize_options,
@@ -184,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         "images": len(placed),
         "slide": {"path": str(slide), "mpp": GLAS_MPP, "size": list(map(int, _size(slide)))},
         **first,
+        **({"tissue_bounds": bounds} if bounds else {}),
         "seconds": seconds,
         "commands": commands,
     }
@@ -241,28 +323,15 @@ def _measure(
     """Both protocols with one test-time augmentation; None when a step failed (logged)."""
     tta_option = [] if tta == "card" else ["--tta", tta]
     steps = {
-        f"localize{tag}": histo_wsl(
-            "localize", str(slide), "--model", args.model, "--out", str(out / f"localize{tag}"),
-            "--device", args.device, *tta_option, "--quiet",
-            *shlex.split(args.localize_options),
-        ),
-        f"evaluate_slide{tag}": histo_wsl(
-            "evaluate", "--predictions", str(out / f"localize{tag}"), "--annotations",
-            str(mask.parent), "--out", str(out / f"eval-slide{tag}"), "--quiet",
-        ),
+        **_slide_steps(args, out, slide, mask, tag, tta_option),
         f"evaluate_images{tag}": histo_wsl(
             "evaluate", args.model, "--data", str(data), "--fold", str(args.fold), "--split",
             "val", *tta_option, "--out", str(out / f"eval-images{tag}"), "--device",
             args.device, "--quiet",
         ),
     }  # fmt: skip
-    for name, cmd in steps.items():
-        code, secs = run_logged(cmd, out / "logs" / f"{name}.log")
-        seconds[name] = round(secs, 1)
-        commands[name] = " ".join(cmd)
-        if code != 0:
-            print(f"error: {name} failed; see {out / 'logs' / (name + '.log')}", file=sys.stderr)
-            return None
+    if not _run_steps(steps, out, seconds, commands):
+        return None
     slide_m = json.loads((out / f"eval-slide{tag}" / "metrics.json").read_text())["models"][0]
     image_m = json.loads((out / f"eval-images{tag}" / "metrics.json").read_text())["models"][0]
     slide_pxap, image_pxap = eval_numbers(slide_m)["pxap"], eval_numbers(image_m)["pxap"]
@@ -275,6 +344,72 @@ def _measure(
         "papers_protocol_dice": _dice(image_m),
         "gap": None if None in (slide_pxap, image_pxap) else round(image_pxap - slide_pxap, 2),
     }
+
+
+def _slide_steps(
+    args: argparse.Namespace,
+    out: Path,
+    slide: Path,
+    mask: Path,
+    tag: str,
+    extra: list[str],
+) -> dict[str, list[str]]:
+    """``localize{tag}`` and ``evaluate_slide{tag}``: the slide's map and its PxAP."""
+    return {
+        f"localize{tag}": histo_wsl(
+            "localize", str(slide), "--model", args.model, "--out", str(out / f"localize{tag}"),
+            "--device", args.device, *extra, "--quiet", *shlex.split(args.localize_options),
+        ),
+        f"evaluate_slide{tag}": histo_wsl(
+            "evaluate", "--predictions", str(out / f"localize{tag}"), "--annotations",
+            str(mask.parent), "--out", str(out / f"eval-slide{tag}"), "--quiet",
+        ),
+    }  # fmt: skip
+
+
+def _run_steps(
+    steps: dict[str, list[str]], out: Path, seconds: dict[str, float], commands: dict[str, str]
+) -> bool:
+    """Run each command, logged; False (and a message) at the first that fails."""
+    for name, cmd in steps.items():
+        code, secs = run_logged(cmd, out / "logs" / f"{name}.log")
+        seconds[name] = round(secs, 1)
+        commands[name] = " ".join(cmd)
+        if code != 0:
+            print(f"error: {name} failed; see {out / 'logs' / (name + '.log')}", file=sys.stderr)
+            return False
+    return True
+
+
+def _tissue_bounds(
+    args: argparse.Namespace,
+    out: Path,
+    slide: Path,
+    mask: Path,
+    placed: list[dict],
+    tta: str,
+    row: dict[str, Any],
+    seconds: dict[str, float],
+    commands: dict[str, str],
+) -> dict[str, Any] | None:
+    """Slide PxAP with the layout's exact tissue masks and the gap's parts; None on a failure."""
+    files = write_tissue_bounds(slide, placed, out / "tissue")
+    tta_option = [] if tta == "card" else ["--tta", tta]
+    pxap = {}
+    for name, path in files.items():
+        tag = f"-tissue-{path.stem}"
+        steps = _slide_steps(
+            args, out, slide, mask, tag, [*tta_option, "--tissue-geojson", str(path)]
+        )
+        if not _run_steps(steps, out, seconds, commands):
+            return None
+        metrics = json.loads((out / f"eval-slide{tag}" / "metrics.json").read_text())
+        pxap[name] = eval_numbers(metrics["models"][0])["pxap"]
+    result: dict[str, Any] = {f"slide_pxap_{name}": value for name, value in pxap.items()}
+    values = (row["slide_pxap"], pxap["images_without_open_glass"], pxap["images"])
+    if None not in values and row["papers_protocol_pxap"] is not None:
+        result["gap_parts"] = gap_parts(*values, row["papers_protocol_pxap"])
+    return result
 
 
 def _size(slide: Path) -> tuple[int, int]:

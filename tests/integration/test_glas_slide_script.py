@@ -69,3 +69,42 @@ def test_card_entry_keeps_the_numbers_and_the_command_not_the_paths():
     assert entry["tta_flips"]["localize_time_ratio"] == 2.2
     assert "/abs" not in str(entry) and "localize_options" not in entry
     assert "18 validation images" in entry["data"]
+
+
+def test_open_glass_takes_white_open_to_the_glass_and_leaves_enclosed_lumens():
+    rgb = np.full((60, 90, 3), glas_slide.GLASS, np.uint8)
+    rgb[10:50, 10:80] = (200, 120, 170)  # one image of tissue
+    rgb[20:30, 20:30] = 250  # a lumen inside the tissue
+    rgb[10:25, 60:70] = 245  # a white bay open to the image's top edge
+    glass = glas_slide.open_glass(rgb)
+    assert glass[0, 0] and glass[15, 65] and glass[24, 65]  # the glass and the bay
+    assert not glass[25, 25]  # the enclosed lumen is not glass
+    assert not glass[40, 40] and not glass[25, 65]  # tissue
+
+
+def test_tissue_bounds_are_the_rectangles_and_the_rectangles_less_open_glass(tmp_path):
+    from histo_wsl.slideio.geojson import geojson_to_mask, read_geojson
+
+    rgb = np.full((64, 128, 3), glas_slide.GLASS, np.uint8)
+    placed = [
+        {"x": 8, "y": 8, "width": 48, "height": 48},
+        {"x": 72, "y": 8, "width": 48, "height": 48},
+    ]
+    for p in placed:
+        rgb[p["y"] : p["y"] + p["height"], p["x"] : p["x"] + p["width"]] = (150, 60, 140)
+    rgb[8:24, 72:120] = 246  # the second image's top third is white, open to the glass
+    slide = tmp_path / "s.tif"
+    glas_slide.write_pyramid(slide, rgb)
+    files = glas_slide.write_tissue_bounds(slide, placed, tmp_path / "tissue")
+    rects = geojson_to_mask(read_geojson(files["images"]), (64, 128), 1.0)
+    less = geojson_to_mask(read_geojson(files["images_without_open_glass"]), (64, 128), 1.0)
+    assert rects.sum() == 2 * 48 * 48 and rects[30, 30] and rects[12, 100] and not rects[2, 2]
+    assert less[30, 30] and less[40, 100]  # tissue of both images
+    assert not less[12, 100] and not less[2, 2]  # the open white and the glass
+    assert abs(int(less.sum()) - (2 * 48 * 48 - 16 * 48)) < 48  # JPEG edges move a few pixels
+
+
+def test_gap_parts_add_up_to_the_gap():
+    parts = glas_slide.gap_parts(detected=80.68, perfect=80.78, rects=82.13, papers=83.88)
+    assert parts == {"detection": 0.1, "glass_labelled_gland": 1.35, "windows": 1.75}
+    assert round(sum(parts.values()), 2) == round(83.88 - 80.68, 2)
