@@ -38,3 +38,29 @@ def test_hand_loop_reads_and_runs_every_window_of_localize_grid(tmp_path, capsys
     assert out["windows"] == len(grid) > 1
     assert out["read_s"] > 0 and out["model_s"] > 0
     assert out["seconds"] >= out["read_s"] + out["model_s"]
+
+
+def test_repeated_runs_give_the_median_run_and_the_highest_peak():
+    runs = [
+        {"slide_ratio": 0.81, "peak_rss_mb": 840.0, "timings": {"total_s": 60}},
+        {"slide_ratio": 0.95, "peak_rss_mb": 830.0, "timings": {"total_s": 51}},
+        {"slide_ratio": 0.92, "peak_rss_mb": 851.0, "timings": {"total_s": 53}},
+    ]
+    row = localize_speed.median_run(runs)
+    assert row["slide_ratio"] == 0.92 and row["timings"] == {"total_s": 53}
+    assert row["slide_ratio_runs"] == [0.81, 0.95, 0.92] and row["repeats"] == 3
+    assert row["peak_rss_mb"] == 851.0
+    # an even count takes the lower middle run; one run is itself
+    assert localize_speed.median_run(runs[:2])["slide_ratio"] == 0.81
+    assert localize_speed.median_run(runs[1:2])["slide_ratio_runs"] == [0.95]
+    assert runs[0]["peak_rss_mb"] == 840.0  # the runs are left as they were
+
+
+def test_repeats_below_one_are_refused(capsys):
+    try:
+        localize_speed.main(["--repeats", "0"])
+    except SystemExit as exc:
+        assert exc.code == 2
+    else:
+        raise AssertionError("--repeats 0 was accepted")
+    assert "--repeats must be at least 1" in capsys.readouterr().err
