@@ -36,6 +36,7 @@ _EXPORTS = {
     "SAMPLE_PIXELS": "domain",
     "Engine": "engine",
     "roi_class": "engine",
+    "reads_between_forwards": "engine",
     "run_windows": "engine",
     "TRIM_SECONDS": "engine",
     "SlideGrid": "job",
@@ -61,6 +62,7 @@ _EXPORTS = {
     "Predictor": "predictor",
     "TTA_MODES": "predictor",
     "FIRST_BATCH": "windows",
+    "InlineReads": "windows",
     "Prefetch": "windows",
     "WindowBatches": "windows",
 }

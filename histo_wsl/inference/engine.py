@@ -16,12 +16,12 @@ import numpy as np
 from histo_wsl.errors import InputError
 from histo_wsl.inference.blending import BandCanvas, WindowBlender
 from histo_wsl.inference.params import MISSING_MODEL, LocalizeParams
-from histo_wsl.inference.windows import Prefetch, WindowBatches
+from histo_wsl.inference.windows import InlineReads, Prefetch, WindowBatches
 from histo_wsl.methods import get_method
 from histo_wsl.runtime.batch import Progress
 from histo_wsl.runtime.console import warn
 from histo_wsl.runtime.memory import release_freed_memory
-from histo_wsl.runtime.threads import ThreadGovernor
+from histo_wsl.runtime.threads import ThreadGovernor, usable_cores
 
 if TYPE_CHECKING:
     import torch
@@ -223,7 +223,9 @@ def run_windows(
     if len(dataset) == 0:
         return class_sum.numpy(), t_model, t_wait
     reader: Any
-    if engine.workers == 0:
+    if engine.workers == 0 and reads_between_forwards(engine):
+        reader = InlineReads(dataset, threads=min(usable_cores(), dataset.batch_size))
+    elif engine.workers == 0:
         reader = Prefetch((dataset[i] for i in range(len(dataset))), depth=3)
     else:
         reader = torch.utils.data.DataLoader(
@@ -256,6 +258,19 @@ def run_windows(
             t_ready = time.perf_counter()
             t_model += t_ready - t_got
     finally:
-        if isinstance(reader, Prefetch):
+        if isinstance(reader, (Prefetch, InlineReads)):
             reader.close()
     return class_sum.numpy(), t_model, t_wait
+
+
+def reads_between_forwards(engine: Engine) -> bool:
+    """Whether windows are read between forwards (:class:`InlineReads`), not beside them.
+
+    True for a CPU forward (no reader processes) whose threads fill every core this process may
+    use, on two or more: a reader thread beside it would stall all of them
+    (:class:`~histo_wsl.inference.windows.InlineReads`). With a core to spare, or on one core,
+    a prefetch thread reads ahead while the model runs.
+    """
+    g = engine.governor
+    cores = usable_cores()
+    return g is not None and cores > 1 and g.threads >= cores

@@ -255,6 +255,30 @@ def test_reader_processes_give_the_same_map(tmp_path, synthetic_slide, models):
     )
 
 
+def test_reading_between_forwards_gives_the_same_map(
+    tmp_path, synthetic_slide, models, monkeypatch
+):
+    import histo_wsl.inference.engine as engine
+    from histo_wsl.inference.windows import InlineReads
+
+    kw = {"mpp": 4.0, "output_mpp": 8.0}
+    used = []
+
+    class Counted(InlineReads):
+        def __init__(self, batches, threads):
+            used.append(threads)
+            super().__init__(batches, threads)
+
+    monkeypatch.setattr(engine, "InlineReads", Counted)
+    maps = []
+    for inline, out in ((False, tmp_path / "beside"), (True, tmp_path / "between")):
+        monkeypatch.setattr(engine, "reads_between_forwards", lambda e, inline=inline: inline)
+        assert _run([_item(synthetic_slide)], out, models / "cam.pt", **kw).exit_code == 0
+        maps.append(_prob(out / "synth" / "synth.prob.tif")[0])
+    assert len(used) == 1 and used[0] >= 1  # only the second run read between forwards
+    np.testing.assert_array_equal(maps[0], maps[1])
+
+
 def test_the_batch_size_is_the_device_s_own_and_does_not_change_the_map(
     tmp_path, synthetic_slide, models
 ):
