@@ -269,8 +269,13 @@ def reads_between_forwards(engine: Engine) -> bool:
     True for a CPU forward (no reader processes) whose threads fill every core this process may
     use, on two or more: a reader thread beside it would stall all of them
     (:class:`~histo_wsl.inference.windows.InlineReads`). With a core to spare, or on one core,
-    a prefetch thread reads ahead while the model runs.
+    a prefetch thread reads ahead while the model runs. Decided once per slide, after the thread
+    governor has measured the machine's load again (under load, ``--threads`` left to localize
+    drops to the free cores, and the reader then goes back beside the forward).
     """
     g = engine.governor
+    if g is None:
+        return False
+    g.update()  # the load measured now, not at the model's load: auto threads may have dropped
     cores = usable_cores()
-    return g is not None and cores > 1 and g.threads >= cores
+    return cores > 1 and g.threads >= cores

@@ -70,6 +70,17 @@ def test_windows_are_read_between_forwards_when_the_forward_fills_every_core(
     monkeypatch, threads, cores, expected
 ):
     monkeypatch.setattr(engine, "usable_cores", lambda: cores)
-    cpu = SimpleNamespace(governor=SimpleNamespace(threads=threads))
+    updates = []
+
+    class Governor:
+        def __init__(self) -> None:
+            self.threads = cores  # as chosen at the model's load, before any load was measured
+
+        def update(self) -> None:  # the load measured again: fewer threads, or as many
+            updates.append(1)
+            self.threads = threads
+
+    cpu = SimpleNamespace(governor=Governor())
     assert engine.reads_between_forwards(cpu) is expected
+    assert updates == [1]
     assert engine.reads_between_forwards(SimpleNamespace(governor=None)) is False  # a GPU
