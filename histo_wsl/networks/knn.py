@@ -30,8 +30,21 @@ from torch import Tensor, nn
 
 __all__ = ["FeatureBank", "KNNRefiner"]
 
-#: query pixels per similarity block (bounds the (block × bank) similarity matrix's memory)
-_BLOCK = 2048
+#: bytes of one (block × bank) similarity block: small enough to stay in a CPU's cache between
+#: the matrix product that writes it and the top-k that reads it (docs/results.md, *The k-NN
+#: lookup in cache-sized blocks*)
+_BLOCK_BYTES = 8 << 20
+#: fewest query pixels per block on a CPU, however large the bank
+_MIN_BLOCK = 64
+#: query pixels per block on a GPU (bounds the similarity matrix's memory there)
+_GPU_BLOCK = 2048
+
+
+def _block_rows(bank_size: int, device: torch.device) -> int:
+    """Query pixels per similarity block for a bank of ``bank_size`` keys on ``device``."""
+    if device.type != "cpu":
+        return _GPU_BLOCK
+    return max(_MIN_BLOCK, _BLOCK_BYTES // (4 * max(1, bank_size)))
 
 
 def _stage_pixels(stages: list[Tensor], size: tuple[int, int]) -> list[Tensor]:
@@ -93,11 +106,12 @@ class FeatureBank:
         own = None if owners is None else owners.to(queries.device).repeat_interleave(h * w)
         k = max(1, min(int(k), len(self) - int((self.owners == self.owners[0]).sum())))
         means = []
-        for i in range(0, queries.shape[0], _BLOCK):
-            sim = queries[i : i + _BLOCK] @ self.keys.T
+        step = _block_rows(len(self), queries.device)
+        for i in range(0, queries.shape[0], step):
+            sim = queries[i : i + step] @ self.keys.T
             if own is not None:  # no comparison over the whole bank when nothing is excluded
-                sim.masked_fill_(own[i : i + _BLOCK, None] == self.owners[None], -math.inf)
-            idx = sim.topk(k, dim=1).indices
+                sim.masked_fill_(own[i : i + step, None] == self.owners[None], -math.inf)
+            idx = sim.topk(k, dim=1, sorted=False).indices  # their mean: any order
             means.append(self.values[idx].mean(1))
         return torch.cat(means).view(b, h, w)
 

@@ -148,3 +148,28 @@ def test_a_refiner_of_alpha_one_does_not_run_the_decoder(monkeypatch):
     assert not calls  # the decoder's map would be weighted 0
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(logits, logits_full)
+
+
+@pytest.mark.parametrize("block_bytes", [1, 4 * 300 * 100, 1 << 30])
+def test_neighbour_means_do_not_depend_on_the_similarity_blocks(monkeypatch, block_bytes):
+    from histo_wsl.networks import knn
+
+    g = torch.Generator().manual_seed(0)
+    eye = (torch.zeros(4), torch.eye(4))
+    bank = knn.FeatureBank(
+        torch.empty(0), torch.rand(300, generator=g), torch.arange(300) // 30, [eye, eye]
+    )
+    bank.keys = bank.embed([torch.randn(300, 4, generator=g)] * 2)
+    stages = [torch.randn(3, 4, 10, 17, generator=g)] * 2  # 510 query pixels
+    owners = torch.tensor([0, -1, 4])
+    queries = bank.embed(knn._stage_pixels(stages, (10, 17)))
+    sim = queries @ bank.keys.T
+    own = owners.repeat_interleave(170)
+    sim[own[:, None] == bank.owners[None]] = -float("inf")
+    expected = bank.values[sim.topk(16, dim=1).indices].mean(1).view(3, 10, 17)
+
+    monkeypatch.setattr(knn, "_BLOCK_BYTES", block_bytes)
+    rows = knn._block_rows(len(bank), torch.device("cpu"))
+    assert rows == {1: knn._MIN_BLOCK, 4 * 300 * 100: 100, 1 << 30: (1 << 30) // 1200}[block_bytes]
+    assert torch.allclose(bank.neighbour_means(stages, 16, owners), expected)
+    assert knn._block_rows(len(bank), torch.device("meta")) == knn._GPU_BLOCK
