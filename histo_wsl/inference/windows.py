@@ -165,9 +165,9 @@ class InlineReads:
     forward (:class:`Prefetch`) preempts one of its OpenMP threads, and the others wait for that
     one at the operator's end, spinning: every core loses the reader's time, not one core. Read
     between two forwards, the batch takes every core for the reading alone. On the 40,000 ×
-    4,480 band at 2 threads of 2 cores, six alternating pairs of localize runs gave 17.9 windows/s
-    read here against 16.3 read by a prefetch thread (docs/results.md, *Reading between
-    forwards*).
+    4,480 band at 2 threads of 2 cores, nine alternating pairs of localize runs gave 17.1
+    windows/s read here against 16.0 read by a prefetch thread, faster in 7 of the 9 pairs: a
+    small gain, near the noise of a shared VM (docs/results.md, *Reading between forwards*).
 
     Args:
         batches: the dataset.
