@@ -20,7 +20,7 @@ from histo_wsl.inference.windows import InlineReads, Prefetch, WindowBatches
 from histo_wsl.methods import get_method
 from histo_wsl.runtime.batch import Progress
 from histo_wsl.runtime.console import warn
-from histo_wsl.runtime.memory import release_freed_memory
+from histo_wsl.runtime.memory import release_freed_memory, reuse_freed_memory
 from histo_wsl.runtime.threads import ThreadGovernor, usable_cores
 
 if TYPE_CHECKING:
@@ -96,6 +96,7 @@ class Engine:
         if params.cam is not None and params.cam not in CAM_METHODS:
             raise InputError(f"--cam {params.cam!r}: use one of {', '.join(CAM_METHODS)}")
         self.device = resolve_device(params.device)
+        reuse_freed_memory()  # each batch's activations reuse the last one's pages
         #: the forward's CPU threads (measured before the model's load, again while slides run)
         self.governor = ThreadGovernor(params.threads) if self.device.type == "cpu" else None
         self.predictor = load_model(
