@@ -60,7 +60,8 @@ class Predictor(TrainedModel):
         With :attr:`tta` ``flips``, both are means over the four flipped views (maps flipped
         back); a stage-1 map without ``classes`` is that of the class of the mean logits.
         """
-        self.model.eval()
+        if self.model.training:  # eval() walks every module: 2.5 ms a batch when repeated
+            self.model.eval()
         if images.device.type == "cpu":
             images = images.contiguous(memory_format=torch.channels_last)
         views = TTA_MODES[self.tta]

@@ -95,3 +95,13 @@ def test_unknown_tta_is_refused(tmp_path):
     bad = save_checkpoint(tmp_path / "bad.pt", dict(ckpt["card"], tta="rot"), ckpt["state_dict"])
     with pytest.raises(InputError, match="bad.pt: the model card's tta 'rot'"):
         load_model(bad)
+
+
+def test_predict_puts_a_model_left_in_training_mode_back_in_eval(tmp_path):
+    path, _ = _maxmin_checkpoint(tmp_path / "mm.pt")
+    predictor = load_model(path)
+    x = torch.randn(2, 3, 48, 48)
+    expected = predictor.predict(x)[1]
+    predictor.model.train()  # e.g. a training loop that evaluates with the same module
+    assert torch.allclose(predictor.predict(x)[1], expected)
+    assert not any(m.training for m in predictor.model.modules())
