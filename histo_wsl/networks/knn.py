@@ -31,8 +31,8 @@ from torch import Tensor, nn
 __all__ = ["FeatureBank", "KNNRefiner"]
 
 #: bytes of one (block × bank) similarity block: small enough to stay in a CPU's cache between
-#: the matrix product that writes it and the top-k that reads it (docs/results.md, *The k-NN
-#: lookup in cache-sized blocks*)
+#: the matrix product that writes it and the top-k that reads it (docs/results.md, *The
+#: forward's own waste*)
 _BLOCK_BYTES = 8 << 20
 #: fewest query pixels per block on a CPU, however large the bank
 _MIN_BLOCK = 64
