@@ -268,12 +268,16 @@ def test_seed_teacher_second_round(tmp_path, stage1):
     ds = SimpleNamespace(class_names=classifier.card["class_names"], negative_class=None)
     task = DecoderTask(TrainConfig.from_flat(seed_teacher=str(teacher)), ds, classifier)
     student = NEGEVModel(load_trained(ckpt).model)
-    x = torch.randn(2, 3, 48, 48)
+    x = torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(0))
     want = load_model(teacher).predict(x)[1]
-    torch.testing.assert_close(task.seed_maps(student, x, torch.tensor([0, 0])), want)
+    # the predictor runs the folded inference form, training the unfolded one: float rounding
+    # apart (up to ~1e-5 on some inputs), the same map; a CAM would differ by far more
+    close = {"atol": 1e-4, "rtol": 1e-4}
+    torch.testing.assert_close(task.seed_maps(student, x, torch.tensor([0, 0])), want, **close)
     assert task._teacher_shares_encoder  # same classifier: the student's stages are decoded
     _, _, stages = student.segment(x, features=True)
-    torch.testing.assert_close(task.seed_maps(student, x, torch.tensor([0, 0]), stages), want)
+    got = task.seed_maps(student, x, torch.tensor([0, 0]), stages)
+    torch.testing.assert_close(got, want, **close)
 
     # a stage-1 checkpoint is not a teacher
     r = decoder(tmp_path / "bad", "--seed-teacher", str(ckpt))
