@@ -46,7 +46,7 @@ def release_freed_memory(collect: bool = False) -> None:
         import gc
 
         gc.collect()
-    trim = _malloc_trim()
+    trim = _libc("malloc_trim")
     if trim is not None:
         trim(0)
 
@@ -69,32 +69,22 @@ def reuse_freed_memory() -> bool:
     """
     import os
 
-    mallopt = _mallopt()
+    mallopt = _libc("mallopt")
     if mallopt is None or any(os.environ.get(v) for v in _USER_SETTINGS):
         return False
-    # the mmap threshold first: a fixed trim threshold alone leaves the mmap one at 128 KB
+    # both: a fixed trim threshold alone leaves the mmap one at 128 KB, a fixed mmap one alone
+    # leaves the trim one at 128 KB: either alone made the forward fault more, not less
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
         mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
     )
 
 
-@functools.lru_cache(maxsize=1)
-def _mallopt() -> Callable[[int, int], int] | None:
-    """The C library's ``mallopt`` (glibc), or None where there is none."""
+@functools.cache
+def _libc(name: str) -> Callable[..., int] | None:
+    """The C library's function ``name`` (glibc), or None where there is none (macOS, musl...)."""
     import ctypes
 
     try:
-        return ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return None
-
-
-@functools.lru_cache(maxsize=1)
-def _malloc_trim() -> Callable[[int], int] | None:
-    """The C library's ``malloc_trim`` (glibc), or None where there is none (macOS, musl...)."""
-    import ctypes
-
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
+        return getattr(ctypes.CDLL("libc.so.6"), name)
     except (OSError, AttributeError):
         return None
