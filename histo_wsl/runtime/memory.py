@@ -58,7 +58,8 @@ def reuse_freed_memory() -> bool:
     back on each free, and it trims the heap's free top as soon as it exceeds its trim
     threshold; both thresholds start low (128 KB) and rise only with the blocks freed, so every
     batch of a CPU forward page-faulted its activations back in: on the 40,000 × 4,480 band,
-    2.0 million minor faults and 4.5-6.5 s of system time in a 40 s ``localize`` at 2 threads.
+    1.3-2.0 million minor faults and 4.5-6.5 s of system time in a 40 s ``localize`` at 2
+    threads (0.6-0.8 million and 2.1-2.5 s with these thresholds).
     Fixed thresholds (:data:`MMAP_THRESHOLD`, :data:`TRIM_THRESHOLD`) reuse those pages;
     :func:`release_freed_memory`, called every few seconds, still hands them back, so peak memory
     stays bounded. Leaves the allocator alone when the user configured it through the
