@@ -251,6 +251,9 @@ def localize(
     where there is tissue and blended with importance weights (no seams). Finished slides are
     skipped on a rerun. Exit code: 0 all done, 1 some inputs failed (--skip-errors), 2 bad input.
     """
+    from histo_wsl.runtime.threads import shorten_openmp_spin
+
+    shorten_openmp_spin()  # before torch loads: idle forward threads free the cores for reading
     from histo_wsl.inference.localize import localize as run
     from histo_wsl.inference.params import LocalizeParams
 

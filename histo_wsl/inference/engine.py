@@ -21,7 +21,7 @@ from histo_wsl.methods import get_method
 from histo_wsl.runtime.batch import Progress
 from histo_wsl.runtime.console import warn
 from histo_wsl.runtime.memory import release_freed_memory, reuse_freed_memory
-from histo_wsl.runtime.threads import ThreadGovernor, usable_cores
+from histo_wsl.runtime.threads import ThreadGovernor, openmp_spin_record, usable_cores
 
 if TYPE_CHECKING:
     import torch
@@ -157,7 +157,9 @@ class Engine:
     def threads_record(self) -> dict | None:
         """The forward's CPU threads and how they were chosen (None on a GPU)."""
         g = self.governor
-        return None if g is None else {"used": g.threads, "chosen_by": g.reason}
+        if g is None:
+            return None
+        return {"used": g.threads, "chosen_by": g.reason, "openmp_wait": openmp_spin_record()}
 
     def describe(self) -> dict:
         """The model, as recorded in every slide's JSON."""

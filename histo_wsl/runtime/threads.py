@@ -12,6 +12,9 @@ Where ``/proc/stat`` is missing (macOS, Windows) the 1-minute load average stand
 
 A fixed ``--threads N`` (or ``OMP_NUM_THREADS`` in the environment, which PyTorch reads itself)
 switches the governor off.
+
+:func:`shorten_openmp_spin` is the other half: how long the forward's idle OpenMP threads keep a
+core after a forward ends, before the windows of the next batch are read.
 """
 
 from __future__ import annotations
@@ -20,12 +23,63 @@ import os
 import time
 from dataclasses import dataclass, field
 
-__all__ = ["RECHECK_SECONDS", "ThreadGovernor", "usable_cores"]
+__all__ = [
+    "OPENMP_SPINCOUNT",
+    "RECHECK_SECONDS",
+    "ThreadGovernor",
+    "openmp_spin_record",
+    "shorten_openmp_spin",
+    "usable_cores",
+]
 
 #: seconds between two measurements of the other processes' load
 RECHECK_SECONDS = 5.0
 #: seconds before the first measurement
 FIRST_CHECK_SECONDS = 0.5
+
+
+#: ``GOMP_SPINCOUNT`` set by :func:`shorten_openmp_spin`: busy-wait iterations of an idle OpenMP
+#: thread before it sleeps (libgomp's default, 300,000, is several milliseconds on current CPUs)
+OPENMP_SPINCOUNT = 10_000
+
+
+def shorten_openmp_spin(spincount: int = OPENMP_SPINCOUNT) -> bool:
+    """Let the forward's idle OpenMP threads sleep soon after a forward, before torch loads.
+
+    PyTorch's CPU wheels run their parallel regions on GNU OpenMP, whose worker threads busy-wait
+    about 300,000 iterations for the next region before they sleep: several milliseconds, long
+    after the forward of a batch has ended. When ``localize`` reads the next batch's windows on
+    every core between two forwards (:class:`histo_wsl.inference.windows.InlineReads`), a spinning
+    worker holds one of those cores: on the 40,000 × 4,480 band at 2 threads of 2 cores a window
+    read took 6.3-6.5 ms of wall time for 4.6 ms of CPU, and 4.9 ms with 10,000 iterations; the
+    slide's reads waited 1.5 instead of 2.1 s while the forward kept its speed (docs/results.md,
+    *The OpenMP threads' wait between forwards*). Sleeping right away (``OMP_WAIT_POLICY=PASSIVE``)
+    slows the forward itself by 6-11 %.
+
+    libgomp reads the setting once, when it is loaded, so this acts only before torch is
+    imported, and never over a user's own ``GOMP_SPINCOUNT`` or ``OMP_WAIT_POLICY``. Other
+    OpenMP runtimes ignore the variable.
+
+    Returns:
+        Whether ``GOMP_SPINCOUNT`` was set.
+    """
+    import sys
+
+    if "torch" in sys.modules:
+        return False
+    if "GOMP_SPINCOUNT" in os.environ or "OMP_WAIT_POLICY" in os.environ:
+        return False
+    os.environ["GOMP_SPINCOUNT"] = str(int(spincount))
+    return True
+
+
+def openmp_spin_record() -> str:
+    """How the OpenMP threads wait between forwards, as a slide's JSON records it."""
+    if "GOMP_SPINCOUNT" in os.environ:
+        return f"GOMP_SPINCOUNT={os.environ['GOMP_SPINCOUNT']}"
+    if "OMP_WAIT_POLICY" in os.environ:
+        return f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}"
+    return "OpenMP default"
 
 
 def usable_cores() -> int:

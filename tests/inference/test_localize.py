@@ -554,7 +554,9 @@ def test_the_thread_count_is_recorded_and_a_fixed_one_kept(tmp_path, synthetic_s
     try:
         s = _run([_item(synthetic_slide)], tmp_path / "one", models / "cam.pt", threads=1, **kw)
         assert s.exit_code == 0
-        assert s.items[0].details["threads"] == {"used": 1, "chosen_by": "--threads 1"}
+        threads = s.items[0].details["threads"]
+        assert threads["used"] == 1 and threads["chosen_by"] == "--threads 1"
+        assert threads["openmp_wait"]  # how idle OpenMP threads wait (histo_wsl.runtime.threads)
         assert torch.get_num_threads() == 1
         s = _run([_item(synthetic_slide)], tmp_path / "auto", models / "cam.pt", **kw)
         assert s.exit_code == 0 and s.items[0].details["threads"]["used"] >= 1

@@ -131,6 +131,11 @@ def test_readme_lab_path_runs_on_labels_only_slides(lab):
     assert run["summary"]["use_next"].endswith("best-loc.pt")
     for i in range(4):
         assert (root / "maps" / f"case-{i}" / f"case-{i}.geojson").is_file()
+    # the localize process shortened the OpenMP threads' spin before torch loaded (a user's own
+    # GOMP_SPINCOUNT or OMP_WAIT_POLICY would have been kept)
+    slide = json.loads((root / "maps" / "case-0" / "case-0.json").read_text())
+    if not {"GOMP_SPINCOUNT", "OMP_WAIT_POLICY"} & set(os.environ):
+        assert slide["threads"]["openmp_wait"] == "GOMP_SPINCOUNT=10000"
     metrics = json.loads((root / "slide-eval" / "metrics.json").read_text())
     assert metrics["models"][0]["localization"]["pxap"]["value"] >= 0
 

@@ -62,3 +62,50 @@ def test_without_proc_stat_the_load_average_decides(machine, monkeypatch):
     monkeypatch.setattr(threads_mod.os, "getloadavg", lambda: (1.2, 1.0, 1.0))
     gov = ThreadGovernor()
     assert gov.threads == 1 and "load average" in gov.reason
+
+
+_SPIN_PROBE = (
+    "import os, sys\n"
+    "from histo_wsl.runtime.threads import shorten_openmp_spin\n"
+    "before = 'torch' in sys.modules\n"
+    "if sys.argv[1] == 'torch-first':\n"
+    "    import torch\n"
+    "print(shorten_openmp_spin(), os.environ.get('GOMP_SPINCOUNT'), before)\n"
+)
+
+
+def _spin_probe(env_extra: dict, mode: str = "fresh") -> list[str]:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    env.update(env_extra)
+    out = subprocess.run(
+        [sys.executable, "-c", _SPIN_PROBE, mode],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return out.stdout.split()
+
+
+def test_the_openmp_spin_is_shortened_only_before_torch_and_never_over_the_user():
+    assert _spin_probe({}) == ["True", str(threads_mod.OPENMP_SPINCOUNT), "False"]
+    # the user's own setting wins, whichever of the two variables
+    assert _spin_probe({"GOMP_SPINCOUNT": "5"})[:2] == ["False", "5"]
+    assert _spin_probe({"OMP_WAIT_POLICY": "ACTIVE"})[:2] == ["False", "None"]
+    # libgomp has read its environment once torch is loaded: nothing is set then
+    assert _spin_probe({}, "torch-first")[:2] == ["False", "None"]
+
+
+def test_the_openmp_wait_is_recorded(monkeypatch):
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setenv("GOMP_SPINCOUNT", "10000")
+    assert threads_mod.openmp_spin_record() == "GOMP_SPINCOUNT=10000"
+    monkeypatch.delenv("GOMP_SPINCOUNT")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    assert threads_mod.openmp_spin_record() == "OMP_WAIT_POLICY=PASSIVE"
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    assert threads_mod.openmp_spin_record() == "OpenMP default"
