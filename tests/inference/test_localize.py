@@ -295,9 +295,12 @@ def test_the_batch_size_is_the_device_s_own_and_does_not_change_the_map(
     assert json.loads((a / "run.json").read_text())["params"]["batch_size_used"] == CPU_BATCH
     s = _run([_item(synthetic_slide)], b, models / "cam.pt", **kw)
     assert s.exit_code == 0 and s.items[0].details["batch_size"] == 32
-    np.testing.assert_array_equal(
-        _prob(a / "synth" / "synth.prob.tif")[0], _prob(b / "synth" / "synth.prob.tif")[0]
-    )
+    own, given = (_prob(d / "synth" / "synth.prob.tif")[0].astype(int) for d in (a, b))
+    # the same map up to the convolutions' rounding: oneDNN may pick another kernel for another
+    # batch size, and a probability on a rounding edge then moves by 1/255 (2 of 23,500 pixels
+    # on a 2-core AMD EPYC without AVX-512)
+    assert np.abs(own - given).max() <= 1
+    assert np.mean(own != given) < 1e-3
 
 
 def test_rerun_skips_and_overwrite_redoes(tmp_path, synthetic_slide, models):
