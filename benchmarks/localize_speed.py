@@ -329,6 +329,7 @@ def measure(args, name: str, slide: Path, load: str, threads: int, work: Path) -
         "load": load,
         "threads": threads or "auto",
         "threads_used": rec.get("threads"),
+        "batches_read": rec.get("batches_read"),
         "windows": n,
         "forward_windows_per_s": round(forward, 2),
         "forward_before_after": [round(before, 2), round(after, 2)],

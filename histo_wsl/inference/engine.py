@@ -16,7 +16,7 @@ import numpy as np
 from histo_wsl.errors import InputError
 from histo_wsl.inference.blending import BandCanvas, WindowBlender
 from histo_wsl.inference.params import MISSING_MODEL, LocalizeParams
-from histo_wsl.inference.windows import InlineReads, Prefetch, WindowBatches
+from histo_wsl.inference.windows import FollowingReads, WindowBatches
 from histo_wsl.methods import get_method
 from histo_wsl.runtime.batch import Progress
 from histo_wsl.runtime.console import warn
@@ -212,24 +212,27 @@ def run_windows(
     oy: np.ndarray,
     limit: tuple[float, float],
     progress: Progress,
-) -> tuple[np.ndarray, float, float]:
+) -> tuple[np.ndarray, float, float, dict | None]:
     """Infer every window (read ahead of the model) and blend it into the canvas.
 
     Returns:
         (sum of the windows' class probabilities (K,), seconds computing, seconds waiting for
-        the reader).
+        the reader, batches read between forwards and ahead of them (None with reader
+        processes)).
     """
     import torch
 
     class_sum = torch.zeros(len(engine.class_names), dtype=torch.float64)
     t_model = t_wait = 0.0
     if len(dataset) == 0:
-        return class_sum.numpy(), t_model, t_wait
+        return class_sum.numpy(), t_model, t_wait, None
     reader: Any
-    if engine.workers == 0 and reads_between_forwards(engine):
-        reader = InlineReads(dataset, threads=min(usable_cores(), dataset.batch_size))
-    elif engine.workers == 0:
-        reader = Prefetch((dataset[i] for i in range(len(dataset))), depth=3)
+    if engine.workers == 0:
+        reader = FollowingReads(
+            dataset,
+            lambda: reads_between_forwards(engine),
+            threads=min(usable_cores(), dataset.batch_size),
+        )
     else:
         reader = torch.utils.data.DataLoader(
             dataset,
@@ -261,20 +264,22 @@ def run_windows(
             t_ready = time.perf_counter()
             t_model += t_ready - t_got
     finally:
-        if isinstance(reader, (Prefetch, InlineReads)):
+        if isinstance(reader, FollowingReads):
             reader.close()
-    return class_sum.numpy(), t_model, t_wait
+    reads = dict(reader.counts) if isinstance(reader, FollowingReads) else None
+    return class_sum.numpy(), t_model, t_wait, reads
 
 
 def reads_between_forwards(engine: Engine) -> bool:
-    """Whether windows are read between forwards (:class:`InlineReads`), not beside them.
+    """Whether the next batch is read between forwards, not beside them.
 
     True for a CPU forward (no reader processes) whose threads fill every core this process may
     use, on two or more: a reader thread beside it would stall all of them
     (:class:`~histo_wsl.inference.windows.InlineReads`). With a core to spare, or on one core,
-    a prefetch thread reads ahead while the model runs. Decided once per slide, after the thread
-    governor has measured the machine's load again (under load, ``--threads`` left to localize
-    drops to the free cores, and the reader then goes back beside the forward).
+    a prefetch thread reads ahead while the model runs. Asked before every batch
+    (:class:`~histo_wsl.inference.windows.FollowingReads`), after the thread governor's update:
+    under load, ``--threads`` left to localize drops to the free cores, and the reader then goes
+    beside the forward; when the load ends, back between forwards.
     """
     g = engine.governor
     if g is None:

@@ -234,7 +234,7 @@ def _localize_open_slide(job: SlideJob, progress: Progress) -> dict:
         in_process,
     )
     origin = (windows.xs / g.s_out, windows.ys / g.s_out)
-    class_sum, t_model, t_wait = run_windows(
+    class_sum, t_model, t_wait, reads = run_windows(
         engine, dataset, blender, canvas, *origin, (w0 / g.s_out, h0 / g.s_out), progress
     )
     canvas.close()
@@ -304,6 +304,7 @@ def _localize_open_slide(job: SlideJob, progress: Progress) -> dict:
         "device": str(engine.device),
         "workers": engine.workers,
         "threads": engine.threads_record(),
+        **({} if reads is None else {"batches_read": reads}),
         "canvas": "memmap" if isinstance(prob_u8, np.memmap) else "memory",
         "timings": {
             "tissue_s": round(t_tissue, 3),

@@ -1,14 +1,16 @@
 """The windows of a slide, read in batches: what the engine feeds the model.
 
 :class:`WindowBatches` is a map-style dataset (batch ``i`` of a window grid, each worker opening its
-own slide handle); :class:`Prefetch` reads the next batches on a thread while the model runs.
+own slide handle); :class:`Prefetch` reads the next batches on a thread while the model runs,
+:class:`InlineReads` reads each batch between two forwards on every core, and
+:class:`FollowingReads` takes one or the other batch by batch, as the forward's threads change.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,7 +24,7 @@ if TYPE_CHECKING:
 
     from histo_wsl.tissue.scan import HeldLevel
 
-__all__ = ["FIRST_BATCH", "InlineReads", "Prefetch", "WindowBatches"]
+__all__ = ["FIRST_BATCH", "FollowingReads", "InlineReads", "Prefetch", "WindowBatches"]
 
 
 # -- windows ------------------------------------------------------------------------------------
@@ -184,10 +186,73 @@ class InlineReads:
 
     def __iter__(self) -> Iterator:
         for i in range(len(self._batches)):
-            yield self._batches.read(i, self._pool)
+            yield self.read(i)
+
+    def read(self, i: int) -> torch.Tensor:
+        """Batch ``i``, its windows shared by the threads."""
+        return self._batches.read(i, self._pool)
 
     def close(self) -> None:
         """Stop the reading threads."""
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+
+
+class FollowingReads:
+    """Each batch read between forwards while ``between()`` holds, by a prefetch thread otherwise.
+
+    ``between`` is asked before every batch: in ``localize`` it is
+    :func:`histo_wsl.inference.engine.reads_between_forwards`, true while the forward's threads
+    fill every core, and the thread governor changes those threads when another process starts
+    or ends mid-slide. Decided once per slide instead, a slide that began before the governor's
+    first measurement kept its reads between forwards after ``--threads`` auto had dropped to one
+    thread beside a busy process, and left the second core idle while it read: 3.3 s of read wait
+    on the 40,000 × 4,480 band, against 0.2-0.4 s with the reader beside the forward
+    (docs/results.md, *Reading between forwards*).
+
+    A switch to the prefetch thread starts it at the next batch; a switch back stops it, and the
+    batches it had read ahead (at most ``depth``) are read again between forwards.
+
+    Args:
+        batches: the dataset.
+        between: whether the next batch is read between forwards.
+        threads: threads sharing a batch read between forwards (at least 1).
+        depth: batches the prefetch thread reads ahead.
+    """
+
+    def __init__(
+        self, batches: WindowBatches, between: Callable[[], bool], threads: int, depth: int = 3
+    ) -> None:
+        self._batches, self._between, self._depth = batches, between, depth
+        self._inline = InlineReads(batches, threads)
+        self._ahead: Prefetch | None = None
+        #: batches read between forwards, and by the prefetch thread
+        self.counts = {"between_forwards": 0, "ahead": 0}
+
+    def __iter__(self) -> Iterator:
+        n = len(self._batches)
+        ahead: Iterator | None = None
+        for i in range(n):
+            if self._between():
+                self._stop_ahead()
+                ahead = None
+                self.counts["between_forwards"] += 1
+                yield self._inline.read(i)
+                continue
+            if ahead is None:
+                source = (self._batches[j] for j in range(i, n))
+                self._ahead = Prefetch(source, depth=self._depth)
+                ahead = iter(self._ahead)
+            self.counts["ahead"] += 1
+            yield next(ahead)
+
+    def _stop_ahead(self) -> None:
+        if self._ahead is not None:
+            self._ahead.close()
+            self._ahead = None
+
+    def close(self) -> None:
+        """Stop the prefetch thread and the reading threads."""
+        self._stop_ahead()
+        self._inline.close()

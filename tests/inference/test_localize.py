@@ -259,24 +259,29 @@ def test_reading_between_forwards_gives_the_same_map(
     tmp_path, synthetic_slide, models, monkeypatch
 ):
     import histo_wsl.inference.engine as engine
-    from histo_wsl.inference.windows import InlineReads
 
     kw = {"mpp": 4.0, "output_mpp": 8.0}
-    used = []
-
-    class Counted(InlineReads):
-        def __init__(self, batches, threads):
-            used.append(threads)
-            super().__init__(batches, threads)
-
-    monkeypatch.setattr(engine, "InlineReads", Counted)
-    maps = []
-    for inline, out in ((False, tmp_path / "beside"), (True, tmp_path / "between")):
-        monkeypatch.setattr(engine, "reads_between_forwards", lambda e, inline=inline: inline)
-        assert _run([_item(synthetic_slide)], out, models / "cam.pt", **kw).exit_code == 0
-        maps.append(_prob(out / "synth" / "synth.prob.tif")[0])
-    assert len(used) == 1 and used[0] >= 1  # only the second run read between forwards
+    maps, counts = [], []
+    rules = {
+        "beside": lambda: False,
+        "between": lambda: True,
+        "switching": iter([True, False, False, True] * 100).__next__,  # the load comes and goes
+    }
+    for name, rule in rules.items():
+        monkeypatch.setattr(engine, "reads_between_forwards", lambda e, rule=rule: rule())
+        params = LocalizeParams(model=models / "cam.pt", batch_size=2, **kw)
+        s = localize([_item(synthetic_slide)], tmp_path / name, params, BatchOptions(quiet=True))
+        assert s.exit_code == 0
+        counts.append(s.items[0].details["batches_read"])
+        maps.append(_prob(tmp_path / name / "synth" / "synth.prob.tif")[0])
+    n = counts[0]["ahead"]
+    assert n > 4  # enough batches to switch twice
+    assert counts[0] == {"between_forwards": 0, "ahead": n}
+    assert counts[1] == {"between_forwards": n, "ahead": 0}
+    assert counts[2]["between_forwards"] > 0 and counts[2]["ahead"] > 0
+    assert sum(counts[2].values()) == n
     np.testing.assert_array_equal(maps[0], maps[1])
+    np.testing.assert_array_equal(maps[0], maps[2])
 
 
 def test_the_batch_size_is_the_device_s_own_and_does_not_change_the_map(

@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 
 from histo_wsl.inference import engine
-from histo_wsl.inference.windows import FIRST_BATCH, InlineReads, Prefetch, WindowBatches
+from histo_wsl.inference.windows import (
+    FIRST_BATCH,
+    FollowingReads,
+    InlineReads,
+    Prefetch,
+    WindowBatches,
+)
 from histo_wsl.slideio.slide import open_slide, plan_read
 
 
@@ -46,6 +52,54 @@ def test_inline_reads_give_every_batch_in_order_and_stop_their_threads(batches):
     reads.close()  # twice is harmless
     assert threading.active_count() == before
     assert len(list(InlineReads(batches, threads=1))) == len(batches)  # no pool at all
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        [True] * 99,
+        [False] * 99,
+        [True, False, False, True, True, False, True, False] * 12,  # the load comes and goes
+        [False, False, False, True] * 25,  # back between forwards after the thread read ahead
+    ],
+)
+def test_following_reads_give_every_batch_in_order_whichever_reader(batches, rule):
+    before = threading.active_count()
+    asked = iter(rule)
+    reads = FollowingReads(batches, asked.__next__, threads=2, depth=2)
+    got = list(reads)
+    assert len(got) == len(batches) > 4
+    for i, batch in enumerate(got):
+        assert np.array_equal(batch.numpy(), batches[i].numpy())
+    expected = rule[: len(batches)]
+    assert reads.counts == {
+        "between_forwards": sum(expected),
+        "ahead": len(expected) - sum(expected),
+    }
+    reads.close()
+    reads.close()  # twice is harmless
+    assert threading.active_count() == before
+
+
+def test_following_reads_hand_on_a_read_error_and_stop_their_threads(batches, monkeypatch):
+    before = threading.active_count()
+    real = WindowBatches.read
+
+    def read(self, i, pool=None):
+        if i == 3:
+            raise ValueError("unreadable tile")
+        return real(self, i, pool)
+
+    monkeypatch.setattr(WindowBatches, "read", read)
+    for between in (True, False):
+        reads = FollowingReads(batches, lambda between=between: between, threads=2)
+        got = []
+        with pytest.raises(ValueError, match="unreadable tile"):
+            for batch in reads:
+                got.append(batch)
+        reads.close()
+        assert len(got) == 3
+    assert threading.active_count() == before
 
 
 def test_prefetch_gives_every_item_and_hands_on_an_error():
