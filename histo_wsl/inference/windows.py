@@ -208,8 +208,8 @@ class FollowingReads:
     or ends mid-slide. Decided once per slide instead, a slide that began before the governor's
     first measurement kept its reads between forwards after ``--threads`` auto had dropped to one
     thread beside a busy process, and left the second core idle while it read: 3.3 s of read wait
-    on the 40,000 × 4,480 band, against 0.2-0.4 s with the reader beside the forward
-    (docs/results.md, *Reading between forwards*).
+    on the 40,000 × 4,480 band, against 0.2-0.5 s with the reader beside the forward
+    (docs/results.md, *The reader following the threads*).
 
     A switch to the prefetch thread starts it at the next batch; a switch back stops it, and the
     batches it had read ahead (at most ``depth``) are read again between forwards.
