@@ -232,17 +232,15 @@ class FollowingReads:
 
     def __iter__(self) -> Iterator:
         n = len(self._batches)
-        ahead: Iterator | None = None
+        ahead: Iterator = iter(())
         for i in range(n):
             if self._between():
                 self._stop_ahead()
-                ahead = None
                 self.counts["between_forwards"] += 1
                 yield self._inline.read(i)
                 continue
-            if ahead is None:
-                source = (self._batches[j] for j in range(i, n))
-                self._ahead = Prefetch(source, depth=self._depth)
+            if self._ahead is None:  # a prefetch thread from this batch on
+                self._ahead = Prefetch((self._batches[j] for j in range(i, n)), self._depth)
                 ahead = iter(self._ahead)
             self.counts["ahead"] += 1
             yield next(ahead)

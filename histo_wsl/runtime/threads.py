@@ -20,6 +20,7 @@ core after a forward ends, before the windows of the next batch are read.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -63,8 +64,6 @@ def shorten_openmp_spin(spincount: int = OPENMP_SPINCOUNT) -> bool:
     Returns:
         Whether ``GOMP_SPINCOUNT`` was set.
     """
-    import sys
-
     if "torch" in sys.modules:
         return False
     if "GOMP_SPINCOUNT" in os.environ or "OMP_WAIT_POLICY" in os.environ:
