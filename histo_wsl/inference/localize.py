@@ -286,7 +286,7 @@ def _localize_open_slide(job: SlideJob, progress: Progress) -> dict:
         "mpp_source": slide.mpp_source,
         "slide_size": [w0, h0],
         "model_mpp": g.model_mpp,
-        "read": g.plan.as_dict(),
+        "read": {**g.plan.as_dict(), "decoded_by": slide.reader_record()},
         "output_mpp": g.output_mpp,
         "output_size": [g.out_w, g.out_h],
         "output_downsample": g.s_out,

@@ -12,6 +12,7 @@ geometry for the same request.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -22,6 +23,12 @@ from PIL import Image
 
 from histo_wsl.errors import InputError
 from histo_wsl.runtime.inputs import IMAGE_SUFFIXES
+from histo_wsl.slideio.tiff_tiles import (
+    TIFF_VENDORS,
+    TILE_READER_ENV,
+    TiffTiles,
+    tile_reader_enabled,
+)
 
 __all__ = [
     "MAX_PLAUSIBLE_MPP",
@@ -90,6 +97,9 @@ class Slide:
     notes: list[str] = field(default_factory=list)
     _osr: object | None = field(default=None, repr=False)
     _image: Image.Image | None = field(default=None, repr=False)
+    _tiles: TiffTiles | None = field(default=None, repr=False)
+    _tiles_state: str = field(default="unopened", repr=False)
+    _tiles_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def dimensions(self) -> tuple[int, int]:
@@ -119,6 +129,63 @@ class Slide:
         """
         if self._image is not None:
             return _crop_plain(self._image, location, size)
+        tiles = self._tile_reader()
+        if tiles is not None and 0 <= level < self.level_count:
+            served = tiles.region(
+                level, location, self.level_downsamples[level], size, self._read_level_pixels
+            )
+            if served is not None:
+                region = Image.fromarray(served[0])
+                if served[1] is not None:
+                    region.info["icc_profile"] = served[1]
+                return region
+        return self._read_openslide(location, level, size)
+
+    def reader_record(self) -> dict:
+        """Who decodes the slide's pixels (JSON-ready, for outputs' records).
+
+        ``{"tiles": [levels], "openslide": {level: why}}``: the levels read so far by the direct
+        TIFF tile reader (:mod:`histo_wsl.slideio.tiff_tiles`, each checked equal to OpenSlide on
+        its first read) and the levels it handed to OpenSlide after that check; every other
+        level is OpenSlide's. ``{"tiles": [], "openslide": "why"}`` when the tile reader is not
+        used for this slide at all; plain images: ``{"image": true}``.
+        """
+        if self.vendor == "image":
+            return {"image": True}
+        if self._tiles is None:
+            why = {
+                "unopened": "no pixels read yet",
+                "off": f"{TILE_READER_ENV}=openslide",
+                "vendor": f"{self.vendor} is not a plain tiled TIFF pyramid",
+            }.get(self._tiles_state, "no level is a tiled 8-bit RGB page tifffile reads")
+            return {"tiles": [], "openslide": why}
+        return self._tiles.record()
+
+    def _tile_reader(self) -> TiffTiles | None:
+        """The direct tile reader, opened on the first read (None: OpenSlide reads everything)."""
+        if self._tiles_state == "unopened":
+            with self._tiles_lock:
+                if self._tiles_state == "unopened":
+                    if not tile_reader_enabled():
+                        self._tiles_state = "off"
+                    elif self.vendor not in TIFF_VENDORS or self._osr is None:
+                        self._tiles_state = "vendor"
+                    else:
+                        self._tiles = TiffTiles.open(
+                            self.path, self.vendor, self.level_dimensions, DEFAULT_TILE_CACHE
+                        )
+                        self._tiles_state = "open" if self._tiles is not None else "none"
+        return self._tiles
+
+    def _read_level_pixels(self, level: int, x: int, y: int, w: int, h: int) -> Image.Image:
+        """OpenSlide's region at whole pixels (x, y) of ``level`` (the tile reader's check)."""
+        ds = self.level_downsamples[level]
+        return self._read_openslide((round(x * ds), round(y * ds)), level, (w, h))
+
+    def _read_openslide(
+        self, location: tuple[int, int], level: int, size: tuple[int, int]
+    ) -> Image.Image:
+        """:meth:`read_region` through OpenSlide."""
         try:
             region = self._osr.read_region(location, level, size)  # type: ignore[union-attr]
         except Exception as exc:  # OpenSlideError and decoder errors
@@ -131,6 +198,10 @@ class Slide:
 
     def close(self) -> None:
         """Release the file handle."""
+        if self._tiles is not None:
+            self._tiles.close()
+            self._tiles = None
+        self._tiles_state = "closed"
         if self._osr is not None:
             self._osr.close()  # type: ignore[attr-defined]
             self._osr = None
@@ -151,9 +222,14 @@ class Slide:
         import openslide
 
         osr.set_cache(openslide.OpenSlideCache(int(capacity)))  # type: ignore[attr-defined]
+        tiles = self._tile_reader()
+        if tiles is not None:
+            tiles.set_capacity(capacity)
         try:
             yield
         finally:
+            if tiles is not None and self._tiles is tiles:
+                tiles.set_capacity(DEFAULT_TILE_CACHE)
             try:
                 if self._osr is not None:
                     self._osr.set_cache(openslide.OpenSlideCache(DEFAULT_TILE_CACHE))  # type: ignore[attr-defined]

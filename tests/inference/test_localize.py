@@ -154,6 +154,7 @@ def test_constant_model_gives_constant_map_on_tissue_only(tmp_path, synthetic_sl
     assert rec["predicted_class"] in ("normal", "tumour") and 0.5 <= rec["score"] <= 1
     assert sum(rec["class_probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
     assert rec["read"]["level"] == 3 and rec["model_mpp"] == 4.0 and rec["output_mpp"] == 16.0
+    assert 3 in rec["read"]["decoded_by"]["tiles"]  # the windows' level, decoded from its tiles
     assert rec["roi_area_um2"] == pytest.approx(rec["tissue_area_um2"])
     assert rec["roi_mean_probability"] == pytest.approx(SIGMOID_1, abs=0.005)
     assert 0 < rec["windows"] <= rec["grid_windows"]
