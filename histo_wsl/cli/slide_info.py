@@ -89,9 +89,26 @@ def slide_info(
             )
             console.print(
                 f"pixels: a {info['pixels']['read'][0]['width']} px tile decoded at {tiles}"
+                f"{_decoder_words(info['pixels'].get('decoded_by', {}))}"
             )
             for note in info["notes"]:
                 console.print(f"[yellow]note:[/yellow] {note}", soft_wrap=True)
     if failed:
         raise typer.Exit(EXIT_BAD_INPUT if failed == len(infos) else EXIT_SOME_FAILED)
     raise typer.Exit(EXIT_OK)
+
+
+def _decoder_words(record: dict) -> str:
+    """`` by ...``: which reader decoded the levels read (:meth:`Slide.reader_record`)."""
+    if not record or record.get("image"):
+        return ""
+    tiles = record.get("tiles") or []
+    if not tiles:
+        return " by OpenSlide"
+    refused = record.get("openslide") or {}
+    levels = "level" if len(tiles) == 1 else "levels"
+    where = ", ".join(str(level) for level in tiles)
+    words = f" by histo-wsl's TIFF tile reader ({levels} {where}; checked equal to OpenSlide)"
+    if isinstance(refused, dict) and refused:
+        words += ", by OpenSlide on level(s) " + ", ".join(refused)
+    return words

@@ -87,8 +87,8 @@ class WindowBatches:
     def read(self, i: int, pool: ThreadPoolExecutor | None = None) -> torch.Tensor:
         """Batch ``i``; with a ``pool`` its windows are read by the pool's threads.
 
-        OpenSlide, Pillow's resize and a held level's crops release the GIL, and one slide
-        handle serves several threads.
+        OpenSlide, the TIFF tile reader's decoder, Pillow's resize and a held level's crops
+        release the GIL, and one slide handle serves several threads.
         """
         import torch
 

@@ -249,7 +249,8 @@ class Slide:
         copy, a damaged disk); this reads a little of it. One tile is no proof for the whole file.
 
         Returns:
-            ``{"status": "ok", "read": [{level, x, y, width, height, mean_rgb}, ...]}``.
+            ``{"status": "ok", "read": [{level, x, y, width, height, mean_rgb}, ...],
+            "decoded_by": ...}`` (:meth:`reader_record`: the levels decoded from their tiles).
 
         Raises:
             InputError: a tile cannot be decoded (corrupt or truncated pixel data).
@@ -272,7 +273,7 @@ class Slide:
                     "mean_rgb": [round(float(v), 1) for v in region.reshape(-1, 3).mean(axis=0)],
                 }
             )
-        return {"status": "ok", "read": read}
+        return {"status": "ok", "read": read, "decoded_by": self.reader_record()}
 
     def info(self) -> dict:
         """A JSON-ready description: format, sizes, levels, resolution, associated images."""

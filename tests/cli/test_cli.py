@@ -179,6 +179,7 @@ def test_slide_info_decodes_a_tile_so_damaged_pixels_are_found(tmp_path, synthet
     assert ok.exit_code == 0
     pixels = json.loads(ok.stdout)["items"][0]["pixels"]
     assert pixels["status"] == "ok" and pixels["read"][0]["level"] == 0
+    assert 0 in pixels["decoded_by"]["tiles"]  # decoded from its tiles, checked against OpenSlide
     assert (
         "pixels: a 256 px tile decoded"
         in runner.invoke(app, ["slide-info", str(synthetic_slide)]).stdout
