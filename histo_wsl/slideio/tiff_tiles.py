@@ -33,6 +33,10 @@ TILE_READER_ENV = "HISTO_WSL_TILE_READER"
 #: OpenSlide formats whose levels are the tiled pages of one TIFF, with no offsets or overlaps.
 TIFF_VENDORS = frozenset({"aperio", "generic-tiff"})
 
+#: A level whose check found this many tiles it could not decode (missing, cut short, foreign) is
+#: left to OpenSlide instead of being checked again at every read.
+MAX_FAILED_CHECKS = 8
+
 #: A level's location is a whole pixel of it when within this of an integer (OpenSlide paints
 #: other locations through Cairo's bilinear path, which this reader does not imitate).
 _WHOLE_PIXEL = 1e-6
@@ -62,6 +66,7 @@ class _Level:
     jpeg: bool
     state: str = "unchecked"  # "unchecked", "tiles" or "openslide"
     reason: str = ""
+    failed_checks: int = 0
     icc_profile: bytes | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -197,8 +202,12 @@ class TiffTiles:
             x0, y0 = tx * lv.tile_w, ty * lv.tile_h
             tw, th = min(lv.tile_w, lv.width - x0), min(lv.tile_h, lv.height - y0)
             ours = self._assemble(level, lv, x0, y0, tw, th)
-            if ours is None:
-                return False  # this read goes to OpenSlide; the next one checks again
+            if ours is None:  # this read goes to OpenSlide; the next one checks again
+                lv.failed_checks += 1
+                if lv.failed_checks >= MAX_FAILED_CHECKS:
+                    lv.state = "openslide"
+                    lv.reason = f"{MAX_FAILED_CHECKS} of its tiles could not be decoded here"
+                return False
             theirs = openslide_read(level, x0, y0, tw, th)
             ref = np.asarray(theirs)
             if ref.shape != ours.shape or not np.array_equal(ref, ours):
@@ -250,7 +259,7 @@ class TiffTiles:
         with self._fh_lock:
             self._fh.seek(int(lv.offsets[index]))
             data = self._fh.read(count)
-        if len(data) != count or (lv.jpeg and not data.endswith(b"\xff\xd9")):
+        if len(data) != count or (lv.jpeg and not _ends_jpeg(data)):
             return None
         try:
             segment = lv.decode(data, index, jpegtables=lv.jpegtables)[0]
@@ -275,6 +284,11 @@ class TiffTiles:
         with self._lock:
             for key in [k for k in self._cache if k[0] == level]:
                 self._cached_bytes -= self._cache.pop(key).nbytes
+
+
+def _ends_jpeg(data: bytes) -> bool:
+    """Whether a JPEG stream reaches its end marker (EOI), trailing zero padding allowed."""
+    return data.endswith(b"\xff\xd9") or data.rstrip(b"\x00").endswith(b"\xff\xd9")
 
 
 def _servable(page: object) -> bool:

@@ -168,3 +168,75 @@ def test_a_real_corrupt_svs_still_fails_with_openslide_s_error(wsi_dir):
         pytest.raises(InputError, match="corrupt"),
     ):
         slide.read_region((0, 0), 0, (16, 16))
+
+
+def _tiff_of_tiles(path, rgb, tile_bytes, compressionargs=None):
+    """A one-level JPEG-tiled TIFF whose tiles' bytes are ``tile_bytes(tile array)``."""
+    th = tw = 256
+    h, w = rgb.shape[:2]
+    tiles = (
+        tile_bytes(rgb[y : y + th, x : x + tw]) for y in range(0, h, th) for x in range(0, w, tw)
+    )
+    with tifffile.TiffWriter(path) as tw_:
+        tw_.write(
+            data=tiles,
+            shape=rgb.shape,
+            dtype=np.uint8,
+            tile=(th, tw),
+            photometric="rgb",
+            compression="jpeg",
+            compressionargs=JPEG_RGB if compressionargs is None else compressionargs,
+            subsampling=(1, 1),
+            resolution=(2e4, 2e4),
+            resolutionunit="CENTIMETER",
+        )
+    return path
+
+
+#: RGB in, RGB JPEG out, no chroma subsampling: photometric RGB (as write_pyramid_tiff writes)
+JPEG_RGB = {"level": 90, "colorspace": "RGB", "outcolorspace": "RGB", "subsampling": (1, 1)}
+
+
+def _jpeg(tile):
+    import imagecodecs
+
+    return imagecodecs.jpeg8_encode(tile, **JPEG_RGB)
+
+
+def test_jpeg_tiles_padded_after_their_end_marker_are_decoded(tmp_path, layout):
+    from histo_wsl.synthetic.slides import render_region
+
+    rgb = render_region(layout, 500, 300, 512, 512, 1.0)
+    path = _tiff_of_tiles(tmp_path / "padded.tif", rgb, lambda t: _jpeg(t) + b"\x00" * 13)
+    with open_slide(path) as fast, _openslide_only(path) as ref:
+        region = ((100, 90), 0, (300, 280))
+        assert _same(fast.read_region(*region), ref.read_region(*region))
+        assert fast.reader_record()["tiles"] == [0]
+
+
+def test_a_level_whose_tiles_never_decode_here_stops_being_checked(tmp_path, layout):
+    from histo_wsl.slideio.tiff_tiles import MAX_FAILED_CHECKS
+    from histo_wsl.synthetic.slides import render_region
+
+    rgb = render_region(layout, 500, 300, 512, 512, 1.0)
+    path = _tiff_of_tiles(tmp_path / "cut.tif", rgb, lambda t: _jpeg(t)[:-2])  # no end marker
+    with open_slide(path) as slide:
+        for _ in range(MAX_FAILED_CHECKS):
+            with pytest.raises(InputError, match="Premature end of JPEG"):
+                slide.read_region((10, 10), 0, (40, 40))
+        record = slide.reader_record()
+    assert record["tiles"] == [] and "could not be decoded" in record["openslide"]["0"]
+
+
+def test_a_file_whose_tags_and_jpeg_disagree_is_read_as_openslide_reads_it(tmp_path, layout):
+    """RGB JPEG tiles under a YCbCr photometric tag: tifffile and OpenSlide decode them apart."""
+    from histo_wsl.synthetic.slides import render_region
+
+    rgb = render_region(layout, 500, 300, 512, 512, 1.0)
+    path = _tiff_of_tiles(tmp_path / "mixed.tif", rgb, _jpeg, compressionargs={})
+    with tifffile.TiffFile(path) as tif:
+        assert tif.pages[0].photometric.name == "YCBCR"
+    with open_slide(path) as fast, _openslide_only(path) as ref:
+        for region in [((100, 90), 0, (300, 280)), ((0, 0), 0, (512, 512))]:
+            assert _same(fast.read_region(*region), ref.read_region(*region))
+        assert "differs" in fast.reader_record()["openslide"]["0"]
