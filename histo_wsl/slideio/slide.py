@@ -157,6 +157,7 @@ class Slide:
                 "unopened": "no pixels read yet",
                 "off": f"{TILE_READER_ENV}=openslide",
                 "vendor": f"{self.vendor} is not a plain tiled TIFF pyramid",
+                "closed": "the slide is closed",
             }.get(self._tiles_state, "no level is a tiled 8-bit RGB page tifffile reads")
             return {"tiles": [], "openslide": why}
         return self._tiles.record()
