@@ -144,11 +144,13 @@ class Slide:
     def reader_record(self) -> dict:
         """Who decodes the slide's pixels (JSON-ready, for outputs' records).
 
-        ``{"tiles": [levels], "openslide": {level: why}}``: the levels read so far by the direct
-        TIFF tile reader (:mod:`histo_wsl.slideio.tiff_tiles`, each checked equal to OpenSlide on
-        its first read) and the levels it handed to OpenSlide after that check; every other
-        level is OpenSlide's. ``{"tiles": [], "openslide": "why"}`` when the tile reader is not
-        used for this slide at all; plain images: ``{"image": true}``.
+        ``{"tiles": [levels], "openslide": {level: why}, "reads": {level: {"tiles": n,
+        "openslide": n}}}``: the levels the direct TIFF tile reader
+        (:mod:`histo_wsl.slideio.tiff_tiles`) checked equal to OpenSlide on their first read, the
+        levels it left to OpenSlide after that check, and each level's reads served by it or
+        handed to OpenSlide (e.g. locations between two pixels of a level whose downsample is not
+        a whole number); every other level is OpenSlide's. ``{"tiles": [], "openslide": "why"}``
+        when the tile reader is not used for this slide at all; plain images: ``{"image": true}``.
         """
         if self.vendor == "image":
             return {"image": True}

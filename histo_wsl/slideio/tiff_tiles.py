@@ -67,6 +67,8 @@ class _Level:
     state: str = "unchecked"  # "unchecked", "tiles" or "openslide"
     reason: str = ""
     failed_checks: int = 0
+    served: int = 0  # reads this reader served
+    handed_back: int = 0  # reads it handed to OpenSlide (between pixels, not decodable here)
     icc_profile: bytes | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -145,8 +147,29 @@ class TiffTiles:
                 OpenSlide does, for the level's check on its first read.
         """
         lv = self.levels.get(level)
-        if lv is None or lv.state == "openslide":
+        if lv is None:
             return None
+        served = (
+            None
+            if lv.state == "openslide"
+            else self._serve(level, lv, location, downsample, size, openslide_read)
+        )
+        with self._lock:
+            if served is None:
+                lv.handed_back += 1
+            else:
+                lv.served += 1
+        return served
+
+    def _serve(
+        self,
+        level: int,
+        lv: _Level,
+        location: tuple[int, int],
+        downsample: float,
+        size: tuple[int, int],
+        openslide_read: OpenSlideRead,
+    ) -> tuple[np.ndarray, bytes | None] | None:
         fx, fy = location[0] / downsample, location[1] / downsample
         x, y = round(fx), round(fy)
         if abs(fx - x) > _WHOLE_PIXEL or abs(fy - y) > _WHOLE_PIXEL:
@@ -161,12 +184,23 @@ class TiffTiles:
         return rgb, (lv.icc_profile if inside else None)
 
     def record(self) -> dict:
-        """``{"tiles": [levels served], "openslide": {level: why}}`` (levels checked and refused)."""
+        """Levels served, levels refused and why, and the reads of each level either way.
+
+        ``{"tiles": [levels checked equal], "openslide": {level: why}, "reads": {level:
+        {"tiles": n, "openslide": n}}}``; ``reads`` counts the reads this reader served and those
+        it handed to OpenSlide (a location between two of the level's pixels, a tile it cannot
+        decode, or the level refused).
+        """
         tiles = sorted(i for i, lv in self.levels.items() if lv.state == "tiles")
         other = {
             str(i): lv.reason for i, lv in sorted(self.levels.items()) if lv.state == "openslide"
         }
-        return {"tiles": tiles, "openslide": other}
+        reads = {
+            str(i): {"tiles": lv.served, "openslide": lv.handed_back}
+            for i, lv in sorted(self.levels.items())
+            if lv.served or lv.handed_back
+        }
+        return {"tiles": tiles, "openslide": other, "reads": reads}
 
     def set_capacity(self, capacity: int) -> None:
         """Bound the decoded-tile cache to ``capacity`` bytes (dropping the oldest tiles)."""

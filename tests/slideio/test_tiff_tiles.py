@@ -240,3 +240,38 @@ def test_a_file_whose_tags_and_jpeg_disagree_is_read_as_openslide_reads_it(tmp_p
         for region in [((100, 90), 0, (300, 280)), ((0, 0), 0, (512, 512))]:
             assert _same(fast.read_region(*region), ref.read_region(*region))
         assert "differs" in fast.reader_record()["openslide"]["0"]
+
+
+def test_reads_between_the_pixels_of_a_level_with_an_uneven_downsample_go_to_openslide(
+    tmp_path, layout
+):
+    """A level of 500 x 375 px under 1001 x 751 (downsample 2.0023, as scanners' pyramids have):
+    a level-0 location is rarely a whole pixel of it, so those reads are OpenSlide's, counted."""
+    from histo_wsl.synthetic.slides import render_region
+
+    args = {
+        "tile": (256, 256),
+        "photometric": "rgb",
+        "compression": "jpeg",
+        "compressionargs": JPEG_RGB,
+        "subsampling": (1, 1),
+        "resolutionunit": "CENTIMETER",
+    }
+    path = tmp_path / "uneven.tif"
+    with tifffile.TiffWriter(path) as tw:
+        tw.write(render_region(layout, 0, 0, 1001, 751, 1.0), resolution=(2e4, 2e4), **args)
+        tw.write(
+            render_region(layout, 0, 0, 500, 375, 1001 / 500),
+            resolution=(1e4, 1e4),
+            subfiletype=1,
+            **args,
+        )
+    with open_slide(path) as fast, _openslide_only(path) as ref:
+        assert fast.level_downsamples[1] != 2.0
+        plan = plan_read(fast, mpp=1.2)
+        assert plan.level == 1
+        for loc in [(0, 0), (301, 207), (640, 480)]:
+            a, b = read_patch(fast, plan, loc, (64, 64)), read_patch(ref, plan, loc, (64, 64))
+            assert np.array_equal(np.asarray(a), np.asarray(b))
+        reads = fast.reader_record()["reads"]["1"]
+    assert reads["openslide"] >= 2 and reads["tiles"] + reads["openslide"] == 3
