@@ -135,11 +135,27 @@ class Slide:
                 level, location, self.level_downsamples[level], size, self._read_level_pixels
             )
             if served is not None:
-                region = Image.fromarray(served[0])
-                if served[1] is not None:
-                    region.info["icc_profile"] = served[1]
-                return region
+                return _served_image(served)
         return self._read_openslide(location, level, size)
+
+    def read_level_region(self, level: int, x: int, y: int, size: tuple[int, int]) -> Image.Image:
+        """Read an RGB region at whole pixels ``(x, y)`` of ``level``'s own grid.
+
+        :meth:`read_region` takes a level-0 location, which is a whole pixel of a level only
+        when the level's downsample divides it; on a level with an uneven downsample (every
+        level above 0 of a scanner's pyramid) OpenSlide paints the nearest one shifted by a
+        fraction of a pixel. Here the direct tile reader serves the level's own pixels; a slide
+        it does not serve is read by OpenSlide at the nearest level-0 location, as before.
+        """
+        if self._image is not None or level == 0:
+            return self.read_region((int(x), int(y)), level, size)
+        tiles = self._tile_reader()
+        if tiles is not None and 0 < level < self.level_count:
+            served = tiles.level_region(level, int(x), int(y), size, self._read_level_pixels)
+            if served is not None:
+                return _served_image(served)
+        ds = self.level_downsamples[level]
+        return self._read_openslide((round(x * ds), round(y * ds)), level, size)
 
     def reader_record(self) -> dict:
         """Who decodes the slide's pixels (JSON-ready, for outputs' records).
@@ -175,7 +191,11 @@ class Slide:
                         self._tiles_state = "vendor"
                     else:
                         self._tiles = TiffTiles.open(
-                            self.path, self.vendor, self.level_dimensions, DEFAULT_TILE_CACHE
+                            self.path,
+                            self.vendor,
+                            self.level_dimensions,
+                            DEFAULT_TILE_CACHE,
+                            self.level_downsamples,
                         )
                         self._tiles_state = "open" if self._tiles is not None else "none"
         return self._tiles
@@ -305,6 +325,14 @@ class Slide:
             "file_size_bytes": self.path.stat().st_size if self.path.exists() else None,
             "notes": list(self.notes),
         }
+
+
+def _served_image(served: tuple[np.ndarray, bytes | None]) -> Image.Image:
+    """A Pillow image of the tile reader's pixels, with the ICC profile OpenSlide would attach."""
+    region = Image.fromarray(served[0])
+    if served[1] is not None:
+        region.info["icc_profile"] = served[1]
+    return region
 
 
 def _flatten_rgba(region: Image.Image) -> Image.Image:
@@ -719,6 +747,8 @@ def read_patch(
     13-17 against 5 ms for a 352-px region on a JPEG-tiled TIFF) before this function resamples the
     result again. The fraction goes into the one resampling instead (``Image.resize``'s ``box``),
     which also uses the plan's exact scale rather than a region size rounded to whole pixels.
+    The whole pixels are asked in the level's own grid (:meth:`Slide.read_level_region`), which
+    a level-0 location cannot name on a level with an uneven downsample.
     """
     w, h = size
     ds = plan.level_downsample
@@ -730,7 +760,7 @@ def read_patch(
     fx, fy = x - ix, y - iy
     bw, bh = w * factor, h * factor
     rw, rh = max(1, math.ceil(fx + bw)), max(1, math.ceil(fy + bh))
-    region = slide.read_region((round(ix * ds), round(iy * ds)), plan.level, (rw, rh))
+    region = slide.read_level_region(plan.level, ix, iy, (rw, rh))
     return region.resize((w, h), RESAMPLE, box=(fx, fy, fx + bw, fy + bh))
 
 

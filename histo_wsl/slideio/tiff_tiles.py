@@ -64,6 +64,8 @@ class _Level:
     decode: Callable
     jpegtables: bytes | None
     jpeg: bool
+    signature: tuple  # how its tiles are encoded (compression, photometric, subsampling)
+    downsample: float = 1.0
     state: str = "unchecked"  # "unchecked", "tiles" or "openslide"
     reason: str = ""
     failed_checks: int = 0
@@ -104,11 +106,13 @@ class TiffTiles:
         vendor: str,
         level_dimensions: tuple[tuple[int, int], ...],
         capacity: int,
+        level_downsamples: tuple[float, ...] | None = None,
     ) -> TiffTiles | None:
         """The tile reader of ``path``, or None when no level of it can be served this way.
 
         Each OpenSlide level is matched to the one tiled, 8-bit, 3-sample, pixel-interleaved page
         of the file with its exact size; levels without such a page stay with OpenSlide.
+        ``level_downsamples`` are OpenSlide's (default: level 0's width over the level's).
         """
         if vendor not in TIFF_VENDORS or not tile_reader_enabled():
             return None
@@ -122,6 +126,11 @@ class TiffTiles:
                     same = [p for p in pages if tuple(p.shape[:2]) == (h, w)]
                     if len(same) == 1 and _servable(same[0]):
                         levels[i] = _level_of(same[0])
+                        levels[i].downsample = (
+                            float(level_downsamples[i])
+                            if level_downsamples is not None
+                            else level_dimensions[0][0] / w
+                        )
         except Exception:  # noqa: BLE001 - tifffile cannot parse it: OpenSlide reads it alone
             return None
         if not levels:
@@ -146,42 +155,43 @@ class TiffTiles:
             openslide_read: reads (level, x, y, width, height in the level's pixels) as
                 OpenSlide does, for the level's check on its first read.
         """
+        fx, fy = location[0] / downsample, location[1] / downsample
+        x, y = round(fx), round(fy)
+        if abs(fx - x) > _WHOLE_PIXEL or abs(fy - y) > _WHOLE_PIXEL:
+            lv = self.levels.get(level)
+            if lv is not None:
+                with self._lock:
+                    lv.handed_back += 1
+            return None
+        return self.level_region(level, x, y, size, openslide_read)
+
+    def level_region(
+        self, level: int, x: int, y: int, size: tuple[int, int], openslide_read: OpenSlideRead
+    ) -> tuple[np.ndarray, bytes | None] | None:
+        """As :meth:`region`, at whole pixels ``(x, y)`` of the level's own grid.
+
+        On a level whose downsample is not a whole number (every level above 0 of a scanner's
+        pyramid: sizes are rounded) most of its pixels have no level-0 location of their own,
+        so only this call reaches them; OpenSlide, given the nearest level-0 location, paints
+        the region shifted by a fraction of a pixel through its bilinear path.
+        """
         lv = self.levels.get(level)
         if lv is None:
             return None
-        served = (
-            None
-            if lv.state == "openslide"
-            else self._serve(level, lv, location, downsample, size, openslide_read)
-        )
+        served = None
+        if lv.state != "openslide":
+            w, h = int(size[0]), int(size[1])
+            if lv.state == "tiles" or self._check(level, lv, x, y, openslide_read):
+                rgb = self._assemble(level, lv, x, y, w, h)
+                if rgb is not None:
+                    inside = x >= 0 and y >= 0 and x + w <= lv.width and y + h <= lv.height
+                    served = rgb, (lv.icc_profile if inside else None)
         with self._lock:
             if served is None:
                 lv.handed_back += 1
             else:
                 lv.served += 1
         return served
-
-    def _serve(
-        self,
-        level: int,
-        lv: _Level,
-        location: tuple[int, int],
-        downsample: float,
-        size: tuple[int, int],
-        openslide_read: OpenSlideRead,
-    ) -> tuple[np.ndarray, bytes | None] | None:
-        fx, fy = location[0] / downsample, location[1] / downsample
-        x, y = round(fx), round(fy)
-        if abs(fx - x) > _WHOLE_PIXEL or abs(fy - y) > _WHOLE_PIXEL:
-            return None
-        w, h = int(size[0]), int(size[1])
-        if lv.state == "unchecked" and not self._check(level, lv, x, y, w, h, openslide_read):
-            return None
-        rgb = self._assemble(level, lv, x, y, w, h)
-        if rgb is None:
-            return None
-        inside = x >= 0 and y >= 0 and x + w <= lv.width and y + h <= lv.height
-        return rgb, (lv.icc_profile if inside else None)
 
     def record(self) -> dict:
         """Levels served, levels refused and why, and the reads of each level either way.
@@ -217,41 +227,67 @@ class TiffTiles:
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _check(
-        self,
-        level: int,
-        lv: _Level,
-        x: int,
-        y: int,
-        w: int,
-        h: int,
-        openslide_read: OpenSlideRead,
-    ) -> bool:
-        """Decode the level's first tile this read touches both ways; serve the level if equal."""
+    def _check(self, level: int, lv: _Level, x: int, y: int, openslide_read: OpenSlideRead) -> bool:
+        """Decode a tile of the level both ways; serve the level if OpenSlide's is the same.
+
+        On a level whose downsample is a whole number, the tile is the first one the read at
+        ``(x, y)`` touches. On one with an uneven downsample OpenSlide paints whole pixels only
+        at the level's origin: its origin tile is compared, and so is level 0's tile under the
+        read (level 0 is always at whole pixels), which must be encoded as this level is; the
+        decoder is then tried on the tissue being read, not only on the slide's corner.
+        """
         with lv.lock:
             if lv.state != "unchecked":
                 return lv.state == "tiles"
             tx = min(max(x, 0) // lv.tile_w, lv.tiles_across - 1)
             ty = min(max(y, 0) // lv.tile_h, lv.tiles_down - 1)
-            x0, y0 = tx * lv.tile_w, ty * lv.tile_h
-            tw, th = min(lv.tile_w, lv.width - x0), min(lv.tile_h, lv.height - y0)
-            ours = self._assemble(level, lv, x0, y0, tw, th)
-            if ours is None:  # this read goes to OpenSlide; the next one checks again
-                lv.failed_checks += 1
-                if lv.failed_checks >= MAX_FAILED_CHECKS:
-                    lv.state = "openslide"
-                    lv.reason = f"{MAX_FAILED_CHECKS} of its tiles could not be decoded here"
+            if not _whole(lv.downsample):
+                base = self.levels.get(0)
+                if base is None or base.signature != lv.signature:
+                    return self._refuse(
+                        level, lv, "its downsample is uneven and level 0 is encoded otherwise"
+                    )
+                x0, y0 = round(x * lv.downsample), round(y * lv.downsample)
+                if not self._check(0, base, x0, y0, openslide_read):
+                    if base.state == "unchecked":
+                        return False  # level 0's tile was not decodable here: check again later
+                    return self._refuse(level, lv, "level 0, encoded as it is, differs")
+                tx = ty = 0
+            ok = self._compare_tile(level, lv, tx, ty, openslide_read)
+            if ok is None:
                 return False
-            theirs = openslide_read(level, x0, y0, tw, th)
-            ref = np.asarray(theirs)
-            if ref.shape != ours.shape or not np.array_equal(ref, ours):
-                lv.state = "openslide"
-                lv.reason = "its decoded tile differs from OpenSlide's"
-                self._drop_level(level)
-                return False
-            lv.icc_profile = getattr(theirs, "info", {}).get("icc_profile")
+            if not ok:
+                return self._refuse(level, lv, "its decoded tile differs from OpenSlide's")
             lv.state = "tiles"
             return True
+
+    def _compare_tile(
+        self, level: int, lv: _Level, tx: int, ty: int, openslide_read: OpenSlideRead
+    ) -> bool | None:
+        """Whether tile (tx, ty) decodes as OpenSlide paints it (None: not decodable here)."""
+        x0, y0 = tx * lv.tile_w, ty * lv.tile_h
+        tw, th = min(lv.tile_w, lv.width - x0), min(lv.tile_h, lv.height - y0)
+        ours = self._assemble(level, lv, x0, y0, tw, th)
+        if ours is None:  # this read goes to OpenSlide; the next one checks again
+            lv.failed_checks += 1
+            if lv.failed_checks >= MAX_FAILED_CHECKS:
+                self._refuse(
+                    level, lv, f"{MAX_FAILED_CHECKS} of its tiles could not be decoded here"
+                )
+            return None
+        theirs = openslide_read(level, x0, y0, tw, th)
+        ref = np.asarray(theirs)
+        if ref.shape != ours.shape or not np.array_equal(ref, ours):
+            return False
+        lv.icc_profile = getattr(theirs, "info", {}).get("icc_profile")
+        return True
+
+    def _refuse(self, level: int, lv: _Level, why: str) -> bool:
+        """Leave the level to OpenSlide (its decoded tiles dropped); False."""
+        lv.state = "openslide"
+        lv.reason = why
+        self._drop_level(level)
+        return False
 
     def _assemble(
         self, level: int, lv: _Level, x: int, y: int, w: int, h: int
@@ -320,6 +356,11 @@ class TiffTiles:
                 self._cached_bytes -= self._cache.pop(key).nbytes
 
 
+def _whole(value: float) -> bool:
+    """Whether a level-0 coordinate is a whole number (OpenSlide then paints at whole pixels)."""
+    return abs(value - round(value)) <= _WHOLE_PIXEL
+
+
 def _ends_jpeg(data: bytes) -> bool:
     """Whether a JPEG stream reaches its end marker (EOI), trailing zero padding allowed."""
     return data.endswith(b"\xff\xd9") or data.rstrip(b"\x00").endswith(b"\xff\xd9")
@@ -352,4 +393,9 @@ def _level_of(page: object) -> _Level:
         decode=page.decode,  # type: ignore[attr-defined]
         jpegtables=page.jpegtables,  # type: ignore[attr-defined]
         jpeg=page.compression.name == "JPEG",  # type: ignore[attr-defined]
+        signature=(
+            page.compression.name,  # type: ignore[attr-defined]
+            page.photometric.name,  # type: ignore[attr-defined]
+            tuple(getattr(page, "subsampling", None) or ()),
+        ),
     )

@@ -271,6 +271,12 @@ class HeldLevel:
             return None
         return cls(slide, rgb, profiles.pop())
 
+    def read_level_region(self, level: int, x: int, y: int, size: tuple[int, int]) -> Image.Image:
+        """An RGB region as :meth:`Slide.read_level_region` reads it (level 0 from memory)."""
+        if level != self.level or self.rgb is None:
+            return self.slide.read_level_region(level, x, y, size)
+        return self.read_region((int(x), int(y)), level, size)
+
     def read_region(
         self, location: tuple[int, int], level: int, size: tuple[int, int]
     ) -> Image.Image:

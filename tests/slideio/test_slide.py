@@ -79,24 +79,25 @@ def test_a_patch_between_level_pixels_is_shifted_in_the_one_resampling(synthetic
     x, y = (int(sec.cx) - 200) // 2 * 2 + 1, (int(sec.cy) - 200) // 2 * 2 + 1  # odd: ½ px
     with open_slide(synthetic_slide) as s:
         asked = []
-        read = s.read_region
+        read = s.read_level_region
 
-        def spy(location, level, size):
-            asked.append((location, level, size))
-            return read(location, level, size)
+        def spy(level, ix, iy, size):
+            asked.append((level, ix, iy, size))
+            return read(level, ix, iy, size)
 
-        s.read_region = spy
+        s.read_level_region = spy
         for mpp in (1.5, 1.0):  # level 1 resized, and level 1 as it is
             plan = plan_read(s, mpp=mpp)
             patch = read_patch(s, plan, (x, y), (100, 100))
             assert patch.size == (100, 100)
             factor = plan.scale / 2.0
-            region = read((x - 1, y - 1), 1, asked[-1][2])
+            region = s.read_region((x - 1, y - 1), 1, asked[-1][3])
             box = (0.5, 0.5, 0.5 + 100 * factor, 0.5 + 100 * factor)
             want = region.resize((100, 100), Image.Resampling.BILINEAR, box=box)
             assert np.array_equal(np.asarray(patch), np.asarray(want))
-    assert [loc for loc, _, _ in asked] == [(x - 1, y - 1)] * 2
-    assert [size for _, _, size in asked] == [(151, 151), (101, 101)]
+    # the whole pixel of level 1 under (x, y), in the level's own grid
+    assert [a[:3] for a in asked] == [(1, (x - 1) // 2, (y - 1) // 2)] * 2
+    assert [a[3] for a in asked] == [(151, 151), (101, 101)]
 
 
 def test_outside_the_slide_is_white(synthetic_slide):

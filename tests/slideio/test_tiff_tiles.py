@@ -242,11 +242,15 @@ def test_a_file_whose_tags_and_jpeg_disagree_is_read_as_openslide_reads_it(tmp_p
         assert "differs" in fast.reader_record()["openslide"]["0"]
 
 
-def test_reads_between_the_pixels_of_a_level_with_an_uneven_downsample_go_to_openslide(
-    tmp_path, layout
-):
+def test_a_level_with_an_uneven_downsample_is_read_at_its_own_whole_pixels(tmp_path, layout):
     """A level of 500 x 375 px under 1001 x 751 (downsample 2.0023, as scanners' pyramids have):
-    a level-0 location is rarely a whole pixel of it, so those reads are OpenSlide's, counted."""
+    a window's whole pixels of it have no level-0 location, so they are read in its own grid,
+    checked at its origin tile and, encoded alike, at level 0 under the window."""
+    import math
+
+    from PIL import Image
+
+    from histo_wsl.slideio.slide import RESAMPLE
     from histo_wsl.synthetic.slides import render_region
 
     args = {
@@ -266,12 +270,58 @@ def test_reads_between_the_pixels_of_a_level_with_an_uneven_downsample_go_to_ope
             subfiletype=1,
             **args,
         )
+    level1 = tifffile.imread(path, key=1)
     with open_slide(path) as fast, _openslide_only(path) as ref:
-        assert fast.level_downsamples[1] != 2.0
+        ds = fast.level_downsamples[1]
+        assert ds != 2.0
         plan = plan_read(fast, mpp=1.2)
         assert plan.level == 1
         for loc in [(0, 0), (301, 207), (640, 480)]:
-            a, b = read_patch(fast, plan, loc, (64, 64)), read_patch(ref, plan, loc, (64, 64))
-            assert np.array_equal(np.asarray(a), np.asarray(b))
-        reads = fast.reader_record()["reads"]["1"]
-    assert reads["openslide"] >= 2 and reads["tiles"] + reads["openslide"] == 3
+            got = np.asarray(read_patch(fast, plan, loc, (64, 64)))
+            x, y = loc[0] / ds, loc[1] / ds
+            ix, iy = math.floor(x), math.floor(y)
+            bw = 64 * plan.scale / ds
+            rw = math.ceil(x - ix + bw)
+            pad = np.full((rw, rw, 3), 255, np.uint8)
+            part = level1[iy : iy + rw, ix : ix + rw]
+            pad[: part.shape[0], : part.shape[1]] = part
+            box = (x - ix, y - iy, x - ix + bw, y - iy + bw)
+            want = Image.fromarray(pad).resize((64, 64), RESAMPLE, box=box)
+            assert np.array_equal(got, np.asarray(want))
+        # at the origin OpenSlide paints whole pixels too, and gives the same window
+        origin = read_patch(ref, plan, (0, 0), (64, 64))
+        assert np.array_equal(
+            np.asarray(origin), np.asarray(read_patch(fast, plan, (0, 0), (64, 64)))
+        )
+        record = fast.reader_record()
+    assert record["tiles"] == [0, 1] and record["reads"]["1"] == {"tiles": 4, "openslide": 0}
+
+
+def test_an_uneven_level_encoded_unlike_level_0_is_left_to_openslide(tmp_path, layout):
+    from histo_wsl.synthetic.slides import render_region
+
+    common = {"tile": (256, 256), "photometric": "rgb", "resolutionunit": "CENTIMETER"}
+    path = tmp_path / "mixed-levels.tif"
+    with tifffile.TiffWriter(path) as tw:
+        tw.write(
+            render_region(layout, 0, 0, 1001, 751, 1.0),
+            resolution=(2e4, 2e4),
+            compression="zlib",
+            **common,
+        )
+        tw.write(
+            render_region(layout, 0, 0, 500, 375, 1001 / 500),
+            resolution=(1e4, 1e4),
+            subfiletype=1,
+            compression="jpeg",
+            compressionargs=JPEG_RGB,
+            subsampling=(1, 1),
+            **common,
+        )
+    with open_slide(path) as fast, _openslide_only(path) as ref:
+        plan = plan_read(fast, mpp=1.2)
+        a = read_patch(fast, plan, (301, 207), (64, 64))
+        b = read_patch(ref, plan, (301, 207), (64, 64))
+        assert np.array_equal(np.asarray(a), np.asarray(b))  # OpenSlide's, shift included
+        record = fast.reader_record()
+    assert "encoded otherwise" in record["openslide"]["1"]
