@@ -9,10 +9,12 @@ JPEG) and cuts regions from a byte-bounded cache of decoded tiles.
 
 It stays OpenSlide's reader in every other respect: every level is checked against OpenSlide
 on its first read (one tile decoded both ways must be equal to the last byte, or the level is
-left to OpenSlide), and any read it cannot serve exactly is handed back (``None``) for OpenSlide
-to do: a location between two of the level's pixels, a tile without data, one that fails to
-decode or whose JPEG stream stops short of its end marker (OpenSlide refuses those, and its error
-is the one the user sees). ``HISTO_WSL_TILE_READER=openslide`` turns it off.
+left to OpenSlide; a level with an uneven downsample at its origin tile and at level 0, see
+:meth:`TiffTiles._check`), and any read it cannot serve exactly is handed back (``None``) for
+OpenSlide to do: a level-0 location between two of the level's pixels (:meth:`TiffTiles.region`;
+:meth:`TiffTiles.level_region` takes the level's own pixels), a tile without data, one that fails
+to decode or whose JPEG stream stops short of its end marker (OpenSlide refuses those, and its
+error is the one the user sees). ``HISTO_WSL_TILE_READER=openslide`` turns it off.
 """
 
 from __future__ import annotations
