@@ -39,22 +39,13 @@ import sys
 import time
 from pathlib import Path
 
+from extract_speed import synthetic_slide
+
 TARGETS = {"equal": True, "speedup": 2.0}
 #: cmu-1 in ../shared/data/wsi next to the repository
 REAL_SLIDE = (
     Path(__file__).resolve().parents[2] / "shared" / "data" / "wsi" / "cmu-1-small-region.svs"
 )
-
-
-def synthetic_slide(folder: Path, size: int = 8000, mpp: float = 0.5) -> Path:
-    """A cached synthetic JPEG-tiled pyramidal TIFF of ``size`` x ``size`` px."""
-    from histo_wsl.synthetic.slides import make_layout, write_pyramid_tiff
-
-    path = folder / f"synthetic_{size}px_{mpp:g}mpp.tiff"
-    if not path.is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        write_pyramid_tiff(path, make_layout(size, size, mpp=mpp, seed=0))
-    return path
 
 
 def read_pass(path: Path, reader: str, args: argparse.Namespace) -> tuple[float, list, dict, bool]:
@@ -138,7 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
 
-    slides = args.slide or [p for p in (REAL_SLIDE,) if p.is_file()] + [synthetic_slide(args.cache)]
+    if not args.slide:
+        args.cache.mkdir(parents=True, exist_ok=True)
+    slides = args.slide or [p for p in (REAL_SLIDE,) if p.is_file()] + [
+        synthetic_slide(args.cache, 8000, 0.5)[0]  # extract_speed.py's slide, cached
+    ]
     rows = []
     for path in slides:
         row = run_slide(Path(path), args)

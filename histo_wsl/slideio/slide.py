@@ -2,7 +2,9 @@
 
 :func:`open_slide` returns a :class:`Slide`: OpenSlide for the WSI formats it knows (SVS, NDPI, MRXS,
 SCN, Philips and generic tiled TIFF, DICOM, ...), Pillow for plain images (PNG, JPEG, BMP, TIFF strips)
-as single-level slides. Coordinates are always level-0 pixels; resolutions are µm per pixel (mpp).
+as single-level slides. Coordinates are level-0 pixels (:meth:`Slide.read_level_region`: a level's
+own); resolutions are µm per pixel (mpp). The tiles of SVS and generic TIFF are decoded by
+:mod:`histo_wsl.slideio.tiff_tiles`, checked equal to OpenSlide's, wherever it can.
 
 Reading at a target resolution goes through a :class:`ReadPlan` (:func:`plan_read`): the nearest level
 at or finer than the target is read and resized with a proper filter, so every caller gets the same
