@@ -133,9 +133,7 @@ class Slide:
             return _crop_plain(self._image, location, size)
         tiles = self._tile_reader()
         if tiles is not None and 0 <= level < self.level_count:
-            served = tiles.region(
-                level, location, self.level_downsamples[level], size, self._read_level_pixels
-            )
+            served = tiles.region(level, location, size, self._read_level_pixels)
             if served is not None:
                 return _served_image(served)
         return self._read_openslide(location, level, size)
@@ -194,10 +192,9 @@ class Slide:
                     else:
                         self._tiles = TiffTiles.open(
                             self.path,
-                            self.vendor,
                             self.level_dimensions,
-                            DEFAULT_TILE_CACHE,
                             self.level_downsamples,
+                            DEFAULT_TILE_CACHE,
                         )
                         self._tiles_state = "open" if self._tiles is not None else "none"
         return self._tiles

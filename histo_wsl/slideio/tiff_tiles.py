@@ -65,7 +65,6 @@ class _Level:
     counts: np.ndarray
     decode: Callable
     jpegtables: bytes | None
-    jpeg: bool
     signature: tuple  # how its tiles are encoded (compression, photometric, subsampling)
     downsample: float = 1.0
     state: str = "unchecked"  # "unchecked", "tiles" or "openslide"
@@ -75,6 +74,10 @@ class _Level:
     handed_back: int = 0  # reads it handed to OpenSlide (between pixels, not decodable here)
     icc_profile: bytes | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def jpeg(self) -> bool:
+        return self.signature[0] == "JPEG"
 
     @property
     def tiles_across(self) -> int:
@@ -105,19 +108,16 @@ class TiffTiles:
     def open(
         cls,
         path: Path,
-        vendor: str,
         level_dimensions: tuple[tuple[int, int], ...],
+        level_downsamples: tuple[float, ...],
         capacity: int,
-        level_downsamples: tuple[float, ...] | None = None,
     ) -> TiffTiles | None:
-        """The tile reader of ``path``, or None when no level of it can be served this way.
+        """The tile reader of a :data:`TIFF_VENDORS` slide, or None when it can serve no level.
 
-        Each OpenSlide level is matched to the one tiled, 8-bit, 3-sample, pixel-interleaved page
-        of the file with its exact size; levels without such a page stay with OpenSlide.
-        ``level_downsamples`` are OpenSlide's (default: level 0's width over the level's).
+        Each OpenSlide level (its size and downsample as OpenSlide gives them) is matched to the
+        one tiled, 8-bit, 3-sample, pixel-interleaved page of the file with its exact size;
+        levels without such a page stay with OpenSlide.
         """
-        if vendor not in TIFF_VENDORS or not tile_reader_enabled():
-            return None
         try:
             import tifffile
 
@@ -127,12 +127,7 @@ class TiffTiles:
                 for i, (w, h) in enumerate(level_dimensions):
                     same = [p for p in pages if tuple(p.shape[:2]) == (h, w)]
                     if len(same) == 1 and _servable(same[0]):
-                        levels[i] = _level_of(same[0])
-                        levels[i].downsample = (
-                            float(level_downsamples[i])
-                            if level_downsamples is not None
-                            else level_dimensions[0][0] / w
-                        )
+                        levels[i] = _level_of(same[0], float(level_downsamples[i]))
         except Exception:  # noqa: BLE001 - tifffile cannot parse it: OpenSlide reads it alone
             return None
         if not levels:
@@ -143,7 +138,6 @@ class TiffTiles:
         self,
         level: int,
         location: tuple[int, int],
-        downsample: float,
         size: tuple[int, int],
         openslide_read: OpenSlideRead,
     ) -> tuple[np.ndarray, bytes | None] | None:
@@ -152,19 +146,17 @@ class TiffTiles:
         Args:
             level: the pyramid level.
             location: top-left (x, y) in level-0 pixels.
-            downsample: the level's downsample (OpenSlide's).
             size: (width, height) in the level's pixels.
             openslide_read: reads (level, x, y, width, height in the level's pixels) as
                 OpenSlide does, for the level's check on its first read.
         """
-        fx, fy = location[0] / downsample, location[1] / downsample
+        lv = self.levels.get(level)
+        if lv is None:
+            return None
+        fx, fy = location[0] / lv.downsample, location[1] / lv.downsample
         x, y = round(fx), round(fy)
         if abs(fx - x) > _WHOLE_PIXEL or abs(fy - y) > _WHOLE_PIXEL:
-            lv = self.levels.get(level)
-            if lv is not None:
-                with self._lock:
-                    lv.handed_back += 1
-            return None
+            return self._tally(lv, None)
         return self.level_region(level, x, y, size, openslide_read)
 
     def level_region(
@@ -188,12 +180,7 @@ class TiffTiles:
                 if rgb is not None:
                     inside = x >= 0 and y >= 0 and x + w <= lv.width and y + h <= lv.height
                     served = rgb, (lv.icc_profile if inside else None)
-        with self._lock:
-            if served is None:
-                lv.handed_back += 1
-            else:
-                lv.served += 1
-        return served
+        return self._tally(lv, served)
 
     def record(self) -> dict:
         """Levels served, levels refused and why, and the reads of each level either way.
@@ -228,6 +215,17 @@ class TiffTiles:
         self._fh.close()
 
     # -- internals ---------------------------------------------------------------------------
+
+    def _tally(
+        self, lv: _Level, served: tuple[np.ndarray, bytes | None] | None
+    ) -> tuple[np.ndarray, bytes | None] | None:
+        """Count a read of ``lv`` as served or handed to OpenSlide; return ``served``."""
+        with self._lock:
+            if served is None:
+                lv.handed_back += 1
+            else:
+                lv.served += 1
+        return served
 
     def _check(self, level: int, lv: _Level, x: int, y: int, openslide_read: OpenSlideRead) -> bool:
         """Decode a tile of the level both ways; serve the level if OpenSlide's is the same.
@@ -382,7 +380,7 @@ def _servable(page: object) -> bool:
     )
 
 
-def _level_of(page: object) -> _Level:
+def _level_of(page: object, downsample: float) -> _Level:
     """A :class:`_Level` of a servable tiled page (its tile table read once)."""
     h, w = page.shape[:2]  # type: ignore[attr-defined]
     return _Level(
@@ -394,10 +392,10 @@ def _level_of(page: object) -> _Level:
         counts=np.asarray(page.databytecounts, dtype=np.int64),  # type: ignore[attr-defined]
         decode=page.decode,  # type: ignore[attr-defined]
         jpegtables=page.jpegtables,  # type: ignore[attr-defined]
-        jpeg=page.compression.name == "JPEG",  # type: ignore[attr-defined]
         signature=(
             page.compression.name,  # type: ignore[attr-defined]
             page.photometric.name,  # type: ignore[attr-defined]
             tuple(getattr(page, "subsampling", None) or ()),
         ),
+        downsample=downsample,
     )

@@ -242,6 +242,33 @@ def test_a_file_whose_tags_and_jpeg_disagree_is_read_as_openslide_reads_it(tmp_p
         assert "differs" in fast.reader_record()["openslide"]["0"]
 
 
+#: how each level of :func:`_uneven_tiff` is encoded: JPEG (as write_pyramid_tiff) or zlib
+JPEG_LEVEL = {"compression": "jpeg", "compressionargs": JPEG_RGB, "subsampling": (1, 1)}
+ZLIB_LEVEL = {"compression": "zlib"}
+
+
+def _uneven_tiff(path, layout, level0=JPEG_LEVEL, level1=JPEG_LEVEL):
+    """1001 x 751 px with a 500 x 375 level: downsample 2.0023, as scanners' pyramids have."""
+    from histo_wsl.synthetic.slides import render_region
+
+    common = {"tile": (256, 256), "photometric": "rgb", "resolutionunit": "CENTIMETER"}
+    with tifffile.TiffWriter(path) as tw:
+        tw.write(
+            render_region(layout, 0, 0, 1001, 751, 1.0),
+            resolution=(2e4, 2e4),
+            **common,
+            **level0,
+        )
+        tw.write(
+            render_region(layout, 0, 0, 500, 375, 1001 / 500),
+            resolution=(1e4, 1e4),
+            subfiletype=1,
+            **common,
+            **level1,
+        )
+    return path
+
+
 def test_a_level_with_an_uneven_downsample_is_read_at_its_own_whole_pixels(tmp_path, layout):
     """A level of 500 x 375 px under 1001 x 751 (downsample 2.0023, as scanners' pyramids have):
     a window's whole pixels of it have no level-0 location, so they are read in its own grid,
@@ -251,25 +278,8 @@ def test_a_level_with_an_uneven_downsample_is_read_at_its_own_whole_pixels(tmp_p
     from PIL import Image
 
     from histo_wsl.slideio.slide import RESAMPLE
-    from histo_wsl.synthetic.slides import render_region
 
-    args = {
-        "tile": (256, 256),
-        "photometric": "rgb",
-        "compression": "jpeg",
-        "compressionargs": JPEG_RGB,
-        "subsampling": (1, 1),
-        "resolutionunit": "CENTIMETER",
-    }
-    path = tmp_path / "uneven.tif"
-    with tifffile.TiffWriter(path) as tw:
-        tw.write(render_region(layout, 0, 0, 1001, 751, 1.0), resolution=(2e4, 2e4), **args)
-        tw.write(
-            render_region(layout, 0, 0, 500, 375, 1001 / 500),
-            resolution=(1e4, 1e4),
-            subfiletype=1,
-            **args,
-        )
+    path = _uneven_tiff(tmp_path / "uneven.tif", layout)
     level1 = tifffile.imread(path, key=1)
     with open_slide(path) as fast, _openslide_only(path) as ref:
         ds = fast.level_downsamples[1]
@@ -298,26 +308,7 @@ def test_a_level_with_an_uneven_downsample_is_read_at_its_own_whole_pixels(tmp_p
 
 
 def test_an_uneven_level_encoded_unlike_level_0_is_left_to_openslide(tmp_path, layout):
-    from histo_wsl.synthetic.slides import render_region
-
-    common = {"tile": (256, 256), "photometric": "rgb", "resolutionunit": "CENTIMETER"}
-    path = tmp_path / "mixed-levels.tif"
-    with tifffile.TiffWriter(path) as tw:
-        tw.write(
-            render_region(layout, 0, 0, 1001, 751, 1.0),
-            resolution=(2e4, 2e4),
-            compression="zlib",
-            **common,
-        )
-        tw.write(
-            render_region(layout, 0, 0, 500, 375, 1001 / 500),
-            resolution=(1e4, 1e4),
-            subfiletype=1,
-            compression="jpeg",
-            compressionargs=JPEG_RGB,
-            subsampling=(1, 1),
-            **common,
-        )
+    path = _uneven_tiff(tmp_path / "mixed-levels.tif", layout, level0=ZLIB_LEVEL)
     with open_slide(path) as fast, _openslide_only(path) as ref:
         plan = plan_read(fast, mpp=1.2)
         a = read_patch(fast, plan, (301, 207), (64, 64))
