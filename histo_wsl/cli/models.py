@@ -339,6 +339,27 @@ def export(
             show_default=False,
         ),
     ] = None,
+    knn_stages: Annotated[
+        int | None,
+        typer.Option(
+            "--knn-stages",
+            help="With --knn-slide-keys: key the bank with the encoder's last N stages instead "
+            "of the card's (5: every stage of MobileNetV2, fine texture beside context); "
+            "glass the bank holds needs --knn-glass to be drawn again.",
+            min=1,
+            show_default=False,
+        ),
+    ] = None,
+    knn_dims: Annotated[
+        int | None,
+        typer.Option(
+            "--knn-dims",
+            help="With --knn-slide-keys: principal axes per stage of the bank's keys instead of "
+            "the card's (with --knn-stages, what keeps the lookup's cost).",
+            min=1,
+            show_default=False,
+        ),
+    ] = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing model of that name.")
     ] = False,
@@ -378,6 +399,8 @@ def export(
             glass=knn_glass,
             slide_keys=knn_slide_keys,
             glass_share=knn_glass_share,
+            stages=knn_stages,
+            dims=knn_dims,
         ),
     )
     for note in result.notes:

@@ -58,6 +58,7 @@ __all__ = [
     "glass_note",
     "glass_pixels",
     "glass_rows",
+    "fit_projections",
     "keyed_as_slides",
     "refiner_keyed_as_slides",
     "refiner_with_glass",
@@ -135,6 +136,15 @@ def build_feature_bank(
         kept.append(cams.reshape(-1)[rows])
         owners.append(own.repeat_interleave(per_image).to(device))
     stage_rows = [torch.cat(p) for p in pixels]
+    bank = FeatureBank(
+        torch.empty(0), torch.cat(kept), torch.cat(owners), fit_projections(stage_rows, dims)
+    )
+    bank.keys = bank.embed(stage_rows)
+    return bank
+
+
+def fit_projections(stage_rows: list[Tensor], dims: int) -> list[tuple[Tensor, Tensor]]:
+    """Per stage: (mean (C,), first ``dims`` principal axes (C,q)) of its pixel rows (N,C)."""
     projections = []
     for p in stage_rows:
         mean = p.mean(0)
@@ -144,9 +154,7 @@ def build_feature_bank(
         # draw from the global random stream that the training run's seeds depend on
         _, vecs = torch.linalg.eigh(centred.T @ centred / max(1, p.shape[0] - 1))
         projections.append((mean, vecs[:, -q:].flip(1).to(p.dtype)))
-    bank = FeatureBank(torch.empty(0), torch.cat(kept), torch.cat(owners), projections)
-    bank.keys = bank.embed(stage_rows)
-    return bank
+    return projections
 
 
 #: glass pixels a refiner's bank gets per bank pixel (:func:`glass_pixels`)
@@ -237,7 +245,8 @@ def with_glass(
     n = len(images)
     gen = torch.Generator().manual_seed(seed)
     per_image = max(1, int(pixels) // max(1, n))
-    rows: list[list[Tensor]] = [[], []]
+    n_stages = len(bank.projections)
+    rows: list[list[Tensor]] = [[] for _ in range(n_stages)]
     owners = []
     owner0 = max(n, int(bank.owners.max()) + 1) if len(bank) else n  # past every image
     for i in range(n):
@@ -264,7 +273,7 @@ def with_glass(
         pick = order[:per_image].to(device)
         if not len(pick):
             continue
-        for j, p in enumerate(_stage_pixels(stages, size)):
+        for j, p in enumerate(_stage_pixels(stages, size, n_stages)):
             rows[j].append(p[pick])
         owners.append(torch.full((len(pick),), owner0 + i, dtype=bank.owners.dtype))
     if not owners:
@@ -540,10 +549,21 @@ def _training_split(card: dict, data: str | Path, path: str | Path) -> tuple[Tra
 
 
 def _state_with_bank(state_dict: dict, prefix: str, bank: FeatureBank) -> dict:
-    """A copy of ``state_dict`` whose refiner buffers (under ``prefix``) hold ``bank``."""
-    state = dict(state_dict)
+    """A copy of ``state_dict`` whose refiner buffers (under ``prefix``) hold ``bank``.
+
+    The projections' buffers are written too, and any of a stage the bank no longer has dropped.
+    """
+    stale = (prefix + "mean", prefix + "axes")
+    state = {
+        key: value
+        for key, value in state_dict.items()
+        if not (key.startswith(stale) and key[len(prefix) + 4 :].isdigit())
+    }
     for name in ("keys", "values", "owners"):
         state[prefix + name] = getattr(bank, name).detach().clone()
+    for i, (mean, axes) in enumerate(bank.projections):
+        state[f"{prefix}mean{i}"] = mean.detach().clone()
+        state[f"{prefix}axes{i}"] = axes.detach().clone()
     return state
 
 
@@ -607,6 +627,7 @@ def keyed_as_slides(
     bank: FeatureBank,
     *,
     negative: int | None = None,
+    refit: tuple[int, int] | None = None,
     seed: int = 0,
     device: torch.device | str = "cpu",
 ) -> FeatureBank:
@@ -630,6 +651,10 @@ def keyed_as_slides(
         bank: the bank (its owners < ``len(images)`` are the images'; its projection embeds
             the new keys).
         negative: index of the negative class (its pixels are valued 0), if any.
+        refit: ``(stages, dims)``: keys from the encoder's last ``stages`` stages, on
+            projections of ``dims`` axes per stage fitted on the new pixels; the bank's glass,
+            keyed by the old projections, is dropped (:func:`with_glass` draws it again).
+            None: the bank's stages and projections, its glass kept.
         seed: seed of the draw.
         device: where the forward passes run.
     """
@@ -637,7 +662,8 @@ def keyed_as_slides(
     if len(slide_images) != n:
         raise ValueError("slide_images must hold the same images as images")
     gen = torch.Generator().manual_seed(seed)
-    rows: list[list[Tensor]] = [[], []]
+    n_stages = len(bank.projections) if refit is None else int(refit[0])
+    rows: list[list[Tensor]] = [[] for _ in range(n_stages)]
     values, owners = [], []
     for i in range(n):
         count = int((bank.owners == i).sum())
@@ -651,19 +677,33 @@ def keyed_as_slides(
         h, w = stages[-1].shape[-2:]
         value = F.adaptive_avg_pool2d(fg[:, None], (h, w)).reshape(-1)
         pick = torch.randperm(h * w, generator=gen)[:count].to(value.device)
-        for j, p in enumerate(_stage_pixels(stages, (h, w))):
+        for j, p in enumerate(_stage_pixels(stages, (h, w), n_stages)):
             rows[j].append(p[pick])
         values.append(value[pick])
         owners.append(torch.full((len(pick),), i, dtype=bank.owners.dtype))
-    other = glass_rows(bank.owners, n)
     if not owners:
         return bank
-    keys = bank.embed([torch.cat(r) for r in rows]).to(bank.keys.dtype)
+    stage_rows = [torch.cat(r) for r in rows]
+    if refit is None:
+        projections, other = bank.projections, glass_rows(bank.owners, n)
+    else:
+        fitted = fit_projections(stage_rows, int(refit[1]))
+        projections = [(m.to(bank.keys.device), v.to(bank.keys.device)) for m, v in fitted]
+        other = None  # the glass's keys are of the old projections
+    keys = FeatureBank(bank.keys, bank.values, bank.owners, projections).embed(stage_rows)
+    new = FeatureBank(
+        keys.to(bank.keys.dtype).to(bank.keys.device),
+        torch.cat(values).to(bank.values),
+        torch.cat(owners).to(bank.owners.device),
+        projections,
+    )
+    if other is None:
+        return new
     return FeatureBank(
-        torch.cat([keys.to(bank.keys.device), bank.keys[other]]),
-        torch.cat([torch.cat(values).to(bank.values), bank.values[other]]),
-        torch.cat([torch.cat(owners).to(bank.owners.device), bank.owners[other]]),
-        bank.projections,
+        torch.cat([new.keys, bank.keys[other]]),
+        torch.cat([new.values, bank.values[other]]),
+        torch.cat([new.owners, bank.owners[other]]),
+        projections,
     )
 
 
@@ -679,7 +719,12 @@ SLIDE_VALUES_NOTE = (
 
 
 def refiner_keyed_as_slides(
-    card: dict, state_dict: dict, data: str | Path, path: str | Path = ""
+    card: dict,
+    state_dict: dict,
+    data: str | Path,
+    path: str | Path = "",
+    stages: int | None = None,
+    dims: int | None = None,
 ) -> tuple[dict, dict]:
     """A checkpoint's k-NN bank re-keyed at the slide geometry (``models export --knn-slide-keys``).
 
@@ -690,9 +735,14 @@ def refiner_keyed_as_slides(
     image (what ``--tta flips`` gives, computed once here rather than at every window). The bank
     keeps its size (the lookup its cost) and its glass.
 
+    ``stages`` / ``dims``: the keys from the encoder's last ``stages`` stages, on ``dims``
+    principal axes per stage, instead of the card's (the shallow stages add the tissue's fine
+    texture to the deep ones' context); with either, the projections are fitted again on the
+    new pixels and the bank's glass is dropped (``--knn-glass`` draws it again).
+
     Raises:
-        InputError: a card without k-NN refinement, training settings or µm/px, or unreadable
-            data.
+        InputError: a card without k-NN refinement, training settings or µm/px, unreadable
+            data, or more stages than the encoder has.
     """
     from histo_wsl.methods import model_from_checkpoint
 
@@ -711,21 +761,37 @@ def refiner_keyed_as_slides(
         ds.split("train"), cfg.data.crop_size, eval_transform(), scale=float(data_mpp) / float(mpp)
     )
     model = model_from_checkpoint(card, state_dict, path).eval()
+    encoder = _encoder(model)
+    refit = None
+    if stages is not None or dims is not None:
+        refit = (int(stages or refine.get("stages", 2)), int(dims or refine.get("dims") or 64))
+        available = len(encoder.forward_features(slide_images[0]["image"][None]))
+        if not 1 <= refit[0] <= available:
+            raise InputError(
+                f"the model's encoder has {available} stages, so its keys cannot take "
+                f"{refit[0]}; give --knn-stages 1 to {available}",
+                path or None,
+            )
     bank = keyed_as_slides(
-        _encoder(model).forward_features,
+        encoder.forward_features,
         lambda x: flips_mean_map(lambda v: model.localize(v)[1], x),
         banks.images,
         slide_images,
         model.refiner.bank,
         negative=banks.negative,
+        refit=refit,
         seed=cfg.run.seed,
     )
     state = _state_with_bank(state_dict, prefix, bank)
+    if refit is not None:
+        refine.update(stages=refit[0], dims=refit[1])
     refine.update(
         bank_pixels=len(bank),
         keys=SLIDE_KEYS_NOTE.format(mpp=float(mpp)),
         values=SLIDE_VALUES_NOTE,
     )
+    if not (glass_rows(bank.owners, len(banks.images))).any():
+        refine.pop("glass", None)
     return {**card, "refine": refine}, state
 
 

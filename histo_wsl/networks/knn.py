@@ -3,10 +3,11 @@
 ``train-decoder --refine knn`` attaches a :class:`KNNRefiner` to the NEGEV model, and
 ``train-classifier --method maxmin --refine knn`` to the Max-Min model. Its bank is a
 :class:`FeatureBank` of training pixels (the encoder's last two stages, the
-same keys as the k-NN seed map) whose values are the trained model's own map on those training
-images (NEGEV: the decoder's foreground probability; Max-Min: the localizer's mask M;
-average-pooled to the CAM layer's resolution). At inference each pixel's map is the mean value of
-its ``k`` most similar bank pixels, upsampled bilinearly, blended with the model's own map:
+same keys as the k-NN seed map; ``models export --knn-stages`` keys it on more) whose values
+are the trained model's own map on those training images (NEGEV: the decoder's foreground
+probability; Max-Min: the localizer's mask M; average-pooled to the CAM layer's resolution).
+At inference each pixel's map is the mean value of its ``k`` most similar bank pixels,
+upsampled bilinearly, blended with the model's own map:
 ``(1 − alpha)·map + alpha·k-NN``.
 
 The k-NN map averages the decoder's verdicts over look-alike tissue of many images (on GlaS it
@@ -47,10 +48,12 @@ def _block_rows(bank_size: int, device: torch.device) -> int:
     return max(_MIN_BLOCK, _BLOCK_BYTES // (4 * max(1, bank_size)))
 
 
-def _stage_pixels(stages: list[Tensor], size: tuple[int, int]) -> list[Tensor]:
-    """The last two stages at ``size``, L2-normalised per pixel, as (B·h·w, C) rows."""
+def _stage_pixels(stages: list[Tensor], size: tuple[int, int], n: int = 2) -> list[Tensor]:
+    """The last ``n`` stages at ``size`` (pooled), L2-normalised per pixel, as (B·h·w, C) rows."""
+    if not 1 <= n <= len(stages):
+        raise ValueError(f"the keys need the encoder's last {n} stages; it gives {len(stages)}")
     out = []
-    for s in stages[-2:]:
+    for s in stages[-n:]:
         s = s.detach().float()
         if tuple(s.shape[-2:]) != size:
             s = F.adaptive_avg_pool2d(s, size)
@@ -102,7 +105,7 @@ class FeatureBank:
         if len(self) == 0:
             raise RuntimeError("the k-NN bank is empty")
         b, _, h, w = stages[-1].shape
-        queries = self.embed(_stage_pixels(stages, (h, w)))
+        queries = self.embed(_stage_pixels(stages, (h, w), len(self.projections)))
         own = None if owners is None else owners.to(queries.device).repeat_interleave(h * w)
         k = max(1, min(int(k), len(self) - int((self.owners == self.owners[0]).sum())))
         means = []

@@ -71,7 +71,7 @@ class ExportResult:
         kept_fp32: floating tensors left in fp32 (values beyond fp16's range).
         max_diff: largest difference of foreground probability / class probability between the
             copy and the source on a fixed random input.
-        notes: warnings (size, prediction difference).
+        notes: warnings (size, prediction difference, an evaluation dropped).
     """
 
     folder: Path
@@ -384,6 +384,10 @@ class BankEdit:
             (:func:`histo_wsl.methods.knn.refiner_with_glass`); glass it held is drawn again.
         glass_share: glass pixels per image pixel of the bank with ``glass`` (default
             :data:`histo_wsl.methods.knn.GLASS_SHARE`).
+        stages: with ``slide_keys``: the keys from the encoder's last ``stages`` stages
+            instead of the card's; with it or ``dims`` the projections are fitted again and the
+            bank's glass is drawn again (``glass`` needed when it has glass).
+        dims: with ``slide_keys``: principal axes per stage of the keys instead of the card's.
     """
 
     pixels: int | None = None
@@ -391,12 +395,18 @@ class BankEdit:
     glass: Path | None = None
     slide_keys: Path | None = None
     glass_share: float | None = None
+    stages: int | None = None
+    dims: int | None = None
 
 
-def _source(ckpt: dict, src: Path, knn: BankEdit) -> tuple[dict, dict]:
-    """The checkpoint's card and weights, its k-NN bank changed as ``knn`` asks.
+def _source(
+    ckpt: dict, src: Path, knn: BankEdit, given: dict[str, dict]
+) -> tuple[dict, dict, list[str]]:
+    """The checkpoint's card and weights, its k-NN bank changed as ``knn`` asks, and notes.
 
-    The options are checked before any of the (slower) bank edits runs.
+    The options are checked before any of the (slower) bank edits runs. A changed bank
+    changes the predictions: the card's evaluations then go, with a note for each not
+    ``given`` again.
     """
     if knn.glass_share is not None:
         if knn.glass is None:
@@ -405,6 +415,8 @@ def _source(ckpt: dict, src: Path, knn: BankEdit) -> tuple[dict, dict]:
 
         check_glass_share(knn.glass_share)
     card, state = dict(ckpt["card"]), ckpt["state_dict"]
+    if knn.stages is not None or knn.dims is not None:
+        _check_refit(card, knn, src)
     if knn.pixels is not None or knn.k is not None:
         from histo_wsl.methods.knn import compact_refiner
 
@@ -414,13 +426,35 @@ def _source(ckpt: dict, src: Path, knn: BankEdit) -> tuple[dict, dict]:
     if knn.slide_keys is not None:
         from histo_wsl.methods.knn import refiner_keyed_as_slides
 
-        card, state = refiner_keyed_as_slides(card, state, knn.slide_keys, src)
+        card, state = refiner_keyed_as_slides(
+            card, state, knn.slide_keys, src, knn.stages, knn.dims
+        )
     if knn.glass is not None:
         from histo_wsl.methods.knn import GLASS_SHARE, refiner_with_glass
 
         share = GLASS_SHARE if knn.glass_share is None else knn.glass_share
         card, state = refiner_with_glass(card, state, knn.glass, src, share)
-    return card, state
+    if state is ckpt["state_dict"]:
+        return card, state, []
+    card, notes = _without_evaluations(card, given)
+    return card, state, notes
+
+
+def _check_refit(card: dict, knn: BankEdit, src: Path) -> None:
+    """``--knn-stages`` / ``--knn-dims`` come with what they need: the data, and glass again."""
+    option = "--knn-stages" if knn.stages is not None else "--knn-dims"
+    if knn.slide_keys is None:
+        raise InputError(
+            f"{option} needs --knn-slide-keys (the training data: the bank's pixels are keyed "
+            "again from the training images)",
+            src,
+        )
+    if (card.get("refine") or {}).get("glass") and knn.glass is None:
+        raise InputError(
+            f"{option} keys the bank anew, so its glass (keyed the old way) is dropped; add "
+            "--knn-glass with the training data to draw it again",
+            src,
+        )
 
 
 def _exported_card(
@@ -436,6 +470,18 @@ def _exported_card(
     card.update(fields, domain=domain)
     card.update(evaluations)
     return card
+
+
+def _without_evaluations(card: dict, given: dict[str, dict]) -> tuple[dict, list[str]]:
+    """``card`` less the evaluations of a bank since changed, and a note when one was not given."""
+    stale = [key for key in ("evaluation", "evaluation_slide") if key in card]
+    card = {k: v for k, v in card.items() if k not in stale}
+    if not [key for key in stale if key not in given]:
+        return card, []
+    return card, [
+        "the source card's evaluation was measured before the k-NN bank changed and is "
+        "dropped; evaluate the export and export it again with --metrics / --slide-metrics"
+    ]
 
 
 def _export_record(src: Path, kept_fp32: list[str]) -> dict:
@@ -465,7 +511,8 @@ def export_model(
 ) -> ExportResult:
     """Write ``<dest>/<name>/`` (``model.pt`` + ``card.yaml``): a compact copy of a checkpoint.
 
-    The copy keeps the checkpoint's card (plus ``name``, the given fields and the export record),
+    The copy keeps the checkpoint's card (plus ``name``, the given fields and the export record;
+    less its evaluations when ``knn`` changes the bank, since they no longer describe it),
     drops the training state of a resumable ``last.pt``, and stores floating tensors in fp16
     (integer buffers untouched; :func:`histo_wsl.registry.checkpoint.load_checkpoint` casts them back to
     fp32). The folder is assembled under a hidden staging name and renamed into place, so no
@@ -500,7 +547,7 @@ def export_model(
     evaluations = {"evaluation": metrics, "evaluation_slide": slide_metrics}
     evaluations = {k: read_metrics(v) for k, v in evaluations.items() if v is not None}
     ckpt = load_checkpoint(src)
-    source_card, source_state = _source(ckpt, src, knn or BankEdit())
+    source_card, source_state, notes = _source(ckpt, src, knn or BankEdit(), evaluations)
     state, kept = compact_state_dict(source_state, fp16=fp16)
     dtype = "float16" if fp16 else "float32"
     card = _exported_card(source_card, name, text, evaluations)
@@ -539,7 +586,6 @@ def export_model(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     size_mb = (final / MODEL_FILE).stat().st_size / 1e6
-    notes = []
     if max_diff > EXPORT_TOLERANCE:
         notes.append(
             f"the exported copy's predictions differ from the source's by up to {max_diff:.3g} "

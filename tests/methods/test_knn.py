@@ -261,3 +261,34 @@ def test_keyed_as_slides_keys_each_image_at_the_slide_geometry_valued_by_the_mod
     assert float(neg.values[neg.owners == 0].max()) == 1.0
     with pytest.raises(ValueError, match="same images"):
         keyed_as_slides(clf.forward_features, model_map, images, _Images(4), bank)
+
+
+def test_keyed_as_slides_refits_the_keys_on_more_stages_and_drops_the_old_glass():
+    torch.manual_seed(0)
+    clf = build_classifier("tinycnn", "wgap", 2, pretrained=False).eval()
+    images = _Images(5)
+    bank = build_feature_bank(clf, images, max_pixels=40, dims=3, seed=7, batch_size=2)
+    bank = with_glass(clf.forward_features, images, bank, 10, glass_colour(), seed=3)
+    slides = _Resized(images, (24, 40))
+
+    def model_map(x):
+        return torch.full((x.shape[0], *x.shape[-2:]), 0.5)
+
+    out = keyed_as_slides(clf.forward_features, model_map, images, slides, bank, refit=(4, 2))
+    assert len(out.projections) == 4  # every stage of the tiny encoder, 2 axes each
+    assert [v.shape for _, v in out.projections] == [(16, 2), (32, 2), (64, 2), (128, 2)]
+    assert out.keys.shape == (40, 8) and torch.all(out.owners < 5)  # the glass is dropped
+    torch.testing.assert_close(out.keys.norm(dim=1), torch.ones(len(out)))
+    # the keys are the images' cells on the new projection, and the lookup takes four stages
+    with torch.no_grad():
+        stages = clf.forward_features(slides[0]["image"][None])
+    h, w = stages[-1].shape[-2:]
+    cells = out.embed(_stage_pixels(stages, (h, w), 4))
+    assert float(torch.cdist(out.keys[out.owners == 0], cells).min(dim=1).values.max()) < 1e-4
+    means = out.neighbour_means(stages, k=4)
+    torch.testing.assert_close(means, torch.full((1, h, w), 0.5))
+    # glass drawn again on the new keys, through the bank's own projections
+    glassy = with_glass(clf.forward_features, images, out, 10, glass_colour(), seed=3)
+    assert glassy.keys.shape[1] == 8 and int((glassy.owners >= 5).sum()) >= 5
+    with pytest.raises(ValueError, match="last 5 stages; it gives 4"):
+        _stage_pixels(stages, (h, w), 5)

@@ -384,6 +384,46 @@ def test_export_keys_the_knn_bank_as_slides_and_draws_its_glass_again(tmp_path):
     assert r.exit_code == 2 and "no µm/px" in r.stderr and "src.pt" in r.stderr
 
 
+def test_export_keys_the_knn_bank_on_more_stages_and_refuses_what_it_cannot_do(tmp_path):
+    import torch
+
+    data, src, card, before = _refined_with_its_data(tmp_path, data_mpp=3.0)
+    dest = tmp_path / "zoo"
+
+    def export(name, *options):
+        args = ["models", "export", str(src), "--name", name, "--dest", str(dest), "--json"]
+        return runner.invoke(app, [*args, *options])
+
+    keys = ["--knn-slide-keys", str(data)]
+    r = export("deep", *keys, "--knn-stages", "4", "--knn-dims", "3")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["max_prediction_diff"] < 1e-2
+    model = load_model(dest / "deep" / "model.pt")
+    refiner = model.model.refiner
+    assert refiner.n_stages == 4 and refiner.keys.shape == (40, 12)
+    assert model.card["refine"]["stages"] == 4 and model.card["refine"]["dims"] == 3
+    with torch.no_grad():
+        fg = model.model.localize(torch.randn(2, 3, 32, 32))[1]
+    assert fg.shape == (2, 32, 32) and torch.isfinite(fg).all()
+    # glass drawn again on the new keys when asked; the old glass would be keyed the old way
+    r = export("glassy", *keys, "--knn-glass", str(data))
+    assert r.exit_code == 0, r.stderr
+    glassy = dest / "glassy" / "model.pt"
+    again = ["models", "export", str(glassy), "--name", "g4", "--dest", str(dest), *keys]
+    r = runner.invoke(app, [*again, "--knn-stages", "3"])
+    assert r.exit_code == 2 and "--knn-glass" in r.stderr and "glassy" in r.stderr
+    r = runner.invoke(app, [*again, "--knn-stages", "3", "--knn-glass", str(data)])
+    assert r.exit_code == 0, r.stderr
+    g4 = load_model(dest / "g4" / "model.pt")
+    assert g4.model.refiner.n_stages == 3 and int((g4.model.refiner.owners >= 4).sum()) >= 4
+    # refused in one line: without the data, more stages than the encoder has
+    r = export("x", "--knn-dims", "3")
+    assert r.exit_code == 2 and "--knn-dims needs --knn-slide-keys" in r.stderr
+    r = export("x", *keys, "--knn-stages", "9")
+    assert r.exit_code == 2 and "give --knn-stages 1 to 4" in r.stderr
+    assert not (dest / "x").exists()
+
+
 def test_export_compacts_the_knn_bank_and_keeps_the_card_domain(tmp_path):
     from knn_helpers import refined_negev_checkpoint
 
@@ -405,3 +445,12 @@ def test_export_compacts_the_knn_bank_and_keeps_the_card_domain(tmp_path):
     r = runner.invoke(app, [*args, "--overwrite", "--knn-bank", "80"])
     assert r.exit_code == 2 and "holds only 40" in r.stderr
     assert load_model(dest / "small" / "model.pt").card["refine"]["bank_pixels"] == 20
+    # a copy keeps its source's evaluation, unless the bank changes: then it no longer holds
+    again = ["models", "export", str(dest / "small" / "model.pt"), "--dest", str(dest), "--json"]
+    r = runner.invoke(app, [*again, "--name", "same"])
+    assert r.exit_code == 0 and not json.loads(r.stdout)["notes"]
+    assert load_model(dest / "same" / "model.pt").card["evaluation_slide"]["slide_pxap"] == 76.8
+    r = runner.invoke(app, [*again, "--name", "smaller", "--knn-bank", "12"])
+    assert r.exit_code == 0, r.stderr
+    assert "evaluation" in json.loads(r.stdout)["notes"][0]
+    assert "evaluation_slide" not in load_model(dest / "smaller" / "model.pt").card
