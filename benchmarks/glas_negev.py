@@ -26,6 +26,8 @@ The recipes are the dict :data:`RECIPES` below (edit the values there):
   by one factor to the card's µm/px, aspect ratio kept, and placed on glass that the decoder learns
   as background), so ``localize`` meets on slides what training saw.
 * ``cpu-glass``: ``cpu`` (squashed images) with ``--glass`` only.
+* ``cpu-stages``: ``cpu`` with its k-NN banks keyed on every stage of the encoder
+  (``--knn-stages 5 --knn-dims 32``).
 * ``gpu``: the paper's protocol (method.md §1.4): ResNet50, 1000 epochs per stage, batch 32, step
   250, lr 0.003 / 0.1, n = 1, AMP. Needs ImageNet ResNet50 weights in ``$TORCH_HOME``.
 
@@ -118,6 +120,11 @@ RECIPES["cpu-glass"] = {
     **RECIPES["cpu"],
     "stage1": {**RECIPES["cpu"]["stage1"], "glass": True},
     "stage2": {**RECIPES["cpu"]["stage2"], "glass": True},
+}
+# the cpu recipe with its k-NN banks (seed map and refiner) keyed on every stage of the encoder
+RECIPES["cpu-stages"] = {
+    **RECIPES["cpu"],
+    "stage2": {**RECIPES["cpu"]["stage2"], "knn_stages": 5, "knn_dims": 32},
 }
 #: NEGEV's PxAP gain over the CAM it starts from (points), the issue's target
 TARGET_GAIN = 10.0

@@ -166,6 +166,15 @@ KnnDimsOpt = Annotated[
         help="Principal axes kept per encoder stage in the knn features.",
     ),
 ]
+KnnStagesOpt = Annotated[
+    int,
+    typer.Option(
+        min=1,
+        rich_help_panel="k-NN",
+        help="The encoder's last stages in the knn features (the shallow ones add the tissue's "
+        "fine texture; MobileNetV2 and ResNet have 5, tinycnn and VGG 4).",
+    ),
+]
 RefineOpt = Annotated[
     str,
     typer.Option(
@@ -442,6 +451,7 @@ def train_classifier(
     knn_k: KnnKOpt = 128,
     knn_bank: KnnBankOpt = 16384,
     knn_dims: KnnDimsOpt = 64,
+    knn_stages: KnnStagesOpt = 2,
     workers: WorkersOpt = 2,
     device: DeviceOpt = "auto",
     amp: AmpOpt = True,
@@ -658,6 +668,7 @@ def train_decoder(
     knn_k: KnnKOpt = 128,
     knn_bank: KnnBankOpt = 16384,
     knn_dims: KnnDimsOpt = 64,
+    knn_stages: KnnStagesOpt = 2,
     refine: RefineOpt = "none",
     refine_alpha: RefineAlphaOpt = 1.0,
     resize_size: ResizeSizeOpt = 256,

@@ -58,6 +58,7 @@ __all__ = [
     "glass_note",
     "glass_pixels",
     "glass_rows",
+    "check_stages",
     "fit_projections",
     "keyed_as_slides",
     "refiner_keyed_as_slides",
@@ -79,7 +80,7 @@ def build_feature_bank(
     negative: int | None = None,
     cam_method: str = "cam",
     max_pixels: int = 16384,
-    dims: int = 64,
+    keys: tuple[int, int] = (2, 64),
     seed: int = 0,
     batch_size: int = 16,
     device: torch.device | str = "cpu",
@@ -97,7 +98,8 @@ def build_feature_bank(
             class).
         cam_method: CAM method of the values (as for the seeds; without ``values``).
         max_pixels: most pixels kept; each image gives the same number, drawn at random.
-        dims: principal axes kept per stage (at most the stage's channels).
+        keys: ``(stages, dims)``: the encoder's last ``stages`` stages in the keys, ``dims``
+            principal axes kept per stage (at most the stage's channels).
         seed: seed of the pixel draw.
         batch_size: images per forward pass.
         device: where the forward passes run and the bank lives.
@@ -107,7 +109,8 @@ def build_feature_bank(
         raise ValueError("the k-NN seed map needs at least 2 training images")
     gen = torch.Generator().manual_seed(seed)
     classifier = classifier.to(device).eval()
-    pixels: list[list[Tensor]] = [[], []]
+    n_stages, dims = int(keys[0]), int(keys[1])
+    pixels: list[list[Tensor]] = [[] for _ in range(n_stages)]
     kept, owners = [], []
     per_image = None
     for start in range(0, n_images, batch_size):
@@ -115,14 +118,14 @@ def build_feature_bank(
         x = torch.stack([it["image"] for it in items]).to(device)
         y = torch.as_tensor([int(it["label"]) for it in items], device=device)
         own = torch.as_tensor([int(it["index"]) for it in items])
-        stages = classifier.forward_features(x)
-        h, w = stages[-1].shape[-2:]
+        features = classifier.forward_features(x)
+        h, w = features[-1].shape[-2:]
         if values is None:
             cams = compute_cams(
-                classifier, x, y, method=cam_method, size=(h, w), features=stages[-1]
+                classifier, x, y, method=cam_method, size=(h, w), features=features[-1]
             )
         else:
-            cams = F.adaptive_avg_pool2d(values(x, y, stages).detach().float()[:, None], (h, w))
+            cams = F.adaptive_avg_pool2d(values(x, y, features).detach().float()[:, None], (h, w))
             cams = cams[:, 0]
         if negative is not None:
             cams[y == negative] = 0.0
@@ -131,7 +134,7 @@ def build_feature_bank(
         keep = torch.stack([torch.randperm(h * w, generator=gen)[:per_image] for _ in items])
         keep = keep.to(device)
         rows = (torch.arange(len(items), device=device)[:, None] * (h * w) + keep).reshape(-1)
-        for j, p in enumerate(_stage_pixels(stages, (h, w))):
+        for j, p in enumerate(_stage_pixels(features, (h, w), n_stages)):
             pixels[j].append(p[rows])
         kept.append(cams.reshape(-1)[rows])
         owners.append(own.repeat_interleave(per_image).to(device))
@@ -359,7 +362,7 @@ class TrainSplitBanks:
             negative=self.negative,
             cam_method=cfg.model.cam_method,
             max_pixels=cfg.knn.knn_bank,
-            dims=cfg.knn.knn_dims,
+            keys=(check_stages(cfg, model), cfg.knn.knn_dims),
             seed=cfg.run.seed,
             batch_size=1 if scale is not None else 16,  # images of their own sizes
             device=device,
@@ -405,19 +408,34 @@ def refine_checks(cfg: TrainConfig, n_train: int, bank: bool) -> list[tuple[bool
             (cfg.knn.knn_k >= 1, f"--knn-k must be >= 1 (got {cfg.knn.knn_k})"),
             (cfg.knn.knn_bank >= 1, f"--knn-bank must be >= 1 (got {cfg.knn.knn_bank})"),
             (cfg.knn.knn_dims >= 1, f"--knn-dims must be >= 1 (got {cfg.knn.knn_dims})"),
+            (cfg.knn.knn_stages >= 1, f"--knn-stages must be >= 1 (got {cfg.knn.knn_stages})"),
             (n_train >= 2, "--seed-map knn and --refine knn need at least 2 training images"),
         ]
     return checks
 
 
-def refine_card(cfg: TrainConfig, bank_pixels: int | None, values: str, stages: int = 2) -> dict:
+def check_stages(cfg: TrainConfig, encoder: nn.Module) -> int:
+    """``--knn-stages``, refused in one line when ``encoder`` (its ``backbone``) has fewer stages."""
+    backbone = getattr(encoder, "backbone", encoder)
+    available = len(getattr(backbone, "stage_channels", ())) or cfg.knn.knn_stages
+    if not 1 <= cfg.knn.knn_stages <= available:
+        raise InputError(
+            f"--knn-stages {cfg.knn.knn_stages}: the encoder has {available} stages; give 1 "
+            f"to {available}"
+        )
+    return cfg.knn.knn_stages
+
+
+def refine_card(
+    cfg: TrainConfig, bank_pixels: int | None, values: str, stages: int | None = None
+) -> dict:
     """The model card's ``refine`` entry (``{"method": "none"}`` unless ``--refine knn``).
 
     Args:
         cfg: the training settings (k, alpha, bank size and seed).
         bank_pixels: pixels in the refiner's bank (None: not built yet).
         values: what the bank's values are, in words.
-        stages: encoder stages in the keys (the refiner's ``n_stages``).
+        stages: encoder stages in the keys (the refiner's ``n_stages``; default ``--knn-stages``).
     """
     if cfg.knn.refine != "knn":
         return {"method": "none"}
@@ -425,7 +443,7 @@ def refine_card(cfg: TrainConfig, bank_pixels: int | None, values: str, stages: 
         "method": "knn",
         "k": cfg.knn.knn_k,
         "alpha": cfg.knn.refine_alpha,
-        "stages": stages,
+        "stages": cfg.knn.knn_stages if stages is None else stages,
         "bank_pixels": bank_pixels,
         "dims": cfg.knn.knn_dims,
         "bank_seed": cfg.run.seed,

@@ -37,7 +37,13 @@ from histo_wsl.methods.base import (
     seen_mpp,
     training_images,
 )
-from histo_wsl.methods.knn import TrainSplitBanks, refine_card, refine_checks, refiner_from_card
+from histo_wsl.methods.knn import (
+    TrainSplitBanks,
+    check_stages,
+    refine_card,
+    refine_checks,
+    refiner_from_card,
+)
 from histo_wsl.methods.maxmin_losses import REGULARIZERS, maxmin_loss
 from histo_wsl.networks.backbones import build_backbone
 from histo_wsl.networks.classifier import unwrap
@@ -151,12 +157,12 @@ class MaxMinTask:
     def build_model(self) -> nn.Module:
         """Shared backbone (ImageNet weights if ``pretrained``) with the two WILDCAT heads.
 
-        With ``--refine knn`` also an empty refiner (keys: the backbone's last two stages).
+        With ``--refine knn`` also an empty refiner (keys: the backbone's last ``--knn-stages``).
         """
         backbone = build_backbone(self.cfg.model.backbone, self.cfg.model.pretrained)
         refiner = None
         if self.refining:
-            stages = min(2, len(backbone.stage_channels))
+            stages = check_stages(self.cfg, backbone)
             refiner = KNNRefiner(self.cfg.knn.knn_k, self.cfg.knn.refine_alpha, stages)
         self.model = MaxMinModel(
             backbone,

@@ -49,6 +49,7 @@ from histo_wsl.methods.base import (
 from histo_wsl.methods.knn import (
     REFINEMENTS,
     TrainSplitBanks,
+    check_stages,
     refine_card,
     refine_checks,
     refiner_from_card,
@@ -308,9 +309,10 @@ class DecoderTask:
     def build_model(self) -> nn.Module:
         """The frozen classifier of the checkpoint with a new decoder (and an empty refiner)."""
         torch.manual_seed(self.cfg.run.seed)
-        refiner = (
-            KNNRefiner(self.cfg.knn.knn_k, self.cfg.knn.refine_alpha) if self.refining else None
-        )
+        refiner = None
+        if self.refining:
+            stages = check_stages(self.cfg, self.stage1.model)
+            refiner = KNNRefiner(self.cfg.knn.knn_k, self.cfg.knn.refine_alpha, stages)
         return NEGEVModel(self.stage1.model, refiner)
 
     @property
@@ -465,6 +467,7 @@ class DecoderTask:
                     "k": cfg.knn.knn_k,
                     "bank_pixels": None if self.bank is None else len(self.bank),
                     "dims": cfg.knn.knn_dims,
+                    "stages": cfg.knn.knn_stages,
                     "bank_seed": cfg.run.seed,
                 },
                 "teacher": None

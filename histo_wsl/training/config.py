@@ -111,6 +111,7 @@ class KNNSettings:
     knn_k: int = 128
     knn_bank: int = 16384
     knn_dims: int = 64
+    knn_stages: int = 2  # the encoder's last stages in the keys
     refine: str = "none"  # or knn: the map blended with its k-NN map (networks/knn.py)
     refine_alpha: float = 1.0  # weight of the k-NN map in the blend
 

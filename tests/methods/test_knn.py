@@ -53,7 +53,9 @@ def test_build_feature_bank_is_balanced_bounded_and_reproducible():
     clf = build_classifier("tinycnn", "wgap", 2, pretrained=False).eval()
     images = _Images(5)
     state = torch.get_rng_state()
-    bank = build_feature_bank(clf, images, negative=1, max_pixels=40, dims=3, seed=7, batch_size=2)
+    bank = build_feature_bank(
+        clf, images, negative=1, max_pixels=40, keys=(2, 3), seed=7, batch_size=2
+    )
     assert torch.equal(
         torch.get_rng_state(), state
     )  # the training run's random stream is untouched
@@ -66,7 +68,9 @@ def test_build_feature_bank_is_balanced_bounded_and_reproducible():
     negative = bank.owners % 2 == 1  # images of class 1, the negative class here
     assert torch.all(bank.values[negative] == 0) and bank.values[~negative].max() > 0
     assert 0 <= bank.values.min() and bank.values.max() <= 1
-    again = build_feature_bank(clf, images, negative=1, max_pixels=40, dims=3, seed=7, batch_size=3)
+    again = build_feature_bank(
+        clf, images, negative=1, max_pixels=40, keys=(2, 3), seed=7, batch_size=3
+    )
     torch.testing.assert_close(again.keys, bank.keys)
     assert torch.equal(again.owners, bank.owners)
     with pytest.raises(ValueError, match="at least 2"):
@@ -103,7 +107,7 @@ def test_with_glass_adds_glass_valued_zero_that_glass_finds_first():
     torch.manual_seed(0)
     clf = build_classifier("tinycnn", "wgap", 2, pretrained=False).eval()
     images = _Images(5)
-    bank = build_feature_bank(clf, images, max_pixels=40, dims=3, seed=7, batch_size=2)
+    bank = build_feature_bank(clf, images, max_pixels=40, keys=(2, 3), seed=7, batch_size=2)
     bank.values = torch.full((40,), 0.9)  # every tissue pixel ROI
     glass = glass_colour()
     out = with_glass(clf.forward_features, images, bank, 10, glass, seed=3)
@@ -222,7 +226,7 @@ def test_keyed_as_slides_keys_each_image_at_the_slide_geometry_valued_by_the_mod
     torch.manual_seed(0)
     clf = build_classifier("tinycnn", "wgap", 2, pretrained=False).eval()
     images = _Images(5)
-    bank = build_feature_bank(clf, images, max_pixels=40, dims=3, seed=7, batch_size=2)
+    bank = build_feature_bank(clf, images, max_pixels=40, keys=(2, 3), seed=7, batch_size=2)
     bank = with_glass(clf.forward_features, images, bank, 10, glass_colour(), seed=3)
     slides = _Resized(images, (24, 40))  # another aspect, as a slide shows the tissue
 
@@ -267,7 +271,7 @@ def test_keyed_as_slides_refits_the_keys_on_more_stages_and_drops_the_old_glass(
     torch.manual_seed(0)
     clf = build_classifier("tinycnn", "wgap", 2, pretrained=False).eval()
     images = _Images(5)
-    bank = build_feature_bank(clf, images, max_pixels=40, dims=3, seed=7, batch_size=2)
+    bank = build_feature_bank(clf, images, max_pixels=40, keys=(2, 3), seed=7, batch_size=2)
     bank = with_glass(clf.forward_features, images, bank, 10, glass_colour(), seed=3)
     slides = _Resized(images, (24, 40))
 

@@ -445,6 +445,7 @@ def test_refine_knn_keeps_a_bank_of_the_mask_and_blends_it(tmp_path, synthetic):
     common += ["normal", "--crop-size", "32", "--resize-size", "36", "--no-pretrained"]
     common += ["--epochs", "2", "--max-steps-per-epoch", "1", *TINY]
     refine = ["--refine", "knn", "--refine-alpha", "0.6", "--knn-k", "3", "--knn-dims", "4"]
+    refine += ["--knn-stages", "3"]
     r = runner.invoke(app, [*common, "--out", str(out), *refine])
     assert r.exit_code == 0, r.stderr
     with open(out / "summary.csv") as f:
@@ -454,7 +455,8 @@ def test_refine_knn_keeps_a_bank_of_the_mask_and_blends_it(tmp_path, synthetic):
     pred = load_model(out / "best-loc.pt")
     card, net = pred.card, pred.model
     assert card["refine"]["method"] == "knn" and card["refine"]["alpha"] == 0.6
-    assert card["refine"]["k"] == 3 and card["refine"]["stages"] == 2
+    assert card["refine"]["k"] == 3 and card["refine"]["stages"] == 3
+    assert net.refiner.n_stages == 3 and net.refiner.keys.shape[1] == 12
     assert net.refiner.ready and len(net.refiner) == card["refine"]["bank_pixels"]
     ds = load_training_data(TrainConfig.from_flat(data=str(synthetic), negative_class="normal"))
     train = LabelledImages(ds.split("train"), 32, eval_transform())

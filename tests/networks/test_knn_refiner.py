@@ -105,6 +105,25 @@ def test_train_decoder_refine_knn_saves_a_self_contained_refined_model(tmp_path)
     assert not (tmp_path / "bad" / "best-loc.pt").exists()
 
 
+def test_train_decoder_keys_its_banks_on_the_stages_asked_for(tmp_path):
+    data, ckpt, common = tiny_classifier(tmp_path)
+    cmd = ["train-decoder", str(data), "--classifier", str(ckpt), *common]
+    knn = ["--seed-map", "knn", "--refine", "knn", "--knn-k", "4", "--knn-dims", "3"]
+    out = tmp_path / "negev"
+    r = runner.invoke(app, [*cmd, "--out", str(out), *knn, "--knn-stages", "3"])
+    assert r.exit_code == 0, r.stderr
+    model = load_model(out / "best-loc.pt")
+    assert model.card["refine"]["stages"] == 3 and model.card["seeds"]["knn"]["stages"] == 3
+    refiner = model.model.refiner
+    assert refiner.n_stages == 3 and refiner.keys.shape[1] == 9  # 3 stages × 3 axes
+    with torch.no_grad():
+        assert model.model.localize(torch.randn(1, 3, 48, 48))[1].shape == (1, 48, 48)
+    # more stages than the encoder's five (MobileNetV2): refused before training, in one line
+    r = runner.invoke(app, [*cmd, "--out", str(tmp_path / "bad"), *knn, "--knn-stages", "6"])
+    assert r.exit_code == 2 and "--knn-stages 6: the encoder has 5 stages" in r.stderr
+    assert not (tmp_path / "bad" / "best-loc.pt").exists()
+
+
 def test_a_card_with_an_unknown_refinement_is_refused(tmp_path):
     from histo_wsl.errors import InputError
     from histo_wsl.methods.knn import refiner_from_card as _refiner_from_card
