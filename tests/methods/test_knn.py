@@ -222,13 +222,18 @@ class _Resized(torch.utils.data.Dataset):
         return item
 
 
-def test_keyed_as_slides_keys_each_image_at_the_slide_geometry_valued_by_the_model():
+def _glassy_bank():
+    """A tiny classifier, its 5 images, a bank of them with glass, and the images as slides."""
     torch.manual_seed(0)
     clf = build_classifier("tinycnn", "wgap", 2, pretrained=False).eval()
     images = _Images(5)
     bank = build_feature_bank(clf, images, max_pixels=40, keys=(2, 3), seed=7, batch_size=2)
     bank = with_glass(clf.forward_features, images, bank, 10, glass_colour(), seed=3)
-    slides = _Resized(images, (24, 40))  # another aspect, as a slide shows the tissue
+    return clf, images, bank, _Resized(images, (24, 40))  # another aspect, as on a slide
+
+
+def test_keyed_as_slides_keys_each_image_at_the_slide_geometry_valued_by_the_model():
+    clf, images, bank, slides = _glassy_bank()
 
     def model_map(x):  # the model's map: 1 on the image's left half, 0 on its right
         out = torch.zeros(x.shape[0], *x.shape[-2:])
@@ -268,12 +273,7 @@ def test_keyed_as_slides_keys_each_image_at_the_slide_geometry_valued_by_the_mod
 
 
 def test_keyed_as_slides_refits_the_keys_on_more_stages_and_drops_the_old_glass():
-    torch.manual_seed(0)
-    clf = build_classifier("tinycnn", "wgap", 2, pretrained=False).eval()
-    images = _Images(5)
-    bank = build_feature_bank(clf, images, max_pixels=40, keys=(2, 3), seed=7, batch_size=2)
-    bank = with_glass(clf.forward_features, images, bank, 10, glass_colour(), seed=3)
-    slides = _Resized(images, (24, 40))
+    clf, images, bank, slides = _glassy_bank()
 
     def model_map(x):
         return torch.full((x.shape[0], *x.shape[-2:]), 0.5)

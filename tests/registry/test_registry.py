@@ -340,6 +340,16 @@ def test_export_gives_the_knn_bank_glass_from_the_training_data(tmp_path):
     assert r.exit_code == 2 and "no training settings" in r.stderr
 
 
+def _exporter(src, dest):
+    """``export(name, *options)``: ``models export src --name name --dest dest --json ...``."""
+
+    def export(name, *options):
+        args = ["models", "export", str(src), "--name", name, "--dest", str(dest), "--json"]
+        return runner.invoke(app, [*args, *options])
+
+    return export
+
+
 def test_export_keys_the_knn_bank_as_slides_and_draws_its_glass_again(tmp_path):
     import torch
 
@@ -347,10 +357,7 @@ def test_export_keys_the_knn_bank_as_slides_and_draws_its_glass_again(tmp_path):
 
     data, src, card, before = _refined_with_its_data(tmp_path, data_mpp=3.0)
     dest = tmp_path / "zoo"
-
-    def export(name, *options):
-        args = ["models", "export", str(src), "--name", name, "--dest", str(dest), "--json"]
-        return runner.invoke(app, [*args, *options])
+    export = _exporter(src, dest)
 
     r = export("slidekeys", "--knn-slide-keys", str(data))
     assert r.exit_code == 0, r.stderr
@@ -389,10 +396,7 @@ def test_export_keys_the_knn_bank_on_more_stages_and_refuses_what_it_cannot_do(t
 
     data, src, card, before = _refined_with_its_data(tmp_path, data_mpp=3.0)
     dest = tmp_path / "zoo"
-
-    def export(name, *options):
-        args = ["models", "export", str(src), "--name", name, "--dest", str(dest), "--json"]
-        return runner.invoke(app, [*args, *options])
+    export = _exporter(src, dest)
 
     keys = ["--knn-slide-keys", str(data)]
     r = export("deep", *keys, "--knn-stages", "4", "--knn-dims", "3")
