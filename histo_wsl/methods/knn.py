@@ -808,7 +808,7 @@ def refiner_keyed_as_slides(
         keys=SLIDE_KEYS_NOTE.format(mpp=float(mpp)),
         values=SLIDE_VALUES_NOTE,
     )
-    if not (glass_rows(bank.owners, len(banks.images))).any():
+    if not glass_rows(bank.owners, len(banks.images)).any():
         refine.pop("glass", None)
     return {**card, "refine": refine}, state
 
