@@ -43,7 +43,7 @@ from histo_wsl.data.sources import Dataset
 from histo_wsl.errors import InputError
 from histo_wsl.methods.base import image_scale
 from histo_wsl.networks.cams import compute_cams
-from histo_wsl.networks.knn import FeatureBank, KNNRefiner, _stage_pixels
+from histo_wsl.networks.knn import FeatureBank, KNNRefiner, _stage_pixels, embed_keys
 from histo_wsl.networks.tta import flips_mean_map
 from histo_wsl.training.config import TrainConfig
 
@@ -139,11 +139,9 @@ def build_feature_bank(
         kept.append(cams.reshape(-1)[rows])
         owners.append(own.repeat_interleave(per_image).to(device))
     stage_rows = [torch.cat(p) for p in pixels]
-    bank = FeatureBank(
-        torch.empty(0), torch.cat(kept), torch.cat(owners), fit_projections(stage_rows, dims)
-    )
-    bank.keys = bank.embed(stage_rows)
-    return bank
+    projections = fit_projections(stage_rows, dims)
+    keys = embed_keys(stage_rows, projections)
+    return FeatureBank(keys, torch.cat(kept), torch.cat(owners), projections)
 
 
 def fit_projections(stage_rows: list[Tensor], dims: int) -> list[tuple[Tensor, Tensor]]:
@@ -362,7 +360,7 @@ class TrainSplitBanks:
             negative=self.negative,
             cam_method=cfg.model.cam_method,
             max_pixels=cfg.knn.knn_bank,
-            keys=(check_stages(cfg, model), cfg.knn.knn_dims),
+            keys=(check_stages(cfg.knn.knn_stages, model), cfg.knn.knn_dims),
             seed=cfg.run.seed,
             batch_size=1 if scale is not None else 16,  # images of their own sizes
             device=device,
@@ -414,28 +412,26 @@ def refine_checks(cfg: TrainConfig, n_train: int, bank: bool) -> list[tuple[bool
     return checks
 
 
-def check_stages(cfg: TrainConfig, encoder: nn.Module) -> int:
+def check_stages(stages: int, encoder: nn.Module, path: str | Path | None = None) -> int:
     """``--knn-stages``, refused in one line when ``encoder`` (its ``backbone``) has fewer stages."""
     backbone = getattr(encoder, "backbone", encoder)
-    available = len(getattr(backbone, "stage_channels", ())) or cfg.knn.knn_stages
-    if not 1 <= cfg.knn.knn_stages <= available:
+    available = len(getattr(backbone, "stage_channels", ())) or stages
+    if not 1 <= stages <= available:
         raise InputError(
-            f"--knn-stages {cfg.knn.knn_stages}: the encoder has {available} stages; give 1 "
-            f"to {available}"
+            f"--knn-stages {stages}: the encoder has {available} stages; give --knn-stages 1 "
+            f"to {available}",
+            path or None,
         )
-    return cfg.knn.knn_stages
+    return stages
 
 
-def refine_card(
-    cfg: TrainConfig, bank_pixels: int | None, values: str, stages: int | None = None
-) -> dict:
+def refine_card(cfg: TrainConfig, bank_pixels: int | None, values: str) -> dict:
     """The model card's ``refine`` entry (``{"method": "none"}`` unless ``--refine knn``).
 
     Args:
-        cfg: the training settings (k, alpha, bank size and seed).
+        cfg: the training settings (k, alpha, stages, bank size and seed).
         bank_pixels: pixels in the refiner's bank (None: not built yet).
         values: what the bank's values are, in words.
-        stages: encoder stages in the keys (the refiner's ``n_stages``; default ``--knn-stages``).
     """
     if cfg.knn.refine != "knn":
         return {"method": "none"}
@@ -443,7 +439,7 @@ def refine_card(
         "method": "knn",
         "k": cfg.knn.knn_k,
         "alpha": cfg.knn.refine_alpha,
-        "stages": cfg.knn.knn_stages if stages is None else stages,
+        "stages": cfg.knn.knn_stages,
         "bank_pixels": bank_pixels,
         "dims": cfg.knn.knn_dims,
         "bank_seed": cfg.run.seed,
@@ -708,9 +704,8 @@ def keyed_as_slides(
         fitted = fit_projections(stage_rows, int(refit[1]))
         projections = [(m.to(bank.keys.device), v.to(bank.keys.device)) for m, v in fitted]
         other = None  # the glass's keys are of the old projections
-    keys = FeatureBank(bank.keys, bank.values, bank.owners, projections).embed(stage_rows)
     new = FeatureBank(
-        keys.to(bank.keys.dtype).to(bank.keys.device),
+        embed_keys(stage_rows, projections).to(bank.keys.dtype).to(bank.keys.device),
         torch.cat(values).to(bank.values),
         torch.cat(owners).to(bank.owners.device),
         projections,
@@ -783,13 +778,7 @@ def refiner_keyed_as_slides(
     refit = None
     if stages is not None or dims is not None:
         refit = (int(stages or refine.get("stages", 2)), int(dims or refine.get("dims") or 64))
-        available = len(encoder.forward_features(slide_images[0]["image"][None]))
-        if not 1 <= refit[0] <= available:
-            raise InputError(
-                f"the model's encoder has {available} stages, so its keys cannot take "
-                f"{refit[0]}; give --knn-stages 1 to {available}",
-                path or None,
-            )
+        check_stages(refit[0], encoder, path)
     bank = keyed_as_slides(
         encoder.forward_features,
         lambda x: flips_mean_map(lambda v: model.localize(v)[1], x),

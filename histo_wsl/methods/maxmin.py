@@ -162,7 +162,7 @@ class MaxMinTask:
         backbone = build_backbone(self.cfg.model.backbone, self.cfg.model.pretrained)
         refiner = None
         if self.refining:
-            stages = check_stages(self.cfg, backbone)
+            stages = check_stages(self.cfg.knn.knn_stages, backbone)
             refiner = KNNRefiner(self.cfg.knn.knn_k, self.cfg.knn.refine_alpha, stages)
         self.model = MaxMinModel(
             backbone,
@@ -273,7 +273,6 @@ class MaxMinTask:
                 cfg,
                 len(refiner) if refiner is not None and refiner.ready else None,
                 "the localizer's mask M on the train split (eval preset)",
-                refiner.n_stages if refiner is not None else 2,
             ),
             "training_data": self.ds.describe(),
             "config": plain_config(cfg),

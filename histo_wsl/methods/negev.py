@@ -311,7 +311,7 @@ class DecoderTask:
         torch.manual_seed(self.cfg.run.seed)
         refiner = None
         if self.refining:
-            stages = check_stages(self.cfg, self.stage1.model)
+            stages = check_stages(self.cfg.knn.knn_stages, self.stage1.model)
             refiner = KNNRefiner(self.cfg.knn.knn_k, self.cfg.knn.refine_alpha, stages)
         return NEGEVModel(self.stage1.model, refiner)
 

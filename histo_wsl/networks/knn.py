@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
-__all__ = ["FeatureBank", "KNNRefiner"]
+__all__ = ["FeatureBank", "KNNRefiner", "embed_keys"]
 
 #: bytes of one (block × bank) similarity block: small enough to stay in a CPU's cache between
 #: the matrix product that writes it and the top-k that reads it (docs/results.md, *The
@@ -62,6 +62,12 @@ def _stage_pixels(stages: list[Tensor], size: tuple[int, int], n: int = 2) -> li
     return out
 
 
+def embed_keys(pixels: list[Tensor], projections: list[tuple[Tensor, Tensor]]) -> Tensor:
+    """Keys (N,D): each stage's rows projected, normalised, concatenated (scaled to norm 1)."""
+    parts = [F.normalize((p - m) @ v, dim=1) for p, (m, v) in zip(pixels, projections, strict=True)]
+    return torch.cat(parts, dim=1) / math.sqrt(len(parts))
+
+
 @dataclass
 class FeatureBank:
     """Training pixels' keys (N,D), seed-map values (N,) and owning image indices (N,)."""
@@ -88,11 +94,7 @@ class FeatureBank:
 
     def embed(self, pixels: list[Tensor]) -> Tensor:
         """Keys (N,D) of per-stage normalised pixel rows (the bank's projection)."""
-        parts = [
-            F.normalize((p - m) @ v, dim=1)
-            for p, (m, v) in zip(pixels, self.projections, strict=True)
-        ]
-        return torch.cat(parts, dim=1) / math.sqrt(len(parts))
+        return embed_keys(pixels, self.projections)
 
     @torch.no_grad()
     def neighbour_means(self, stages: list[Tensor], k: int, owners: Tensor | None = None) -> Tensor:
