@@ -360,6 +360,18 @@ def export(
             show_default=False,
         ),
     ] = None,
+    mask_range: Annotated[
+        Path | None,
+        typer.Option(
+            "--mask-range",
+            help="The model's training data (as given to training): a Max-Min model's mask is "
+            "normalised on a slide's windows by the range its map has on the training images "
+            "read as localize reads a slide, instead of each window's own min and max (which "
+            "stretches a window of stroma or glass into foreground). Training records it "
+            "itself; this adds it to a model trained before.",
+            show_default=False,
+        ),
+    ] = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing model of that name.")
     ] = False,
@@ -402,6 +414,7 @@ def export(
             stages=knn_stages,
             dims=knn_dims,
         ),
+        mask_range=mask_range,
     )
     for note in result.notes:
         print(f"histo-wsl: warning: {note}", file=sys.stderr)

@@ -103,6 +103,7 @@ class Engine:
             model_path, map_location="cpu", cam_method=params.cam, tta=params.tta
         )
         self.predictor.to(self.device)
+        self.predictor.for_windows(not params.whole_image)
         card = self.predictor.card
         self.card = card
         self.notes: list[str] = []
@@ -176,6 +177,11 @@ class Engine:
             "negative_class": c.get("negative_class"),
             "input_size": self.size,
             "mpp": c.get("mpp"),
+            **(
+                {}
+                if self.predictor.window_range is None
+                else {"window_range": list(self.predictor.window_range)}
+            ),
         }
 
     def predict(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

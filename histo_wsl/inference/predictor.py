@@ -54,6 +54,24 @@ class Predictor(TrainedModel):
         self.model.to(device=device, memory_format=fmt)
         return self
 
+    def for_windows(self, on: bool = True) -> Predictor:
+        """Tell the network whether its inputs are windows of a slide (default: whole images).
+
+        A network with a ``windowed`` switch then normalises its map for windows: a Max-Min
+        ``minmax`` mask by the card's ``maxmin.window_range`` instead of each window's own
+        minimum and maximum (:meth:`histo_wsl.networks.maxmin.MaxMinModel.normalise`).
+        """
+        if hasattr(self.model, "windowed"):
+            self.model.windowed = bool(on)
+        return self
+
+    @property
+    def window_range(self) -> tuple[float, float] | None:
+        """The range a slide's windows are normalised by, when the network uses one."""
+        if getattr(self.model, "windowed", False):
+            return getattr(self.model, "window_range", None)
+        return None
+
     def predict(self, images: Tensor, classes: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(class logits (B,K), foreground map (B,H,W) in [0,1]) of normalised images.
 

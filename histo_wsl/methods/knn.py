@@ -544,7 +544,7 @@ def compact_refiner(
     return dict(card, refine=refine), state
 
 
-def _training_split(card: dict, data: str | Path, path: str | Path) -> tuple[TrainConfig, Dataset]:
+def training_split(card: dict, data: str | Path, path: str | Path) -> tuple[TrainConfig, Dataset]:
     """The checkpoint's training settings and its data read again (the card's fold, split, seed)."""
     from histo_wsl.data.sources import load_samples
 
@@ -610,7 +610,7 @@ def refiner_with_glass(
     refine = _knn_refine(card, path, "add glass to", "--knn-glass")
     check_glass_share(share)
     prefix = _bank_prefix(state_dict, path)
-    cfg, ds = _training_split(card, data, path)
+    cfg, ds = training_split(card, data, path)
     images = TrainSplitBanks(ds, cfg).images
     model = model_from_checkpoint(card, state_dict, path).eval()
     bank = model.refiner.bank
@@ -768,7 +768,7 @@ def refiner_keyed_as_slides(
             "unknown; drop --knn-slide-keys",
             path or None,
         )
-    cfg, ds = _training_split(card, data, path)
+    cfg, ds = training_split(card, data, path)
     banks = TrainSplitBanks(ds, cfg, negative=ds.negative_class)
     slide_images = LabelledImages(
         ds.split("train"), cfg.data.crop_size, eval_transform(), scale=float(data_mpp) / float(mpp)

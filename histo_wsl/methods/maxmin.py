@@ -10,6 +10,12 @@ map of the mask over training pixels (:mod:`histo_wsl.networks.knn`): the bank i
 from the current model at every evaluation, ``best-loc.pt`` is selected by the blended map's
 PxAP, and ``summary.csv`` also has the mask's own (``valpx_pxap_mask``).
 
+A ``minmax`` model's card also records ``maxmin.window_range`` (:func:`mask_range`, measured at
+every evaluation): the range that normalises the mask of a slide's windows in ``localize``, where
+a window's own minimum and maximum would stretch a stroma-only window into foreground
+(:mod:`histo_wsl.networks.maxmin`). ``models export --mask-range DATA`` adds it to a model trained
+before.
+
 Schedules (method.md §2.1-2.2), both pure functions of the epoch, so ``--resume`` is exact:
 σ during epoch e (1-based) = min(σ0 + (e − 1)·step, σ_max); log-barrier t = min(t0·mult^(e − 1),
 t_max). After epoch e the model's σ buffer is set to the value of epoch e + 1, so the checkpoint
@@ -18,13 +24,14 @@ written after epoch e is evaluated (and later used) with the σ it carries.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from histo_wsl import __version__
-from histo_wsl.data.images import IMAGENET_MEAN, IMAGENET_STD
+from histo_wsl.data.images import IMAGENET_MEAN, IMAGENET_STD, LabelledImages, eval_transform
 from histo_wsl.data.sources import Dataset
 from histo_wsl.errors import InputError
 from histo_wsl.methods.base import (
@@ -43,6 +50,7 @@ from histo_wsl.methods.knn import (
     refine_card,
     refine_checks,
     refiner_from_card,
+    training_split,
 )
 from histo_wsl.methods.maxmin_losses import REGULARIZERS, maxmin_loss
 from histo_wsl.networks.backbones import build_backbone
@@ -56,7 +64,9 @@ __all__ = [
     "METHOD",
     "MaxMinTask",
     "check_maxmin_config",
+    "mask_range",
     "maxmin_from_card",
+    "with_mask_range",
     "sigma_at",
     "t_at",
     "train_maxmin",
@@ -116,6 +126,97 @@ def check_maxmin_config(cfg: TrainConfig, n_train: int | None = None) -> None:
             raise InputError(message)
 
 
+#: what a card's ``maxmin.window_range_from`` says
+WINDOW_RANGE_NOTE = (
+    "mean per-image min and max of the localizer's soft map M+ over the {n} train images "
+    "{how} (histo_wsl.methods.maxmin.mask_range)"
+)
+
+
+def mask_range(
+    model: MaxMinModel, images: torch.utils.data.Dataset, device: torch.device | str = "cpu"
+) -> tuple[float, float]:
+    """(lo, hi): the mean over ``images`` of each image's minimum and maximum of M+.
+
+    ``images``: items with a normalised ``image`` (3,H,W), one forward each (sizes may differ).
+    The range normalises the mask of a slide's windows (:meth:`MaxMinModel.normalise`).
+
+    Raises:
+        ValueError: no image, or a range that is empty (a flat map on every image).
+    """
+    if len(images) == 0:
+        raise ValueError("mask_range needs at least one image")
+    lows, highs = [], []
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for i in range(len(images)):
+            soft = model.soft_map(images[i]["image"][None].to(device))[1]
+            lows.append(float(soft.amin()))
+            highs.append(float(soft.amax()))
+    model.train(was_training)
+    lo, hi = sum(lows) / len(lows), sum(highs) / len(highs)
+    if not hi > lo:
+        raise ValueError(f"the localizer's map is flat on every image (range {lo:.4g}..{hi:.4g})")
+    return lo, hi
+
+
+def slide_view(
+    samples: Sequence, crop_size: int, data_mpp: float | None, mpp: float | None
+) -> tuple[LabelledImages, str]:
+    """``samples`` as a slide shows them, and that in words.
+
+    Read at ``data_mpp / mpp`` with their aspect kept, or at the evaluation preset (resized to
+    ``crop_size``) when either µm/px is unknown.
+    """
+    if data_mpp and mpp:
+        images = LabelledImages(
+            samples, crop_size, eval_transform(), scale=float(data_mpp) / float(mpp)
+        )
+        how = f"read at {float(mpp):g} µm/px with their aspect kept, as localize reads a slide"
+        return images, how
+    return LabelledImages(
+        samples, crop_size, eval_transform()
+    ), f"resized to {crop_size}² (the evaluation preset)"
+
+
+def range_card(lo: float, hi: float, n: int, how: str) -> dict:
+    """The card's ``maxmin`` entries of a window range."""
+    return {
+        "window_range": [round(lo, 6), round(hi, 6)],
+        "window_range_from": WINDOW_RANGE_NOTE.format(n=n, how=how),
+    }
+
+
+def with_mask_range(card: dict, state_dict: dict, data: str | Path, path: str | Path = "") -> dict:
+    """``card`` with its Max-Min mask's window range measured on its training data.
+
+    ``models export --mask-range``: the train split (the card's fold, split and seed) read as
+    ``localize`` reads a slide (:func:`slide_view`), the weights of ``state_dict``.
+
+    Raises:
+        InputError: not a Max-Min model with a per-image (``minmax``) mask, a card without
+            training settings, or unreadable data.
+    """
+    mm = card.get("maxmin") if card.get("method") == "maxmin" else None
+    if not isinstance(mm, dict) or mm.get("mask") != "minmax":
+        raise InputError(
+            "--mask-range applies to Max-Min models whose mask is min-max normalised per "
+            "image; drop it for this model",
+            path or None,
+        )
+    _, ds = training_split(card, data, path)
+    model = maxmin_from_card(card, state_dict, path).eval()
+    images, how = slide_view(
+        ds.split("train"), int(card["input_size"]), card.get("data_mpp"), card.get("mpp")
+    )
+    try:
+        lo, hi = mask_range(model, images)
+    except ValueError as exc:
+        raise InputError(f"--mask-range: {exc}", path or None) from None
+    return {**card, "maxmin": {**mm, **range_card(lo, hi, len(images), how)}}
+
+
 def sigma_at(cfg: TrainConfig, epoch: int) -> float:
     """σ used during ``epoch`` (1-based; epoch 0 = before training uses σ0)."""
     m = cfg.maxmin
@@ -148,6 +249,9 @@ class MaxMinTask:
         self._seen_mpp: float | None = None
         #: builds the refiner's k-NN bank of the train split
         self._banks = TrainSplitBanks(ds, cfg, self.negative)
+        #: the train split as slides show it, and the mask's range on it (``minmax``)
+        self._slide_images: tuple[LabelledImages, str] | None = None
+        self._range: dict = {}
 
     @property
     def refining(self) -> bool:
@@ -222,6 +326,17 @@ class MaxMinTask:
         m = unwrap(model)
         if self.refining:
             m.refiner.set_bank(self.refine_bank(m, device))
+        if self.mask_mode == "minmax":
+            if self._slide_images is None:
+                self._slide_images = slide_view(
+                    self.ds.split("train"),
+                    self.cfg.data.crop_size,
+                    self.cfg.data.data_mpp,
+                    self._seen_mpp,
+                )
+            images, how = self._slide_images
+            lo, hi = mask_range(m, images, device)
+            self._range = range_card(lo, hi, len(images), how)
         return evaluate_localizer(
             m,
             self.ds,
@@ -268,6 +383,7 @@ class MaxMinTask:
                     "t_max": cfg.maxmin.elb_t_max,
                     "mult": cfg.maxmin.elb_mult,
                 },
+                **self._range,
             },
             "refine": refine_card(
                 cfg,
@@ -327,6 +443,11 @@ def maxmin_from_card(card: dict, state_dict: dict, path: str | Path) -> nn.Modul
             cl_scale=float(mm.get("cl_scale", 1.0)),  # cards before cl_scale: full size
             refiner=refiner_from_card(card, path),
         )
+        if mm.get("window_range") is not None:
+            lo, hi = (float(v) for v in mm["window_range"])
+            if not hi > lo:
+                raise ValueError(f"window_range {lo:g}..{hi:g} is empty")
+            model.window_range = (lo, hi)
     except (KeyError, TypeError, ValueError) as exc:
         raise InputError(
             f"the Max-Min model card is incomplete or invalid ({exc}); retrain it", path
@@ -349,7 +470,10 @@ def map_description(card: dict, map_class: str) -> str:
         return (
             f"Max-Min localizer mask M = sigmoid(w·foreground log-odds){refined} (class-agnostic)"
         )
-    return f"Max-Min localizer mask M = sigmoid(w·(M̃ − σ)), M̃ per-image min-max{refined}"
+    per = "per-image min-max"
+    if (card.get("maxmin") or {}).get("window_range") is not None:
+        per += " (a slide's windows: by the training images' range)"
+    return f"Max-Min localizer mask M = sigmoid(w·(M̃ − σ)), M̃ {per}{refined}"
 
 
 #: Max-Min uncertainty (``train-classifier --method maxmin``) as a

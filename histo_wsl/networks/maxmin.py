@@ -10,7 +10,11 @@ Mask modes:
   class maps, upsampled bilinearly to the input size, min-max normalised **per image** to M̃ (the
   original code normalises over the batch, which couples images; method.md §7 pitfall 4), and the
   pseudo-binary mask M = sigmoid(w · (M̃ − σ)). Every image's mask then spans the same range, so it
-  can never be empty: right for data where every image holds some ROI.
+  can never be empty: right for data where every image holds some ROI. A window of a slide is
+  not such an image (it may hold only stroma, or half glass), so with :attr:`MaxMinModel.windowed`
+  set and a :attr:`MaxMinModel.window_range` known, M̃ = (M+ − lo) / (hi − lo) with one range
+  (lo, hi) for every window: the mean per-image minimum and maximum of M+ over the training
+  images as a slide shows them (:func:`histo_wsl.methods.maxmin.mask_range`).
 - ``absolute`` (data with a negative class, the Camelyon16 variant): a class-agnostic foreground
   logit ℓ = logsumexp_{c ≠ neg} map_c − map_neg (the log-odds that a pixel shows any non-negative
   class rather than the negative one), upsampled, and M = sigmoid(w · ℓ) (no σ shift, no min-max, as
@@ -110,6 +114,10 @@ class MaxMinModel(nn.Module):
         self.negative_index = negative_index
         self.cl_scale = float(cl_scale)
         self.refiner = refiner
+        #: (lo, hi) of the soft map M+ on the training images (``minmax`` mode), or None
+        self.window_range: tuple[float, float] | None = None
+        #: whether inputs are windows of a slide: M̃ then uses :attr:`window_range` when known
+        self.windowed = False
         self.register_buffer("sigma", torch.tensor(float(sigma)))
         self.register_buffer("w", torch.tensor(float(w)))
 
@@ -122,8 +130,8 @@ class MaxMinModel(nn.Module):
         """The shared backbone's stages of ``x`` (the k-NN bank's keys come from them)."""
         return self.backbone(x)
 
-    def locate(self, x: Tensor, stages: list[Tensor] | None = None) -> tuple[Tensor, Tensor]:
-        """(localizer scores s_M (B,K), mask logits (B,H,W) at the input size).
+    def soft_map(self, x: Tensor, stages: list[Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        """(localizer scores s_M (B,K), soft map M+ (B,H,W) at the input size; ``minmax`` mode).
 
         ``stages``: the backbone's stages of ``x`` when already computed.
         """
@@ -131,19 +139,35 @@ class MaxMinModel(nn.Module):
             stages = self.backbone(x)
         maps = self.head.cams(stages[-1])  # (B,K,h,w)
         scores = wildcat_pool(maps, self.head.kmax, self.head.kmin, self.head.alpha)
+        weights = scores.float().softmax(1)[:, :, None, None]
+        soft = (weights * maps.float()).sum(1, keepdim=True)
         size = tuple(x.shape[-2:])
+        return scores, F.interpolate(soft, size=size, mode="bilinear", align_corners=False)[:, 0]
+
+    def normalise(self, soft: Tensor) -> Tensor:
+        """M̃ of the soft map M+ (B,H,W): per image, or by :attr:`window_range` for windows."""
+        if self.windowed and self.window_range is not None:
+            lo, hi = self.window_range
+            return (soft - lo) / (hi - lo)
+        return _minmax_per_image(soft)
+
+    def locate(self, x: Tensor, stages: list[Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        """(localizer scores s_M (B,K), mask logits (B,H,W) at the input size).
+
+        ``stages``: the backbone's stages of ``x`` when already computed.
+        """
+        if stages is None:
+            stages = self.backbone(x)
         if self.mask_mode == "minmax":
-            weights = scores.float().softmax(1)[:, :, None, None]
-            soft = (weights * maps.float()).sum(1, keepdim=True)
-            soft = F.interpolate(soft, size=size, mode="bilinear", align_corners=False)[:, 0]
-            logits = self.w * (_minmax_per_image(soft) - self.sigma)
-        else:
-            neg = self.negative_index
-            others = torch.cat([maps[:, :neg], maps[:, neg + 1 :]], dim=1).float()
-            fg = torch.logsumexp(others, dim=1, keepdim=True) - maps[:, neg : neg + 1].float()
-            fg = F.interpolate(fg, size=size, mode="bilinear", align_corners=False)[:, 0]
-            logits = self.w * fg
-        return scores, logits
+            scores, soft = self.soft_map(x, stages)
+            return scores, self.w * (self.normalise(soft) - self.sigma)
+        maps = self.head.cams(stages[-1])  # (B,K,h,w)
+        scores = wildcat_pool(maps, self.head.kmax, self.head.kmin, self.head.alpha)
+        neg = self.negative_index
+        others = torch.cat([maps[:, :neg], maps[:, neg + 1 :]], dim=1).float()
+        fg = torch.logsumexp(others, dim=1, keepdim=True) - maps[:, neg : neg + 1].float()
+        fg = F.interpolate(fg, size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)
+        return scores, self.w * fg[:, 0]
 
     def classify(self, x: Tensor) -> Tensor:
         """Classifier logits C(x) (B,K) with the shared backbone and the classifier head.

@@ -400,13 +400,14 @@ class BankEdit:
 
 
 def _source(
-    ckpt: dict, src: Path, knn: BankEdit, given: dict[str, dict]
+    ckpt: dict, src: Path, knn: BankEdit, given: dict[str, dict], mask_range: Path | None = None
 ) -> tuple[dict, dict, list[str]]:
-    """The checkpoint's card and weights, its k-NN bank changed as ``knn`` asks, and notes.
+    """The checkpoint's card and weights, changed as ``knn`` and ``mask_range`` ask, and notes.
 
     The options are checked before any of the (slower) bank edits runs. A changed bank
     changes the predictions: the card's evaluations then go, with a note for each not
-    ``given`` again.
+    ``given`` again; a window range measured again changes a slide's, not an image's
+    (``evaluation_slide`` goes).
     """
     if knn.glass_share is not None:
         if knn.glass is None:
@@ -417,6 +418,10 @@ def _source(
     card, state = dict(ckpt["card"]), ckpt["state_dict"]
     if knn.stages is not None or knn.dims is not None:
         _check_refit(card, knn, src)
+    if mask_range is not None:  # the localizer's own map: the bank does not enter it
+        from histo_wsl.methods.maxmin import with_mask_range
+
+        card = with_mask_range(card, state, mask_range, src)
     if knn.pixels is not None or knn.k is not None:
         from histo_wsl.methods.knn import compact_refiner
 
@@ -434,10 +439,17 @@ def _source(
 
         share = GLASS_SHARE if knn.glass_share is None else knn.glass_share
         card, state = refiner_with_glass(card, state, knn.glass, src, share)
-    if state is ckpt["state_dict"]:
-        return card, state, []
-    card, notes = _without_evaluations(card, given)
-    return card, state, notes
+    if state is not ckpt["state_dict"]:
+        card, notes = _without_evaluations(
+            card, given, ("evaluation", "evaluation_slide"), "the k-NN bank changed"
+        )
+        return card, state, notes
+    if mask_range is not None:
+        card, notes = _without_evaluations(
+            card, given, ("evaluation_slide",), "the window range was measured again"
+        )
+        return card, state, notes
+    return card, state, []
 
 
 def _check_refit(card: dict, knn: BankEdit, src: Path) -> None:
@@ -472,15 +484,26 @@ def _exported_card(
     return card
 
 
-def _without_evaluations(card: dict, given: dict[str, dict]) -> tuple[dict, list[str]]:
-    """``card`` less the evaluations of a bank since changed, and a note when one was not given."""
-    stale = [key for key in ("evaluation", "evaluation_slide") if key in card]
+def _without_evaluations(
+    card: dict, given: dict[str, dict], keys: tuple[str, ...], why: str
+) -> tuple[dict, list[str]]:
+    """``card`` less its evaluations ``keys`` (stale since ``why``).
+
+    With a note when one of them is not ``given`` again.
+    """
+    stale = [key for key in keys if key in card]
     card = {k: v for k, v in card.items() if k not in stale}
-    if not [key for key in stale if key not in given]:
+    missing = [key for key in stale if key not in given]
+    if not missing:
         return card, []
+    again = " / ".join(
+        {"evaluation": "--metrics", "evaluation_slide": "--slide-metrics"}[k] for k in missing
+    )
     return card, [
-        "the source card's evaluation was measured before the k-NN bank changed and is "
-        "dropped; evaluate the export and export it again with --metrics / --slide-metrics"
+        f"the source card's {' and '.join(missing)} "
+        f"{'were' if len(missing) > 1 else 'was'} measured before {why} and "
+        f"{'are' if len(missing) > 1 else 'is'} dropped; evaluate the export and export it "
+        f"again with {again}"
     ]
 
 
@@ -508,6 +531,7 @@ def export_model(
     slide_metrics: Path | None = None,
     overwrite: bool = False,
     knn: BankEdit | None = None,
+    mask_range: Path | None = None,
 ) -> ExportResult:
     """Write ``<dest>/<name>/`` (``model.pt`` + ``card.yaml``): a compact copy of a checkpoint.
 
@@ -532,6 +556,8 @@ def export_model(
         overwrite: replace an existing model folder of that name.
         knn: changes to the k-NN refiner's bank (:class:`BankEdit`); the predictions are then
             checked against the changed source.
+        mask_range: the model's training data: a Max-Min model's window range is measured
+            again on it (:func:`histo_wsl.methods.maxmin.with_mask_range`).
 
     Raises:
         InputError: a bad name or source, an unreadable metrics file, an existing model without
@@ -547,7 +573,9 @@ def export_model(
     evaluations = {"evaluation": metrics, "evaluation_slide": slide_metrics}
     evaluations = {k: read_metrics(v) for k, v in evaluations.items() if v is not None}
     ckpt = load_checkpoint(src)
-    source_card, source_state, notes = _source(ckpt, src, knn or BankEdit(), evaluations)
+    source_card, source_state, notes = _source(
+        ckpt, src, knn or BankEdit(), evaluations, mask_range
+    )
     state, kept = compact_state_dict(source_state, fp16=fp16)
     dtype = "float16" if fp16 else "float32"
     card = _exported_card(source_card, name, text, evaluations)

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from histo_wsl.cli.app import app
 from histo_wsl.inference.predictor import load_model
-from histo_wsl.methods.maxmin import sigma_at, t_at
+from histo_wsl.methods.maxmin import mask_range, sigma_at, t_at
 from histo_wsl.methods.maxmin_losses import (
     eem,
     elb,
@@ -78,6 +78,52 @@ def test_mask_is_binary_like_and_normalised_per_image():
     lo, hi = torch.sigmoid(torch.tensor(-0.75)), torch.sigmoid(torch.tensor(4.25))
     assert torch.allclose(mask.flatten(1).amin(1), lo.expand(2), atol=1e-5)
     assert torch.allclose(mask.flatten(1).amax(1), hi.expand(2), atol=1e-4)
+
+
+def test_windows_of_a_slide_are_normalised_by_the_training_range():
+    """A window of stroma is not stretched to foreground once the range is the training's."""
+    model = _model()
+    x = torch.rand(2, 3, 32, 32)
+    x[1] *= 0.05  # a dull, nearly flat window
+    with torch.no_grad():
+        _, soft = model.soft_map(x)
+    w, sigma = float(model.w), float(model.sigma)
+    own = (soft - soft.flatten(1).amin(1)[:, None, None]) / (
+        soft.flatten(1).amax(1) - soft.flatten(1).amin(1) + 1e-6
+    )[:, None, None]
+    torch.testing.assert_close(model.locate(x)[1], w * (own - sigma))
+    # training images whose maps spanned 20 times what these windows span
+    lo = float(soft.min())
+    hi = lo + 20.0 * (float(soft.max()) - lo)
+    model.window_range = (lo, hi)
+    torch.testing.assert_close(model.locate(x)[1], w * (own - sigma))  # whole images: per image
+    model.windowed = True
+    windowed = model.locate(x)[1]
+    torch.testing.assert_close(windowed, w * ((soft - lo) / (hi - lo) - sigma))
+    assert torch.sigmoid(windowed[1]).max() < 0.5 < torch.sigmoid(model.w * (own[1] - sigma)).max()
+    model.window_range = None  # no range recorded: per image, as before
+    torch.testing.assert_close(model.locate(x)[1], w * (own - sigma))
+
+
+def test_mask_range_is_the_mean_per_image_minimum_and_maximum():
+    model = _model()
+    images = [{"image": torch.rand(3, 32, 40)}, {"image": torch.rand(3, 24, 32) * 3}]
+    lows, highs = [], []
+    for item in images:
+        with torch.no_grad():
+            soft = model.soft_map(item["image"][None])[1]
+        lows.append(float(soft.min()))
+        highs.append(float(soft.max()))
+    lo, hi = mask_range(model.train(), images)
+    assert model.training  # left as it was found
+    assert lo == pytest.approx(sum(lows) / 2) and hi == pytest.approx(sum(highs) / 2)
+    with pytest.raises(ValueError, match="at least one image"):
+        mask_range(model, [])
+    flat = _model()
+    for p in flat.head.parameters():
+        nn.init.zeros_(p)
+    with pytest.raises(ValueError, match="flat on every image"):
+        mask_range(flat, images)
 
 
 @pytest.mark.parametrize("cl_scale", [1.0, 0.8])
@@ -494,3 +540,48 @@ def test_refine_knn_keeps_a_bank_of_the_mask_and_blends_it(tmp_path, synthetic):
     r = runner.invoke(app, [*cam, "--out", str(tmp_path / "cam"), "--refine", "knn"])
     assert r.exit_code == 2 and "use it with --method maxmin" in r.stderr
     assert not (tmp_path / "bad").exists() and not (tmp_path / "cam").exists()
+
+
+def test_a_minmax_run_records_the_window_range_localize_and_export_use(tmp_path, synthetic):
+    """Training measures the range on the train split; localize's windows use it, images not;
+    ``models export --mask-range`` measures the same on the same weights."""
+    from histo_wsl.data.images import LabelledImages, eval_transform
+    from histo_wsl.inference.engine import Engine
+    from histo_wsl.inference.params import LocalizeParams
+    from histo_wsl.methods.base import load_training_data
+    from histo_wsl.registry.checkpoint import load_checkpoint
+
+    out = tmp_path / "run"
+    args = ["train-classifier", str(synthetic), "--method", "maxmin", "--crop-size", "32"]
+    args += ["--resize-size", "36", "--no-pretrained", "--epochs", "1"]
+    args += ["--max-steps-per-epoch", "1", *TINY, "--out", str(out)]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.stderr
+    best = out / "best-loc.pt"
+    card = load_checkpoint(best)["card"]
+    lo, hi = card["maxmin"]["window_range"]
+    ds = load_training_data(TrainConfig.from_flat(data=str(synthetic)))
+    train = LabelledImages(ds.split("train"), 32, eval_transform())  # no µm/px: eval preset
+    assert f"the {len(train)} train images resized to 32²" in card["maxmin"]["window_range_from"]
+    pred = load_model(best)
+    assert (lo, hi) == pytest.approx(mask_range(pred.model, train), abs=1e-5)
+    assert pred.model.window_range == pytest.approx((lo, hi)) and not pred.model.windowed
+
+    windows = Engine(LocalizeParams(model=best, device="cpu", mpp=1.0))
+    assert windows.predictor.model.windowed
+    assert windows.describe()["window_range"] == pytest.approx([lo, hi])
+    whole = Engine(LocalizeParams(model=best, device="cpu", whole_image=True))
+    assert not whole.predictor.model.windowed and "window_range" not in whole.describe()
+
+    # a card measured on images and on a slide: a new range leaves the image numbers valid
+    ckpt = load_checkpoint(best)
+    measured = {"evaluation": {"pxap": 50.0}, "evaluation_slide": {"slide_pxap": 40.0}}
+    src = save_checkpoint(tmp_path / "src.pt", {**ckpt["card"], **measured}, ckpt["state_dict"])
+    dest = tmp_path / "zoo"
+    export = ["models", "export", str(src), "--name", "mm", "--dest", str(dest)]
+    r = runner.invoke(app, [*export, "--mask-range", str(synthetic)])
+    assert r.exit_code == 0, r.stderr
+    assert "evaluation_slide was measured before the window range" in r.stderr
+    exported = load_checkpoint(dest / "mm" / "model.pt")["card"]
+    assert exported["evaluation"] == {"pxap": 50.0} and "evaluation_slide" not in exported
+    assert exported["maxmin"]["window_range"] == pytest.approx([lo, hi], rel=1e-2)  # fp16 copy

@@ -391,6 +391,14 @@ def test_export_keys_the_knn_bank_as_slides_and_draws_its_glass_again(tmp_path):
     assert r.exit_code == 2 and "no µm/px" in r.stderr and "src.pt" in r.stderr
 
 
+def test_export_mask_range_is_refused_for_models_without_a_min_max_mask(tmp_path):
+    data, src, _, _ = _refined_with_its_data(tmp_path)
+    dest = tmp_path / "zoo"
+    r = _exporter(src, dest)("n", "--mask-range", str(data))
+    assert r.exit_code == 2 and "--mask-range applies to Max-Min models" in r.stderr
+    assert "src.pt" in r.stderr and not (dest / "n").exists()
+
+
 def test_export_keys_the_knn_bank_on_more_stages_and_refuses_what_it_cannot_do(tmp_path):
     import torch
 
