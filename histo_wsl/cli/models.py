@@ -360,6 +360,19 @@ def export(
             show_default=False,
         ),
     ] = None,
+    knn_grid: Annotated[
+        int | None,
+        typer.Option(
+            "--knn-grid",
+            help="With --knn-slide-keys: key the bank, and look every pixel up, on a grid this "
+            "many times finer than the CAM layer's (2: stride 4 for the stride-8 networks; "
+            "finer borders for four times the lookup's cost); glass the bank holds needs "
+            "--knn-glass to be drawn again.",
+            min=1,
+            max=4,
+            show_default=False,
+        ),
+    ] = None,
     mask_range: Annotated[
         Path | None,
         typer.Option(
@@ -413,6 +426,7 @@ def export(
             glass_share=knn_glass_share,
             stages=knn_stages,
             dims=knn_dims,
+            grid=knn_grid,
         ),
         mask_range=mask_range,
     )

@@ -261,7 +261,7 @@ def with_glass(
         canvas[:, ys, xs] = x[:, src_y, src_x]
         is_glass[..., ys, xs] = 0.0
         stages = features(canvas[None].to(device))
-        size = tuple(stages[-1].shape[-2:])
+        size = (stages[-1].shape[-2] * bank.grid, stages[-1].shape[-1] * bank.grid)
         share = F.adaptive_avg_pool2d(is_glass, size).reshape(-1)
         edge = ((share >= min_glass) & (share < 1.0)).nonzero()[:, 0]
         plain = (share >= 1.0).nonzero()[:, 0]
@@ -286,6 +286,7 @@ def with_glass(
         torch.cat([bank.values, values]),
         torch.cat([bank.owners, torch.cat(owners).to(bank.owners.device)]),
         bank.projections,
+        bank.grid,
     )
 
 
@@ -457,7 +458,12 @@ def refiner_from_card(card: dict, path: str | Path) -> KNNRefiner | None:
     if method != "knn":
         raise InputError(f"unknown refinement {method!r} in the model card", path)
     try:
-        return KNNRefiner(int(refine["k"]), float(refine["alpha"]), int(refine.get("stages", 2)))
+        return KNNRefiner(
+            int(refine["k"]),
+            float(refine["alpha"]),
+            int(refine.get("stages", 2)),
+            grid=int(refine.get("grid", 1)),
+        )
     except (KeyError, TypeError, ValueError) as exc:
         raise InputError(f"the model card's k-NN refinement is malformed ({exc})", path) from None
 
@@ -616,7 +622,7 @@ def refiner_with_glass(
     bank = model.refiner.bank
     tissue = ~glass_rows(bank.owners, len(images))
     bank = FeatureBank(
-        bank.keys[tissue], bank.values[tissue], bank.owners[tissue], bank.projections
+        bank.keys[tissue], bank.values[tissue], bank.owners[tissue], bank.projections, bank.grid
     )
     norm = card.get("normalization") or {}
     bank = with_glass(
@@ -642,6 +648,7 @@ def keyed_as_slides(
     *,
     negative: int | None = None,
     refit: tuple[int, int] | None = None,
+    grid: int | None = None,
     seed: int = 0,
     device: torch.device | str = "cpu",
 ) -> FeatureBank:
@@ -669,12 +676,17 @@ def keyed_as_slides(
             projections of ``dims`` axes per stage fitted on the new pixels; the bank's glass,
             keyed by the old projections, is dropped (:func:`with_glass` draws it again).
             None: the bank's stages and projections, its glass kept.
+        grid: the new keys' grid in steps finer than the CAM layer's (:attr:`FeatureBank.grid`;
+            None: the bank's); another than the bank's needs ``refit``.
         seed: seed of the draw.
         device: where the forward passes run.
     """
     n = len(images)
     if len(slide_images) != n:
         raise ValueError("slide_images must hold the same images as images")
+    grid = bank.grid if grid is None else int(grid)
+    if grid != bank.grid and refit is None:
+        raise ValueError("keys on another grid need refit (the glass is keyed on the old one)")
     gen = torch.Generator().manual_seed(seed)
     n_stages = len(bank.projections) if refit is None else int(refit[0])
     rows: list[list[Tensor]] = [[] for _ in range(n_stages)]
@@ -688,7 +700,7 @@ def keyed_as_slides(
         if negative is not None and int(item["label"]) == negative:
             fg = torch.zeros_like(fg)
         stages = features(slide_images[i]["image"][None].to(device))
-        h, w = stages[-1].shape[-2:]
+        h, w = (grid * d for d in stages[-1].shape[-2:])
         value = F.adaptive_avg_pool2d(fg[:, None], (h, w)).reshape(-1)
         pick = torch.randperm(h * w, generator=gen)[:count].to(value.device)
         for j, p in enumerate(_stage_pixels(stages, (h, w), n_stages)):
@@ -709,6 +721,7 @@ def keyed_as_slides(
         torch.cat(values).to(bank.values),
         torch.cat(owners).to(bank.owners.device),
         projections,
+        grid,
     )
     if other is None:
         return new
@@ -717,6 +730,7 @@ def keyed_as_slides(
         torch.cat([new.values, bank.values[other]]),
         torch.cat([new.owners, bank.owners[other]]),
         projections,
+        grid,
     )
 
 
@@ -738,6 +752,7 @@ def refiner_keyed_as_slides(
     path: str | Path = "",
     stages: int | None = None,
     dims: int | None = None,
+    grid: int | None = None,
 ) -> tuple[dict, dict]:
     """A checkpoint's k-NN bank re-keyed at the slide geometry (``models export --knn-slide-keys``).
 
@@ -751,7 +766,9 @@ def refiner_keyed_as_slides(
     ``stages`` / ``dims``: the keys from the encoder's last ``stages`` stages, on ``dims``
     principal axes per stage, instead of the card's (the shallow stages add the tissue's fine
     texture to the deep ones' context); with either, the projections are fitted again on the
-    new pixels and the bank's glass is dropped (``--knn-glass`` draws it again).
+    new pixels and the bank's glass is dropped (``--knn-glass`` draws it again). ``grid``: the
+    keys (and the queries of every lookup) on a grid that many times finer than the CAM
+    layer's, the coarser stages upsampled (projected again, as ``stages``).
 
     Raises:
         InputError: a card without k-NN refinement, training settings or µm/px, unreadable
@@ -776,7 +793,7 @@ def refiner_keyed_as_slides(
     model = model_from_checkpoint(card, state_dict, path).eval()
     encoder = _encoder(model)
     refit = None
-    if stages is not None or dims is not None:
+    if stages is not None or dims is not None or grid is not None:
         refit = (int(stages or refine.get("stages", 2)), int(dims or refine.get("dims") or 64))
         check_stages(refit[0], encoder, path)
     bank = keyed_as_slides(
@@ -787,11 +804,16 @@ def refiner_keyed_as_slides(
         model.refiner.bank,
         negative=banks.negative,
         refit=refit,
+        grid=grid,
         seed=cfg.run.seed,
     )
     state = _state_with_bank(state_dict, prefix, bank)
     if refit is not None:
         refine.update(stages=refit[0], dims=refit[1])
+    if bank.grid != 1:
+        refine["grid"] = bank.grid
+    else:
+        refine.pop("grid", None)
     refine.update(
         bank_pixels=len(bank),
         keys=SLIDE_KEYS_NOTE.format(mpp=float(mpp)),

@@ -12,8 +12,10 @@ upsampled bilinearly, blended with the model's own map:
 
 The k-NN map averages the decoder's verdicts over look-alike tissue of many images (on GlaS it
 scores above the decoder itself: docs/results.md). It lives at the CAM
-layer's resolution (stride 8 for the stride-8 backbones); ``alpha`` < 1 keeps the decoder's finer
-boundaries in the blend.
+layer's resolution (stride 8 for the stride-8 backbones), or on a grid ``grid`` times finer
+(``models export --knn-grid 2``: stride 4, the coarser stages' projections upsampled
+bilinearly, for four times the lookup); ``alpha`` < 1 keeps the decoder's finer boundaries in
+the blend.
 
 The bank is part of the model's state (buffers): the checkpoint stays self-contained and is
 loaded with ``weights_only=True``. Buffers start empty and take the shapes of the state they
@@ -29,7 +31,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
-__all__ = ["FeatureBank", "KNNRefiner", "embed_keys"]
+__all__ = ["FeatureBank", "KNNRefiner", "embed_keys", "embed_stages"]
 
 #: bytes of one (block × bank) similarity block: small enough to stay in a CPU's cache between
 #: the matrix product that writes it and the top-k that reads it (docs/results.md, *The
@@ -49,15 +51,25 @@ def _block_rows(bank_size: int, device: torch.device) -> int:
 
 
 def _stage_pixels(stages: list[Tensor], size: tuple[int, int], n: int = 2) -> list[Tensor]:
-    """The last ``n`` stages at ``size`` (pooled), L2-normalised per pixel, as (B·h·w, C) rows."""
+    """The last ``n`` stages at ``size`` as (B·h·w, C) rows, L2-normalised per pixel.
+
+    A stage finer than ``size`` is average-pooled to it, then normalised; a coarser one (a
+    query grid finer than the CAM layer: :attr:`FeatureBank.grid`) is normalised, then
+    upsampled bilinearly.
+    """
     if not 1 <= n <= len(stages):
         raise ValueError(f"the keys need the encoder's last {n} stages; it gives {len(stages)}")
     out = []
     for s in stages[-n:]:
         s = s.detach().float()
-        if tuple(s.shape[-2:]) != size:
-            s = F.adaptive_avg_pool2d(s, size)
-        s = F.normalize(s, dim=1)
+        if s.shape[-2] < size[0] or s.shape[-1] < size[1]:
+            s = F.interpolate(
+                F.normalize(s, dim=1), size=size, mode="bilinear", align_corners=False
+            )
+        else:
+            if tuple(s.shape[-2:]) != size:
+                s = F.adaptive_avg_pool2d(s, size)
+            s = F.normalize(s, dim=1)
         out.append(s.permute(0, 2, 3, 1).reshape(-1, s.shape[1]))
     return out
 
@@ -66,6 +78,34 @@ def embed_keys(pixels: list[Tensor], projections: list[tuple[Tensor, Tensor]]) -
     """Keys (N,D): each stage's rows projected, normalised, concatenated (scaled to norm 1)."""
     parts = [F.normalize((p - m) @ v, dim=1) for p, (m, v) in zip(pixels, projections, strict=True)]
     return torch.cat(parts, dim=1) / math.sqrt(len(parts))
+
+
+def embed_stages(
+    stages: list[Tensor], projections: list[tuple[Tensor, Tensor]], size: tuple[int, int]
+) -> Tensor:
+    """``embed_keys(_stage_pixels(stages, size, n), projections)``, computed faster.
+
+    A stage coarser than ``size`` is projected at its own resolution and the projection
+    upsampled (projection and bilinear interpolation commute), instead of upsampling all of
+    its channels (1,280 for MobileNetV2's last stage) and projecting each upsampled pixel.
+    """
+    n = len(projections)
+    if not 1 <= n <= len(stages):
+        raise ValueError(f"the keys need the encoder's last {n} stages; it gives {len(stages)}")
+    parts = []
+    for s, (m, v) in zip(stages[-n:], projections, strict=True):
+        s = s.detach().float()
+        if s.shape[-2] < size[0] or s.shape[-1] < size[1]:
+            b, c, h, w = s.shape
+            rows = F.normalize(s, dim=1).permute(0, 2, 3, 1).reshape(-1, c)
+            low = ((rows - m) @ v).view(b, h, w, -1).permute(0, 3, 1, 2)
+            up = F.interpolate(low, size=size, mode="bilinear", align_corners=False)
+            proj = up.permute(0, 2, 3, 1).reshape(-1, up.shape[1])
+        else:
+            (rows,) = _stage_pixels([s], size, 1)
+            proj = (rows - m) @ v
+        parts.append(F.normalize(proj, dim=1))
+    return torch.cat(parts, dim=1) / math.sqrt(n)
 
 
 @dataclass
@@ -77,6 +117,8 @@ class FeatureBank:
     owners: Tensor
     #: per stage: (mean (C,), principal axes (C,q)) of the projection
     projections: list[tuple[Tensor, Tensor]]
+    #: keys on a grid this many times finer than the CAM layer's (queries on the same grid)
+    grid: int = 1
 
     def __len__(self) -> int:
         return int(self.keys.shape[0])
@@ -90,6 +132,7 @@ class FeatureBank:
             self.values.to(device),
             self.owners.to(device),
             [(m.to(device), v.to(device)) for m, v in self.projections],
+            self.grid,
         )
 
     def embed(self, pixels: list[Tensor]) -> Tensor:
@@ -98,7 +141,9 @@ class FeatureBank:
 
     @torch.no_grad()
     def neighbour_means(self, stages: list[Tensor], k: int, owners: Tensor | None = None) -> Tensor:
-        """(B,h,w) mean bank value of each pixel's ``k`` nearest keys, at the last stage's size.
+        """(B,h,w) mean bank value of each pixel's ``k`` nearest keys, on the bank's grid.
+
+        The grid is the last stage's (the CAM layer's) times :attr:`grid`.
 
         ``owners``: (B,) training-set index of each image; bank pixels of the same image are
         never neighbours (None or −1: no exclusion). ``k`` is capped at the bank's size minus one
@@ -107,7 +152,8 @@ class FeatureBank:
         if len(self) == 0:
             raise RuntimeError("the k-NN bank is empty")
         b, _, h, w = stages[-1].shape
-        queries = self.embed(_stage_pixels(stages, (h, w), len(self.projections)))
+        h, w = h * self.grid, w * self.grid
+        queries = embed_stages(stages, self.projections, (h, w))
         own = None if owners is None else owners.to(queries.device).repeat_interleave(h * w)
         k = max(1, min(int(k), len(self) - int((self.owners == self.owners[0]).sum())))
         means = []
@@ -150,15 +196,19 @@ class KNNRefiner(nn.Module):
         alpha: weight of the k-NN map in the blend (1: the k-NN map alone).
         n_stages: encoder stages in the keys (the bank's projections; 2 for
             :func:`histo_wsl.methods.knn.build_feature_bank`).
+        grid: the bank's grid, in steps finer than the CAM layer's (:attr:`FeatureBank.grid`).
     """
 
-    def __init__(self, k: int = 128, alpha: float = 1.0, n_stages: int = 2) -> None:
+    def __init__(self, k: int = 128, alpha: float = 1.0, n_stages: int = 2, grid: int = 1) -> None:
         super().__init__()
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        if grid < 1:
+            raise ValueError(f"grid must be >= 1, got {grid}")
         self.k, self.alpha, self.n_stages = int(k), float(alpha), int(n_stages)
+        self.grid = int(grid)
         self.register_buffer("keys", torch.zeros(0, 0))
         self.register_buffer("values", torch.zeros(0))
         self.register_buffer("owners", torch.zeros(0, dtype=torch.long))
@@ -181,6 +231,7 @@ class KNNRefiner(nn.Module):
                 f"the bank has {len(bank.projections)} stage projections, expected {self.n_stages}"
             )
         device = self.values.device
+        self.grid = int(bank.grid)
         self.keys = bank.keys.detach().to(device)
         self.values = bank.values.detach().float().to(device)
         self.owners = bank.owners.detach().to(device)
@@ -194,7 +245,7 @@ class KNNRefiner(nn.Module):
         projections = [
             (getattr(self, f"mean{i}"), getattr(self, f"axes{i}")) for i in range(self.n_stages)
         ]
-        return FeatureBank(self.keys, self.values, self.owners, projections)
+        return FeatureBank(self.keys, self.values, self.owners, projections, self.grid)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
         # empty buffers take the shapes (and dtypes) of the state being loaded

@@ -388,6 +388,8 @@ class BankEdit:
             instead of the card's; with it or ``dims`` the projections are fitted again and the
             bank's glass is drawn again (``glass`` needed when it has glass).
         dims: with ``slide_keys``: principal axes per stage of the keys instead of the card's.
+        grid: with ``slide_keys``: keys and lookups on a grid this many times finer than the
+            CAM layer's (refitted and glass drawn again, as ``stages``).
     """
 
     pixels: int | None = None
@@ -397,6 +399,7 @@ class BankEdit:
     glass_share: float | None = None
     stages: int | None = None
     dims: int | None = None
+    grid: int | None = None
 
 
 def _source(
@@ -416,7 +419,7 @@ def _source(
 
         check_glass_share(knn.glass_share)
     card, state = dict(ckpt["card"]), ckpt["state_dict"]
-    if knn.stages is not None or knn.dims is not None:
+    if knn.stages is not None or knn.dims is not None or knn.grid is not None:
         _check_refit(card, knn, src)
     if mask_range is not None:  # the localizer's own map: the bank does not enter it
         from histo_wsl.methods.maxmin import with_mask_range
@@ -432,7 +435,7 @@ def _source(
         from histo_wsl.methods.knn import refiner_keyed_as_slides
 
         card, state = refiner_keyed_as_slides(
-            card, state, knn.slide_keys, src, knn.stages, knn.dims
+            card, state, knn.slide_keys, src, knn.stages, knn.dims, knn.grid
         )
     if knn.glass is not None:
         from histo_wsl.methods.knn import GLASS_SHARE, refiner_with_glass
@@ -453,8 +456,9 @@ def _source(
 
 
 def _check_refit(card: dict, knn: BankEdit, src: Path) -> None:
-    """``--knn-stages`` / ``--knn-dims`` come with what they need: the data, and glass again."""
-    option = "--knn-stages" if knn.stages is not None else "--knn-dims"
+    """``--knn-stages`` / ``--knn-dims`` / ``--knn-grid`` come with the data, and glass again."""
+    given = {"--knn-stages": knn.stages, "--knn-dims": knn.dims, "--knn-grid": knn.grid}
+    option = next(name for name, value in given.items() if value is not None)
     if knn.slide_keys is None:
         raise InputError(
             f"{option} needs --knn-slide-keys (the training data: the bank's pixels are keyed "

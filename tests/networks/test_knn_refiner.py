@@ -37,6 +37,37 @@ def test_knn_map_is_the_mean_decoder_value_of_look_alike_pixels():
     assert refiner.knn_map(stages, (4, 8)).shape == (1, 4, 8)
 
 
+@pytest.mark.parametrize("grid", [1, 2, 3])
+def test_keys_on_a_finer_grid_project_the_coarse_stages_before_upsampling(grid):
+    """embed_stages == embed_keys(_stage_pixels(...)): projection commutes with the upsampling."""
+    from histo_wsl.networks.knn import _stage_pixels, embed_keys, embed_stages
+
+    torch.manual_seed(grid)
+    stages = [torch.randn(2, 6, 16, 12), torch.randn(2, 9, 8, 6), torch.randn(2, 11, 4, 3)]
+    projections = [(torch.randn(c), torch.randn(c, 3)) for c in (6, 9, 11)]
+    size = (4 * grid, 3 * grid)
+    slow = embed_keys(_stage_pixels(stages, size, 3), projections)
+    fast = embed_stages(stages, projections, size)
+    assert fast.shape == (2 * size[0] * size[1], 9)
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-4)
+
+
+def test_a_bank_on_a_finer_grid_looks_up_every_finer_pixel():
+    from histo_wsl.networks.knn import FeatureBank
+
+    coarse = _filled(alpha=1.0).bank
+    fine = KNNRefiner(k=3, alpha=1.0, grid=2)
+    fine.set_bank(FeatureBank(coarse.keys, coarse.values, coarse.owners, coarse.projections, 2))
+    assert fine.grid == 2 and fine.bank.grid == 2
+    stages = two_stages([A, B])
+    means = fine.bank.neighbour_means(stages, 3)
+    assert means.shape == (1, 2, 4)  # the CAM layer's 1 × 2, twice as fine
+    torch.testing.assert_close(means[0, :, 0], torch.ones(2))  # A's side stays foreground
+    torch.testing.assert_close(means[0, :, -1], torch.zeros(2))  # B's background
+    with pytest.raises(ValueError, match="grid"):
+        KNNRefiner(grid=0)
+
+
 def test_empty_refiner_refuses_to_guess_and_arguments_are_checked():
     with pytest.raises(RuntimeError, match="no bank"):
         KNNRefiner().knn_map(two_stages([A]), (1, 1))

@@ -428,7 +428,19 @@ def test_export_keys_the_knn_bank_on_more_stages_and_refuses_what_it_cannot_do(t
     assert r.exit_code == 0, r.stderr
     g4 = load_model(dest / "g4" / "model.pt")
     assert g4.model.refiner.n_stages == 3 and int((g4.model.refiner.owners >= 4).sum()) >= 4
+    # a finer grid: keys drawn on it, every pixel looked up on it
+    r = export("fine", *keys, "--knn-grid", "2")
+    assert r.exit_code == 0, r.stderr
+    fine = load_model(dest / "fine" / "model.pt")
+    assert fine.card["refine"]["grid"] == 2 and fine.model.refiner.grid == 2
+    assert "grid" not in model.card["refine"]  # grid 1 is not written
+    with torch.no_grad():
+        stages = fine.model.classifier.forward_features(torch.randn(1, 3, 32, 32))
+        means = fine.model.refiner.bank.neighbour_means(stages, 2)
+    assert means.shape[-2:] == tuple(2 * d for d in stages[-1].shape[-2:])
     # refused in one line: without the data, more stages than the encoder has
+    r = export("x", "--knn-grid", "2")
+    assert r.exit_code == 2 and "--knn-grid needs --knn-slide-keys" in r.stderr
     r = export("x", "--knn-dims", "3")
     assert r.exit_code == 2 and "--knn-dims needs --knn-slide-keys" in r.stderr
     r = export("x", *keys, "--knn-stages", "9")
