@@ -173,6 +173,22 @@ def seen_mpp(ds: Dataset, data_mpp: float | None, resize: int) -> float | None:
     return round(data_mpp * side / resize, 4) if side else None
 
 
+def slide_view(
+    samples: list[Sample], crop_size: int, data_mpp: float | None, mpp: float | None
+) -> tuple[LabelledImages, str]:
+    """``samples`` as ``localize`` shows them on a slide, and that in words.
+
+    Read at ``data_mpp / mpp`` with their aspect kept (evaluation transform), or at the evaluation
+    preset (resized to ``crop_size``) when either µm/px is unknown.
+    """
+    if data_mpp and mpp:
+        scale: float | None = float(data_mpp) / float(mpp)
+        how = f"read at {float(mpp):g} µm/px with their aspect kept, as localize reads a slide"
+    else:
+        scale, how = None, f"resized to {crop_size}² (the evaluation preset)"
+    return LabelledImages(samples, crop_size, eval_transform(), scale=scale), how
+
+
 @torch.no_grad()
 def evaluate_maps(
     model: nn.Module,

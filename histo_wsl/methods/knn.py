@@ -41,7 +41,7 @@ from histo_wsl.data.images import (
 )
 from histo_wsl.data.sources import Dataset
 from histo_wsl.errors import InputError
-from histo_wsl.methods.base import image_scale
+from histo_wsl.methods.base import image_scale, slide_view
 from histo_wsl.networks.cams import compute_cams
 from histo_wsl.networks.knn import FeatureBank, KNNRefiner, _stage_pixels, embed_keys
 from histo_wsl.networks.tta import flips_mean_map
@@ -787,9 +787,7 @@ def refiner_keyed_as_slides(
         )
     cfg, ds = training_split(card, data, path)
     banks = TrainSplitBanks(ds, cfg, negative=ds.negative_class)
-    slide_images = LabelledImages(
-        ds.split("train"), cfg.data.crop_size, eval_transform(), scale=float(data_mpp) / float(mpp)
-    )
+    slide_images, _ = slide_view(ds.split("train"), cfg.data.crop_size, data_mpp, mpp)
     model = model_from_checkpoint(card, state_dict, path).eval()
     encoder = _encoder(model)
     refit = None

@@ -24,14 +24,13 @@ written after epoch e is evaluated (and later used) with the σ it carries.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from histo_wsl import __version__
-from histo_wsl.data.images import IMAGENET_MEAN, IMAGENET_STD, LabelledImages, eval_transform
+from histo_wsl.data.images import IMAGENET_MEAN, IMAGENET_STD, LabelledImages
 from histo_wsl.data.sources import Dataset
 from histo_wsl.errors import InputError
 from histo_wsl.methods.base import (
@@ -42,6 +41,7 @@ from histo_wsl.methods.base import (
     plain_config,
     refined_words,
     seen_mpp,
+    slide_view,
     training_images,
 )
 from histo_wsl.methods.knn import (
@@ -161,25 +161,6 @@ def mask_range(
     return lo, hi
 
 
-def slide_view(
-    samples: Sequence, crop_size: int, data_mpp: float | None, mpp: float | None
-) -> tuple[LabelledImages, str]:
-    """``samples`` as a slide shows them, and that in words.
-
-    Read at ``data_mpp / mpp`` with their aspect kept, or at the evaluation preset (resized to
-    ``crop_size``) when either µm/px is unknown.
-    """
-    if data_mpp and mpp:
-        images = LabelledImages(
-            samples, crop_size, eval_transform(), scale=float(data_mpp) / float(mpp)
-        )
-        how = f"read at {float(mpp):g} µm/px with their aspect kept, as localize reads a slide"
-        return images, how
-    return LabelledImages(
-        samples, crop_size, eval_transform()
-    ), f"resized to {crop_size}² (the evaluation preset)"
-
-
 def range_card(lo: float, hi: float, n: int, how: str) -> dict:
     """The card's ``maxmin`` entries of a window range."""
     return {
@@ -192,7 +173,7 @@ def with_mask_range(card: dict, state_dict: dict, data: str | Path, path: str | 
     """``card`` with its Max-Min mask's window range measured on its training data.
 
     ``models export --mask-range``: the train split (the card's fold, split and seed) read as
-    ``localize`` reads a slide (:func:`slide_view`), the weights of ``state_dict``.
+    ``localize`` reads a slide (:func:`histo_wsl.methods.base.slide_view`), the weights of ``state_dict``.
 
     Raises:
         InputError: not a Max-Min model with a per-image (``minmax``) mask, a card without
