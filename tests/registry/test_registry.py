@@ -438,6 +438,15 @@ def test_export_keys_the_knn_bank_on_more_stages_and_refuses_what_it_cannot_do(t
         stages = fine.model.classifier.forward_features(torch.randn(1, 3, 32, 32))
         means = fine.model.refiner.bank.neighbour_means(stages, 2)
     assert means.shape[-2:] == tuple(2 * d for d in stages[-1].shape[-2:])
+    # exported again from itself: the same pixels, valued by the export's own map (a round)
+    again = ["models", "export", str(dest / "fine" / "model.pt"), "--name", "round", "--dest"]
+    r = runner.invoke(app, [*again, str(dest), *keys, "--knn-grid", "2"])
+    assert r.exit_code == 0, r.stderr
+    rounded = load_model(dest / "round" / "model.pt").model.refiner
+    assert torch.equal(rounded.owners, fine.model.refiner.owners)
+    torch.testing.assert_close(
+        rounded.keys.float(), fine.model.refiner.keys.float(), atol=2e-2, rtol=0
+    )
     # refused in one line: without the data, more stages than the encoder has
     r = export("x", "--knn-grid", "2")
     assert r.exit_code == 2 and "--knn-grid needs --knn-slide-keys" in r.stderr
