@@ -377,11 +377,11 @@ def export(
         Path | None,
         typer.Option(
             "--mask-range",
-            help="The model's training data (as given to training): a Max-Min model's mask is "
-            "normalised on a slide's windows by the range its map has on the training images "
-            "read as localize reads a slide, instead of each window's own min and max (which "
-            "stretches a window of stroma or glass into foreground). Training records it "
-            "itself; this adds it to a model trained before.",
+            help="The model's training data (as given to training): a stage-1 model's CAMs or a "
+            "Max-Min model's mask are normalised on a slide's windows by the range its map has "
+            "on the training images read as localize reads a slide, instead of each window's "
+            "own min and max (which stretches a window of stroma or glass into foreground). "
+            "Training records it itself; this adds it to a model trained before.",
             show_default=False,
         ),
     ] = None,

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from histo_wsl.errors import InputError
 from histo_wsl.methods import TrainedModel, get_method, model_from_checkpoint
-from histo_wsl.networks.cams import compute_cams
+from histo_wsl.networks.cams import compute_cams, range_normalize, raw_cams
 from histo_wsl.networks.folding import for_inference
 from histo_wsl.networks.tta import TTA_MODES, flip, unflipped_mean
 from histo_wsl.registry.checkpoint import load_checkpoint
@@ -58,8 +58,10 @@ class Predictor(TrainedModel):
         """Tell the network whether its inputs are windows of a slide (default: whole images).
 
         A network with a ``windowed`` switch then normalises its map for windows: a Max-Min
-        ``minmax`` mask by the card's ``maxmin.window_range`` instead of each window's own
-        minimum and maximum (:meth:`histo_wsl.networks.maxmin.MaxMinModel.normalise`).
+        ``minmax`` mask by the card's ``maxmin.window_range``
+        (:meth:`histo_wsl.networks.maxmin.MaxMinModel.normalise`), a stage-1 classifier's CAMs by
+        its ``cam_window_range`` (:func:`histo_wsl.networks.cams.range_normalize`), instead of
+        each window's own minimum and maximum.
         """
         if hasattr(self.model, "windowed"):
             self.model.windowed = bool(on)
@@ -67,10 +69,18 @@ class Predictor(TrainedModel):
 
     @property
     def window_range(self) -> tuple[float, float] | None:
-        """The range a slide's windows are normalised by, when the network uses one."""
-        if getattr(self.model, "windowed", False):
-            return getattr(self.model, "window_range", None)
-        return None
+        """The range a slide's windows are normalised by, when the network uses one.
+
+        A stage-1 classifier's range is that of one CAM method: another method (``--cam``) has
+        none, and its windows are normalised each by its own minimum and maximum.
+        """
+        if not getattr(self.model, "windowed", False):
+            return None
+        recorded = getattr(self.model, "window_range", None)
+        if recorded is None or not get_method(self.method).has_cam:
+            return recorded
+        method, lo, hi = recorded
+        return (lo, hi) if method == self.card.get("cam_method", "cam") else None
 
     def predict(self, images: Tensor, classes: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(class logits (B,K), foreground map (B,H,W) in [0,1]) of normalised images.
@@ -91,16 +101,19 @@ class Predictor(TrainedModel):
         with torch.no_grad():
             logits = torch.stack([self.model(flip(images, d)) for d in views]).mean(0)
         cls = logits.argmax(1) if classes is None else classes
-        maps = [
-            compute_cams(
-                self.model,
-                flip(images, d),
-                cls,
-                method=self.card.get("cam_method", "cam"),
-                size=tuple(images.shape[-2:]),
-            )
-            for d in views
-        ]
+        method, size = self.card.get("cam_method", "cam"), tuple(images.shape[-2:])
+        if (window := self.window_range) is not None:
+            maps = [
+                range_normalize(
+                    raw_cams(self.model, flip(images, d), cls, method=method, size=size), *window
+                )
+                for d in views
+            ]
+        else:
+            maps = [
+                compute_cams(self.model, flip(images, d), cls, method=method, size=size)
+                for d in views
+            ]
         return logits, unflipped_mean(maps, views)
 
 

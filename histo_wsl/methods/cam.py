@@ -5,6 +5,12 @@
 PxAP of the ground-truth class's CAM on ``valpx``; ``best-loc.pt`` (PxAP, or accuracy when no
 validation image has a mask) and ``best-cls.pt`` (accuracy) kept. Its map is the chosen CAM
 method's map of a class (``--cam``).
+
+Each map is min-max normalised per image, right for a whole image that holds the region of
+interest; a slide's window may hold none. The card also records ``cam_window_range``
+(:func:`cam_range`, measured at every evaluation on the train split as a slide shows it), by which
+``localize`` normalises the maps of a slide's windows instead; ``models export --mask-range DATA``
+adds it to a model trained before.
 """
 
 from __future__ import annotations
@@ -26,14 +32,77 @@ from histo_wsl.methods.base import (
     load_training_data,
     plain_config,
     seen_mpp,
+    slide_view,
     training_images,
 )
-from histo_wsl.networks.cams import compute_cams
-from histo_wsl.networks.classifier import WSOLClassifier, build_classifier, param_groups
+from histo_wsl.networks.cams import compute_cams, raw_cams
+from histo_wsl.networks.classifier import (
+    WSOLClassifier,
+    build_classifier,
+    param_groups,
+    unwrap,
+)
 from histo_wsl.training.config import TrainConfig
 from histo_wsl.training.engine import VAL_ACC, VALPX_PXAP, Selection
 
-__all__ = ["METHOD", "ClassifierTask", "classifier_from_card", "train_classifier"]
+__all__ = [
+    "METHOD",
+    "ClassifierTask",
+    "cam_range",
+    "classifier_from_card",
+    "train_classifier",
+    "with_cam_range",
+]
+
+#: what a card's ``cam_window_range.from`` says
+CAM_RANGE_NOTE = (
+    "mean per-image min and max of the raw {method} map of the predicted class over the {n} "
+    "train images {how} (histo_wsl.methods.cam.cam_range)"
+)
+
+
+def cam_range(
+    model: nn.Module,
+    images: torch.utils.data.Dataset,
+    method: str,
+    device: torch.device | str = "cpu",
+) -> tuple[float, float]:
+    """(lo, hi): the mean over ``images`` of each image's minimum and maximum raw ``method`` map.
+
+    Each image's map is that of its predicted class (what ``localize`` maps on a slide without
+    ``--class``), at the image's size. The range normalises the maps of a slide's windows
+    (:func:`histo_wsl.networks.cams.range_normalize`).
+
+    Raises:
+        ValueError: no image, or an empty range (a flat map on every image).
+    """
+    if len(images) == 0:
+        raise ValueError("cam_range needs at least one image")
+    lows, highs = [], []
+    was_training = model.training
+    model.eval()
+    for i in range(len(images)):
+        x = images[i]["image"][None].to(device)
+        with torch.no_grad():
+            cls = model(x).argmax(1)
+        cam = raw_cams(model, x, cls, method=method, size=tuple(x.shape[-2:]))
+        lows.append(float(cam.amin()))
+        highs.append(float(cam.amax()))
+    model.train(was_training)
+    lo, hi = sum(lows) / len(lows), sum(highs) / len(highs)
+    if not hi - lo > 1e-6 * max(1.0, abs(lo), abs(hi)):  # what the card's 6 decimals keep
+        raise ValueError(f"the {method} maps are flat on every image (range {lo:.4g}..{hi:.4g})")
+    return lo, hi
+
+
+def cam_range_card(model: nn.Module, images, how: str, method: str, device="cpu") -> dict:
+    """The card's ``cam_window_range`` of ``model``'s ``method`` maps on ``images``."""
+    lo, hi = cam_range(model, images, method, device)
+    return {
+        "method": method,
+        "range": [round(lo, 6), round(hi, 6)],
+        "from": CAM_RANGE_NOTE.format(method=method, n=len(images), how=how),
+    }
 
 
 class ClassifierTask:
@@ -46,6 +115,10 @@ class ClassifierTask:
 
     def __init__(self, cfg: TrainConfig, ds: Dataset) -> None:
         self.cfg, self.ds = cfg, ds
+        self._seen_mpp: float | None = None
+        #: the train split as slides show it, and the card's ``cam_window_range``
+        self._slide_images: tuple | None = None
+        self._range: dict | None = None
 
     def build_model(self) -> nn.Module:
         """The classifier of ``cfg`` (backbone, head, pretrained weights)."""
@@ -80,7 +153,21 @@ class ClassifierTask:
         return logits, maps
 
     def evaluate(self, model: nn.Module, device: torch.device) -> dict:
-        """Accuracy on val, PxAP on valpx."""
+        """Accuracy on val, PxAP on valpx; the CAM's window range on the train split."""
+        if self._slide_images is None:
+            self._slide_images = slide_view(
+                self.ds.split("train"),
+                self.cfg.data.crop_size,
+                self.cfg.data.data_mpp,
+                self._seen_mpp,
+            )
+        images, how = self._slide_images
+        try:
+            self._range = cam_range_card(
+                unwrap(model), images, how, self.cfg.model.cam_method, device
+            )
+        except ValueError:  # a flat map (an untrained head): no range, per-window maps
+            self._range = None
         return evaluate_maps(
             model,
             self.ds.split("val"),
@@ -114,6 +201,7 @@ class ClassifierTask:
             "mpp": self._seen_mpp,
             "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
             "threshold": 0.5,
+            **({} if self._range is None else {"cam_window_range": self._range}),
             "training_data": self.ds.describe(),
             "config": plain_config(cfg),
             "versions": {"histo-wsl": __version__, "torch": str(torch.__version__)},
@@ -176,7 +264,44 @@ def classifier_from_card(card: dict, state_dict: dict, path: str | Path) -> WSOL
             f"({str(exc).splitlines()[0][:120]}...)",
             path,
         ) from None
+    wr = card.get("cam_window_range")
+    if wr is not None:
+        try:
+            lo, hi = (float(v) for v in wr["range"])
+            if not hi > lo:
+                raise ValueError("an empty range")
+            model.window_range = (str(wr["method"]), lo, hi)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InputError(
+                f"the model card's cam_window_range is malformed ({exc}); export the model "
+                "again with --mask-range",
+                path,
+            ) from None
     return model
+
+
+def with_cam_range(card: dict, state_dict: dict, data: str | Path, path: str | Path = "") -> dict:
+    """``card`` with its CAM method's window range measured on its training data.
+
+    ``models export --mask-range``: the train split (the card's fold, split and seed) read as
+    ``localize`` reads a slide (:func:`histo_wsl.methods.base.slide_view`), the weights of
+    ``state_dict``, the card's ``cam_method``.
+
+    Raises:
+        InputError: a card without training settings, unreadable data, or flat maps.
+    """
+    from histo_wsl.methods.knn import training_split
+
+    _, ds = training_split(card, data, path)
+    model = classifier_from_card(card, state_dict, path).eval()
+    images, how = slide_view(
+        ds.split("train"), int(card["input_size"]), card.get("data_mpp"), card.get("mpp")
+    )
+    try:
+        wr = cam_range_card(model, images, how, card.get("cam_method", "cam"))
+    except ValueError as exc:
+        raise InputError(f"--mask-range: {exc}", path or None) from None
+    return {**card, "cam_window_range": wr}
 
 
 def map_description(card: dict, map_class: str) -> str:

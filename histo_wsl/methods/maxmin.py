@@ -156,7 +156,7 @@ def mask_range(
             highs.append(float(soft.amax()))
     model.train(was_training)
     lo, hi = sum(lows) / len(lows), sum(highs) / len(highs)
-    if not hi > lo:
+    if not hi - lo > 1e-6 * max(1.0, abs(lo), abs(hi)):  # what the card's 6 decimals keep
         raise ValueError(f"the localizer's map is flat on every image (range {lo:.4g}..{hi:.4g})")
     return lo, hi
 
@@ -182,8 +182,8 @@ def with_mask_range(card: dict, state_dict: dict, data: str | Path, path: str | 
     mm = card.get("maxmin") if card.get("method") == "maxmin" else None
     if not isinstance(mm, dict) or mm.get("mask") != "minmax":
         raise InputError(
-            "--mask-range applies to Max-Min models whose mask is min-max normalised per "
-            "image; drop it for this model",
+            "--mask-range applies to stage-1 CAM models and to Max-Min models whose mask is "
+            "min-max normalised per image; drop it for this model",
             path or None,
         )
     _, ds = training_split(card, data, path)
@@ -316,8 +316,11 @@ class MaxMinTask:
                     self._seen_mpp,
                 )
             images, how = self._slide_images
-            lo, hi = mask_range(m, images, device)
-            self._range = range_card(lo, hi, len(images), how)
+            try:
+                lo, hi = mask_range(m, images, device)
+                self._range = range_card(lo, hi, len(images), how)
+            except ValueError:  # a flat map (an untrained localizer): per-window masks
+                self._range = {}
         return evaluate_localizer(
             m,
             self.ds,

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from histo_wsl.errors import InputError
 from histo_wsl.networks.classifier import unwrap
 
-__all__ = ["CAM_METHODS", "normalize_cams", "compute_cams"]
+__all__ = ["CAM_METHODS", "compute_cams", "normalize_cams", "range_normalize", "raw_cams"]
 
 CAM_METHODS = ("cam", "gradcam", "gradcampp", "smoothgradcampp", "xgradcam", "layercam")
 
@@ -135,7 +135,7 @@ def _gradient_cam(
     return torch.relu((torch.relu(grad) * acts).sum(dim=1))  # layercam
 
 
-def compute_cams(
+def raw_cams(
     model: nn.Module,
     images: Tensor,
     classes: Tensor,
@@ -148,7 +148,7 @@ def compute_cams(
     features: Tensor | None = None,
     against: int | None = None,
 ) -> Tensor:
-    """Localization maps of the given classes, per-image min-max normalised to [0, 1].
+    """Localization maps of the given classes before any normalisation (see :func:`compute_cams`).
 
     Works under ``torch.no_grad()`` and ``torch.inference_mode()``: gradient methods enable autograd
     internally.
@@ -176,7 +176,7 @@ def compute_cams(
             class get all-zero maps.
 
     Returns:
-        float32 ``(B, h, w)`` maps in [0, 1] (``h, w`` = CAM-layer size or ``size``), detached.
+        float32 ``(B, h, w)`` maps (``h, w`` = CAM-layer size or ``size``), detached.
 
     Raises:
         InputError: unknown method.
@@ -239,4 +239,23 @@ def compute_cams(
         cam = cam.squeeze(1)
     if against is not None:
         cam = cam.masked_fill((classes == against).view(-1, 1, 1), 0.0)
-    return normalize_cams(cam)
+    return cam
+
+
+def compute_cams(model: nn.Module, images: Tensor, classes: Tensor, *args, **kwargs) -> Tensor:
+    """Localization maps of the given classes, per-image min-max normalised to [0, 1].
+
+    :func:`raw_cams` (same arguments) through :func:`normalize_cams`: float32 ``(B, h, w)`` maps
+    in [0, 1], detached.
+    """
+    return normalize_cams(raw_cams(model, images, classes, *args, **kwargs))
+
+
+def range_normalize(cams: Tensor, lo: float, hi: float) -> Tensor:
+    """Maps ``(B, H, W)`` normalised by one range ``(lo, hi)`` for all, clamped to [0, 1].
+
+    The maps of a slide's windows (:func:`histo_wsl.methods.cam.cam_range`): a window without the
+    region of interest keeps low values, where its own minimum and maximum would stretch it to
+    the full [0, 1].
+    """
+    return ((cams.float() - lo) / (hi - lo)).nan_to_num_(0.0).clamp_(0.0, 1.0)

@@ -28,6 +28,11 @@ class WSOLClassifier(nn.Module):
             )
         self.backbone = backbone
         self.head = head
+        #: (CAM method, lo, hi): the range of that method's raw maps on the training images
+        #: (:func:`histo_wsl.methods.cam.cam_range`), or None
+        self.window_range: tuple[str, float, float] | None = None
+        #: whether inputs are windows of a slide: CAMs of the recorded method then use the range
+        self.windowed = False
 
     @property
     def num_classes(self) -> int:

@@ -421,10 +421,15 @@ def _source(
     card, state = dict(ckpt["card"]), ckpt["state_dict"]
     if knn.stages is not None or knn.dims is not None or knn.grid is not None:
         _check_refit(card, knn, src)
-    if mask_range is not None:  # the localizer's own map: the bank does not enter it
-        from histo_wsl.methods.maxmin import with_mask_range
+    if mask_range is not None:  # the model's own map: the bank does not enter it
+        if card.get("method") == "cam":
+            from histo_wsl.methods.cam import with_cam_range
 
-        card = with_mask_range(card, state, mask_range, src)
+            card = with_cam_range(card, state, mask_range, src)
+        else:
+            from histo_wsl.methods.maxmin import with_mask_range
+
+            card = with_mask_range(card, state, mask_range, src)
     if knn.pixels is not None or knn.k is not None:
         from histo_wsl.methods.knn import compact_refiner
 
@@ -560,8 +565,10 @@ def export_model(
         overwrite: replace an existing model folder of that name.
         knn: changes to the k-NN refiner's bank (:class:`BankEdit`); the predictions are then
             checked against the changed source.
-        mask_range: the model's training data: a Max-Min model's window range is measured
-            again on it (:func:`histo_wsl.methods.maxmin.with_mask_range`).
+        mask_range: the model's training data: the window range of a Max-Min model's mask or a
+            stage-1 model's CAMs is measured again on it
+            (:func:`histo_wsl.methods.maxmin.with_mask_range`,
+            :func:`histo_wsl.methods.cam.with_cam_range`).
 
     Raises:
         InputError: a bad name or source, an unreadable metrics file, an existing model without

@@ -553,7 +553,7 @@ def test_a_minmax_run_records_the_window_range_localize_and_export_use(tmp_path,
 
     out = tmp_path / "run"
     args = ["train-classifier", str(synthetic), "--method", "maxmin", "--crop-size", "32"]
-    args += ["--resize-size", "36", "--no-pretrained", "--epochs", "1"]
+    args += ["--resize-size", "36", "--backbone", "tinycnn", "--no-pretrained", "--epochs", "1"]
     args += ["--max-steps-per-epoch", "1", *TINY, "--out", str(out)]
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.stderr

@@ -395,7 +395,7 @@ def test_export_mask_range_is_refused_for_models_without_a_min_max_mask(tmp_path
     data, src, _, _ = _refined_with_its_data(tmp_path)
     dest = tmp_path / "zoo"
     r = _exporter(src, dest)("n", "--mask-range", str(data))
-    assert r.exit_code == 2 and "--mask-range applies to Max-Min models" in r.stderr
+    assert r.exit_code == 2 and "--mask-range applies to stage-1 CAM models" in r.stderr
     assert "src.pt" in r.stderr and not (dest / "n").exists()
 
 
