@@ -83,9 +83,10 @@ def cam_range(
     model.eval()
     for i in range(len(images)):
         x = images[i]["image"][None].to(device)
-        with torch.no_grad():
-            cls = model(x).argmax(1)
-        cam = raw_cams(model, x, cls, method=method, size=tuple(x.shape[-2:]))
+        with torch.no_grad():  # one backbone pass for the class and (``cam``) the map
+            feats = unwrap(model).forward_features(x)[-1]
+            cls = unwrap(model).head(feats).argmax(1)
+        cam = raw_cams(model, x, cls, method=method, size=tuple(x.shape[-2:]), features=feats)
         lows.append(float(cam.amin()))
         highs.append(float(cam.amax()))
     model.train(was_training)
