@@ -173,6 +173,47 @@ def seen_mpp(ds: Dataset, data_mpp: float | None, resize: int) -> float | None:
     return round(data_mpp * side / resize, 4) if side else None
 
 
+def mean_range(
+    model: nn.Module,
+    images: torch.utils.data.Dataset,
+    map_of: Callable[[torch.Tensor], torch.Tensor],
+    what: str,
+    device: torch.device | str = "cpu",
+) -> tuple[float, float]:
+    """(lo, hi): the mean over ``images`` of each image's minimum and maximum of ``map_of``.
+
+    ``images``: items with a normalised ``image`` (3,H,W), one call each (sizes may differ), with
+    ``model`` in eval mode (its mode is restored after). The range that normalises the maps of a
+    slide's windows (Max-Min's mask, a stage-1 CAM), where each window's own minimum and maximum
+    would stretch a window without the region of interest to [0, 1].
+
+    Raises:
+        ValueError: no image, or a range the card's six decimals cannot tell from empty (a flat
+            map on every image: an untrained model).
+    """
+    if len(images) == 0:
+        raise ValueError(f"measuring the range of {what} needs at least one image")
+    lows, highs = [], []
+    was_training = model.training
+    model.eval()
+    for i in range(len(images)):
+        m = map_of(images[i]["image"][None].to(device))
+        lows.append(float(m.amin()))
+        highs.append(float(m.amax()))
+    model.train(was_training)
+    lo, hi = sum(lows) / len(lows), sum(highs) / len(highs)
+    if not hi - lo > 1e-6 * max(1.0, abs(lo), abs(hi)):
+        raise ValueError(f"{what} is flat on every image (range {lo:.4g}..{hi:.4g})")
+    return lo, hi
+
+
+def train_slide_view(
+    ds: Dataset, cfg: TrainConfig, mpp: float | None
+) -> tuple[LabelledImages, str]:
+    """A run's ``train`` split as a slide shows it (:func:`slide_view` at the run's µm/px)."""
+    return slide_view(ds.split("train"), cfg.data.crop_size, cfg.data.data_mpp, mpp)
+
+
 def slide_view(
     samples: list[Sample], crop_size: int, data_mpp: float | None, mpp: float | None
 ) -> tuple[LabelledImages, str]:

@@ -30,9 +30,11 @@ from histo_wsl.methods.base import (
     evaluate_maps,
     image_scale,
     load_training_data,
+    mean_range,
     plain_config,
     seen_mpp,
     slide_view,
+    train_slide_view,
     training_images,
 )
 from histo_wsl.networks.cams import compute_cams, raw_cams
@@ -71,29 +73,18 @@ def cam_range(
 
     Each image's map is that of its predicted class (what ``localize`` maps on a slide without
     ``--class``), at the image's size. The range normalises the maps of a slide's windows
-    (:func:`histo_wsl.networks.cams.range_normalize`).
-
-    Raises:
-        ValueError: no image, or an empty range (a flat map on every image).
+    (:func:`histo_wsl.networks.cams.range_normalize`); :func:`histo_wsl.methods.base.mean_range`
+    says how, and what it raises.
     """
-    if len(images) == 0:
-        raise ValueError("cam_range needs at least one image")
-    lows, highs = [], []
-    was_training = model.training
-    model.eval()
-    for i in range(len(images)):
-        x = images[i]["image"][None].to(device)
+    net = unwrap(model)
+
+    def raw(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():  # one backbone pass for the class and (``cam``) the map
-            feats = unwrap(model).forward_features(x)[-1]
-            cls = unwrap(model).head(feats).argmax(1)
-        cam = raw_cams(model, x, cls, method=method, size=tuple(x.shape[-2:]), features=feats)
-        lows.append(float(cam.amin()))
-        highs.append(float(cam.amax()))
-    model.train(was_training)
-    lo, hi = sum(lows) / len(lows), sum(highs) / len(highs)
-    if not hi - lo > 1e-6 * max(1.0, abs(lo), abs(hi)):  # what the card's 6 decimals keep
-        raise ValueError(f"the {method} maps are flat on every image (range {lo:.4g}..{hi:.4g})")
-    return lo, hi
+            feats = net.forward_features(x)[-1]
+            cls = net.head(feats).argmax(1)
+        return raw_cams(net, x, cls, method=method, size=tuple(x.shape[-2:]), features=feats)
+
+    return mean_range(net, images, raw, f"the {method} maps", device)
 
 
 def cam_range_card(model: nn.Module, images, how: str, method: str, device="cpu") -> dict:
@@ -156,12 +147,7 @@ class ClassifierTask:
     def evaluate(self, model: nn.Module, device: torch.device) -> dict:
         """Accuracy on val, PxAP on valpx; the CAM's window range on the train split."""
         if self._slide_images is None:
-            self._slide_images = slide_view(
-                self.ds.split("train"),
-                self.cfg.data.crop_size,
-                self.cfg.data.data_mpp,
-                self._seen_mpp,
-            )
+            self._slide_images = train_slide_view(self.ds, self.cfg, self._seen_mpp)
         images, how = self._slide_images
         try:
             self._range = cam_range_card(

@@ -38,10 +38,12 @@ from histo_wsl.methods.base import (
     evaluate_localizer,
     image_scale,
     load_training_data,
+    mean_range,
     plain_config,
     refined_words,
     seen_mpp,
     slide_view,
+    train_slide_view,
     training_images,
 )
 from histo_wsl.methods.knn import (
@@ -138,27 +140,15 @@ def mask_range(
 ) -> tuple[float, float]:
     """(lo, hi): the mean over ``images`` of each image's minimum and maximum of M+.
 
-    ``images``: items with a normalised ``image`` (3,H,W), one forward each (sizes may differ).
-    The range normalises the mask of a slide's windows (:meth:`MaxMinModel.normalise`).
-
-    Raises:
-        ValueError: no image, or a range that is empty (a flat map on every image).
+    The range normalises the mask of a slide's windows (:meth:`MaxMinModel.normalise`);
+    :func:`histo_wsl.methods.base.mean_range` says how, and what it raises.
     """
-    if len(images) == 0:
-        raise ValueError("mask_range needs at least one image")
-    lows, highs = [], []
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        for i in range(len(images)):
-            soft = model.soft_map(images[i]["image"][None].to(device))[1]
-            lows.append(float(soft.amin()))
-            highs.append(float(soft.amax()))
-    model.train(was_training)
-    lo, hi = sum(lows) / len(lows), sum(highs) / len(highs)
-    if not hi - lo > 1e-6 * max(1.0, abs(lo), abs(hi)):  # what the card's 6 decimals keep
-        raise ValueError(f"the localizer's map is flat on every image (range {lo:.4g}..{hi:.4g})")
-    return lo, hi
+
+    def soft(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return model.soft_map(x)[1]
+
+    return mean_range(model, images, soft, "the localizer's map", device)
 
 
 def range_card(lo: float, hi: float, n: int, how: str) -> dict:
@@ -309,12 +299,7 @@ class MaxMinTask:
             m.refiner.set_bank(self.refine_bank(m, device))
         if self.mask_mode == "minmax":
             if self._slide_images is None:
-                self._slide_images = slide_view(
-                    self.ds.split("train"),
-                    self.cfg.data.crop_size,
-                    self.cfg.data.data_mpp,
-                    self._seen_mpp,
-                )
+                self._slide_images = train_slide_view(self.ds, self.cfg, self._seen_mpp)
             images, how = self._slide_images
             try:
                 lo, hi = mask_range(m, images, device)
