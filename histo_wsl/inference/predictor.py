@@ -32,7 +32,7 @@ from torch import Tensor
 
 from histo_wsl.errors import InputError
 from histo_wsl.methods import TrainedModel, get_method, model_from_checkpoint
-from histo_wsl.networks.cams import compute_cams, range_normalize, raw_cams
+from histo_wsl.networks.cams import normalize_cams, range_normalize, raw_cams
 from histo_wsl.networks.folding import for_inference
 from histo_wsl.networks.tta import TTA_MODES, flip, unflipped_mean
 from histo_wsl.registry.checkpoint import load_checkpoint
@@ -69,18 +69,10 @@ class Predictor(TrainedModel):
 
     @property
     def window_range(self) -> tuple[float, float] | None:
-        """The range a slide's windows are normalised by, when the network uses one.
-
-        A stage-1 classifier's range is that of one CAM method: another method (``--cam``) has
-        none, and its windows are normalised each by its own minimum and maximum.
-        """
+        """The range a slide's windows are normalised by, when the network uses one."""
         if not getattr(self.model, "windowed", False):
             return None
-        recorded = getattr(self.model, "window_range", None)
-        if recorded is None or not get_method(self.method).has_cam:
-            return recorded
-        method, lo, hi = recorded
-        return (lo, hi) if method == self.card.get("cam_method", "cam") else None
+        return getattr(self.model, "window_range", None)
 
     def predict(self, images: Tensor, classes: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(class logits (B,K), foreground map (B,H,W) in [0,1]) of normalised images.
@@ -101,20 +93,17 @@ class Predictor(TrainedModel):
         with torch.no_grad():
             logits = torch.stack([self.model(flip(images, d)) for d in views]).mean(0)
         cls = logits.argmax(1) if classes is None else classes
-        method, size = self.card.get("cam_method", "cam"), tuple(images.shape[-2:])
-        if (window := self.window_range) is not None:
-            maps = [
-                range_normalize(
-                    raw_cams(self.model, flip(images, d), cls, method=method, size=size), *window
-                )
-                for d in views
-            ]
-        else:
-            maps = [
-                compute_cams(self.model, flip(images, d), cls, method=method, size=size)
-                for d in views
-            ]
-        return logits, unflipped_mean(maps, views)
+        method, size, window = (
+            self.card.get("cam_method", "cam"),
+            images.shape[-2:],
+            self.window_range,
+        )
+
+        def cam(view: Tensor) -> Tensor:
+            raw = raw_cams(self.model, view, cls, method=method, size=tuple(size))
+            return normalize_cams(raw) if window is None else range_normalize(raw, *window)
+
+        return logits, unflipped_mean([cam(flip(images, d)) for d in views], views)
 
 
 def load_model(
@@ -146,8 +135,8 @@ def load_model(
             f"{where} {mode!r} is not one of {', '.join(TTA_MODES)}", path if tta is None else None
         )
     card["tta"] = mode
+    if cam_method is not None and get_method(card.get("method"), path).has_cam:
+        card["cam_method"] = cam_method  # before the build: a CAM window range is one method's
     model = model_from_checkpoint(card, ckpt["state_dict"], path)
-    if cam_method is not None and get_method(card["method"]).has_cam:
-        card["cam_method"] = cam_method
     device = next(iter(model.parameters())).device
     return Predictor(for_inference(model, device), card, path, mode)

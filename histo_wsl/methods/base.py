@@ -173,6 +173,36 @@ def seen_mpp(ds: Dataset, data_mpp: float | None, resize: int) -> float | None:
     return round(data_mpp * side / resize, 4) if side else None
 
 
+def training_split(card: dict, data: str | Path, path: str | Path) -> tuple[TrainConfig, Dataset]:
+    """The checkpoint's training settings and its data read again (the card's fold, split, seed)."""
+    if not isinstance(card.get("config"), dict):
+        raise InputError("the model card records no training settings (config)", path or None)
+    cfg = TrainConfig.from_flat(card["config"])
+    ds = load_samples(
+        data,
+        classes=card.get("class_names"),
+        negative_class=card.get("negative_class"),
+        fold=cfg.data.fold,
+        val_fraction=cfg.data.val_fraction,
+        seed=cfg.run.seed,
+    )
+    return cfg, ds
+
+
+def card_train_slides(
+    card: dict, data: str | Path, path: str | Path = ""
+) -> tuple[LabelledImages, str]:
+    """A checkpoint's train split read again from ``data`` as ``localize`` reads a slide.
+
+    The card's fold, split and seed (:func:`training_split`), at its ``data_mpp / mpp``
+    (:func:`slide_view`); and that in words.
+    """
+    _, ds = training_split(card, data, path)
+    return slide_view(
+        ds.split("train"), int(card["input_size"]), card.get("data_mpp"), card.get("mpp")
+    )
+
+
 def mean_range(
     model: nn.Module,
     images: torch.utils.data.Dataset,

@@ -27,13 +27,13 @@ from histo_wsl.data.sources import Dataset
 from histo_wsl.errors import InputError
 from histo_wsl.methods.base import (
     Method,
+    card_train_slides,
     evaluate_maps,
     image_scale,
     load_training_data,
     mean_range,
     plain_config,
     seen_mpp,
-    slide_view,
     train_slide_view,
     training_images,
 )
@@ -257,7 +257,8 @@ def classifier_from_card(card: dict, state_dict: dict, path: str | Path) -> WSOL
             lo, hi = (float(v) for v in wr["range"])
             if not hi > lo:
                 raise ValueError("an empty range")
-            model.window_range = (str(wr["method"]), lo, hi)
+            if wr["method"] == card.get("cam_method", "cam"):  # another --cam has no range
+                model.window_range = (lo, hi)
         except (KeyError, TypeError, ValueError) as exc:
             raise InputError(
                 f"the model card's cam_window_range is malformed ({exc}); export the model "
@@ -271,19 +272,14 @@ def with_cam_range(card: dict, state_dict: dict, data: str | Path, path: str | P
     """``card`` with its CAM method's window range measured on its training data.
 
     ``models export --mask-range``: the train split (the card's fold, split and seed) read as
-    ``localize`` reads a slide (:func:`histo_wsl.methods.base.slide_view`), the weights of
+    ``localize`` reads a slide (:func:`histo_wsl.methods.base.card_train_slides`), the weights of
     ``state_dict``, the card's ``cam_method``.
 
     Raises:
         InputError: a card without training settings, unreadable data, or flat maps.
     """
-    from histo_wsl.methods.knn import training_split
-
-    _, ds = training_split(card, data, path)
+    images, how = card_train_slides(card, data, path)
     model = classifier_from_card(card, state_dict, path).eval()
-    images, how = slide_view(
-        ds.split("train"), int(card["input_size"]), card.get("data_mpp"), card.get("mpp")
-    )
     try:
         wr = cam_range_card(model, images, how, card.get("cam_method", "cam"))
     except ValueError as exc:

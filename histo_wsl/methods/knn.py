@@ -41,7 +41,7 @@ from histo_wsl.data.images import (
 )
 from histo_wsl.data.sources import Dataset
 from histo_wsl.errors import InputError
-from histo_wsl.methods.base import image_scale, slide_view
+from histo_wsl.methods.base import image_scale, slide_view, training_split
 from histo_wsl.networks.cams import compute_cams
 from histo_wsl.networks.knn import FeatureBank, KNNRefiner, _stage_pixels, embed_keys
 from histo_wsl.networks.tta import flips_mean_map
@@ -548,24 +548,6 @@ def compact_refiner(
     refine["compacted_from"] = {"bank_pixels": int(len(owners)), "k": old_k}
     refine.update(bank_pixels=int(len(keep)), k=new_k)
     return dict(card, refine=refine), state
-
-
-def training_split(card: dict, data: str | Path, path: str | Path) -> tuple[TrainConfig, Dataset]:
-    """The checkpoint's training settings and its data read again (the card's fold, split, seed)."""
-    from histo_wsl.data.sources import load_samples
-
-    if not isinstance(card.get("config"), dict):
-        raise InputError("the model card records no training settings (config)", path or None)
-    cfg = TrainConfig.from_flat(card["config"])
-    ds = load_samples(
-        data,
-        classes=card.get("class_names"),
-        negative_class=card.get("negative_class"),
-        fold=cfg.data.fold,
-        val_fraction=cfg.data.val_fraction,
-        seed=cfg.run.seed,
-    )
-    return cfg, ds
 
 
 def _state_with_bank(state_dict: dict, prefix: str, bank: FeatureBank) -> dict:

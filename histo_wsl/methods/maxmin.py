@@ -35,6 +35,7 @@ from histo_wsl.data.sources import Dataset
 from histo_wsl.errors import InputError
 from histo_wsl.methods.base import (
     Method,
+    card_train_slides,
     evaluate_localizer,
     image_scale,
     load_training_data,
@@ -42,7 +43,6 @@ from histo_wsl.methods.base import (
     plain_config,
     refined_words,
     seen_mpp,
-    slide_view,
     train_slide_view,
     training_images,
 )
@@ -52,7 +52,6 @@ from histo_wsl.methods.knn import (
     refine_card,
     refine_checks,
     refiner_from_card,
-    training_split,
 )
 from histo_wsl.methods.maxmin_losses import REGULARIZERS, maxmin_loss
 from histo_wsl.networks.backbones import build_backbone
@@ -163,7 +162,8 @@ def with_mask_range(card: dict, state_dict: dict, data: str | Path, path: str | 
     """``card`` with its Max-Min mask's window range measured on its training data.
 
     ``models export --mask-range``: the train split (the card's fold, split and seed) read as
-    ``localize`` reads a slide (:func:`histo_wsl.methods.base.slide_view`), the weights of ``state_dict``.
+    ``localize`` reads a slide (:func:`histo_wsl.methods.base.card_train_slides`), the weights
+    of ``state_dict``.
 
     Raises:
         InputError: not a Max-Min model with a per-image (``minmax``) mask, a card without
@@ -176,11 +176,8 @@ def with_mask_range(card: dict, state_dict: dict, data: str | Path, path: str | 
             "min-max normalised per image; drop it for this model",
             path or None,
         )
-    _, ds = training_split(card, data, path)
+    images, how = card_train_slides(card, data, path)
     model = maxmin_from_card(card, state_dict, path).eval()
-    images, how = slide_view(
-        ds.split("train"), int(card["input_size"]), card.get("data_mpp"), card.get("mpp")
-    )
     try:
         lo, hi = mask_range(model, images)
     except ValueError as exc:

@@ -28,10 +28,10 @@ class WSOLClassifier(nn.Module):
             )
         self.backbone = backbone
         self.head = head
-        #: (CAM method, lo, hi): the range of that method's raw maps on the training images
-        #: (:func:`histo_wsl.methods.cam.cam_range`), or None
-        self.window_range: tuple[str, float, float] | None = None
-        #: whether inputs are windows of a slide: CAMs of the recorded method then use the range
+        #: (lo, hi): the range of the card's CAM method's raw maps on the training images
+        #: (:func:`histo_wsl.methods.cam.cam_range`), or None (none recorded, or another method)
+        self.window_range: tuple[float, float] | None = None
+        #: whether inputs are windows of a slide: CAMs then use :attr:`window_range` when known
         self.windowed = False
 
     @property
