@@ -309,6 +309,16 @@ def export(
             show_default=False,
         ),
     ] = None,
+    knn_alpha: Annotated[
+        float | None,
+        typer.Option(
+            "--knn-alpha",
+            help="Weight of the k-NN map in a k-NN refined model's map, (1 - a)·own map + "
+            "a·k-NN map (training's --refine-alpha; 1: the k-NN map alone); set before the "
+            "other --knn options, so --knn-slide-keys values the bank by the map it gives.",
+            show_default=False,
+        ),
+    ] = None,
     knn_glass: Annotated[
         Path | None,
         typer.Option(
@@ -427,6 +437,7 @@ def export(
             stages=knn_stages,
             dims=knn_dims,
             grid=knn_grid,
+            alpha=knn_alpha,
         ),
         mask_range=mask_range,
     )

@@ -25,6 +25,7 @@ It is not saved: the decoder checkpoint does not need it at inference.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -62,6 +63,7 @@ __all__ = [
     "fit_projections",
     "keyed_as_slides",
     "refiner_keyed_as_slides",
+    "refiner_with_alpha",
     "refiner_with_glass",
     "with_glass",
     "compact_refiner",
@@ -486,6 +488,31 @@ def _knn_refine(card: dict, path: str | Path, doing: str, option: str) -> dict:
             path or None,
         )
     return refine
+
+
+def refiner_with_alpha(card: dict, alpha: float, path: str | Path = "") -> dict:
+    """A checkpoint's k-NN refinement with another weight ``alpha`` of the k-NN map.
+
+    The refined map is ``(1 − alpha)·own map + alpha·k-NN map``
+    (:class:`~histo_wsl.networks.knn.KNNRefiner`); training records ``--refine-alpha``, and this
+    changes it on a trained model (the bank is untouched). 1 is the k-NN map alone.
+
+    Args:
+        card: the checkpoint's card (``refine`` must be ``knn``).
+        alpha: the new weight, in [0, 1].
+        path: the checkpoint, named in errors.
+
+    Returns:
+        A copy of the card, its ``refine.alpha`` set.
+
+    Raises:
+        InputError: a card without k-NN refinement, or ``alpha`` outside [0, 1].
+    """
+    refine = _knn_refine(card, path, "weigh", "--knn-alpha")
+    if not (math.isfinite(alpha) and 0.0 <= alpha <= 1.0):
+        raise InputError(f"--knn-alpha must be between 0 and 1, got {alpha}")
+    refine["alpha"] = float(alpha)
+    return dict(card, refine=refine)
 
 
 def compact_refiner(

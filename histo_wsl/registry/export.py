@@ -390,6 +390,9 @@ class BankEdit:
         dims: with ``slide_keys``: principal axes per stage of the keys instead of the card's.
         grid: with ``slide_keys``: keys and lookups on a grid this many times finer than the
             CAM layer's (refitted and glass drawn again, as ``stages``).
+        alpha: the k-NN map's weight in the refined map, ``(1 − alpha)·own map + alpha·k-NN
+            map`` (:func:`histo_wsl.methods.knn.refiner_with_alpha`), set before the other
+            edits, so that ``slide_keys`` values the bank by the map with this weight.
     """
 
     pixels: int | None = None
@@ -400,6 +403,7 @@ class BankEdit:
     stages: int | None = None
     dims: int | None = None
     grid: int | None = None
+    alpha: float | None = None
 
 
 def _source(
@@ -421,6 +425,10 @@ def _source(
     card, state = dict(ckpt["card"]), ckpt["state_dict"]
     if knn.stages is not None or knn.dims is not None or knn.grid is not None:
         _check_refit(card, knn, src)
+    if knn.alpha is not None:
+        from histo_wsl.methods.knn import refiner_with_alpha
+
+        card = refiner_with_alpha(card, knn.alpha, src)
     if mask_range is not None:  # the model's own map: the bank does not enter it
         if card.get("method") == "cam":
             from histo_wsl.methods.cam import with_cam_range
@@ -447,9 +455,17 @@ def _source(
 
         share = GLASS_SHARE if knn.glass_share is None else knn.glass_share
         card, state = refiner_with_glass(card, state, knn.glass, src, share)
-    if state is not ckpt["state_dict"]:
+    changed = [
+        why
+        for why, yes in (
+            ("the k-NN bank changed", state is not ckpt["state_dict"]),
+            ("the k-NN map's weight changed", _alpha(card) != _alpha(ckpt["card"])),
+        )
+        if yes
+    ]
+    if changed:
         card, notes = _without_evaluations(
-            card, given, ("evaluation", "evaluation_slide"), "the k-NN bank changed"
+            card, given, ("evaluation", "evaluation_slide"), " and ".join(changed)
         )
         return card, state, notes
     if mask_range is not None:
@@ -458,6 +474,11 @@ def _source(
         )
         return card, state, notes
     return card, state, []
+
+
+def _alpha(card: dict) -> float | None:
+    """The weight of the k-NN map in a card's refined map (None without one)."""
+    return (card.get("refine") or {}).get("alpha")
 
 
 def _check_refit(card: dict, knn: BankEdit, src: Path) -> None:
@@ -563,7 +584,7 @@ def export_model(
         slide_metrics: a JSON file of the model's numbers as labs run it, on a slide (e.g.
             ``benchmarks/glas_slide.py``'s output): the card's ``evaluation_slide``.
         overwrite: replace an existing model folder of that name.
-        knn: changes to the k-NN refiner's bank (:class:`BankEdit`); the predictions are then
+        knn: changes to the k-NN refiner (:class:`BankEdit`); the predictions are then
             checked against the changed source.
         mask_range: the model's training data: the window range of a Max-Min model's mask or a
             stage-1 model's CAMs is measured again on it
@@ -609,7 +630,8 @@ def export_model(
         (staging / CARD_FILE).write_text(_card_yaml(card), encoding="utf-8")
         _share(staging)
         reference = src
-        if source_state is not ckpt["state_dict"]:  # compared with the compacted source
+        if source_state is not ckpt["state_dict"] or _alpha(source_card) != _alpha(ckpt["card"]):
+            # compared with the source as changed (its bank, the k-NN map's weight)
             reference = save_checkpoint(staging / "reference.pt", source_card, source_state)
         max_diff = _prediction_diff(reference, weights, card)
         if reference != src:

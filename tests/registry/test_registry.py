@@ -487,3 +487,44 @@ def test_export_compacts_the_knn_bank_and_keeps_the_card_domain(tmp_path):
     assert r.exit_code == 0, r.stderr
     assert "evaluation" in json.loads(r.stdout)["notes"][0]
     assert "evaluation_slide" not in load_model(dest / "smaller" / "model.pt").card
+
+
+def test_export_weighs_the_knn_map_anew_and_refuses_what_it_cannot(tmp_path):
+    import torch
+    from knn_helpers import refined_negev_checkpoint
+
+    from histo_wsl.inference.predictor import load_model
+
+    src = refined_negev_checkpoint(tmp_path / "src.pt", images=4, per_image=10, k=8)
+    dest = tmp_path / "zoo"
+    args = ["models", "export", str(src), "--dest", str(dest), "--json"]
+    slide = tmp_path / "slide.json"
+    slide.write_text(json.dumps({"slide_pxap": 76.8, "gap": 5.7}))
+    r = runner.invoke(app, [*args, "--name", "same", "--slide-metrics", str(slide)])
+    assert r.exit_code == 0, r.stderr
+    r = runner.invoke(app, [*args[:2], str(dest / "same" / "model.pt"), *args[3:], "--name",
+                            "half", "--knn-alpha", "0.5"])  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    summary = json.loads(r.stdout)
+    # compared with the source as re-weighed: only the fp16 rounding differs
+    assert summary["max_prediction_diff"] < 1e-2
+    assert "weight changed" in summary["notes"][0]  # its slide numbers no longer hold
+    same, half = (load_model(dest / n / "model.pt") for n in ("same", "half"))
+    assert same.card["refine"]["alpha"] == 1.0 and half.card["refine"]["alpha"] == 0.5
+    assert "evaluation_slide" not in half.card and half.card["refine"]["k"] == 8
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    own = same.model.localize(x, refine=False)[1]
+    knn = same.predict(x)[1]
+    # (1 − α)·own map + α·k-NN map, from the same bank
+    assert torch.allclose(half.predict(x)[1], (0.5 * own + 0.5 * knn).clamp(0, 1), atol=2e-3)
+    for bad in ("1.5", "-0.1"):
+        r = runner.invoke(app, [*args, "--name", "bad", "--knn-alpha", bad])
+        assert r.exit_code == 2 and "between 0 and 1" in r.stderr
+    plain = tmp_path / "plain.pt"
+    from histo_wsl.registry.checkpoint import load_checkpoint, save_checkpoint
+
+    ckpt = load_checkpoint(src)
+    save_checkpoint(plain, {**ckpt["card"], "refine": {"method": "none"}}, ckpt["state_dict"])
+    r = runner.invoke(app, [*args[:2], str(plain), *args[3:], "--name", "bad", "--knn-alpha", "1"])
+    assert r.exit_code == 2 and "no k-NN refinement" in r.stderr and "--knn-alpha" in r.stderr
+    assert not (dest / "bad").exists()
