@@ -26,11 +26,11 @@ ImageNet weights these machines hold, MobileNetV2 (stride 8): stage 1 and NEGEV 
 448-px images, lr 0.001 stepped at 64, SEM, λ 0.3.
 
 The pack re-encodes the images as JPEG (quality 95; the masks stay lossless PNG) so that GlaS's
-65 MB fit the 64 MB a GPU call carries; numbers printed there are on the packed images. Evaluate
-the returned models here on the original images for the numbers that go into a card, after giving
-a k-NN refined NEGEV model the shipped one's bank edits (``histo-wsl models export ...
---knn-bank 4096 --knn-slide-keys GLAS --knn-glass GLAS --knn-glass-share 0.125``; docs/results.md,
-*The k-NN bank keyed as slides show the tissue*).
+65 MB fit the 64 MB a GPU call carries; numbers printed there are on the packed images. Give the
+returned models the shipped ones' k-NN edits and measure them here, on the original images, for
+the numbers that go into a card: ``python benchmarks/glas_ship.py <returned model.pt> --name
+<name>`` (both protocols on the validation slide; docs/results.md, *From a trained model to a
+shipped one*).
 
 Exit status: 0 when every step ran, 1 when one failed, 2 for bad arguments or missing data.
 """
