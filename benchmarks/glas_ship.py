@@ -53,7 +53,7 @@ MAXMIN_ALPHA = 0.75
 
 
 def key_options(data: Path) -> list[str]:
-    """The bank's keys as slides show the tissue, every stage, a finer grid, glass"""
+    """The options that key the bank as slides show the tissue: every stage, grid 2, glass."""
     return [
         "--knn-slide-keys", str(data), "--knn-stages", "5", "--knn-dims", "32",
         "--knn-grid", "2", "--knn-glass", str(data), "--knn-glass-share", "0.125",
@@ -94,10 +94,12 @@ def check_source(card: dict[str, Any]) -> str:
 
 
 def plan(
-    source: Path, name: str, method: str, data: Path, args: argparse.Namespace, work: Path
+    source: Path, name: str, card: dict[str, Any], data: Path, device: str, work: Path
 ) -> dict[str, list[str]]:
     """Every step's command line, in order (:func:`main` runs them); the model ends in
-    ``work/final/<name>``."""
+    ``work/final/<name>``. The slide is laid out from the validation images of the fold the
+    source's ``card`` was trained on (the exports read its train split from its card too)."""
+    method, fold = check_source(card), int((card.get("config") or {}).get("fold") or 0)
     steps: dict[str, list[str]] = {}
     exports = export_steps(method, data)
     model = source
@@ -110,7 +112,7 @@ def plan(
     slide = work / "slide"
     steps["slide"] = [
         sys.executable, str(Path(__file__).with_name("glas_slide.py")), "--model", str(model),
-        "--data", str(data), "--fold", str(args.fold), "--device", args.device,
+        "--data", str(data), "--fold", str(fold), "--device", device,
         "--tta", "card,flips", "--out", str(slide),
     ]  # fmt: skip
     steps["card"] = histo_wsl(
@@ -151,7 +153,6 @@ def main(argv: list[str] | None = None) -> int:
         "--out", type=Path, help="Work folder: logs, steps, the slide's run (runs/ship-<name>)."
     )
     p.add_argument("--data", help="GlaS folder (default: ../shared/data/glas next to the repo).")
-    p.add_argument("--fold", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--overwrite", action="store_true", help="Replace <dest>/<name>.")
     p.add_argument("--skip-missing", action="store_true")
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     work = args.out or Path("runs") / f"ship-{args.name}"
     if work.exists():
         shutil.rmtree(work)
-    steps = plan(args.source, args.name, method, data, args, work)
+    steps = plan(args.source, args.name, source_card, data, args.device, work)
     steps["card"] += ["--recipe", recipe(source_card, argv if argv is not None else sys.argv[1:])]
     seconds: dict[str, float] = {}
     for step, cmd in steps.items():

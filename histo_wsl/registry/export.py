@@ -455,14 +455,7 @@ def _source(
 
         share = GLASS_SHARE if knn.glass_share is None else knn.glass_share
         card, state = refiner_with_glass(card, state, knn.glass, src, share)
-    changed = [
-        why
-        for why, yes in (
-            ("the k-NN bank changed", state is not ckpt["state_dict"]),
-            ("the k-NN map's weight changed", _alpha(card) != _alpha(ckpt["card"])),
-        )
-        if yes
-    ]
+    changed = _map_changes(ckpt, card, state)
     if changed:
         card, notes = _without_evaluations(
             card, given, ("evaluation", "evaluation_slide"), " and ".join(changed)
@@ -476,9 +469,23 @@ def _source(
     return card, state, []
 
 
-def _alpha(card: dict) -> float | None:
-    """The weight of the k-NN map in a card's refined map (None without one)."""
-    return (card.get("refine") or {}).get("alpha")
+def _map_changes(ckpt: dict, card: dict, state: dict) -> list[str]:
+    """What in ``card`` and ``state`` changes the map of the checkpoint ``ckpt``, in words.
+
+    A new window range is not in it: it changes a slide's windows, not an image's map.
+    """
+
+    def alpha(c: dict) -> float | None:
+        return (c.get("refine") or {}).get("alpha")
+
+    return [
+        why
+        for why, yes in (
+            ("the k-NN bank changed", state is not ckpt["state_dict"]),
+            ("the k-NN map's weight changed", alpha(card) != alpha(ckpt["card"])),
+        )
+        if yes
+    ]
 
 
 def _check_refit(card: dict, knn: BankEdit, src: Path) -> None:
@@ -630,8 +637,7 @@ def export_model(
         (staging / CARD_FILE).write_text(_card_yaml(card), encoding="utf-8")
         _share(staging)
         reference = src
-        if source_state is not ckpt["state_dict"] or _alpha(source_card) != _alpha(ckpt["card"]):
-            # compared with the source as changed (its bank, the k-NN map's weight)
+        if _map_changes(ckpt, source_card, source_state):  # compared with the changed source
             reference = save_checkpoint(staging / "reference.pt", source_card, source_state)
         max_diff = _prediction_diff(reference, weights, card)
         if reference != src:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -14,10 +13,6 @@ sys.path.insert(0, str(BENCH))
 import glas_ship  # noqa: E402
 
 
-def _args(**kw):
-    return argparse.Namespace(**{"fold": 0, "device": "cpu", **kw})
-
-
 def _option(cmd: list[str], name: str) -> str:
     return cmd[cmd.index(name) + 1]
 
@@ -25,7 +20,8 @@ def _option(cmd: list[str], name: str) -> str:
 @pytest.mark.parametrize("method", ["negev", "maxmin"])
 def test_each_export_takes_the_last_ones_model_and_the_card_gets_the_slide(method, tmp_path):
     data, work = tmp_path / "glas", tmp_path / "work"
-    steps = glas_ship.plan(Path("src.pt"), "m", method, data, _args(), work)
+    card = {"method": method, "refine": {"method": "knn"}, "config": {"fold": 2}}
+    steps = glas_ship.plan(Path("src.pt"), "m", card, data, "cpu", work)
     exports = ["export", "round", *(["weight"] if method == "maxmin" else [])]
     assert list(steps) == [*exports, "slide", "card"]
     source = "src.pt"
@@ -45,6 +41,7 @@ def test_each_export_takes_the_last_ones_model_and_the_card_gets_the_slide(metho
         assert _option(steps["weight"], "--knn-alpha") == str(glas_ship.MAXMIN_ALPHA)
     assert _option(steps["slide"], "--model") == source
     assert _option(steps["slide"], "--tta") == "card,flips"
+    assert _option(steps["slide"], "--fold") == "2"  # the slide of the fold it was trained on
     card = steps["card"]
     assert card[card.index("export") + 1] == source and "--overwrite" in card
     assert _option(card, "--slide-metrics") == str(work / "slide" / "card.json")
