@@ -62,6 +62,15 @@ def _classes(row: dict) -> str:
     return ", ".join(f"{n} (neg)" if n == neg else str(n) for n in names) or "-"
 
 
+def _evaluated(r: dict) -> str:
+    """``84.2 (79.9)``: the card's PxAP on images and, in brackets, on a slide ("-" if neither)."""
+    ev = r.get("evaluated") or {}
+    pxap, slide = ev.get("pxap"), ev.get("slide_pxap")
+    if pxap is None and slide is None:
+        return "-"
+    return _fmt(pxap, ".1f") + ("" if slide is None else f" ({slide:.1f})")
+
+
 def _cells(r: dict) -> list[str]:
     """A model's row: name (* default), method, backbone, classes, µm/px, threshold..."""
     val = r["validation"]
@@ -73,6 +82,7 @@ def _cells(r: dict) -> list[str]:
         _fmt(r["mpp"], ".3g"),
         _fmt(r["threshold"], ".3g"),
         "-" if val is None else f"{val['metric']} {val['value']:.3f}",
+        _evaluated(r),
         _fmt(r["size_mb"], ".1f"),
         r["where"] + (" (unusable)" if r["problem"] else ""),
     ]
@@ -121,6 +131,7 @@ def _list(json_out: bool) -> None:
         table.add_column("name", no_wrap=True)
         for col in ("method", "backbone", "classes", "µm/px", "threshold", "validation"):
             table.add_column(col, overflow="fold")
+        table.add_column("PxAP (slide)", overflow="fold")
         table.add_column("MB", justify="right")
         table.add_column("where", no_wrap=True)
         for r in rows:
@@ -128,12 +139,12 @@ def _list(json_out: bool) -> None:
         console.print(table)
     else:  # a narrow terminal: one block per model
         for r in rows:
-            name, method, backbone, classes, mpp, thr, val, mb, where = _cells(r)
+            name, method, backbone, classes, mpp, thr, val, ev, mb, where = _cells(r)
             console.print(escape(f"{name}  ({where}, {mb} MB)"), soft_wrap=True)
             console.print(
                 escape(
                     f"    {method} / {backbone}; classes {classes}; {mpp} µm/px; threshold {thr}; "
-                    f"validation {val}"
+                    f"validation {val}; PxAP (slide) {ev}"
                 ),
                 soft_wrap=True,
             )
@@ -147,7 +158,12 @@ def _list(json_out: bool) -> None:
 @app.callback()
 @reports_errors
 def models(ctx: typer.Context, json_out: JsonOpt = False) -> None:
-    """List the installed models: name, method, backbone, classes, µm/px, threshold, validation."""
+    """List the installed models: name, method, backbone, classes, µm/px, threshold, validation.
+
+    ``validation`` is the metric training selected the checkpoint by; ``PxAP (slide)`` the card's
+    measured PxAP on images and, in brackets, on a slide (``models export --metrics /
+    --slide-metrics``).
+    """
     if ctx.invoked_subcommand is None:
         _list(json_out)
 

@@ -171,6 +171,20 @@ class ModelEntry:
             return str(key), float(value)
         return None
 
+    def evaluated(self) -> dict | None:
+        """The card's measured PxAP, on images and on a slide; None when it has neither.
+
+        ``pxap``: its ``evaluation`` (e.g. the papers' protocol on the validation images);
+        ``slide_pxap``: its ``evaluation_slide``; each None when the card lacks it.
+        """
+        pxap = ((self.card.get("evaluation") or {}).get("pxap") or {}).get("value")
+        slide = (self.card.get("evaluation_slide") or {}).get("slide_pxap")
+        numbers = {
+            "pxap": float(pxap) if isinstance(pxap, (int, float)) else None,
+            "slide_pxap": float(slide) if isinstance(slide, (int, float)) else None,
+        }
+        return numbers if any(v is not None for v in numbers.values()) else None
+
     def summary(self) -> dict:
         """JSON-ready row of ``histo-wsl models --json``."""
         c = self.card
@@ -186,6 +200,7 @@ class ModelEntry:
             "input_size": c.get("input_size"),
             "threshold": c.get("threshold"),
             "validation": None if val is None else {"metric": val[0], "value": val[1]},
+            "evaluated": self.evaluated(),
             "weights_dtype": c.get("weights_dtype"),
             "size_mb": None if self.size_mb is None else round(self.size_mb, 2),
             "description": c.get("description"),

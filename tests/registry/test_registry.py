@@ -176,6 +176,13 @@ def test_listing_search_order_default_and_show(exported, monkeypatch):
     shutil.copytree(zoo["shipped"] / "tiny", zoo["user"] / "mine")
     shutil.copytree(zoo["shipped"] / "tiny", zoo["env"] / "tiny")  # shadows the shipped one
     (zoo["env"] / "empty-folder").mkdir()  # not a model: ignored
+    card = zoo["user"] / "mine" / "card.yaml"  # measured on images and on a slide
+    card.write_text(
+        card.read_text(encoding="utf-8")
+        + "evaluation: {pxap: {value: 84.19, ci95: [79.1, 88.4]}}\n"
+        + "evaluation_slide: {slide_pxap: 79.87, gap: 4.32}\n",
+        encoding="utf-8",
+    )
     monkeypatch.setenv(registry_mod.ENV_VAR, str(zoo["env"]))
     r = runner.invoke(app, ["models", "--json"])
     assert r.exit_code == 0, r.stderr
@@ -186,11 +193,14 @@ def test_listing_search_order_default_and_show(exported, monkeypatch):
     assert rows["mine"]["where"] == "user" and rows["mine"]["default"] is False
     assert rows["mine"]["classes"] == ["gland", "normal"] and rows["mine"]["mpp"] == 2.0
     assert rows["mine"]["validation"] == {"metric": "valpx_pxap", "value": 0.8125}
+    assert rows["mine"]["evaluated"] == {"pxap": 84.19, "slide_pxap": 79.87}
+    assert rows["tiny"]["evaluated"] is None
     assert rows["mine"]["threshold"] == 0.4 and rows["mine"]["size_mb"] > 0
     assert [r["kind"] for r in listing["search_path"]] == ["env", "user", "shipped"]
     assert any("shadowed" in n for n in listing["notes"])
     table = runner.invoke(app, ["models"], terminal_width=250)
     assert table.exit_code == 0 and "* tiny" in table.stdout and "mine" in table.stdout
+    assert "PxAP (slide)" in table.stdout and "84.2 (79.9)" in table.stdout
     show = runner.invoke(app, ["models", "show", "mine"])
     assert show.exit_code == 0 and "terms: 'GlaS: research use only" in show.stdout
     missing = runner.invoke(app, ["models", "show", "nothing"])
