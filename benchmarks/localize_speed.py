@@ -7,8 +7,9 @@ threads`), in one run:
 
 * ``forward``: the compute limit. A child process loads the model as ``localize`` does
   (:class:`histo_wsl.inference.engine.Engine`, the card's every step: k-NN refinement, flips)
-  and runs :meth:`Engine.predict` on one batch of real tissue windows of the slide, already in
-  memory, with the same thread count, for ``--forward-seconds``. It is measured right before and
+  and runs :meth:`Engine.predict` on one batch of the slide's windows, drawn from those
+  ``localize`` runs and already in memory, with their tissue (the k-NN lookup only near it, as
+  inside ``localize``), with the same thread count, for ``--forward-seconds``. It is measured right before and
   right after each localize run, and their mean is the reference (load from other processes then
   weighs on both sides of the ratio alike).
 * ``localize``: ``python -m histo_wsl localize SLIDE --model M --threads N`` in a fresh child
@@ -53,6 +54,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -92,29 +94,46 @@ def band_slide(cache: Path) -> Path:
     return path
 
 
+#: most windows of a slide the pure forward cycles over (all of a small slide's)
+FORWARD_WINDOWS = 64
+
+
 def tissue_batch(slide: Path, engine, batch_size: int):
-    """``batch_size`` uint8 windows (B,S,S,3) of the slide's tissue, read as localize reads them."""
+    """Up to :data:`FORWARD_WINDOWS` of the windows ``localize`` runs on the slide, read as it
+    reads them, as whole batches of ``batch_size``.
+
+    Returns (uint8 windows (N,S,S,3), their tissue (N,S,S) bool): the same grid, tissue and
+    windows as ``localize`` (its default overlap and tissue detection), drawn at random, so the
+    forward does what it does inside ``localize``, the k-NN lookup only near the tissue
+    (``Engine.predict``'s ``where``) included.
+    """
     import numpy as np
     import torch
 
-    from histo_wsl.slideio.slide import open_slide, plan_read, read_patch, read_thumbnail
-    from histo_wsl.tissue.detect import detect_tissue
+    from histo_wsl.inference.params import LocalizeParams
+    from histo_wsl.slideio.grid import cover_grid
+    from histo_wsl.slideio.slide import open_slide, plan_read, read_patch
+    from histo_wsl.tissue.fraction import grid_tissue_fractions, window_masks
+    from histo_wsl.tissue.scan import find_tissue
 
+    size = engine.size
     with open_slide(slide) as s:
-        thumb, down = read_thumbnail(s)
-        mask = detect_tissue(thumb, s.mpp * down)
+        found = find_tissue(s)
         plan = plan_read(s, mpp=float(engine.model_mpp))
-        side = int(round(engine.size * plan.scale))
-        ys, xs = np.nonzero(mask)
-        order = np.random.default_rng(0).permutation(len(ys))[:batch_size]
-        wins = []
-        for i in order:
-            x0 = max(0, int(xs[i] * down) - side // 2)
-            y0 = max(0, int(ys[i] * down) - side // 2)
-            patch = read_patch(s, plan, (x0, y0), (engine.size, engine.size))
-            wins.append(np.asarray(patch.convert("RGB")))
-    wins = [wins[i % len(wins)] for i in range(batch_size)]
-    return torch.from_numpy(np.stack(wins))
+        stride = max(1, round(size * (1.0 - LocalizeParams().overlap)))
+        grid = cover_grid(s, plan, size, stride)
+        windows = grid.subset(grid_tissue_fractions(found.mask, found.downsample, grid) > 0)
+        order = np.random.default_rng(0).permutation(len(windows.xs))[:FORWARD_WINDOWS]
+        n = -(-len(order) // batch_size) * batch_size  # whole batches: some windows twice
+        order = np.resize(order, n)
+        xs, ys = windows.xs[order], windows.ys[order]
+        wins = [
+            np.asarray(read_patch(s, plan, (int(x), int(y)), (size, size)).convert("RGB"))
+            for x, y in zip(xs, ys, strict=True)
+        ]
+    side = float(windows.size_level0)
+    where = window_masks(found.mask, found.downsample, xs, ys, side, size)
+    return torch.from_numpy(np.stack(wins)), where
 
 
 def _rate(fn, seconds: float, per_call: int) -> float:
@@ -143,11 +162,15 @@ def forward_child(args: argparse.Namespace) -> None:
 
     engine = _child_engine(args)
     size = args.batch_size or engine.batch_size  # localize's own when not given
-    batch = tissue_batch(Path(args.forward_child), engine, size)
-    out = {"threads": torch.get_num_threads(), "batch_size": size}
+    windows, where = tissue_batch(Path(args.forward_child), engine, size)
+    batches = itertools.cycle(
+        [(windows[i : i + size], where[i : i + size]) for i in range(0, len(windows), size)]
+    )
+    batch = windows[:size]  # ResNet18's
+    out = {"threads": torch.get_num_threads(), "batch_size": size, "windows": len(windows)}
 
     def model_step() -> None:
-        engine.predict(batch)[1].cpu()  # the map leaves the device, as in localize
+        engine.predict(*next(batches))[1].cpu()  # the map leaves the device, as in localize
 
     out["forward"] = _rate(model_step, args.forward_seconds, size)
     if args.resnet18:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -184,8 +185,14 @@ class Engine:
             ),
         }
 
-    def predict(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(class probabilities (B, K), maps (B, S, S) in [0, 1]) of uint8 windows (B, S, S, 3)."""
+    def predict(
+        self, batch: torch.Tensor, where: np.ndarray | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(class probabilities (B, K), maps (B, S, S) in [0, 1]) of uint8 windows (B, S, S, 3).
+
+        ``where``: (B, H, W) bool, the windows' pixels whose map is needed (their tissue): a
+        k-NN refined map is looked up only there (:meth:`Predictor.predict`); None: everywhere.
+        """
         import torch
 
         x = batch.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
@@ -193,8 +200,9 @@ class Engine:
         classes = None
         if self.roi_index is not None and get_method(self.predictor.method).has_cam:
             classes = torch.full((x.shape[0],), self.roi_index, dtype=torch.long, device=x.device)
+        needed = None if where is None else torch.from_numpy(where).to(self.device)
         with torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
-            logits, maps = self.predictor.predict(x, classes)
+            logits, maps = self.predictor.predict(x, classes, where=needed)
         return logits.float().softmax(1), maps.float().clamp_(0.0, 1.0)
 
 
@@ -218,8 +226,12 @@ def run_windows(
     oy: np.ndarray,
     limit: tuple[float, float],
     progress: Progress,
+    where: Callable[[int, int], np.ndarray] | None = None,
 ) -> tuple[np.ndarray, float, float, dict | None]:
     """Infer every window (read ahead of the model) and blend it into the canvas.
+
+    ``where(i, j)``: the tissue of windows ``i:j`` (``(j − i, H, W)`` bool), where their maps
+    are needed (:meth:`Engine.predict`); None: everywhere.
 
     Returns:
         (sum of the windows' class probabilities (K,), seconds computing, seconds waiting for
@@ -257,7 +269,7 @@ def run_windows(
             t_got = time.perf_counter()
             t_wait += t_got - t_ready
             b = batch.shape[0]
-            probs, maps = engine.predict(batch)
+            probs, maps = engine.predict(batch, None if where is None else where(done, done + b))
             class_sum += probs.double().sum(0).cpu()
             planes, r0s, c0s = blender(maps, ox[done : done + b], oy[done : done + b], limit)
             for k in range(b):

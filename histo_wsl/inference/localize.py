@@ -50,7 +50,7 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -77,8 +77,14 @@ from histo_wsl.runtime.inputs import InputItem
 from histo_wsl.runtime.memory import release_freed_memory
 from histo_wsl.slideio.geojson import GeoJSONStyle, mask_to_geojson, write_geojson
 from histo_wsl.slideio.slide import ReadPlan, open_slide, plan_read, thumbnail_geometry
-from histo_wsl.tissue.fraction import grid_tissue_fractions
-from histo_wsl.tissue.scan import HeldLevel, SlideTissue, find_tissue, tissue_geojson_for
+from histo_wsl.tissue.fraction import grid_tissue_fractions, window_masks
+from histo_wsl.tissue.scan import (
+    WHOLE_SLIDE,
+    HeldLevel,
+    SlideTissue,
+    find_tissue,
+    tissue_geojson_for,
+)
 
 if TYPE_CHECKING:
     from histo_wsl.slideio.grid import PatchGrid
@@ -162,6 +168,26 @@ def _tissue_windows(
     return found, grid, windows, stride
 
 
+def _window_tissue(
+    found: SlideTissue, windows: PatchGrid, size: int
+) -> Callable[[int, int], np.ndarray] | None:
+    """``where(i, j)``: the tissue of windows ``i:j`` as ``size``-px masks.
+
+    Their maps are needed only there: the output keeps the map only on tissue
+    (:class:`_MapSink`; :func:`~histo_wsl.tissue.fraction.window_masks`). None when the whole
+    slide counts as tissue.
+    """
+    if found.source == WHOLE_SLIDE:
+        return None
+    side = float(windows.size_level0)
+
+    def where(i: int, j: int) -> np.ndarray:
+        xs, ys = windows.xs[i:j], windows.ys[i:j]
+        return window_masks(found.mask, found.downsample, xs, ys, side, size)
+
+    return where
+
+
 class _MapSink:
     """Finished output rows into the uint8 map, zeroed outside tissue (counts the tissue pixels).
 
@@ -235,7 +261,14 @@ def _localize_open_slide(job: SlideJob, progress: Progress) -> dict:
     )
     origin = (windows.xs / g.s_out, windows.ys / g.s_out)
     class_sum, t_model, t_wait, reads = run_windows(
-        engine, dataset, blender, canvas, *origin, (w0 / g.s_out, h0 / g.s_out), progress
+        engine,
+        dataset,
+        blender,
+        canvas,
+        *origin,
+        (w0 / g.s_out, h0 / g.s_out),
+        progress,
+        where=_window_tissue(found, windows, size),
     )
     canvas.close()
     mil = None

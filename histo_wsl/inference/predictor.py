@@ -74,11 +74,16 @@ class Predictor(TrainedModel):
             return None
         return getattr(self.model, "window_range", None)
 
-    def predict(self, images: Tensor, classes: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def predict(
+        self, images: Tensor, classes: Tensor | None = None, where: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """(class logits (B,K), foreground map (B,H,W) in [0,1]) of normalised images.
 
         With :attr:`tta` ``flips``, both are means over the four flipped views (maps flipped
         back); a stage-1 map without ``classes`` is that of the class of the mean logits.
+        ``where`` (B,H,W) bool, any resolution: the pixels whose map is needed; a k-NN refiner
+        looks up only the grid cells near them, the map elsewhere being 0
+        (:meth:`~histo_wsl.networks.knn.KNNRefiner.looking_up`); None: every pixel.
         """
         if self.model.training:  # eval() walks every module: 2.5 ms a batch when repeated
             self.model.eval()
@@ -86,8 +91,16 @@ class Predictor(TrainedModel):
             images = images.contiguous(memory_format=torch.channels_last)
         views = TTA_MODES[self.tta]
         if not get_method(self.method).has_cam:  # a class-agnostic map: model.localize
+            refiner = getattr(self.model, "refiner", None) if where is not None else None
+
+            def view(d: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+                if refiner is None:
+                    return self.model.localize(flip(images, d))
+                with refiner.looking_up(flip(where, d)):
+                    return self.model.localize(flip(images, d))
+
             with torch.no_grad():
-                outs = [self.model.localize(flip(images, d)) for d in views]
+                outs = [view(d) for d in views]
             logits = torch.stack([lg for lg, _ in outs]).mean(0)
             return logits, unflipped_mean([m for _, m in outs], views)
         with torch.no_grad():

@@ -25,6 +25,8 @@ are loaded from.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +43,9 @@ _BLOCK_BYTES = 8 << 20
 _MIN_BLOCK = 64
 #: query pixels per block on a GPU (bounds the similarity matrix's memory there)
 _GPU_BLOCK = 2048
+#: grid cells looked up around those a :meth:`KNNRefiner.looking_up` mask touches: the bilinear
+#: upsampling of the map reads one cell beyond, and one more keeps the map on a mask's edge whole
+LOOKUP_MARGIN = 2
 
 
 def _block_rows(bank_size: int, device: torch.device) -> int:
@@ -140,14 +145,21 @@ class FeatureBank:
         return embed_keys(pixels, self.projections)
 
     @torch.no_grad()
-    def neighbour_means(self, stages: list[Tensor], k: int, owners: Tensor | None = None) -> Tensor:
+    def neighbour_means(
+        self,
+        stages: list[Tensor],
+        k: int,
+        owners: Tensor | None = None,
+        where: Tensor | None = None,
+    ) -> Tensor:
         """(B,h,w) mean bank value of each pixel's ``k`` nearest keys, on the bank's grid.
 
         The grid is the last stage's (the CAM layer's) times :attr:`grid`.
 
         ``owners``: (B,) training-set index of each image; bank pixels of the same image are
         never neighbours (None or −1: no exclusion). ``k`` is capped at the bank's size minus one
-        image's pixels.
+        image's pixels. ``where``: (B,h,w) bool on the bank's grid, the pixels to look up; the
+        others are 0, the value of glass in a bank that holds some (None: every pixel).
         """
         if len(self) == 0:
             raise RuntimeError("the k-NN bank is empty")
@@ -155,8 +167,13 @@ class FeatureBank:
         h, w = h * self.grid, w * self.grid
         queries = embed_stages(stages, self.projections, (h, w))
         own = None if owners is None else owners.to(queries.device).repeat_interleave(h * w)
+        picked = None
+        if where is not None:
+            picked = where.to(queries.device).reshape(-1).nonzero()[:, 0]
+            queries = queries[picked]
+            own = None if own is None else own[picked]
         k = max(1, min(int(k), len(self) - int((self.owners == self.owners[0]).sum())))
-        means = []
+        means = [self.values.new_zeros(0)]
         step = _block_rows(len(self), queries.device)
         for i in range(0, queries.shape[0], step):
             sim = queries[i : i + step] @ self.keys.T
@@ -164,7 +181,11 @@ class FeatureBank:
                 sim.masked_fill_(own[i : i + step, None] == self.owners[None], -math.inf)
             idx = sim.topk(k, dim=1, sorted=False).indices  # their mean: any order
             means.append(self.values[idx].mean(1))
-        return torch.cat(means).view(b, h, w)
+        if picked is None:
+            return torch.cat(means).view(b, h, w)
+        out = self.values.new_zeros(b * h * w)
+        out[picked] = torch.cat(means)
+        return out.view(b, h, w)
 
     @torch.no_grad()
     def smoothed_maps(
@@ -209,6 +230,9 @@ class KNNRefiner(nn.Module):
             raise ValueError(f"grid must be >= 1, got {grid}")
         self.k, self.alpha, self.n_stages = int(k), float(alpha), int(n_stages)
         self.grid = int(grid)
+        #: the input pixels whose map is needed (B,H,W) bool, for the next calls; None: all
+        #: (:meth:`looking_up`)
+        self.where: Tensor | None = None
         self.register_buffer("keys", torch.zeros(0, 0))
         self.register_buffer("values", torch.zeros(0))
         self.register_buffer("owners", torch.zeros(0, dtype=torch.long))
@@ -255,14 +279,43 @@ class KNNRefiner(nn.Module):
                 self._buffers[name] = torch.empty_like(incoming, device=buf.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    @contextmanager
+    def looking_up(self, where: Tensor | None) -> Iterator[None]:
+        """Within the block, look up only the grid cells that ``where`` needs.
+
+        ``where``: (B,H,W) bool at any resolution, the input pixels whose map is needed; the
+        cells it touches and :data:`LOOKUP_MARGIN` cells around them (which the bilinear
+        upsampling reads) are looked up, the others are 0 (None: every cell).
+        """
+        self.where = where
+        try:
+            yield
+        finally:
+            self.where = None
+
+    def _cells(self, grid_size: tuple[int, int]) -> Tensor | None:
+        """The cells of the bank's grid to look up (B,h,w) bool, from :attr:`where`."""
+        if self.where is None:
+            return None
+        where = self.where[:, None].float()
+        cells = F.adaptive_max_pool2d(where, grid_size)
+        m = LOOKUP_MARGIN
+        cells = F.max_pool2d(cells, 2 * m + 1, stride=1, padding=m)
+        return cells[:, 0] > 0
+
     @torch.no_grad()
     def knn_map(self, stages: list[Tensor], size: tuple[int, int]) -> Tensor:
-        """(B,H,W) mean bank value of each pixel's ``k`` nearest bank pixels, upsampled."""
+        """(B,H,W) mean bank value of each pixel's ``k`` nearest bank pixels, upsampled.
+
+        Within :meth:`looking_up`, the cells away from its pixels are 0 (not looked up).
+        """
         if not self.ready:
             raise RuntimeError(
                 "the k-NN refiner has no bank (training with --refine knn builds it)"
             )
-        means = self.bank.neighbour_means(stages, self.k)
+        h, w = stages[-1].shape[-2:]
+        cells = self._cells((h * self.grid, w * self.grid))
+        means = self.bank.neighbour_means(stages, self.k, where=cells)
         return F.interpolate(means[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
 
     def forward(self, own_map: Tensor, stages: list[Tensor]) -> Tensor:

@@ -17,7 +17,7 @@ from histo_wsl.tissue.packed import PackedMask
 if TYPE_CHECKING:
     from histo_wsl.slideio.grid import PatchGrid
 
-__all__ = ["TissueFractionMap", "grid_tissue_fractions", "tissue_fraction_map"]
+__all__ = ["TissueFractionMap", "grid_tissue_fractions", "tissue_fraction_map", "window_masks"]
 
 
 class TissueFractionMap:
@@ -163,3 +163,44 @@ def grid_tissue_fractions(mask: np.ndarray, downsample: float, grid: PatchGrid) 
         (grid.xs + grid.size_level0) / ds,
         (grid.ys + grid.size_level0) / ds,
     )
+
+
+def window_masks(
+    mask: np.ndarray, downsample: float, xs: np.ndarray, ys: np.ndarray, side: float, size: int
+) -> np.ndarray:
+    """The tissue of square windows, each as a ``size`` × ``size`` bool mask.
+
+    Args:
+        mask: (H, W) bool tissue mask (thumbnail coordinates).
+        downsample: level-0 pixels per mask pixel.
+        xs: the windows' level-0 left edges.
+        ys: the windows' level-0 top edges.
+        side: the windows' side in level-0 pixels.
+        size: the side of each returned mask.
+
+    Returns:
+        (len(xs), size, size) bool: a window's pixel is True when its square overlaps any tissue
+        pixel of ``mask`` (outside the mask, no tissue), so the tissue is never cut short.
+    """
+    h, w = mask.shape
+    steps = np.arange(size + 1) * (side / downsample / size)
+    out = np.zeros((len(xs), size, size), dtype=bool)
+    for n, (x, y) in enumerate(zip(np.asarray(xs, float), np.asarray(ys, float), strict=True)):
+        cols, rows = x / downsample + steps, y / downsample + steps
+        # the mask pixels the window overlaps, and a summed-area table of them
+        a0, a1 = int(np.clip(np.floor(rows[0]), 0, h)), int(np.clip(np.ceil(rows[-1]), 0, h))
+        b0, b1 = int(np.clip(np.floor(cols[0]), 0, w)), int(np.clip(np.ceil(cols[-1]), 0, w))
+        if a1 <= a0 or b1 <= b0:
+            continue
+        table = np.zeros((a1 - a0 + 1, b1 - b0 + 1), dtype=np.int32)
+        table[1:, 1:] = mask[a0:a1, b0:b1].astype(np.int32).cumsum(0).cumsum(1)
+        c0 = np.clip(np.floor(cols[:-1]), b0, b1).astype(int) - b0
+        c1 = np.clip(np.ceil(cols[1:]), b0, b1).astype(int) - b0
+        r0 = np.clip(np.floor(rows[:-1]), a0, a1).astype(int) - a0
+        r1 = np.clip(np.ceil(rows[1:]), a0, a1).astype(int) - a0
+        count = (
+            table[np.ix_(r1, c1)] - table[np.ix_(r0, c1)] - table[np.ix_(r1, c0)]
+            + table[np.ix_(r0, c0)]
+        )  # fmt: skip
+        out[n] = count > 0
+    return out

@@ -52,6 +52,7 @@ __all__ = [
     "HeldLevel",
     "SlideTissue",
     "TissueMap",
+    "WHOLE_SLIDE",
     "find_tissue",
     "keeps_thumbnail",
     "read_whole_thumbnail",
@@ -66,6 +67,8 @@ BAND_ROWS = tissue.DETECT_STRIP_ROWS
 #: reading a small thumbnail band by band costs more time than it saves memory. Larger ones
 #: (slides over about 46,000 px at 0.25 µm/px) are read in bands, so the peak stays bounded.
 THUMBNAIL_KEEP_BYTES = 6 * 2**20
+#: :attr:`SlideTissue.source` when the whole slide counts as tissue (no detection)
+WHOLE_SLIDE = "whole slide"
 #: A level-0 of at most this many RGB bytes (about 4,700² px) may be read once and held
 #: (:class:`HeldLevel`), so that a small slide's thumbnail and patches come from one read.
 HELD_LEVEL_BYTES = 64 * 2**20
@@ -158,7 +161,7 @@ def find_tissue(
         thumb = read_thumbnail_rows(pixels, geometry, 0, geometry.height)  # type: ignore[arg-type]
         ds = geometry.downsample
     if whole_slide:
-        return SlideTissue(thumb, ds, np.ones(thumb.shape[:2], dtype=bool), "whole slide")
+        return SlideTissue(thumb, ds, np.ones(thumb.shape[:2], dtype=bool), WHOLE_SLIDE)
     if geojson is not None:
         mask = geojson_to_mask(read_geojson(geojson), thumb.shape[:2], ds)
         return SlideTissue(thumb, ds, mask, str(geojson))
@@ -403,7 +406,7 @@ def scan_tissue(
                 if whole_slide:
                     mask = PackedMask.from_bool(np.ones((1, w), dtype=bool))
                     mask = PackedMask((h, w), np.repeat(mask.bits, h, axis=0))
-                    source = "whole slide"
+                    source = WHOLE_SLIDE
                 else:
                     polygons = read_geojson(geojson)
                     mask = PackedMask.from_bool(

@@ -598,3 +598,35 @@ def test_a_small_slide_is_read_once_with_the_same_outputs(tmp_path, wsi_dir, mod
     for suffix in (".prob.tif", ".mask.png", ".geojson"):
         a = (tmp_path / "held" / name / f"{name}{suffix}").read_bytes()
         assert a == (tmp_path / "read" / name / f"{name}{suffix}").read_bytes(), suffix
+
+
+def test_a_refined_map_is_looked_up_only_on_tissue_with_the_same_outputs(
+    tmp_path, synthetic_slide, monkeypatch
+):
+    """The k-NN lookup skips the windows' glass; the map the output keeps (tissue) is the same."""
+    from knn_helpers import refined_negev_checkpoint
+
+    import histo_wsl.inference.localize as loc
+    from histo_wsl.networks.knn import FeatureBank
+
+    model = refined_negev_checkpoint(tmp_path / "knn.pt", images=4, per_image=10, k=3)
+    cells = []
+    original = FeatureBank.neighbour_means
+
+    def counting(bank, stages, *args, **kwargs):
+        where = kwargs.get("where")
+        b, _, h, w = stages[-1].shape
+        cells.append(b * h * w * bank.grid**2 if where is None else int(where.sum()))
+        return original(bank, stages, *args, **kwargs)
+
+    monkeypatch.setattr(FeatureBank, "neighbour_means", counting)
+    kw = {"output_mpp": 8.0, "workers": 0}
+    assert _run([_item(synthetic_slide)], tmp_path / "tissue", model, **kw).exit_code == 0
+    looked_up, cells[:] = sum(cells), []
+    monkeypatch.setattr(loc, "_window_tissue", lambda *a, **k: None)  # every pixel
+    assert _run([_item(synthetic_slide)], tmp_path / "all", model, **kw).exit_code == 0
+    assert looked_up < sum(cells)  # the windows on the tissue's edge hold glass
+    name = synthetic_slide.stem
+    a, b = (_prob(tmp_path / d / name / f"{name}.prob.tif")[0] for d in ("tissue", "all"))
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # float rounding at most
+    assert a.max() > 0 and len(np.unique(a)) > 2  # a map that varies, not a constant one

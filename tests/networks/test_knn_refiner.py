@@ -223,3 +223,61 @@ def test_neighbour_means_do_not_depend_on_the_similarity_blocks(monkeypatch, blo
     assert rows == {1: knn._MIN_BLOCK, 4 * 300 * 100: 100, 1 << 30: (1 << 30) // 1200}[block_bytes]
     assert torch.allclose(bank.neighbour_means(stages, 16, owners), expected)
     assert knn._block_rows(len(bank), torch.device("meta")) == knn._GPU_BLOCK
+
+
+def test_looking_up_only_near_the_needed_pixels_keeps_their_map():
+    from histo_wsl.networks.knn import LOOKUP_MARGIN, FeatureBank
+
+    torch.manual_seed(0)
+    stages = [torch.randn(2, 6, 16, 16), torch.randn(2, 9, 8, 8)]
+    projections = [(torch.randn(c), torch.randn(c, 4)) for c in (6, 9)]
+    from histo_wsl.networks.knn import _stage_pixels, embed_keys
+
+    rows = embed_keys(_stage_pixels(stages, (8, 8), 2), projections)
+    pick = torch.randperm(rows.shape[0])[:40]
+    refiner = KNNRefiner(k=3, alpha=1.0, n_stages=2)
+    refiner.set_bank(FeatureBank(rows[pick], torch.rand(40), torch.arange(40) % 5, projections))
+    full = refiner.knn_map(stages, (32, 32))
+    where = torch.zeros(2, 32, 32, dtype=torch.bool)
+    where[0, 4:9, 20:30] = True  # some tissue in the first window, none in the second
+    lookups = []
+    original = refiner.bank.__class__.neighbour_means
+
+    def counting(bank, *args, **kwargs):
+        cells = kwargs.get("where")
+        lookups.append(None if cells is None else int(cells.sum()))
+        return original(bank, *args, **kwargs)
+
+    refiner.bank.__class__.neighbour_means = counting
+    try:
+        with refiner.looking_up(where):
+            part = refiner.knn_map(stages, (32, 32))
+        assert refiner.where is None  # only within the block
+        refiner.knn_map(stages, (32, 32))
+    finally:
+        refiner.bank.__class__.neighbour_means = original
+    # the needed pixels and their bilinear neighbourhood are looked up as before...
+    torch.testing.assert_close(part[where], full[where])
+    # ... and only the cells they touch (4 px a cell here: rows 1-2, columns 5-7 of 8) and a
+    # margin around them, inside the grid, are
+    m = LOOKUP_MARGIN
+    rows_hit = min(7, 2 + m) - max(0, 1 - m) + 1
+    cols_hit = min(7, 7 + m) - max(0, 5 - m) + 1
+    assert lookups == [rows_hit * cols_hit, None] and rows_hit * cols_hit < 64
+    assert float(part[1].abs().max()) == 0.0  # nothing needed: nothing looked up, 0 (glass)
+
+
+def test_predictor_looks_up_each_flipped_view_where_its_pixels_are(tmp_path):
+    """With flips, each view's needed pixels are flipped with it: the same map as without."""
+    from knn_helpers import refined_negev_checkpoint
+
+    predictor = load_model(refined_negev_checkpoint(tmp_path / "m.pt"))
+    predictor.tta = "flips"
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    where = torch.zeros(2, 32, 32, dtype=torch.bool)
+    where[0, 2:10, 20:30] = True
+    where[1] = True
+    full = predictor.predict(x)[1]
+    part = predictor.predict(x, where=where)[1]
+    torch.testing.assert_close(part[where], full[where])
+    assert predictor.model.refiner.where is None

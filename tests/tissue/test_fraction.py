@@ -1,5 +1,7 @@
 """Tissue fractions of patch boxes: exact against brute force, banded equal to one table."""
 
+import math
+
 import cv2
 import numpy as np
 import pytest
@@ -75,3 +77,42 @@ def test_banded_fraction_map_equals_one_table(band_rows):
         assert banded.fraction(b, a, b + 6, a + 6) == pytest.approx(
             mask[a : a + 6, b : b + 6].mean()
         )
+
+
+def test_window_masks_stretch_each_windows_tissue_and_count_grazed_pixels():
+    from histo_wsl.tissue.fraction import window_masks
+
+    mask = np.zeros((10, 12), dtype=bool)
+    mask[2:6, 3:9] = True  # thumbnail pixels; 4 level-0 pixels each
+    xs, ys = np.array([8.0, 16.0, 40.0, -8.0]), np.array([4.0, 8.0, 0.0, -8.0])
+    out = window_masks(mask, 4.0, xs, ys, 16.0, 8)  # 16-px windows = 4 mask pixels
+    assert out.shape == (4, 8, 8) and out.dtype == bool
+    # window 0 covers mask columns 2-5, rows 1-4: tissue from column 3 and row 2 on
+    expected = np.zeros((4, 4), dtype=bool)
+    expected[1:, 1:] = True
+    assert np.array_equal(out[0], np.repeat(np.repeat(expected, 2, 0), 2, 1))
+    assert out[1].all() and not out[2].any()  # inside the tissue; beside it
+    assert not out[3].any()  # off the slide's top-left corner: no tissue, no error
+    # a window starting half a mask pixel in takes that pixel whole (5 columns, 5 rows)
+    half = window_masks(mask, 4.0, np.array([10.0]), np.array([6.0]), 16.0, 10)
+    assert half[0, -1, -1] and half[0, 2, 2]
+
+
+def test_window_masks_match_brute_force_overlap():
+    from histo_wsl.tissue.fraction import window_masks
+
+    rng = np.random.default_rng(7)
+    mask = rng.random((23, 31)) < 0.3
+    ds, side, size = 3.0, 40.0, 9  # a window pixel is 4.4 level-0 px, a mask pixel 3
+    xs, ys = rng.uniform(-20, 90, 6), rng.uniform(-20, 70, 6)
+    got = window_masks(mask, ds, xs, ys, side, size)
+    step = side / size
+    for n in range(len(xs)):
+        for v in range(size):
+            for u in range(size):
+                x0, x1 = (xs[n] + u * step) / ds, (xs[n] + (u + 1) * step) / ds
+                y0, y1 = (ys[n] + v * step) / ds, (ys[n] + (v + 1) * step) / ds
+                c = range(max(0, math.floor(x0)), min(31, math.ceil(x1)))
+                r = range(max(0, math.floor(y0)), min(23, math.ceil(y1)))
+                want = any(mask[i, j] for i in r for j in c)
+                assert got[n, v, u] == want, (n, v, u)
