@@ -110,19 +110,17 @@ def tissue_batch(slide: Path, engine, batch_size: int):
     import numpy as np
     import torch
 
+    from histo_wsl.inference.localize import tissue_grid
     from histo_wsl.inference.params import LocalizeParams
-    from histo_wsl.slideio.grid import cover_grid
     from histo_wsl.slideio.slide import open_slide, plan_read, read_patch
-    from histo_wsl.tissue.fraction import grid_tissue_fractions, window_masks
+    from histo_wsl.tissue.fraction import window_masks
     from histo_wsl.tissue.scan import find_tissue
 
     size = engine.size
     with open_slide(slide) as s:
         found = find_tissue(s)
         plan = plan_read(s, mpp=float(engine.model_mpp))
-        stride = max(1, round(size * (1.0 - LocalizeParams().overlap)))
-        grid = cover_grid(s, plan, size, stride)
-        windows = grid.subset(grid_tissue_fractions(found.mask, found.downsample, grid) > 0)
+        _, windows, _ = tissue_grid(s, plan, found, size, LocalizeParams().overlap)
         order = np.random.default_rng(0).permutation(len(windows.xs))[:FORWARD_WINDOWS]
         n = -(-len(order) // batch_size) * batch_size  # whole batches: some windows twice
         order = np.resize(order, n)

@@ -88,8 +88,9 @@ from histo_wsl.tissue.scan import (
 
 if TYPE_CHECKING:
     from histo_wsl.slideio.grid import PatchGrid
+    from histo_wsl.slideio.slide import Slide
 
-__all__ = ["check_inputs", "localize", "localize_slide", "localize_whole_image"]
+__all__ = ["check_inputs", "localize", "localize_slide", "localize_whole_image", "tissue_grid"]
 
 
 def localize_slide(
@@ -148,8 +149,6 @@ def _tissue_windows(
     job: SlideJob, plan: ReadPlan, held: HeldLevel | None
 ) -> tuple[SlideTissue, PatchGrid, PatchGrid, int]:
     """The slide's tissue, the window grid, the windows that touch tissue, and the stride."""
-    from histo_wsl.slideio.grid import cover_grid
-
     slide, params, size = job.slide, job.params, job.engine.size
     found = find_tissue(
         slide,
@@ -159,13 +158,25 @@ def _tissue_windows(
         whole_slide=not params.tissue_detection,
         pixels=held,
     )
-    stride = max(1, round(size * (1.0 - params.overlap)))
-    grid = cover_grid(slide, plan, size, stride)
-    frac = grid_tissue_fractions(found.mask, found.downsample, grid)
-    windows = grid.subset(frac > 0)
-    del frac
+    grid, windows, stride = tissue_grid(slide, plan, found, size, params.overlap)
     release_freed_memory()
     return found, grid, windows, stride
+
+
+def tissue_grid(
+    slide: Slide, plan: ReadPlan, found: SlideTissue, size: int, overlap: float
+) -> tuple[PatchGrid, PatchGrid, int]:
+    """(The window grid, the windows that touch the tissue, the stride) ``localize`` uses.
+
+    ``size`` px windows at ``plan``'s resolution, ``overlap`` of a window apart, covering the
+    slide; ``found`` is its tissue.
+    """
+    from histo_wsl.slideio.grid import cover_grid
+
+    stride = max(1, round(size * (1.0 - overlap)))
+    grid = cover_grid(slide, plan, size, stride)
+    windows = grid.subset(grid_tissue_fractions(found.mask, found.downsample, grid) > 0)
+    return grid, windows, stride
 
 
 def _window_tissue(
